@@ -1,0 +1,161 @@
+"""MNIST as in-memory tensors: load once, split once, batch by index slices.
+
+The four IDX files ship gzip-compressed in `data/mnist/` with their SHA-256 sums. They are checked, unpacked
+into torchvision's layout (`<data_dir>/MNIST/raw/`) and read by `torchvision.datasets.MNIST`, which downloads
+nothing when the files are there. Any other `data_dir` goes through torchvision's own download path.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # over the 60k training images; the usual constants
+FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+SPLIT_SEED = 0  # the validation split is fixed for every run, whatever its training seed
+
+
+class DataError(RuntimeError):
+    """Missing or corrupted data; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class Split:
+    x: torch.Tensor  # float32, N x 1 x 28 x 28, normalised
+    y: torch.Tensor  # int64, N
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass(frozen=True)
+class MnistSplits:
+    train: Split
+    val: Split
+    test: Split
+    source: str  # where the files were read from, for the MLflow dataset record
+
+    def sizes(self) -> dict[str, int]:
+        return {"n_train": len(self.train), "n_val": len(self.val), "n_test": len(self.test)}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_sums(path: Path) -> dict[str, str]:
+    sums = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            digest, name = line.split()
+            sums[Path(name).name] = digest
+    return sums
+
+
+def prepare_vendored(data_dir: Path) -> None:
+    """Check the vendored .gz files against SHA256SUMS and unpack them where torchvision looks."""
+    vendored = data_dir / "mnist"
+    sums = _read_sums(vendored / "SHA256SUMS")
+    raw = data_dir / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for name in FILES:
+        gz = vendored / f"{name}.gz"
+        if not gz.is_file():
+            raise DataError(f"missing {gz}; restore it with `git checkout -- {gz}` or pass --download")
+        if _sha256(gz) != sums.get(gz.name):
+            raise DataError(f"checksum mismatch for {gz}: the file is corrupted; restore it with "
+                            f"`git checkout -- {gz}`")
+        target = raw / name
+        # Unpack once; a size check catches a half-written file from an interrupted earlier unpack.
+        if not target.is_file() or target.stat().st_mtime < gz.stat().st_mtime or target.stat().st_size == 0:
+            tmp = target.with_name(f"{target.name}.{os.getpid()}.partial")  # parallel workers may unpack too
+            with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            tmp.replace(target)
+
+
+def load_raw(data_dir: str | Path, download: bool = False) -> tuple[torch.Tensor, ...]:
+    """uint8 images and int64 labels for the 60k training and 10k test sets."""
+    from torchvision.datasets import MNIST  # heavy import, kept out of `regsweep --help`
+
+    data_dir = Path(data_dir)
+    if (data_dir / "mnist" / "SHA256SUMS").is_file():
+        prepare_vendored(data_dir)
+    elif not download and not all((data_dir / "MNIST" / "raw" / n).is_file() for n in FILES):
+        raise DataError(f"no MNIST in {data_dir}: expected {data_dir}/mnist/*.gz with SHA256SUMS (as in the "
+                        f"repository's data/) or {data_dir}/MNIST/raw/; pass --download to fetch it")
+    try:
+        train = MNIST(str(data_dir), train=True, download=download)
+        test = MNIST(str(data_dir), train=False, download=download)
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise DataError(f"cannot read MNIST from {data_dir}: {exc}") from exc
+    return train.data, train.targets, test.data, test.targets
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """uint8 N x 28 x 28 -> float32 N x 1 x 28 x 28 with the training set's mean and std."""
+    return ((images.float() / 255.0 - MNIST_MEAN) / MNIST_STD).unsqueeze(1)
+
+
+def split_indices(n: int, val_size: int, seed: int = SPLIT_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed permutation of range(n) cut into (train, val); the same for every run."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[val_size:], perm[:val_size]
+
+
+def load_mnist(data_dir: str | Path, val_size: int = 5000, max_train_samples: int = 0,
+               max_eval_samples: int = 0, download: bool = False) -> MnistSplits:
+    """Read, normalise and split MNIST once; every later step slices these tensors."""
+    train_images, train_labels, test_images, test_labels = load_raw(data_dir, download)
+    train_idx, val_idx = split_indices(len(train_labels), val_size)
+    if max_train_samples:
+        train_idx = train_idx[:max_train_samples]
+    test_idx = torch.arange(len(test_labels))
+    if max_eval_samples:
+        val_idx, test_idx = val_idx[:max_eval_samples], test_idx[:max_eval_samples]
+    return MnistSplits(
+        train=Split(normalise(train_images[train_idx]), train_labels[train_idx]),
+        val=Split(normalise(train_images[val_idx]), train_labels[val_idx]),
+        test=Split(normalise(test_images[test_idx]), test_labels[test_idx]),
+        source=str(Path(data_dir).resolve()),
+    )
+
+
+def batches(split: Split, batch_size: int, generator: torch.Generator | None = None):
+    """Yield (x, y) mini-batches as slices of the in-memory tensors, shuffled when a generator is given."""
+    n = len(split)
+    if generator is None:
+        for i in range(0, n, batch_size):
+            yield split.x[i:i + batch_size], split.y[i:i + batch_size]
+        return
+    order = torch.randperm(n, generator=generator)
+    for i in range(0, n, batch_size):
+        idx = order[i:i + batch_size]
+        yield split.x[idx], split.y[idx]
+
+
+def rotate_batch(x: torch.Tensor, max_degrees: float, generator: torch.Generator) -> torch.Tensor:
+    """Rotate every image in the batch by its own angle in [-max_degrees, max_degrees], in one call.
+
+    Pixels rotated in from outside the frame take the background value, as torchvision's RandomRotation
+    does with fill=0 before normalisation.
+    """
+    angles = (torch.rand(x.shape[0], generator=generator) * 2 - 1) * math.radians(max_degrees)
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    zeros = torch.zeros_like(cos)
+    theta = torch.stack([torch.stack([cos, -sin, zeros], 1), torch.stack([sin, cos, zeros], 1)], 1)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    background = -MNIST_MEAN / MNIST_STD
+    return F.grid_sample(x - background, grid, align_corners=False) + background

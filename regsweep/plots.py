@@ -1,0 +1,73 @@
+"""Matplotlib figures for one run (tracking.py) and for comparisons across runs (report.py).
+
+Every function takes plain data and returns a Figure; the caller decides where it goes.
+"""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # figures are files; never open a window
+
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from .data import MNIST_MEAN, MNIST_STD  # noqa: E402
+
+
+def misclassified_grid(images: torch.Tensor, true: torch.Tensor, pred: torch.Tensor, n: int = 25) -> Figure:
+    """Up to `n` misclassified digits in a square grid, titled 'true -> predicted'."""
+    wrong = (true != pred).nonzero().flatten()[:n]
+    side = max(1, int(n ** 0.5))
+    fig, axes = plt.subplots(side, side, figsize=(1.6 * side, 1.8 * side))
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, wrong.tolist()):
+        ax.imshow((images[i, 0] * MNIST_STD + MNIST_MEAN).numpy(), cmap="gray_r", vmin=0, vmax=1)
+        ax.set_title(f"true {true[i].item()} -> {pred[i].item()}", fontsize=8, color="firebrick")
+    fig.suptitle(f"{len(wrong)} misclassified test images (true -> predicted)")
+    fig.tight_layout()
+    return fig
+
+
+def training_curves(history: list[dict[str, float]]) -> Figure:
+    epochs = range(1, len(history) + 1)
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for split, style in (("train", "-"), ("val", "--"), ("test", ":")):
+        ax_loss.plot(epochs, [h[f"{split}_loss"] for h in history], style, label=split)
+        ax_acc.plot(epochs, [100 * h[f"{split}_acc"] for h in history], style, label=split)
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss (without penalty)")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(cm: torch.Tensor) -> Figure:
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    # Log colour scale: the diagonal is ~1000 per class, the interesting errors are single digits.
+    im = ax.imshow((cm + 1).log10().numpy(), cmap="Blues")
+    for (i, j), value in zip(torch.cartesian_prod(torch.arange(10), torch.arange(10)).tolist(), cm.flatten()):
+        if value:
+            ax.text(j, i, str(value.item()), ha="center", va="center", fontsize=7,
+                    color="white" if i == j else "black")
+    ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="true", title="test confusion matrix")
+    fig.colorbar(im, ax=ax, label="log10(count + 1)")
+    fig.tight_layout()
+    return fig
+
+
+def weight_histograms(weights: dict[str, torch.Tensor]) -> Figure:
+    """One panel per layer: the distribution of its weights, on a log count axis to show the spike at 0."""
+    fig, axes = plt.subplots(1, len(weights), figsize=(2.6 * len(weights), 2.8), squeeze=False)
+    for ax, (name, w) in zip(axes[0], weights.items()):
+        ax.hist(w.detach().flatten().numpy(), bins=60, color="steelblue")
+        ax.set_yscale("log")
+        ax.set_title(f"{name} ({w.numel()})", fontsize=9)
+        ax.tick_params(labelsize=7)
+    fig.suptitle("weight distribution per layer (best-validation weights)")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,67 @@
+"""L1 and L2 penalties as plain functions of a list of tensors, and the weight statistics that show their effect.
+
+The penalised set is stated once, by `penalised_parameters`: the weights of every Conv and Linear layer by
+default ("weights"), or every trainable tensor including biases and norm scales/shifts ("all").
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+SMALL = 1e-3  # |w| below this counts as "near zero" in frac_small: the sparsity L1 is expected to produce
+
+
+def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Conv and Linear layers by their attribute path, e.g. {'conv1': Conv2d, ..., 'head': Conv2d}."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+def penalised_parameters(model: nn.Module, which: str = "weights") -> dict[str, nn.Parameter]:
+    if which == "all":
+        return {name: p for name, p in model.named_parameters() if p.requires_grad}
+    return {f"{name}.weight": layer.weight for name, layer in weight_layers(model).items()}
+
+
+def l1_penalty(params: list[torch.Tensor]) -> torch.Tensor:
+    """sum |w| over all given tensors."""
+    return torch.cat([p.reshape(-1) for p in params]).abs().sum()
+
+
+def l2_penalty(params: list[torch.Tensor]) -> torch.Tensor:
+    """sum w^2 over all given tensors (no 1/2 factor: the coefficient is exactly what multiplies it)."""
+    flat = torch.cat([p.reshape(-1) for p in params])
+    return flat.dot(flat)
+
+
+def regularisation_loss(params: list[torch.Tensor], l1: float, l2: float) -> torch.Tensor | float:
+    """l1 * sum|w| + l2 * sum w^2, built only from the terms that are switched on."""
+    total: torch.Tensor | float = 0.0
+    if l1 > 0:
+        total = total + l1 * l1_penalty(params)
+    if l2 > 0:
+        total = total + l2 * l2_penalty(params)
+    return total
+
+
+def tensor_stats(w: torch.Tensor) -> dict[str, float]:
+    a = w.detach().abs().flatten().float()
+    return {
+        "mean_abs": a.mean().item(),
+        "l2_norm": a.norm().item(),
+        "max_abs": a.max().item(),
+        "frac_small": (a < SMALL).float().mean().item(),
+    }
+
+
+def weight_stats(model: nn.Module) -> dict[str, float]:
+    """Per-layer and whole-model weight magnitudes, keyed `weights.<layer>.<stat>`."""
+    layers = weight_layers(model)
+    stats = {}
+    for name, layer in layers.items():
+        for stat, value in tensor_stats(layer.weight).items():
+            stats[f"weights.{name}.{stat}"] = value
+    everything = torch.cat([layer.weight.detach().reshape(-1) for layer in layers.values()])
+    for stat, value in tensor_stats(everything).items():
+        stats[f"weights.all.{stat}"] = value
+    return stats

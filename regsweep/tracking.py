@@ -1,0 +1,186 @@
+"""Everything that talks to MLflow for one training run.
+
+`run_training` opens (or, inside `mlflow run`, resumes) a run, logs the config in one call, streams each
+epoch's metrics as one batch with `step=epoch`, then logs the summary, tables, figures and model. A run
+always ends in a terminal state: FINISHED, FAILED on an exception, KILLED on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import signal
+import sys
+import urllib.error
+import urllib.request
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+import mlflow
+import pandas as pd
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+
+from . import plots
+from .config import TrainConfig
+from .data import MnistSplits
+from .models import count_parameters
+from .regularization import weight_layers
+from .training import FitResult, confusion_matrix, fit, per_class_metrics, predict
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; raised before any run is created."""
+
+
+def check_tracking_uri(uri: str | None = None) -> str:
+    """Fail fast, with one line, if the tracking store is unreachable. Returns the URI in use."""
+    uri = uri or mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        # MLflow's own client retries for minutes against a dead server; one short probe answers sooner.
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5).read()
+        except (urllib.error.URLError, OSError) as exc:
+            raise TrackingError(f"MLflow tracking server at {uri} is unreachable: {exc}") from None
+        return uri
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as exc:  # noqa: BLE001 - any failure here means "cannot track", reported in one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrackingError(f"cannot use MLflow tracking URI {uri!r}: {first}") from None
+    return uri
+
+
+def dataset_digest(data: MnistSplits) -> str:
+    """Identifies the exact images and split: same digest, same data."""
+    h = hashlib.sha256()
+    for split in (data.train, data.val, data.test):
+        h.update(split.y.numpy().tobytes())
+        h.update(split.x[:: max(1, len(split) // 64)].numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@contextmanager
+def terminal_status():
+    """Turn SIGTERM into KeyboardInterrupt for the duration, so a killed run is marked KILLED, not RUNNING."""
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def mlflow_run(cfg: TrainConfig, *, experiment_id: str | None = None, parent_run_id: str | None = None,
+               run_name: str | None = None, tags: dict[str, str] | None = None):
+    """Start or resume a run that ends FINISHED, FAILED (exception) or KILLED (Ctrl-C, SIGTERM)."""
+    with terminal_status():
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name or cfg.run_name,
+                               parent_run_id=parent_run_id, nested=parent_run_id is not None)
+        run_id = run.info.run_id
+        try:
+            mlflow.set_tags({"regime": cfg.regime, "model": cfg.model, "norm": cfg.norm, **(tags or {})})
+            yield run
+        except KeyboardInterrupt:
+            mlflow.set_tag("regsweep.stop_reason", "interrupted (Ctrl-C or SIGTERM)")
+            mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+            raise
+        except BaseException as exc:
+            MlflowClient().set_tag(run_id, "regsweep.error", f"{type(exc).__name__}: {exc}"[:5000])
+            mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+            raise
+        else:
+            mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+def log_config(cfg: TrainConfig, data: MnistSplits, n_params: int) -> None:
+    params = {**cfg.as_params(), "n_params": n_params, **data.sizes()}
+    # `mlflow run` has already logged the MLproject parameters as the user typed them (e.g. l1=1e-3);
+    # MLflow forbids changing a param, so only the ones it has not logged are added.
+    already = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+    mlflow.log_params({k: v for k, v in params.items() if k not in already})
+    mlflow.log_dict(dataclasses.asdict(cfg), "config.json")
+    digest = dataset_digest(data)
+    for context, split in (("training", data.train), ("validation", data.val), ("test", data.test)):
+        with warnings.catch_warnings():
+            # MLflow registers its local-file source twice and warns that a path is ambiguous between them.
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            dataset = mlflow.data.from_numpy(split.x.numpy(), targets=split.y.numpy(), source=data.source,
+                                             name=f"mnist-{context}", digest=digest)
+        mlflow.log_input(dataset, context=context)
+
+
+def log_outcome(cfg: TrainConfig, result: FitResult, data: MnistSplits) -> None:
+    """Summary metrics, per-class table, figures and model, all from the best-validation weights."""
+    model = result.model
+    logits = predict(model, data.test, precision=cfg.precision)
+    pred = logits.argmax(1)
+    cm = confusion_matrix(data.test.y, pred)
+    per_class = per_class_metrics(cm)
+    macro_f1 = sum(row["f1"] for row in per_class) / len(per_class)
+    mlflow.log_metrics({**result.summary, "test_macro_f1_at_best_val": macro_f1})
+    if result.stop_reason:
+        mlflow.set_tag("regsweep.stop_reason", result.stop_reason)
+    mlflow.log_table(pd.DataFrame(per_class), artifact_file="per_class_metrics.json")
+    if cfg.log_images:
+        figures = {
+            "misclassified.png": plots.misclassified_grid(data.test.x, data.test.y, pred),
+            "training_curves.png": plots.training_curves(result.history),
+            "confusion_matrix.png": plots.confusion_figure(cm),
+            "weight_histograms.png": plots.weight_histograms(
+                {name: layer.weight for name, layer in weight_layers(model).items()}),
+        }
+        for name, fig in figures.items():
+            mlflow.log_figure(fig, name)
+            plots.plt.close(fig)
+    if cfg.log_model:
+        log_model(model, data)
+
+
+def log_model(model, data: MnistSplits) -> None:
+    import torch
+    from mlflow.models import infer_signature
+
+    model.eval()
+    example = data.test.x[:4].numpy()
+    with torch.no_grad():
+        signature = infer_signature(example, model(data.test.x[:4]).numpy())
+    # Requirements stated, not inferred: inference re-imports the model in a subprocess (slow) and
+    # the model's class lives in this package, shipped alongside via code_paths.
+    mlflow.pytorch.log_model(
+        model, name="model", signature=signature, input_example=example,
+        code_paths=[str(Path(__file__).resolve().parent)],
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
+    )
+
+
+def run_training(cfg: TrainConfig, data: MnistSplits, *, experiment_id: str | None = None,
+                 parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+                 on_epoch: Callable[[int, dict], str | None] | None = None,
+                 show_progress: bool = False) -> tuple[str, FitResult]:
+    """Train `cfg` inside an MLflow run and log everything; returns (run_id, result).
+
+    `on_epoch` is called after the epoch's metrics are logged; a string it returns stops training
+    with that reason (the sweep uses this for pruning).
+    """
+    from .models import build_model
+
+    with mlflow_run(cfg, experiment_id=experiment_id, parent_run_id=parent_run_id, tags=tags) as run:
+        log_config(cfg, data, count_parameters(build_model(cfg)))
+
+        def log_epoch(epoch: int, metrics: dict[str, float]) -> str | None:
+            mlflow.log_metrics(metrics, step=epoch)
+            return on_epoch(epoch, metrics) if on_epoch else None
+
+        result = fit(cfg, data, log_epoch, show_progress=show_progress)
+        log_outcome(cfg, result, data)
+        return run.info.run_id, result
+
+
+def progress_wanted(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty()
