@@ -1,0 +1,44 @@
+"""Shared fixtures: a temporary MLflow store per test and one small slice of real MNIST per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from regsweep.config import TrainConfig
+from regsweep.data import load_mnist
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Small, fast, real: 1,024 training images (64 steps over 2 epochs), 512 validation and 512 test images,
+# eager (compiling costs more than these runs take).
+TINY = dict(epochs=2, max_train_samples=1024, max_eval_samples=512, batch_size=32, compile=False,
+            log_model=False)
+
+
+@pytest.fixture
+def tracking_uri(tmp_path, monkeypatch) -> str:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.chdir(tmp_path)  # anything MLflow writes relative to the cwd lands in the temp dir
+    import mlflow
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="session")
+def tiny_data():
+    cfg = TrainConfig(**TINY)
+    return load_mnist(cfg.resolved_data_dir(), cfg.val_size, cfg.max_train_samples, cfg.max_eval_samples)
+
+
+@pytest.fixture
+def tiny_cfg() -> TrainConfig:
+    return TrainConfig(**TINY)

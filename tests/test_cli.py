@@ -1,0 +1,98 @@
+"""The CLI through click's CliRunner: bad input fails with one line and exit 2 before any run exists."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from regsweep.cli import cli
+
+from .conftest import TINY
+
+
+def all_runs(uri: str):
+    client = MlflowClient(uri)
+    experiments = client.search_experiments()
+    if not experiments:
+        return []
+    return client.search_runs([e.experiment_id for e in experiments])
+
+
+def tiny_args() -> list[str]:
+    args = []
+    for key, value in TINY.items():
+        args += [f"--{key.replace('_', '-')}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return args
+
+
+def test_help_lists_every_config_option_and_the_penalised_set():
+    result = CliRunner().invoke(cli, ["train", "--help"])
+    assert result.exit_code == 0
+    for option in ("--l1", "--l2", "--penalize", "--norm", "--ghost-batch-size", "--hidden", "--activation",
+                   "--init", "--patience", "--precision", "--max-train-samples", "--data-dir", "--log-model"):
+        assert option in result.output
+    assert "weights of conv and linear layers" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--l1", "-0.1"], "l1 must be a finite number >= 0"),
+    (["--l2", "nan"], "l2 must be a finite number >= 0"),
+    (["--l1", "abc"], "'abc' is not a valid float"),
+    (["--epochs", "0"], "epochs must be an integer >= 1"),
+    (["--model", "resnet"], "'resnet' is not one of 'cnn', 'mlp'"),
+    (["--norm", "layer"], "'layer' is not one of 'bn', 'gbn', 'none'"),
+    (["--optimizer", "rmsprop"], "'rmsprop' is not one of 'sgd', 'adam'"),
+    (["--data-dir", "/nonexistent/mnist"], "no MNIST in /nonexistent/mnist"),
+])
+def test_bad_input_exits_2_with_one_line_and_creates_no_run(tracking_uri, args, message):
+    result = CliRunner().invoke(cli, ["train", *args])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
+    assert message in lines[0]
+    assert all_runs(tracking_uri) == []
+
+
+def test_unreachable_tracking_server_exits_2(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # discard port: nothing listens
+    result = CliRunner().invoke(cli, ["train", *tiny_args()])
+    assert result.exit_code == 2
+    assert "unreachable" in result.output
+
+
+def test_corrupted_data_file_is_named_with_the_fix(tmp_path, tracking_uri):
+    import shutil
+
+    from regsweep.config import default_data_dir
+    data = tmp_path / "data"
+    shutil.copytree(f"{default_data_dir()}/mnist", data / "mnist")
+    (data / "mnist" / "t10k-labels-idx1-ubyte.gz").write_bytes(b"not a gzip file")
+    result = CliRunner().invoke(cli, ["train", "--data-dir", str(data)])
+    assert result.exit_code == 2
+    assert "checksum mismatch" in result.output and "t10k-labels-idx1-ubyte.gz" in result.output
+    assert "git checkout" in result.output
+    (data / "mnist" / "train-images-idx3-ubyte.gz").unlink()
+    result = CliRunner().invoke(cli, ["train", "--data-dir", str(data)])
+    assert result.exit_code == 2 and "missing" in result.output and "train-images-idx3-ubyte.gz" in result.output
+
+
+def test_train_creates_one_named_run_in_the_chosen_experiment(tracking_uri):
+    result = CliRunner().invoke(cli, ["train", *tiny_args(), "--l1", "0.001", "--experiment-name", "cli-test",
+                                      "--log-images", "false"])
+    assert result.exit_code == 0, result.output
+    assert "best val acc" in result.output
+    (run,) = all_runs(tracking_uri)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "cnn l1=1e-3 l2=0 s1"
+    assert run.data.tags["regime"] == "l1"
+    assert MlflowClient().get_experiment(run.info.experiment_id).name == "cli-test"
+    assert run.data.params["l1"] == "0.001" and run.data.params["n_train"] == "1024"
+
+
+def test_python_dash_m_works():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "regsweep", "--help"], capture_output=True, text=True, check=True)
+    assert "train" in out.stdout

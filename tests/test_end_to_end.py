@@ -1,0 +1,128 @@
+"""Real training runs on a slice of real MNIST against a temporary MLflow store, checked through MlflowClient."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from regsweep.tracking import run_training
+
+from .conftest import REPO, TINY
+
+ARTIFACTS = {"misclassified.png", "training_curves.png", "confusion_matrix.png", "weight_histograms.png",
+             "per_class_metrics.json", "config.json"}
+
+
+def the_only_run(client: MlflowClient, experiment: str):
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    return runs[0]
+
+
+@pytest.mark.slow
+def test_mlflow_run_logs_a_complete_comparable_run(tracking_uri):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    params = {"l1": "0.001", "l2": "0.0005", "epochs": 2, "max_train_samples": 1024, "max_eval_samples": 512,
+              "batch_size": 32, "compile": "false"}
+    cmd = ["mlflow", "run", str(REPO), "--env-manager", "local", "--experiment-name", "e2e"]
+    for key, value in params.items():
+        cmd += ["-P", f"{key}={value}"]
+    subprocess.run(cmd, env=env, check=True, timeout=600)
+
+    client = MlflowClient(tracking_uri)
+    run = the_only_run(client, "e2e")
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "cnn l1=1e-3 l2=5e-4 s1"
+    assert run.data.tags["regime"] == "l1+l2"
+    p = run.data.params
+    assert (p["l1"], p["l2"], p["model"], p["norm"], p["optimizer"]) == ("0.001", "0.0005", "cnn", "bn", "sgd")
+    assert int(p["n_params"]) < 10_000 and (p["n_train"], p["n_val"], p["n_test"]) == ("1024", "512", "512")
+
+    for key in ("train_loss", "val_acc", "test_acc", "lr", "l1_penalty", "l2_penalty", "epoch_seconds",
+                "train_images_per_sec", "weights.conv1.mean_abs", "weights.head.frac_small",
+                "weights.all.l2_norm", "weights.conv5.max_abs"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in history] == [1, 2], key
+    l1_hist = client.get_metric_history(run.info.run_id, "l1_penalty")
+    sum_abs = client.get_metric_history(run.info.run_id, "sum_abs_w")
+    assert l1_hist[-1].value == pytest.approx(0.001 * sum_abs[-1].value)
+
+    m = run.data.metrics
+    for key in ("best_val_acc", "best_val_epoch", "test_acc_at_best_val", "best_test_acc", "best_test_epoch",
+                "final_test_acc", "total_train_seconds", "test_macro_f1_at_best_val"):
+        assert key in m, key
+    assert 0.3 < m["best_val_acc"] <= 1 and m["best_val_epoch"] in (1, 2)
+
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert ARTIFACTS <= artifacts
+    table = mlflow.load_table("per_class_metrics.json", run_ids=[run.info.run_id])
+    assert list(table["class"]) == list(range(10)) and {"precision", "recall", "f1"} <= set(table.columns)
+
+    assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"mnist-training", "mnist-validation",
+                                                                   "mnist-test"}
+    (model_info,) = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    assert model_info.source_run_id == run.info.run_id
+    model = mlflow.pyfunc.load_model(f"models:/{model_info.model_id}")
+    logits = model.predict(np.zeros((3, 1, 28, 28), dtype=np.float32))
+    assert np.asarray(logits).shape == (3, 10)
+
+
+def test_exception_marks_run_failed_with_the_reason(tracking_uri, tiny_data, tiny_cfg):
+    def explode(epoch, metrics):
+        raise RuntimeError("boom at epoch 1")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        run_training(tiny_cfg.replace(log_images=False), tiny_data, on_epoch=explode)
+    (run,) = MlflowClient().search_runs(["0"])
+    assert run.info.status == "FAILED"
+    assert "boom at epoch 1" in run.data.tags["regsweep.error"]
+    assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_acc")] == [1]
+
+
+def test_on_epoch_can_stop_training_and_the_reason_is_kept(tracking_uri, tiny_data, tiny_cfg):
+    run_id, result = run_training(tiny_cfg.replace(epochs=3, log_images=False), tiny_data,
+                                  on_epoch=lambda epoch, _: "pruned by test" if epoch == 2 else None)
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["regsweep.stop_reason"] == "pruned by test"
+    assert run.data.metrics["epochs_trained"] == 2 and len(result.history) == 2
+
+
+def test_divergence_fails_the_run_with_a_clear_reason(tracking_uri, tiny_data, tiny_cfg):
+    from regsweep.training import DivergedError
+
+    with pytest.raises(DivergedError, match="training loss is nan"):
+        run_training(tiny_cfg.replace(l1=1e6, lr=10.0, log_images=False, norm="none", epochs=1), tiny_data)
+    (run,) = MlflowClient().search_runs(["0"])
+    assert run.info.status == "FAILED" and "DivergedError" in run.data.tags["regsweep.error"]
+
+
+@pytest.mark.slow
+def test_sigterm_marks_the_run_killed(tracking_uri):
+    args = ["--epochs", "200", "--max-train-samples", "1024", "--max-eval-samples", "256", "--compile", "false",
+            "--log-model", "false", "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-m", "regsweep", "train", *args],
+                            env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri})
+    client = MlflowClient(tracking_uri)
+    deadline = time.time() + 120
+    run = None
+    while time.time() < deadline:  # wait until the run is training: it has logged an epoch
+        runs = client.search_runs(["0"]) if client.get_experiment("0") else []
+        if runs and client.get_metric_history(runs[0].info.run_id, "val_acc"):
+            run = runs[0]
+            break
+        time.sleep(0.5)
+    assert run is not None and run.info.status == "RUNNING"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "KILLED"
+    assert "SIGTERM" in run.data.tags["regsweep.stop_reason"]

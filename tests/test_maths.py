@@ -1,0 +1,169 @@
+"""Pure functions: penalties, weight statistics, ghost batch norm, the split, config validation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from regsweep.config import ConfigError, TrainConfig, fmt_coef
+from regsweep.data import MNIST_MEAN, MNIST_STD, batches, normalise, rotate_batch, split_indices, Split
+from regsweep.models import MLP, GhostBatchNorm, SqueezeExpandCNN, build_model, count_parameters
+from regsweep.regularization import (
+    l1_penalty, l2_penalty, penalised_parameters, regularisation_loss, weight_stats)
+from regsweep.training import confusion_matrix, per_class_metrics, summarise
+
+
+def test_penalties_match_hand_computation():
+    a, b = torch.tensor([[1.0, -2.0]]), torch.tensor([3.0, -0.5, 0.0])
+    assert l1_penalty([a, b]).item() == pytest.approx(6.5)
+    assert l2_penalty([a, b]).item() == pytest.approx(1 + 4 + 9 + 0.25)
+    assert regularisation_loss([a, b], 0.1, 0.01).item() == pytest.approx(0.65 + 0.1425)
+    assert regularisation_loss([a, b], 0.0, 0.0) == 0.0
+
+
+def test_penalty_gradients_are_sign_and_twice_w():
+    w = torch.tensor([2.0, -3.0, 0.5], requires_grad=True)
+    regularisation_loss([w], l1=1.0, l2=0.0).backward()
+    assert w.grad.tolist() == [1.0, -1.0, 1.0]
+    w.grad = None
+    regularisation_loss([w], l1=0.0, l2=1.0).backward()
+    assert w.grad.tolist() == [4.0, -6.0, 1.0]
+
+
+def test_penalised_set_is_conv_and_linear_weights_only_by_default():
+    model = SqueezeExpandCNN(norm="bn")
+    weights = penalised_parameters(model, "weights")
+    assert set(weights) == {"conv1.weight", "conv2.weight", "trans1.weight", "conv3.weight", "conv4.weight",
+                            "conv5.weight", "head.weight"}
+    everything = penalised_parameters(model, "all")
+    assert "head.bias" in everything and "norms.conv1.weight" in everything
+    assert len(everything) == len(list(model.parameters()))
+
+
+def test_weight_stats_per_layer_and_whole_model():
+    model = MLP(hidden=(3,), norm="none")
+    with torch.no_grad():
+        model.fc1.weight.copy_(torch.tensor([[0.0005] * 784, [1.0] * 784, [-2.0] * 784]))
+        model.out.weight.fill_(0.5)
+    stats = weight_stats(model)
+    assert stats["weights.fc1.max_abs"] == pytest.approx(2.0)
+    assert stats["weights.fc1.frac_small"] == pytest.approx(1 / 3)
+    assert stats["weights.fc1.mean_abs"] == pytest.approx((0.0005 + 1 + 2) / 3)
+    assert stats["weights.out.l2_norm"] == pytest.approx(math.sqrt(30 * 0.25))
+    n = 3 * 784 + 30
+    assert stats["weights.all.frac_small"] == pytest.approx(784 / n)
+    assert set(k.split(".")[1] for k in stats) == {"fc1", "out", "all"}
+
+
+def test_cnn_is_under_10k_parameters_and_mlps_have_the_notebook_shapes():
+    assert count_parameters(build_model(TrainConfig())) < 10_000
+    big = build_model(TrainConfig(model="mlp", norm="none"))
+    assert [big.fc1.in_features, big.fc1.out_features, big.fc3.out_features, big.out.out_features] == [784, 500,
+                                                                                                     100, 10]
+    small = build_model(TrainConfig(model="mlp", hidden="20,7,5", activation="tanh", norm="none"))
+    assert count_parameters(small) == 784 * 20 + 20 + 20 * 7 + 7 + 7 * 5 + 5 + 5 * 10 + 10
+    for cfg in (TrainConfig(), TrainConfig(norm="gbn"), TrainConfig(norm="none"), TrainConfig(model="mlp")):
+        assert build_model(cfg)(torch.zeros(4, 1, 28, 28)).shape == (4, 10)
+
+
+def test_ghost_batch_norm_normalises_each_virtual_batch_separately():
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 5, 5)
+    x[4:] = x[4:] * 10 + 5  # the second virtual batch has very different statistics
+    gbn = GhostBatchNorm(nn.BatchNorm2d(3), virtual_batch_size=4).train()
+    out = gbn(x)
+    for chunk in out.split(4):  # each virtual batch comes out standardised on its own
+        assert chunk.mean((0, 2, 3)).abs().max() < 1e-5
+        assert chunk.var((0, 2, 3), unbiased=False).sub(1).abs().max() < 1e-3
+    plain = nn.BatchNorm2d(3).train()(x)
+    assert not torch.allclose(plain, out, atol=1e-2)  # ordinary batch norm mixes the two
+    gbn.eval()
+    assert torch.allclose(gbn(x), gbn.bn(x))  # evaluation is plain batch norm with running stats
+
+
+def test_validation_split_is_deterministic_disjoint_and_seed_independent():
+    train_a, val_a = split_indices(60000, 5000)
+    train_b, val_b = split_indices(60000, 5000)
+    assert torch.equal(val_a, val_b) and torch.equal(train_a, train_b)
+    assert len(val_a) == 5000 and len(train_a) == 55000
+    assert len(set(val_a.tolist()) & set(train_a.tolist())) == 0
+    assert sorted(torch.cat([train_a, val_a]).tolist()) == list(range(60000))
+    _, val_other = split_indices(60000, 5000, seed=1)
+    assert not torch.equal(val_a, val_other)
+
+
+def test_tiny_data_split_uses_real_mnist(tiny_data):
+    assert tiny_data.sizes() == {"n_train": 1024, "n_val": 512, "n_test": 512}
+    assert tiny_data.train.x.shape == (1024, 1, 28, 28) and tiny_data.train.x.dtype == torch.float32
+    assert tiny_data.test.y[:5].tolist() == [7, 2, 1, 0, 4]  # the first MNIST test labels
+    assert set(tiny_data.train.y.tolist()) == set(range(10))
+
+
+def test_batches_cover_the_split_once_as_slices():
+    split = Split(torch.arange(10.0).reshape(10, 1, 1, 1), torch.arange(10))
+    ordered = list(batches(split, 4))
+    assert [len(y) for _, y in ordered] == [4, 4, 2]
+    shuffled = torch.cat([y for _, y in batches(split, 4, torch.Generator().manual_seed(0))])
+    assert sorted(shuffled.tolist()) == list(range(10)) and shuffled.tolist() != list(range(10))
+
+
+def test_rotation_keeps_background_and_zero_angle_is_identity():
+    images = normalise(torch.zeros(2, 28, 28, dtype=torch.uint8))
+    rotated = rotate_batch(images, 7.0, torch.Generator().manual_seed(0))
+    assert torch.allclose(rotated, images, atol=1e-5)  # blank stays blank: rotated-in pixels are background
+    digit = normalise((torch.rand(3, 28, 28) * 255).to(torch.uint8))
+    assert torch.allclose(rotate_batch(digit, 0.0, torch.Generator()), digit, atol=1e-4)
+    moved = rotate_batch(digit, 30.0, torch.Generator().manual_seed(1))
+    assert not torch.allclose(moved, digit, atol=1e-2)
+    assert images[0, 0, 0, 0].item() == pytest.approx(-MNIST_MEAN / MNIST_STD)
+
+
+def test_confusion_matrix_and_per_class_scores():
+    y_true = torch.tensor([0, 0, 1, 1, 2])
+    y_pred = torch.tensor([0, 1, 1, 1, 0])
+    cm = confusion_matrix(y_true, y_pred, n_classes=3)
+    assert cm.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+    rows = per_class_metrics(cm)
+    assert rows[0]["precision"] == pytest.approx(0.5) and rows[0]["recall"] == pytest.approx(0.5)
+    assert rows[1]["precision"] == pytest.approx(2 / 3) and rows[1]["recall"] == 1.0
+    assert rows[1]["f1"] == pytest.approx(0.8)
+    assert rows[2] == {"class": 2, "precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+
+
+def test_summary_selects_on_validation_and_reports_test_there():
+    history = [{"val_acc": 0.90, "test_acc": 0.95, "test_loss": 0.3, "val_loss": 0.4, "train_acc": 0.9},
+               {"val_acc": 0.97, "test_acc": 0.93, "test_loss": 0.2, "val_loss": 0.2, "train_acc": 0.95},
+               {"val_acc": 0.96, "test_acc": 0.99, "test_loss": 0.1, "val_loss": 0.3, "train_acc": 0.97}]
+    s = summarise(history, 12.0)
+    assert (s["best_val_acc"], s["best_val_epoch"], s["test_acc_at_best_val"]) == (0.97, 2, 0.93)
+    assert (s["best_test_acc"], s["best_test_epoch"]) == (0.99, 3)
+    assert s["epochs_trained"] == 3 and s["final_test_acc"] == 0.99
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"l1": -0.1}, "l1 must be a finite number"),
+    ({"l2": float("nan")}, "l2 must be a finite number"),
+    ({"l1": float("inf")}, "l1 must be a finite number"),
+    ({"epochs": 0}, "epochs must be an integer >= 1"),
+    ({"model": "resnet"}, "unknown model 'resnet'"),
+    ({"norm": "ln"}, "unknown norm 'ln'"),
+    ({"optimizer": "rmsprop"}, "unknown optimizer"),
+    ({"hidden": "500,x"}, "hidden must be comma-separated integers"),
+    ({"norm": "gbn", "batch_size": 100, "ghost_batch_size": 32}, "multiple of ghost_batch_size"),
+])
+def test_config_validation_names_the_problem(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**changes).validate()
+
+
+def test_config_names_and_regimes():
+    assert TrainConfig().validate().regime == "none"
+    assert TrainConfig(l1=1e-3, l2=5e-4).regime == "l1+l2"
+    assert TrainConfig(l2=1e-4).regime == "l2"
+    assert TrainConfig(l1=0.001, seed=3).run_name == "cnn l1=1e-3 l2=0 s3"
+    assert [fmt_coef(v) for v in (0, 0.001, 0.0005, 0.00025, 1.5)] == ["0", "1e-3", "5e-4", "2.5e-4", "1.5e0"]
+    with pytest.raises(Exception):
+        TrainConfig().l1 = 1.0  # frozen: a config cannot drift after it is logged
