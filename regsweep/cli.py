@@ -13,7 +13,7 @@ import sys
 import click
 
 from . import config as C
-from .config import ConfigError, TrainConfig
+from .config import PRUNERS, SAMPLERS, ConfigError, TrainConfig
 
 HELP = {
     "l1": "L1 coefficient: adds l1 * sum|w| over the penalised tensors to the loss (0 = off).",
@@ -70,16 +70,21 @@ class Cli(click.Group):
             raise
 
 
-def config_options(command):
-    """Add one click option per TrainConfig field, defaults and types taken from the dataclass."""
-    for f in reversed(dataclasses.fields(TrainConfig)):
-        kind = {float: click.FLOAT, int: click.INT, bool: click.BOOL}.get(type(f.default), click.STRING)
-        if f.name in CHOICES:
-            kind = click.Choice(CHOICES[f.name])
-        flag = "--" + f.name.replace("_", "-")
-        command = click.option(flag, f.name, type=kind, default=f.default, show_default=True,
-                               help=HELP[f.name])(command)
-    return command
+def config_options(exclude: tuple[str, ...] = (), **defaults):
+    """Add one click option per TrainConfig field, types and defaults taken from the dataclass
+    (`defaults` overrides some, `exclude` leaves fields out)."""
+    def decorate(command):
+        for f in reversed(dataclasses.fields(TrainConfig)):
+            if f.name in exclude:
+                continue
+            kind = {float: click.FLOAT, int: click.INT, bool: click.BOOL}.get(type(f.default), click.STRING)
+            if f.name in CHOICES:
+                kind = click.Choice(CHOICES[f.name])
+            flag = "--" + f.name.replace("_", "-")
+            command = click.option(flag, f.name, type=kind, default=defaults.get(f.name, f.default),
+                                   show_default=True, help=HELP[f.name])(command)
+        return command
+    return decorate
 
 
 def build_config(fields: dict) -> TrainConfig:
@@ -96,7 +101,7 @@ def cli():
 
 
 @cli.command()
-@config_options
+@config_options()
 @click.option("--experiment-name", envvar="MLFLOW_EXPERIMENT_NAME", default=None,
               help="MLflow experiment for the run (ignored inside `mlflow run`, which has made the run).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -133,6 +138,86 @@ def train(experiment_name, quiet, **fields):
     s = result.summary
     click.echo(f"run {run_id}: best val acc {100 * s['best_val_acc']:.2f}% at epoch {s['best_val_epoch']}, "
                f"test acc there {100 * s['test_acc_at_best_val']:.2f}% ({s['total_train_seconds']:.0f}s)")
+
+
+@cli.command()
+@click.option("--trials", type=click.IntRange(min=1), default=30, show_default=True,
+              help="Finished (complete or pruned) trials the study should have; a rerun tops up to this.")
+@click.option("--study-name", default=None, help="Optuna study name [default: the experiment name].")
+@click.option("--storage", default="sqlite:///optuna.db", show_default=True,
+              help="Optuna storage: sqlite:///FILE, postgresql://USER:PASSWORD@HOST/DB, or journal:FILE.")
+@click.option("--sampler", type=click.Choice(SAMPLERS), default=None,
+              help="tpe, random or grid [default: grid with --grid, else tpe].")
+@click.option("--pruner", type=click.Choice(PRUNERS), default="median", show_default=True,
+              help="Stops trials whose validation accuracy lags: median, hyperband or none.")
+@click.option("--l1-range", type=(float, float), default=(1e-6, 1e-2), show_default=True,
+              help="LOW HIGH of the log-uniform L1 coefficient.")
+@click.option("--l2-range", type=(float, float), default=(1e-6, 1e-2), show_default=True,
+              help="LOW HIGH of the log-uniform L2 coefficient.")
+@click.option("--l1-zero/--no-l1-zero", default=True, show_default=True,
+              help="Whether 'L1 off' is a candidate besides the log-uniform range.")
+@click.option("--l2-zero/--no-l2-zero", default=True, show_default=True,
+              help="Whether 'L2 off' is a candidate besides the log-uniform range.")
+@click.option("--grid", default=None, help="Exact grid instead of ranges, e.g. \"l1=0,0.001 l2=0,0.0005\" "
+              "(the four classic scenarios); --trials defaults to the grid's size.")
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Seeds per configuration (seed, seed+1, ...); the objective is their mean.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop starting new trials after this many seconds (per worker).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes on this machine sharing the study, each with cores/K torch threads.")
+@click.option("--heartbeat", type=click.IntRange(min=1), default=60, show_default=True,
+              help="Seconds between a running trial's liveness records (RDB storages); a trial silent for "
+                   "twice this is failed and retried.")
+@click.option("--experiment-name", envvar="MLFLOW_EXPERIMENT_NAME", default="regsweep", show_default=True,
+              help="MLflow experiment of the parent and trial runs.")
+@config_options(exclude=("l1", "l2", "threads"), log_model=False)
+@click.pass_context
+def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_range, l1_zero, l2_zero, grid,
+             repeats, timeout, workers, heartbeat, experiment_name, **fields):
+    """Search L1/L2 with Optuna; one MLflow parent run per study and one child run per trial.
+
+    The objective is the trial's best validation accuracy (mean over --repeats seeds), reported every epoch
+    so the pruner can stop weak trials; the test set is only reported. Every `regsweep train` option is
+    accepted and fixed for all trials (--seed also seeds the sampler). Running the same command again
+    resumes the study. When it ends, the parent run carries the best trial's values, a best_run_id tag and
+    the study's plots.
+    """
+    from .data import DataError, check_available
+    from .sweep import SearchSpace, SweepSettings, open_storage, optimize as run_study, parse_grid
+    from .tracking import TrackingError, check_tracking_uri
+
+    try:
+        base = build_config(fields)
+        space = SearchSpace(l1_range, l2_range, l1_zero, l2_zero, parse_grid(grid) if grid else {}).validate()
+        if sampler == "grid" and not grid:
+            raise ConfigError("--sampler grid needs --grid, e.g. --grid \"l1=0,0.001 l2=0,0.0005\"")
+        if grid and sampler not in (None, "grid"):
+            raise ConfigError(f"--grid runs the grid sampler; it cannot be combined with --sampler {sampler}")
+        sampler = sampler or ("grid" if grid else "tpe")
+        if grid and ctx.get_parameter_source("trials") == click.core.ParameterSource.DEFAULT:
+            trials = space.grid_size()
+        settings = SweepSettings(base=base, space=space, trials=trials, study_name=study_name or experiment_name,
+                                 storage=storage, experiment_name=experiment_name, sampler=sampler,
+                                 pruner=pruner, seed=base.seed, repeats=repeats, timeout=timeout,
+                                 heartbeat=heartbeat, workers=workers)
+        check_available(base.resolved_data_dir(), base.download)
+        open_storage(settings)  # a bad URL or unreachable database fails here, before any run exists
+        check_tracking_uri()
+    except ConfigError as exc:
+        raise UsageFailure(str(exc)) from None
+    except (UsageFailure, DataError, TrackingError) as exc:
+        raise UsageFailure(str(exc).removeprefix("Error: ")) from None
+    except Exception as exc:  # noqa: BLE001 - e.g. SQLAlchemy errors for an unreachable database
+        raise UsageFailure(f"cannot open Optuna storage: {str(exc).splitlines()[0]}") from None
+
+    summary = run_study(settings)
+    counts = summary["counts"]
+    click.echo(f"study {settings.study_name}: {counts['complete']} complete, {counts['pruned']} pruned, "
+               f"{counts['fail']} failed; parent run {summary['parent_run_id']}")
+    if "best_value" in summary:
+        click.echo(f"best trial {summary['best_trial']}: val acc {100 * summary['best_value']:.2f}% with "
+                   f"l1={summary['best_l1']:.3g} l2={summary['best_l2']:.3g} (run {summary['best_run_id']})")
 
 
 def mark_project_run_failed(message: str) -> None:

@@ -19,6 +19,8 @@ ACTIVATIONS = ("relu", "tanh", "sigmoid")
 INITS = ("default", "gaussian", "glorot")
 PRECISIONS = ("fp32", "bf16")
 PENALIZE = ("weights", "all")
+SAMPLERS = ("tpe", "random", "grid")  # for regsweep optimize
+PRUNERS = ("median", "hyperband", "none")
 
 
 class ConfigError(ValueError):

@@ -86,16 +86,22 @@ def prepare_vendored(data_dir: Path) -> None:
             tmp.replace(target)
 
 
-def load_raw(data_dir: str | Path, download: bool = False) -> tuple[torch.Tensor, ...]:
-    """uint8 images and int64 labels for the 60k training and 10k test sets."""
-    from torchvision.datasets import MNIST  # heavy import, kept out of `regsweep --help`
-
+def check_available(data_dir: str | Path, download: bool = False) -> None:
+    """Raise DataError unless MNIST can be read from `data_dir` (vendored files are checked and unpacked)."""
     data_dir = Path(data_dir)
     if (data_dir / "mnist" / "SHA256SUMS").is_file():
         prepare_vendored(data_dir)
     elif not download and not all((data_dir / "MNIST" / "raw" / n).is_file() for n in FILES):
         raise DataError(f"no MNIST in {data_dir}: expected {data_dir}/mnist/*.gz with SHA256SUMS (as in the "
                         f"repository's data/) or {data_dir}/MNIST/raw/; pass --download to fetch it")
+
+
+def load_raw(data_dir: str | Path, download: bool = False) -> tuple[torch.Tensor, ...]:
+    """uint8 images and int64 labels for the 60k training and 10k test sets."""
+    from torchvision.datasets import MNIST  # heavy import, kept out of `regsweep --help`
+
+    data_dir = Path(data_dir)
+    check_available(data_dir, download)
     try:
         train = MNIST(str(data_dir), train=True, download=download)
         test = MNIST(str(data_dir), train=False, download=download)

@@ -76,11 +76,13 @@ def terminal_status():
 
 
 @contextmanager
-def mlflow_run(cfg: TrainConfig, *, experiment_id: str | None = None, parent_run_id: str | None = None,
-               run_name: str | None = None, tags: dict[str, str] | None = None):
-    """Start or resume a run that ends FINISHED, FAILED (exception) or KILLED (Ctrl-C, SIGTERM)."""
+def mlflow_run(cfg: TrainConfig, *, run_id: str | None = None, experiment_id: str | None = None,
+               parent_run_id: str | None = None, tags: dict[str, str] | None = None):
+    """Start a run, or resume `run_id` (or MLFLOW_RUN_ID, as `mlflow run` sets it), that ends FINISHED,
+    FAILED (exception) or KILLED (Ctrl-C, SIGTERM). A run created elsewhere keeps the name it was given."""
     with terminal_status():
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name or cfg.run_name,
+        run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id,
+                               run_name=None if run_id else cfg.run_name,
                                parent_run_id=parent_run_id, nested=parent_run_id is not None)
         run_id = run.info.run_id
         try:
@@ -159,8 +161,9 @@ def log_model(model, data: MnistSplits) -> None:
     )
 
 
-def run_training(cfg: TrainConfig, data: MnistSplits, *, experiment_id: str | None = None,
-                 parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+def run_training(cfg: TrainConfig, data: MnistSplits, *, run_id: str | None = None,
+                 experiment_id: str | None = None, parent_run_id: str | None = None,
+                 tags: dict[str, str] | None = None,
                  on_epoch: Callable[[int, dict], str | None] | None = None,
                  show_progress: bool = False) -> tuple[str, FitResult]:
     """Train `cfg` inside an MLflow run and log everything; returns (run_id, result).
@@ -170,7 +173,8 @@ def run_training(cfg: TrainConfig, data: MnistSplits, *, experiment_id: str | No
     """
     from .models import build_model
 
-    with mlflow_run(cfg, experiment_id=experiment_id, parent_run_id=parent_run_id, tags=tags) as run:
+    with mlflow_run(cfg, run_id=run_id, experiment_id=experiment_id, parent_run_id=parent_run_id,
+                    tags=tags) as run:
         log_config(cfg, data, count_parameters(build_model(cfg)))
 
         def log_epoch(epoch: int, metrics: dict[str, float]) -> str | None:

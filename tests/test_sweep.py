@@ -1,0 +1,199 @@
+"""regsweep optimize for real: Optuna and MLflow storages in a temporary directory, real MNIST slices."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from regsweep.cli import cli
+
+# 512 training images in batches of 32 (16 steps an epoch), 256 validation/test images, eager.
+SMALL = ["--max-train-samples", "512", "--max-eval-samples", "256", "--batch-size", "32", "--compile", "false",
+         "--log-images", "false", "--epochs", "3"]
+
+
+def optimize(*args: str, expect: int = 0):
+    result = CliRunner().invoke(cli, ["optimize", *SMALL, *args])
+    assert result.exit_code == expect, result.output
+    return result
+
+
+def study_runs(experiment: str = "regsweep"):
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("regsweep.kind") == "study"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    return parents, children
+
+
+def load(storage: str, name: str = "regsweep") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+@pytest.mark.slow
+def test_tpe_study_with_pruning_builds_the_mlflow_tree(tracking_uri, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    out = optimize("--trials", "4", "--storage", storage, "--pruner", "median").output
+    assert "best trial" in out
+
+    study = load(storage)
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert len(finished) == 4 and all(t.state.name in ("COMPLETE", "PRUNED") for t in finished)
+    (parent,), children = study_runs()
+    assert parent.info.status == "FINISHED"
+    tags = parent.data.tags
+    assert tags["regsweep.study"] == "regsweep" and tags["optuna.sampler"] == "tpe"
+    assert tags["optuna.pruner"] == "median" and "l1" in tags["optuna.search_space"]
+    assert len(children) == 4
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    by_number = {int(c.data.tags["optuna.trial_number"]): c for c in children}
+    for trial in study.trials:
+        run = by_number[trial.number]
+        assert run.data.tags["optuna.state"] == trial.state.name
+        assert run.info.run_name.startswith(f"trial {trial.number:03d} l1=")
+        assert run.info.status == "FINISHED"
+        assert "weights.conv1.mean_abs" in run.data.metrics and "best_val_acc" in run.data.metrics
+        if trial.state.name == "PRUNED":
+            assert run.data.tags["regsweep.stop_reason"].startswith("pruned by median pruner at epoch")
+    best = study.best_trial
+    assert tags["best_run_id"] == by_number[best.number].info.run_id
+    assert parent.data.metrics["best_value"] == pytest.approx(best.value)
+    assert parent.data.metrics["best_l1"] == pytest.approx(best.params.get("l1", 0.0))
+    # the objective is validation accuracy, never test accuracy
+    assert best.value == pytest.approx(by_number[best.number].data.metrics["best_val_acc"])
+    artifacts = {a.path for a in MlflowClient().list_artifacts(parent.info.run_id, "study")}
+    assert {"study/optimization_history.png", "study/intermediate_values.png", "study/trials.json"} <= artifacts
+
+
+@pytest.mark.slow
+def test_rerun_resumes_and_tops_up_without_duplicating(tracking_uri, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optimize("--trials", "2", "--storage", storage, "--pruner", "none", "--epochs", "1")
+    optimize("--trials", "2", "--storage", storage, "--pruner", "none", "--epochs", "1")
+    assert len(load(storage).trials) == 2  # the same command again starts nothing
+    optimize("--trials", "3", "--storage", storage, "--pruner", "none", "--epochs", "1")
+    study = load(storage)
+    assert [t.number for t in study.trials] == [0, 1, 2]
+    parents, children = study_runs()
+    assert len(parents) == 1 and len(children) == 3
+    assert parents[0].info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_grid_runs_exactly_the_grid_with_repeats_grouped_under_each_trial(tracking_uri, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optimize("--grid", "l1=0,0.001 l2=0,0.0005", "--storage", storage, "--pruner", "none", "--epochs", "1",
+             "--repeats", "2")
+    study = load(storage)
+    configs = sorted((t.params["l1"], t.params["l2"]) for t in study.trials)
+    assert configs == [(0.0, 0.0), (0.0, 0.0005), (0.001, 0.0), (0.001, 0.0005)]
+    (parent,), children = study_runs()
+    trial_runs = [c for c in children if c.data.tags["mlflow.parentRunId"] == parent.info.run_id]
+    seed_runs = [c for c in children if c.data.tags["mlflow.parentRunId"] != parent.info.run_id]
+    assert len(trial_runs) == 4 and len(seed_runs) == 8
+    for trial_run in trial_runs:
+        seeds = [s for s in seed_runs if s.data.tags["mlflow.parentRunId"] == trial_run.info.run_id]
+        assert sorted(s.data.params["seed"] for s in seeds) == ["1", "2"]
+        mean = sum(s.data.metrics["best_val_acc"] for s in seeds) / 2
+        assert trial_run.data.metrics["mean_best_val_acc"] == pytest.approx(mean)
+        assert trial_run.data.metrics["ci95_low_best_val_acc"] <= mean <= trial_run.data.metrics[
+            "ci95_high_best_val_acc"]
+    regimes = sorted(r.data.tags["regime"] for r in trial_runs)
+    assert regimes == ["l1", "l1+l2", "l2", "none"]
+
+
+@pytest.mark.slow
+def test_two_workers_share_the_study_without_duplicates(tracking_uri, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optimize("--trials", "4", "--storage", storage, "--workers", "2", "--pruner", "none", "--epochs", "1",
+             "--sampler", "random")
+    study = load(storage)
+    assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
+    assert all(t.state.name == "COMPLETE" for t in study.trials)
+    pids = {t.user_attrs["worker"]["pid"] for t in study.trials}
+    assert len(pids) == 2  # both workers took trials
+    parents, children = study_runs()
+    assert len(parents) == 1 and len(children) == 4
+    assert sorted(int(c.data.tags["optuna.trial_number"]) for c in children) == [0, 1, 2, 3]
+
+
+def test_divergent_trial_is_pruned_with_its_reason_and_the_sweep_goes_on(tracking_uri, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optimize("--trials", "2", "--storage", storage, "--l1-range", "1e6", "1e7", "--no-l1-zero", "--lr", "10",
+             "--norm", "none", "--epochs", "1", "--pruner", "none")
+    study = load(storage)
+    assert [t.state.name for t in study.trials] == ["PRUNED", "PRUNED"]
+    _, children = study_runs()
+    for run in children:
+        assert run.data.tags["regsweep.stop_reason"].startswith("diverged: training loss is nan")
+        assert run.info.status == "FAILED" and run.data.tags["optuna.state"] == "PRUNED"
+
+
+@pytest.mark.slow
+def test_sigkilled_worker_trial_is_failed_its_run_killed_and_retried_on_resume(tracking_uri, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    args = [sys.executable, "-m", "regsweep", "optimize", *SMALL, "--epochs", "30", "--trials", "2",
+            "--storage", storage, "--pruner", "none"]
+    proc = subprocess.Popen(args, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = MlflowClient()
+    deadline, victim = time.time() + 180, None
+    while time.time() < deadline and victim is None:
+        time.sleep(1)
+        exp = client.get_experiment_by_name("regsweep")
+        for run in client.search_runs([exp.experiment_id]) if exp else []:
+            if "optuna.trial_number" in run.data.tags and client.get_metric_history(run.info.run_id, "val_acc"):
+                victim = run
+    assert victim is not None, "no trial started training"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert client.get_run(victim.info.run_id).info.status == "RUNNING"  # nobody could mark it
+
+    optimize("--epochs", "2", "--trials", "2", "--storage", storage, "--pruner", "none")  # resume, shorter
+    killed = client.get_run(victim.info.run_id)
+    assert killed.info.status == "KILLED"
+    assert killed.data.tags["optuna.state"] == "FAIL" and "worker died" in killed.data.tags["regsweep.stop_reason"]
+    study = load(storage)
+    states = [t.state.name for t in study.trials]
+    assert states.count("FAIL") == 1 and states.count("COMPLETE") == 2
+    retry = [t for t in study.trials if t.state.name == "COMPLETE" and t.user_attrs.get("trial_number") is not None
+             and t.number > int(victim.data.tags["optuna.trial_number"])]
+    assert retry, "the killed trial's parameters were not run again"
+    retried_runs = [r for r in study_runs()[1] if r.data.tags.get("optuna.retry_of_trial") ==
+                    victim.data.tags["optuna.trial_number"]]
+    assert len(retried_runs) == 1 and retried_runs[0].info.status == "FINISHED"
+    for run in study_runs()[1]:
+        assert run.info.status != "RUNNING"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--l1-range", "0.01", "0.001"], "--l1-range needs 0 < LOW <= HIGH"),
+    (["--l2-range", "-1", "0.1"], "--l2-range needs 0 < LOW <= HIGH"),
+    (["--sampler", "cmaes"], "'cmaes' is not one of 'tpe', 'random', 'grid'"),
+    (["--grid", "l1=0,abc"], "malformed --grid values"),
+    (["--grid", "l3=0.1"], "malformed --grid entry 'l3=0.1'"),
+    (["--grid", "l1=-0.1"], "grid values for l1 must be finite and >= 0"),
+    (["--sampler", "grid"], "--sampler grid needs --grid"),
+    (["--trials", "0"], "0 is not in the range x>=1"),
+    (["--epochs", "0"], "epochs must be an integer >= 1"),
+    (["--storage", "redis://localhost"], "unsupported --storage"),
+])
+def test_bad_sweep_input_exits_2_before_anything_is_created(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    result = CliRunner().invoke(cli, ["optimize", "--storage", f"sqlite:///{tmp_path / 'optuna.db'}", *args])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.output
+    assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlflow.db").exists()
+    assert not Path(tmp_path / "mlruns").exists()
