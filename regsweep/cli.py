@@ -171,7 +171,7 @@ def train(experiment_name, quiet, **fields):
                    "twice this is failed and retried.")
 @click.option("--experiment-name", envvar="MLFLOW_EXPERIMENT_NAME", default="regsweep", show_default=True,
               help="MLflow experiment of the parent and trial runs.")
-@config_options(exclude=("l1", "l2", "threads"), log_model=False)
+@config_options(exclude=("l1", "l2"), log_model=False)
 @click.pass_context
 def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_range, l1_zero, l2_zero, grid,
              repeats, timeout, workers, heartbeat, experiment_name, **fields):

@@ -469,9 +469,9 @@ def optimize(settings: SweepSettings) -> dict:
     status = "FINISHED"
     try:
         if settings.workers == 1:
-            run_worker(settings, parent_run_id, experiment_id, tracking_uri, worker_index=0)
+            run_worker(settings, parent_run_id, experiment_id, tracking_uri, 0, settings.base.threads)
         else:
-            threads = max(1, (os.cpu_count() or 1) // settings.workers)
+            threads = settings.base.threads or max(1, (os.cpu_count() or 1) // settings.workers)
             ctx = multiprocessing.get_context("spawn")
             procs = [ctx.Process(target=run_worker, name=f"regsweep-worker-{i}",
                                  args=(settings, parent_run_id, experiment_id, tracking_uri, i, threads))
