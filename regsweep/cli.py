@@ -21,7 +21,7 @@ HELP = {
           "This is an explicit penalty, not decoupled weight decay.",
     "penalize": "Which tensors L1/L2 penalise: 'weights' = weights of conv and linear layers; "
                 "'all' = also biases and norm scales/shifts.",
-    "model": "cnn = ~7.4k-parameter squeeze-expand CNN; mlp = fully connected net (see --hidden).",
+    "model": "cnn = 9.8k-parameter squeeze-expand CNN; mlp = fully connected net (see --hidden).",
     "norm": "bn = batch norm, gbn = ghost batch norm (see --ghost-batch-size), none.",
     "ghost_batch_size": "Virtual batch size for ghost batch norm.",
     "dropout": "Dropout rate (whole feature maps in the CNN, units in the MLP).",

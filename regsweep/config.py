@@ -44,7 +44,7 @@ class TrainConfig:
     model: str = "cnn"
     norm: str = "bn"  # bn | gbn (ghost batch norm) | none
     ghost_batch_size: int = 32  # virtual batch size of ghost batch norm; only used with norm=gbn
-    dropout: float = 0.05  # after each CNN block / MLP hidden layer; small because the CNN has ~8k params
+    dropout: float = 0.0  # after each CNN block / MLP hidden layer; off so L1/L2 are the regularisers under study
     hidden: str = "500,250,100"  # MLP hidden sizes, comma-separated (the notebooks also used 20,7,5)
     activation: str = "relu"  # MLP activation
     init: str = "default"  # MLP weight init: PyTorch's default, gaussian N(0, 0.01), or glorot uniform
@@ -52,7 +52,7 @@ class TrainConfig:
     # --- optimisation ---
     epochs: int = 15
     batch_size: int = 128
-    lr: float = 0.05  # peak learning rate for onecycle, initial for step/none
+    lr: float = 0.1  # peak learning rate for onecycle, initial for step/none
     momentum: float = 0.9  # SGD only
     optimizer: str = "sgd"
     scheduler: str = "onecycle"

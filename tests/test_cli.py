@@ -96,3 +96,13 @@ def test_python_dash_m_works():
     import sys
     out = subprocess.run([sys.executable, "-m", "regsweep", "--help"], capture_output=True, text=True, check=True)
     assert "train" in out.stdout
+
+
+def test_readme_documents_every_option():
+    """The README's option tables are written by hand; this keeps them complete."""
+    from .conftest import REPO
+    readme = (REPO / "README.md").read_text()
+    for command in ("train", "optimize"):
+        for param in cli.commands[command].params:
+            for flag in param.opts:
+                assert f"`{flag}" in readme, f"README does not document {command} {flag}"

@@ -37,7 +37,7 @@ def test_penalised_set_is_conv_and_linear_weights_only_by_default():
     model = SqueezeExpandCNN(norm="bn")
     weights = penalised_parameters(model, "weights")
     assert set(weights) == {"conv1.weight", "conv2.weight", "trans1.weight", "conv3.weight", "conv4.weight",
-                            "conv5.weight", "head.weight"}
+                            "conv5.weight", "conv6.weight", "head.weight"}
     everything = penalised_parameters(model, "all")
     assert "head.bias" in everything and "norms.conv1.weight" in everything
     assert len(everything) == len(list(model.parameters()))
