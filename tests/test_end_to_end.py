@@ -64,7 +64,7 @@ def test_mlflow_run_logs_a_complete_comparable_run(tracking_uri):
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert ARTIFACTS <= artifacts
-    table = mlflow.load_table("per_class_metrics.json", run_ids=[run.info.run_id])
+    table = client.load_table(run.info.experiment_id, "per_class_metrics.json", run_ids=[run.info.run_id])
     assert list(table["class"]) == list(range(10)) and {"precision", "recall", "f1"} <= set(table.columns)
 
     assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"mnist-training", "mnist-validation",
@@ -126,3 +126,20 @@ def test_sigterm_marks_the_run_killed(tracking_uri):
     run = client.get_run(run.info.run_id)
     assert run.info.status == "KILLED"
     assert "SIGTERM" in run.data.tags["regsweep.stop_reason"]
+
+
+@pytest.mark.slow
+def test_walkthrough_notebook_runs(tracking_uri):
+    """The notebook's code cells run top to bottom (it sets up its own temporary store)."""
+    import json
+
+    notebook = json.loads((REPO / "notebooks" / "walkthrough.ipynb").read_text())
+    namespace: dict = {}
+    for cell in notebook["cells"]:
+        if cell["cell_type"] == "code":
+            exec(compile("".join(cell["source"]), "walkthrough.ipynb", "exec"), namespace)
+    assert set(namespace["results"]) == {"none", "l1", "l2", "l1+l2"}
+    assert len(namespace["runs"]) == 4
+    # L1 leaves more near-zero weights than no penalty at all: the effect the notebook is about.
+    frac = {k: r.history[-1]["weights.all.frac_small"] for k, r in namespace["results"].items()}
+    assert frac["l1"] > frac["none"]
