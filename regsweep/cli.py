@@ -115,7 +115,7 @@ def train(experiment_name, quiet, **fields):
     MLflow created.
     """
     from .data import DataError, load_mnist
-    from .tracking import TrackingError, check_tracking_uri, progress_wanted, run_training
+    from .tracking import TrackingError, check_tracking_uri, run_training
 
     try:
         cfg = build_config(fields)
@@ -134,7 +134,8 @@ def train(experiment_name, quiet, **fields):
     experiment_id = None
     if experiment_name and not os.environ.get("MLFLOW_RUN_ID"):
         experiment_id = mlflow.set_experiment(experiment_name).experiment_id
-    run_id, result = run_training(cfg, data, experiment_id=experiment_id, show_progress=progress_wanted(quiet))
+    show_progress = not quiet and sys.stderr.isatty()
+    run_id, result = run_training(cfg, data, experiment_id=experiment_id, show_progress=show_progress)
     s = result.summary
     click.echo(f"run {run_id}: best val acc {100 * s['best_val_acc']:.2f}% at epoch {s['best_val_epoch']}, "
                f"test acc there {100 * s['test_acc_at_best_val']:.2f}% ({s['total_train_seconds']:.0f}s)")

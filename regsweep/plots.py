@@ -62,8 +62,12 @@ def confusion_figure(cm: torch.Tensor) -> Figure:
 
 def weight_histograms(weights: dict[str, torch.Tensor]) -> Figure:
     """One panel per layer: the distribution of its weights, on a log count axis to show the spike at 0."""
-    fig, axes = plt.subplots(1, len(weights), figsize=(2.6 * len(weights), 2.8), squeeze=False)
-    for ax, (name, w) in zip(axes[0], weights.items()):
+    ncols = min(4, len(weights))
+    nrows = -(-len(weights) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.6 * nrows), squeeze=False)
+    for ax in axes.flat[len(weights):]:
+        ax.axis("off")
+    for ax, (name, w) in zip(axes.flat, weights.items()):
         ax.hist(w.detach().flatten().numpy(), bins=60, color="steelblue")
         ax.set_yscale("log")
         ax.set_title(f"{name} ({w.numel()})", fontsize=9)

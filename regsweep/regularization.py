@@ -23,24 +23,32 @@ def penalised_parameters(model: nn.Module, which: str = "weights") -> dict[str, 
     return {f"{name}.weight": layer.weight for name, layer in weight_layers(model).items()}
 
 
+def flat(params: list[torch.Tensor]) -> torch.Tensor:
+    """All given tensors as one vector: one reduction instead of one per tensor."""
+    return torch.cat([p.reshape(-1) for p in params])
+
+
 def l1_penalty(params: list[torch.Tensor]) -> torch.Tensor:
     """sum |w| over all given tensors."""
-    return torch.cat([p.reshape(-1) for p in params]).abs().sum()
+    return flat(params).abs().sum()
 
 
 def l2_penalty(params: list[torch.Tensor]) -> torch.Tensor:
     """sum w^2 over all given tensors (no 1/2 factor: the coefficient is exactly what multiplies it)."""
-    flat = torch.cat([p.reshape(-1) for p in params])
-    return flat.dot(flat)
+    w = flat(params)
+    return w.dot(w)
 
 
 def regularisation_loss(params: list[torch.Tensor], l1: float, l2: float) -> torch.Tensor | float:
     """l1 * sum|w| + l2 * sum w^2, built only from the terms that are switched on."""
+    if l1 <= 0 and l2 <= 0:
+        return 0.0
+    w = flat(params)
     total: torch.Tensor | float = 0.0
     if l1 > 0:
-        total = total + l1 * l1_penalty(params)
+        total = total + l1 * w.abs().sum()
     if l2 > 0:
-        total = total + l2 * l2_penalty(params)
+        total = total + l2 * w.dot(w)
     return total
 
 

@@ -26,6 +26,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from .config import ConfigError, TrainConfig, fmt_coef
+from .tracking import terminal_status
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 STUDY_TAG = "regsweep.study"
 
@@ -466,23 +467,27 @@ def optimize(settings: SweepSettings) -> dict:
     reap_dead_local_trials(study, handler)
     optuna.storages.fail_stale_trials(study)
 
-    status = "FINISHED"
+    status, procs = "FINISHED", []
     try:
-        if settings.workers == 1:
-            run_worker(settings, parent_run_id, experiment_id, tracking_uri, 0, settings.base.threads)
-        else:
-            threads = settings.base.threads or max(1, (os.cpu_count() or 1) // settings.workers)
-            ctx = multiprocessing.get_context("spawn")
-            procs = [ctx.Process(target=run_worker, name=f"regsweep-worker-{i}",
-                                 args=(settings, parent_run_id, experiment_id, tracking_uri, i, threads))
-                     for i in range(settings.workers)]
-            for proc in procs:
-                proc.start()
-            for proc in procs:
-                proc.join()
-            reap_dead_local_trials(study, handler)  # a worker that crashed leaves its trial RUNNING
+        with terminal_status():  # SIGTERM, like Ctrl-C, ends the parent run KILLED
+            if settings.workers == 1:
+                run_worker(settings, parent_run_id, experiment_id, tracking_uri, 0, settings.base.threads)
+            else:
+                threads = settings.base.threads or max(1, (os.cpu_count() or 1) // settings.workers)
+                ctx = multiprocessing.get_context("spawn")
+                procs = [ctx.Process(target=run_worker, name=f"regsweep-worker-{i}",
+                                     args=(settings, parent_run_id, experiment_id, tracking_uri, i, threads))
+                         for i in range(settings.workers)]
+                for proc in procs:
+                    proc.start()
+                for proc in procs:
+                    proc.join()
+                reap_dead_local_trials(study, handler)  # a worker that crashed leaves its trial RUNNING
     except KeyboardInterrupt:
         status = "KILLED"
+        for proc in procs:  # each worker ends its own trial's run KILLED on SIGTERM
+            proc.terminate()
+            proc.join()
         raise
     finally:
         summary = finish_study(settings, study, parent_run_id)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import signal
-import sys
 import urllib.error
 import urllib.request
 import warnings
@@ -184,7 +183,3 @@ def run_training(cfg: TrainConfig, data: MnistSplits, *, run_id: str | None = No
         result = fit(cfg, data, log_epoch, show_progress=show_progress)
         log_outcome(cfg, result, data)
         return run.info.run_id, result
-
-
-def progress_wanted(quiet: bool) -> bool:
-    return not quiet and sys.stderr.isatty()
