@@ -101,13 +101,14 @@ def make_sampler(name: str, space: SearchSpace, seed: int | None) -> optuna.samp
     return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=5)
 
 
-def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
+def make_pruner(name: str, steps: int) -> optuna.pruners.BasePruner:
+    """`steps`: reports per trial (epochs x repeats)."""
     if name == "median":
         # Compare against the median of at least 3 finished trials, and never before epoch 2:
         # first-epoch accuracy says little about where a run ends up.
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3)
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=steps, reduction_factor=3)
     return optuna.pruners.NopPruner()
 
 
@@ -211,7 +212,7 @@ def load_study(settings: SweepSettings, tracking_uri: str | None = None, worker_
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     study = optuna.create_study(
         study_name=settings.study_name, storage=open_storage(settings, tracking_uri), load_if_exists=True,
-        direction="maximize", pruner=make_pruner(settings.pruner, settings.base.epochs))
+        direction="maximize", pruner=make_pruner(settings.pruner, settings.base.epochs * settings.repeats))
     # Seeded per worker and per resume: the same seed in every worker, or again after a restart, would
     # repeat the same random suggestions instead of exploring.
     seed = None if settings.seed is None else settings.seed + 1000 * worker_index + len(study.trials)
@@ -321,9 +322,13 @@ class Objective:
                 if result.stop_reason.startswith("pruned"):
                     state, reason = "PRUNED", result.stop_reason
                     raise optuna.TrialPruned(reason)
-            value = statistics.mean(best_vals)
-            return value
+            return statistics.mean(best_vals)
         except optuna.TrialPruned:
+            raise
+        except KeyboardInterrupt:
+            # Ctrl-C or SIGTERM: queue the same parameters, so that resuming the study re-runs this trial.
+            state, reason = "FAIL", "interrupted (Ctrl-C or SIGTERM); queued again for the next start"
+            trial.study.enqueue_trial(trial.params, user_attrs={"trial_number": trial.number})
             raise
         except BaseException as exc:
             state, reason = "FAIL", reason or f"{type(exc).__name__}: {exc}"

@@ -139,9 +139,8 @@ def test_divergent_trial_is_pruned_with_its_reason_and_the_sweep_goes_on(trackin
         assert run.info.status == "FAILED" and run.data.tags["optuna.state"] == "PRUNED"
 
 
-@pytest.mark.slow
-def test_sigkilled_worker_trial_is_failed_its_run_killed_and_retried_on_resume(tracking_uri, tmp_path):
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+def start_and_kill_mid_trial(tracking_uri: str, storage: str, sig: int):
+    """Start a long sweep in a subprocess, wait until a trial has logged an epoch, send `sig`."""
     args = [sys.executable, "-m", "regsweep", "optimize", *SMALL, "--epochs", "30", "--trials", "2",
             "--storage", storage, "--pruner", "none"]
     proc = subprocess.Popen(args, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
@@ -155,8 +154,36 @@ def test_sigkilled_worker_trial_is_failed_its_run_killed_and_retried_on_resume(t
             if "optuna.trial_number" in run.data.tags and client.get_metric_history(run.info.run_id, "val_acc"):
                 victim = run
     assert victim is not None, "no trial started training"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    return victim
+
+
+@pytest.mark.slow
+def test_sigterm_ends_parent_and_trial_killed_and_resume_reruns_the_trial(tracking_uri, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    victim = start_and_kill_mid_trial(tracking_uri, storage, signal.SIGTERM)
+    client = MlflowClient()
+    assert client.get_run(victim.info.run_id).info.status == "KILLED"
+    (parent,), _ = study_runs()
+    assert parent.info.status == "KILLED"
+    study = load(storage)
+    assert [t.state.name for t in study.trials] == ["FAIL", "WAITING"]
+    assert study.trials[1].params == study.trials[0].params
+
+    optimize("--epochs", "1", "--trials", "2", "--storage", storage, "--pruner", "none")
+    study = load(storage)
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert study.trials[1].params == study.trials[0].params  # the interrupted configuration ran again
+    (parent,), children = study_runs()
+    assert parent.info.status == "FINISHED" and all(c.info.status != "RUNNING" for c in children)
+
+
+@pytest.mark.slow
+def test_sigkilled_worker_trial_is_failed_its_run_killed_and_retried_on_resume(tracking_uri, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    victim = start_and_kill_mid_trial(tracking_uri, storage, signal.SIGKILL)
+    client = MlflowClient()
     assert client.get_run(victim.info.run_id).info.status == "RUNNING"  # nobody could mark it
 
     optimize("--epochs", "2", "--trials", "2", "--storage", storage, "--pruner", "none")  # resume, shorter
@@ -166,9 +193,10 @@ def test_sigkilled_worker_trial_is_failed_its_run_killed_and_retried_on_resume(t
     study = load(storage)
     states = [t.state.name for t in study.trials]
     assert states.count("FAIL") == 1 and states.count("COMPLETE") == 2
-    retry = [t for t in study.trials if t.state.name == "COMPLETE" and t.user_attrs.get("trial_number") is not None
-             and t.number > int(victim.data.tags["optuna.trial_number"])]
-    assert retry, "the killed trial's parameters were not run again"
+    (failed,) = [t for t in study.trials if t.state.name == "FAIL"]
+    assert failed.number == int(victim.data.tags["optuna.trial_number"])
+    assert any(t.params == failed.params and t.state.name == "COMPLETE" for t in study.trials), \
+        "the killed trial's parameters were not run again"
     retried_runs = [r for r in study_runs()[1] if r.data.tags.get("optuna.retry_of_trial") ==
                     victim.data.tags["optuna.trial_number"]]
     assert len(retried_runs) == 1 and retried_runs[0].info.status == "FINISHED"
