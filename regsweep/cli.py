@@ -89,7 +89,8 @@ def config_options(exclude: tuple[str, ...] = (), **defaults):
 
 def build_config(fields: dict) -> TrainConfig:
     try:
-        return TrainConfig(**fields).validate()
+        cfg = TrainConfig(**fields).validate()
+        return cfg.replace(data_dir=cfg.resolved_data_dir())
     except ConfigError as exc:
         raise UsageFailure(str(exc)) from None
 

@@ -139,7 +139,7 @@ def fit(cfg: TrainConfig, data: MnistSplits, on_epoch: Callable[[int, dict], str
     optimizer = build_optimizer(cfg, model.parameters())
     steps_per_epoch = max(1, len(data.train) // min(cfg.batch_size, len(data.train)))
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
-    # Compiling fuses the small convs' norm/activation/dropout kernels: about 2x per step on CPU.
+    # Compiling fuses the small convs' norm/activation kernels (docs/benchmarks.md: ~30% per step on CPU).
     # Evaluation runs the eager model (same parameters) to avoid a second compilation.
     step_model = torch.compile(model) if cfg.compile else model
 

@@ -27,6 +27,9 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
     monkeypatch.chdir(tmp_path)  # anything MLflow writes relative to the cwd lands in the temp dir
     import mlflow
     mlflow.set_tracking_uri(uri)
+    # The fluent API remembers the active experiment across stores; a fresh store only has "Default".
+    mlflow.set_experiment(experiment_id="0")
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # set_experiment exports it to subprocesses
     yield uri
     while mlflow.active_run():
         mlflow.end_run()

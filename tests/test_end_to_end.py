@@ -9,7 +9,6 @@ import sys
 import time
 
 import mlflow
-import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -71,9 +70,13 @@ def test_mlflow_run_logs_a_complete_comparable_run(tracking_uri):
                                                                    "mnist-test"}
     (model_info,) = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
     assert model_info.source_run_id == run.info.run_id
-    model = mlflow.pyfunc.load_model(f"models:/{model_info.model_id}")
-    logits = model.predict(np.zeros((3, 1, 28, 28), dtype=np.float32))
-    assert np.asarray(logits).shape == (3, 10)
+    # Loaded in a fresh process, as a consumer of the model would: loading puts the model's bundled code
+    # on sys.path, which must not leak into this test session.
+    check = (f"import mlflow, numpy as np; mlflow.set_tracking_uri({tracking_uri!r}); "
+             f"m = mlflow.pyfunc.load_model('models:/{model_info.model_id}'); "
+             "print(np.asarray(m.predict(np.zeros((3, 1, 28, 28), dtype=np.float32))).shape)")
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "(3, 10)"
 
 
 def test_exception_marks_run_failed_with_the_reason(tracking_uri, tiny_data, tiny_cfg):

@@ -169,7 +169,7 @@ def test_sigterm_ends_parent_and_trial_killed_and_resume_reruns_the_trial(tracki
     assert parent.info.status == "KILLED"
     study = load(storage)
     assert [t.state.name for t in study.trials] == ["FAIL", "WAITING"]
-    assert study.trials[1].params == study.trials[0].params
+    assert study.trials[1].system_attrs["fixed_params"] == study.trials[0].params  # queued as it was
 
     optimize("--epochs", "1", "--trials", "2", "--storage", storage, "--pruner", "none")
     study = load(storage)
