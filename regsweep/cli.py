@@ -116,7 +116,7 @@ def train(experiment_name, quiet, **fields):
     MLflow created.
     """
     from .data import DataError, load_mnist
-    from .tracking import TrackingError, check_tracking_uri, run_training
+    from .tracking import TrackingError, check_tracking_uri, run_training, use_experiment
 
     try:
         cfg = build_config(fields)
@@ -127,14 +127,13 @@ def train(experiment_name, quiet, **fields):
         mark_project_run_failed(str(exc))
         raise UsageFailure(str(exc).removeprefix("Error: ")) from None
 
-    import mlflow
     import torch
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     experiment_id = None
     if experiment_name and not os.environ.get("MLFLOW_RUN_ID"):
-        experiment_id = mlflow.set_experiment(experiment_name).experiment_id
+        experiment_id = use_experiment(experiment_name)
     show_progress = not quiet and sys.stderr.isatty()
     run_id, result = run_training(cfg, data, experiment_id=experiment_id, show_progress=show_progress)
     s = result.summary

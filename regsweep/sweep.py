@@ -26,7 +26,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from .config import ConfigError, TrainConfig, fmt_coef
-from .tracking import terminal_status
+from .tracking import terminal_status, use_experiment
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 STUDY_TAG = "regsweep.study"
 
@@ -463,7 +463,7 @@ def optimize(settings: SweepSettings) -> dict:
 
     client = MlflowClient()
     tracking_uri = mlflow.get_tracking_uri()
-    experiment_id = mlflow.set_experiment(settings.experiment_name).experiment_id
+    experiment_id = use_experiment(settings.experiment_name)
     study = load_study(settings, tracking_uri)
     parent_run_id = find_or_create_parent(settings, study, experiment_id)
     client.update_run(parent_run_id, status="RUNNING")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import signal
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -50,6 +51,17 @@ def check_tracking_uri(uri: str | None = None) -> str:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TrackingError(f"cannot use MLflow tracking URI {uri!r}: {first}") from None
     return uri
+
+
+def use_experiment(name: str) -> str:
+    """mlflow.set_experiment, safe when several workers create the same experiment at the same moment."""
+    try:
+        return mlflow.set_experiment(name).experiment_id
+    except mlflow.exceptions.MlflowException:
+        existing = MlflowClient().get_experiment_by_name(name)  # another process created it first
+        if existing is None:
+            raise
+        return mlflow.set_experiment(experiment_id=existing.experiment_id).experiment_id
 
 
 def dataset_digest(data: MnistSplits) -> str:
@@ -113,7 +125,21 @@ def log_config(cfg: TrainConfig, data: MnistSplits, n_params: int) -> None:
             warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
             dataset = mlflow.data.from_numpy(split.x.numpy(), targets=split.y.numpy(), source=data.source,
                                              name=f"mnist-{context}", digest=digest)
-        mlflow.log_input(dataset, context=context)
+        log_input_once(dataset, context)
+
+
+def log_input_once(dataset, context: str, attempts: int = 3) -> None:
+    """mlflow.log_input, tolerant of MLflow's get-or-create race: when two workers log the same dataset to
+    one store at the same moment, the slower insert fails a UNIQUE constraint; a retry finds the record."""
+    for attempt in range(attempts):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except mlflow.exceptions.MlflowException as exc:
+            race = "UNIQUE constraint" in str(exc) or "IntegrityError" in str(exc)
+            if not race or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def log_outcome(cfg: TrainConfig, result: FitResult, data: MnistSplits) -> None:
