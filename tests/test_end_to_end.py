@@ -60,6 +60,7 @@ def test_mlflow_run_logs_a_complete_comparable_run(tracking_uri):
                 "final_test_acc", "total_train_seconds", "test_macro_f1_at_best_val"):
         assert key in m, key
     assert 0.3 < m["best_val_acc"] <= 1 and m["best_val_epoch"] in (1, 2)
+    assert run.data.tags["mlflow.note.content"].startswith("l1+l2: best validation accuracy")
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert ARTIFACTS <= artifacts
