@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from regsweep.tracking import run_training
 
-from .conftest import REPO, TINY
+from .conftest import REPO
 
 ARTIFACTS = {"misclassified.png", "training_curves.png", "confusion_matrix.png", "weight_histograms.png",
              "per_class_metrics.json", "config.json"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -165,5 +166,5 @@ def test_config_names_and_regimes():
     assert TrainConfig(l2=1e-4).regime == "l2"
     assert TrainConfig(l1=0.001, seed=3).run_name == "cnn l1=1e-3 l2=0 s3"
     assert [fmt_coef(v) for v in (0, 0.001, 0.0005, 0.00025, 1.5)] == ["0", "1e-3", "5e-4", "2.5e-4", "1.5e0"]
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         TrainConfig().l1 = 1.0  # frozen: a config cannot drift after it is logged
