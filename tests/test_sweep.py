@@ -225,3 +225,17 @@ def test_bad_sweep_input_exits_2_before_anything_is_created(tmp_path, monkeypatc
     assert len(lines) == 1 and message in lines[0], result.output
     assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlflow.db").exists()
     assert not Path(tmp_path / "mlruns").exists()
+
+
+@pytest.mark.slow
+def test_journal_file_storage_runs_and_resumes(tracking_uri, tmp_path):
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    journal = tmp_path / "study.journal"
+    optimize("--trials", "1", "--storage", f"journal:{journal}", "--pruner", "none", "--epochs", "1")
+    optimize("--trials", "2", "--storage", f"journal:{journal}", "--pruner", "none", "--epochs", "1")
+    study = optuna.load_study(study_name="regsweep", storage=JournalStorage(JournalFileBackend(str(journal))))
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    parents, children = study_runs()
+    assert len(parents) == 1 and len(children) == 2
