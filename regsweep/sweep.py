@@ -27,6 +27,7 @@ from optuna.trial import TrialState
 
 from .config import ConfigError, TrainConfig, fmt_coef
 from .tracking import terminal_status, use_experiment
+
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 STUDY_TAG = "regsweep.study"
 
