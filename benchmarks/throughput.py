@@ -33,7 +33,7 @@ from regsweep.config import TrainConfig
 from regsweep.data import MNIST_MEAN, MNIST_STD, load_mnist, prepare_vendored
 from regsweep.models import build_model
 from regsweep.regularization import penalised_parameters
-from regsweep.training import build_optimizer, build_scheduler, fit, train_epoch
+from regsweep.training import build_optimizer, build_scheduler, fit, new_model, train_epoch
 
 L1, L2 = 1e-3, 5e-4  # both penalties on, so their cost is part of what is measured
 
@@ -76,18 +76,23 @@ def reference_images_per_sec(cfg: TrainConfig, n_images: int, num_workers: int, 
     return seen / (time.perf_counter() - start)
 
 
-def regsweep_images_per_sec(cfg: TrainConfig, n_images: int) -> float:
+def regsweep_epoch(cfg: TrainConfig, n_images: int):
+    """regsweep's training step set up as fit() does it; returns a function that trains one epoch."""
     data = load_mnist(cfg.resolved_data_dir(), max_train_samples=n_images, max_eval_samples=1)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg)
+    model = new_model(cfg)
     optimizer = build_optimizer(cfg, model.parameters())
     scheduler = build_scheduler(cfg.replace(scheduler="none"), optimizer, 1)
     step_model = torch.compile(model) if cfg.compile else model
     penalised = list(penalised_parameters(model, cfg.penalize).values())
     generator = torch.Generator().manual_seed(cfg.seed)
-    train_epoch(step_model, optimizer, scheduler, data.train, cfg, penalised, generator)  # warm-up, compiles
+    return lambda: train_epoch(step_model, optimizer, scheduler, data.train, cfg, penalised, generator)
+
+
+def regsweep_images_per_sec(cfg: TrainConfig, n_images: int) -> float:
+    epoch = regsweep_epoch(cfg, n_images)
+    epoch()  # warm-up, compiles
     start = time.perf_counter()
-    stats = train_epoch(step_model, optimizer, scheduler, data.train, cfg, penalised, generator)
+    stats = epoch()
     return stats["images"] / (time.perf_counter() - start)
 
 
@@ -95,16 +100,10 @@ def profile_step(cfg: TrainConfig, steps: int = 20) -> None:
     """Where a compiled training step spends its time, by operator."""
     from torch.profiler import profile
 
-    data = load_mnist(cfg.resolved_data_dir(), max_train_samples=cfg.batch_size * (steps + 5), max_eval_samples=1)
-    model = build_model(cfg)
-    optimizer = build_optimizer(cfg, model.parameters())
-    scheduler = build_scheduler(cfg.replace(scheduler="none"), optimizer, 1)
-    step_model = torch.compile(model)
-    penalised = list(penalised_parameters(model, cfg.penalize).values())
-    generator = torch.Generator().manual_seed(0)
-    train_epoch(step_model, optimizer, scheduler, data.train, cfg, penalised, generator)  # compile
+    epoch = regsweep_epoch(cfg, cfg.batch_size * steps)
+    epoch()  # compile
     with profile() as prof:
-        train_epoch(step_model, optimizer, scheduler, data.train, cfg, penalised, generator)
+        epoch()
     print("\nprofile of one epoch of compiled fp32 steps, top operators by own CPU time:\n")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
 

@@ -28,7 +28,7 @@ from .config import TrainConfig
 from .data import MnistSplits
 from .models import count_parameters
 from .regularization import weight_layers
-from .training import FitResult, confusion_matrix, fit, per_class_metrics, predict
+from .training import FitResult, confusion_matrix, fit, new_model, per_class_metrics, predict
 
 
 class TrackingError(RuntimeError):
@@ -202,16 +202,15 @@ def run_training(cfg: TrainConfig, data: MnistSplits, *, run_id: str | None = No
     `on_epoch` is called after the epoch's metrics are logged; a string it returns stops training
     with that reason (the sweep uses this for pruning).
     """
-    from .models import build_model
-
     with mlflow_run(cfg, run_id=run_id, experiment_id=experiment_id, parent_run_id=parent_run_id,
                     tags=tags) as run:
-        log_config(cfg, data, count_parameters(build_model(cfg)))
+        model = new_model(cfg)
+        log_config(cfg, data, count_parameters(model))
 
         def log_epoch(epoch: int, metrics: dict[str, float]) -> str | None:
             mlflow.log_metrics(metrics, step=epoch)
             return on_epoch(epoch, metrics) if on_epoch else None
 
-        result = fit(cfg, data, log_epoch, show_progress=show_progress)
+        result = fit(cfg, data, log_epoch, show_progress=show_progress, model=model)
         log_outcome(cfg, result, data)
         return run.info.run_id, result

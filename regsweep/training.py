@@ -125,16 +125,22 @@ def train_epoch(step_model: nn.Module, optimizer, scheduler, split: Split, cfg: 
     return {"loss": train_loss, "acc": correct.item() / seen, "images": seen}
 
 
+def new_model(cfg: TrainConfig) -> nn.Module:
+    """The model `cfg` describes, initialised from its seed."""
+    torch.manual_seed(cfg.seed)
+    return build_model(cfg)
+
+
 def fit(cfg: TrainConfig, data: MnistSplits, on_epoch: Callable[[int, dict], str | None] | None = None,
-        show_progress: bool = False) -> FitResult:
+        show_progress: bool = False, model: nn.Module | None = None) -> FitResult:
     """Train `cfg` on `data`; epochs are numbered from 1.
 
     `on_epoch(epoch, metrics)` runs after each epoch; if it returns a non-empty string, training stops there
     with that string as the reason (how a pruner stops a trial without losing the epochs it ran).
+    `model`, if given, must come from `new_model(cfg)`.
     """
-    torch.manual_seed(cfg.seed)
+    model = model if model is not None else new_model(cfg)  # a caller may have built it to log it first
     generator = torch.Generator().manual_seed(cfg.seed)
-    model = build_model(cfg)
     penalised = list(penalised_parameters(model, cfg.penalize).values())
     optimizer = build_optimizer(cfg, model.parameters())
     steps_per_epoch = max(1, len(data.train) // min(cfg.batch_size, len(data.train)))
