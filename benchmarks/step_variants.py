@@ -37,7 +37,7 @@ VARIANTS = ("eager", "regsweep", "whole-step", "compiled-opt", "fused-sgd", "max
             "channels-last", "max-autotune")
 
 
-def max_of_views(x: torch.Tensor, kernel_size: int = 2) -> torch.Tensor:
+def max_of_views(x: torch.Tensor) -> torch.Tensor:
     """F.max_pool2d(x, 2) for even sizes; its gradient differs only where a window has tied maxima (after a
     ReLU: zeros, whose gradient the ReLU drops anyway)."""
     return torch.maximum(torch.maximum(x[:, :, 0::2, 0::2], x[:, :, 0::2, 1::2]),

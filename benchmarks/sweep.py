@@ -21,6 +21,8 @@ from pathlib import Path
 
 import optuna
 
+from regsweep.sweep import threads_per_worker
+
 ROWS = {  # name: (pruner, workers, torch threads per worker; 0 = regsweep's default, cores / workers)
     "none": ("none", 1, 0),
     "median": ("median", 1, 0),
@@ -75,7 +77,7 @@ def main():
         r = results[name] = run_sweep(pruner, workers, threads, args)
         base = results.get("none")
         share = f"{100 * r['epochs'] / base['epochs']:.0f}%" if base else "-"
-        threads_each = threads or max(1, (os.cpu_count() or 1) // workers)
+        threads_each = threads_per_worker(workers, threads)
         print(f"| {pruner} | {workers} | {threads_each} | {r['epochs']} | {share} | {r['pruned']} | "
               f"{r['wall'] / 60:.1f} min | {3600 * r['trials'] / r['wall']:.0f} | "
               f"{workers * r['wall'] / r['trials']:.1f} s | {r['best']:.2f}% |", flush=True)

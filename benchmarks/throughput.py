@@ -116,11 +116,11 @@ def profile_step(cfg: TrainConfig, steps: int = 20) -> None:
     import torch._inductor.config as inductor_config
     from torch.profiler import profile
 
-    inductor_config.cpp.enable_kernel_profile = True  # name each generated C++ kernel in the profile
-    inductor_config.force_disable_caches = True  # so the step is compiled again, with those names
-    torch._dynamo.reset()
+    torch._dynamo.reset()  # compile afresh, so that the kernels carry their names
     epoch = regsweep_epoch(cfg, cfg.batch_size * steps)
-    epoch()  # compile
+    # Only this compilation names its kernels and skips the caches; later ones (the accuracy runs) do not.
+    with inductor_config.patch({"cpp.enable_kernel_profile": True, "force_disable_caches": True}):
+        epoch()  # compile
     with profile() as prof:
         epoch()
     print(f"\nprofile of {steps} compiled fp32 steps, top operators and kernels by own CPU time:\n")

@@ -387,6 +387,11 @@ def run_worker(settings: SweepSettings, parent_run_id: str, experiment_id: str, 
         study.optimize(objective, callbacks=[stop_at_total], timeout=settings.timeout, gc_after_trial=True)
 
 
+def threads_per_worker(workers: int, threads: int = 0) -> int:
+    """torch threads for each of `workers` processes: `threads` if set, else the cores shared out evenly."""
+    return threads or max(1, (os.cpu_count() or 1) // workers)
+
+
 def has_waiting(study: optuna.Study) -> bool:
     return bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 
@@ -479,7 +484,7 @@ def optimize(settings: SweepSettings) -> dict:
             if settings.workers == 1:
                 run_worker(settings, parent_run_id, experiment_id, tracking_uri, 0, settings.base.threads)
             else:
-                threads = settings.base.threads or max(1, (os.cpu_count() or 1) // settings.workers)
+                threads = threads_per_worker(settings.workers, settings.base.threads)
                 ctx = multiprocessing.get_context("spawn")
                 procs = [ctx.Process(target=run_worker, name=f"regsweep-worker-{i}",
                                      args=(settings, parent_run_id, experiment_id, tracking_uri, i, threads))
