@@ -1,7 +1,7 @@
 """The two model families the comparison runs on: a 9.8k-parameter squeeze-expand CNN and a configurable MLP.
 
 Layers are named attributes (conv1, trans1, fc1, ...) so that the per-layer metrics in MLflow read
-`weights.conv1.mean_abs` rather than `weights.layers.3.0.mean_abs`.
+`weights/conv1/mean_abs` rather than `weights/layers.3.0/mean_abs`.
 """
 
 from __future__ import annotations

@@ -35,8 +35,8 @@ def training_curves(history: list[dict[str, float]]) -> Figure:
     epochs = range(1, len(history) + 1)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     for split, style in (("train", "-"), ("val", "--"), ("test", ":")):
-        ax_loss.plot(epochs, [h[f"{split}_loss"] for h in history], style, label=split)
-        ax_acc.plot(epochs, [100 * h[f"{split}_acc"] for h in history], style, label=split)
+        ax_loss.plot(epochs, [h[f"{split}/loss"] for h in history], style, label=split)
+        ax_acc.plot(epochs, [100 * h[f"{split}/acc"] for h in history], style, label=split)
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss (without penalty)")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     for ax in (ax_loss, ax_acc):

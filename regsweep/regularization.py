@@ -63,13 +63,14 @@ def tensor_stats(w: torch.Tensor) -> dict[str, float]:
 
 
 def weight_stats(model: nn.Module) -> dict[str, float]:
-    """Per-layer and whole-model weight magnitudes, keyed `weights.<layer>.<stat>`."""
+    """Per-layer and whole-model weight magnitudes, keyed `weights/<layer>/<stat>`
+    (MLflow's chart view groups metrics into sections by the prefix before the first `/`)."""
     layers = weight_layers(model)
     stats = {}
     for name, layer in layers.items():
         for stat, value in tensor_stats(layer.weight).items():
-            stats[f"weights.{name}.{stat}"] = value
+            stats[f"weights/{name}/{stat}"] = value
     everything = torch.cat([layer.weight.detach().reshape(-1) for layer in layers.values()])
     for stat, value in tensor_stats(everything).items():
-        stats[f"weights.all.{stat}"] = value
+        stats[f"weights/all/{stat}"] = value
     return stats

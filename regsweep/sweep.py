@@ -301,10 +301,10 @@ class Objective:
                 offset = r * cfg.epochs  # repeats report on consecutive steps, the same layout in every trial
 
                 def report(epoch: int, metrics: dict[str, float], offset=offset) -> str | None:
-                    trial.report(metrics["val_acc"], offset + epoch)
+                    trial.report(metrics["val/acc"], offset + epoch)
                     if trial.should_prune():
                         return (f"pruned by {settings.pruner} pruner at epoch {epoch}: "
-                                f"val_acc {metrics['val_acc']:.4f}")
+                                f"val/acc {metrics['val/acc']:.4f}")
                     return None
 
                 run = client.create_run(

@@ -162,13 +162,14 @@ def fit(cfg: TrainConfig, data: MnistSplits, on_epoch: Callable[[int, dict], str
         with torch.no_grad():
             sum_abs, sum_sq = l1_penalty(penalised).item(), l2_penalty(penalised).item()
         metrics = {
-            "train_loss": train["loss"], "train_acc": train["acc"],
-            "val_loss": val["loss"], "val_acc": val["acc"],
-            "test_loss": test["loss"], "test_acc": test["acc"],
+            "train/loss": train["loss"], "train/acc": train["acc"],
+            "val/loss": val["loss"], "val/acc": val["acc"],
+            "test/loss": test["loss"], "test/acc": test["acc"],
             "lr": optimizer.param_groups[0]["lr"],
-            "sum_abs_w": sum_abs, "sum_sq_w": sum_sq,  # the penalised sums, comparable across coefficients
-            "l1_penalty": cfg.l1 * sum_abs, "l2_penalty": cfg.l2 * sum_sq,  # what was added to the loss
-            "epoch_seconds": seconds, "train_images_per_sec": train["images"] / seconds,
+            "penalty/l1": cfg.l1 * sum_abs, "penalty/l2": cfg.l2 * sum_sq,  # what was added to the loss
+            # the penalised sums, comparable across coefficients
+            "penalty/sum_abs_w": sum_abs, "penalty/sum_sq_w": sum_sq,
+            "speed/epoch_seconds": seconds, "speed/images_per_sec": train["images"] / seconds,
             **weight_stats(model),
         }
         result.history.append(metrics)
@@ -181,7 +182,7 @@ def fit(cfg: TrainConfig, data: MnistSplits, on_epoch: Callable[[int, dict], str
             since_best_loss += 1
         stop = on_epoch(epoch, metrics) if on_epoch is not None else None
         if not stop and cfg.patience and since_best_loss >= cfg.patience:
-            stop = f"early stopping: val_loss did not improve for {cfg.patience} epochs"
+            stop = f"early stopping: val/loss did not improve for {cfg.patience} epochs"
         if stop:
             result.stop_reason = stop
             break
@@ -194,17 +195,17 @@ def fit(cfg: TrainConfig, data: MnistSplits, on_epoch: Callable[[int, dict], str
 def summarise(history: list[dict[str, float]], total_seconds: float) -> dict[str, float]:
     """The table the notebooks printed, with selection on validation: best_val_* picks the epoch,
     test_acc_at_best_val is the honest test number; best_test_acc is reported only for comparison."""
-    val_accs = [h["val_acc"] for h in history]
-    test_accs = [h["test_acc"] for h in history]
+    val_accs = [h["val/acc"] for h in history]
+    test_accs = [h["test/acc"] for h in history]
     best_val_epoch = val_accs.index(max(val_accs)) + 1
     best_test_epoch = test_accs.index(max(test_accs)) + 1
     final = history[-1]
     return {
         "best_val_acc": max(val_accs), "best_val_epoch": best_val_epoch,
         "test_acc_at_best_val": test_accs[best_val_epoch - 1],
-        "test_loss_at_best_val": history[best_val_epoch - 1]["test_loss"],
+        "test_loss_at_best_val": history[best_val_epoch - 1]["test/loss"],
         "best_test_acc": max(test_accs), "best_test_epoch": best_test_epoch,
-        "final_train_acc": final["train_acc"], "final_val_acc": final["val_acc"],
-        "final_test_acc": final["test_acc"], "final_val_loss": final["val_loss"],
+        "final_train_acc": final["train/acc"], "final_val_acc": final["val/acc"],
+        "final_test_acc": final["test/acc"], "final_val_loss": final["val/loss"],
         "epochs_trained": len(history), "total_train_seconds": total_seconds,
     }

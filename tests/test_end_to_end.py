@@ -46,13 +46,13 @@ def test_mlflow_run_logs_a_complete_comparable_run(tracking_uri):
     assert (p["l1"], p["l2"], p["model"], p["norm"], p["optimizer"]) == ("0.001", "0.0005", "cnn", "bn", "sgd")
     assert int(p["n_params"]) < 10_000 and (p["n_train"], p["n_val"], p["n_test"]) == ("1024", "512", "512")
 
-    for key in ("train_loss", "val_acc", "test_acc", "lr", "l1_penalty", "l2_penalty", "epoch_seconds",
-                "train_images_per_sec", "weights.conv1.mean_abs", "weights.head.frac_small",
-                "weights.all.l2_norm", "weights.conv5.max_abs"):
+    for key in ("train/loss", "val/acc", "test/acc", "lr", "penalty/l1", "penalty/l2", "speed/epoch_seconds",
+                "speed/images_per_sec", "weights/conv1/mean_abs", "weights/head/frac_small",
+                "weights/all/l2_norm", "weights/conv5/max_abs"):
         history = client.get_metric_history(run.info.run_id, key)
         assert [m.step for m in history] == [1, 2], key
-    l1_hist = client.get_metric_history(run.info.run_id, "l1_penalty")
-    sum_abs = client.get_metric_history(run.info.run_id, "sum_abs_w")
+    l1_hist = client.get_metric_history(run.info.run_id, "penalty/l1")
+    sum_abs = client.get_metric_history(run.info.run_id, "penalty/sum_abs_w")
     assert l1_hist[-1].value == pytest.approx(0.001 * sum_abs[-1].value)
 
     m = run.data.metrics
@@ -89,7 +89,7 @@ def test_exception_marks_run_failed_with_the_reason(tracking_uri, tiny_data, tin
     (run,) = MlflowClient().search_runs(["0"])
     assert run.info.status == "FAILED"
     assert "boom at epoch 1" in run.data.tags["regsweep.error"]
-    assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_acc")] == [1]
+    assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val/acc")] == [1]
 
 
 def test_on_epoch_can_stop_training_and_the_reason_is_kept(tracking_uri, tiny_data, tiny_cfg):
@@ -120,7 +120,7 @@ def test_sigterm_marks_the_run_killed(tracking_uri):
     run = None
     while time.time() < deadline:  # wait until the run is training: it has logged an epoch
         runs = client.search_runs(["0"]) if client.get_experiment("0") else []
-        if runs and client.get_metric_history(runs[0].info.run_id, "val_acc"):
+        if runs and client.get_metric_history(runs[0].info.run_id, "val/acc"):
             run = runs[0]
             break
         time.sleep(0.5)
@@ -145,5 +145,5 @@ def test_walkthrough_notebook_runs(tracking_uri):
     assert set(namespace["results"]) == {"none", "l1", "l2", "l1+l2"}
     assert len(namespace["runs"]) == 4
     # L1 leaves more near-zero weights than no penalty at all: the effect the notebook is about.
-    frac = {k: r.history[-1]["weights.all.frac_small"] for k, r in namespace["results"].items()}
+    frac = {k: r.history[-1]["weights/all/frac_small"] for k, r in namespace["results"].items()}
     assert frac["l1"] > frac["none"]

@@ -50,13 +50,13 @@ def test_weight_stats_per_layer_and_whole_model():
         model.fc1.weight.copy_(torch.tensor([[0.0005] * 784, [1.0] * 784, [-2.0] * 784]))
         model.out.weight.fill_(0.5)
     stats = weight_stats(model)
-    assert stats["weights.fc1.max_abs"] == pytest.approx(2.0)
-    assert stats["weights.fc1.frac_small"] == pytest.approx(1 / 3)
-    assert stats["weights.fc1.mean_abs"] == pytest.approx((0.0005 + 1 + 2) / 3)
-    assert stats["weights.out.l2_norm"] == pytest.approx(math.sqrt(30 * 0.25))
+    assert stats["weights/fc1/max_abs"] == pytest.approx(2.0)
+    assert stats["weights/fc1/frac_small"] == pytest.approx(1 / 3)
+    assert stats["weights/fc1/mean_abs"] == pytest.approx((0.0005 + 1 + 2) / 3)
+    assert stats["weights/out/l2_norm"] == pytest.approx(math.sqrt(30 * 0.25))
     n = 3 * 784 + 30
-    assert stats["weights.all.frac_small"] == pytest.approx(784 / n)
-    assert set(k.split(".")[1] for k in stats) == {"fc1", "out", "all"}
+    assert stats["weights/all/frac_small"] == pytest.approx(784 / n)
+    assert set(k.split("/")[1] for k in stats) == {"fc1", "out", "all"}
 
 
 def test_cnn_is_under_10k_parameters_and_mlps_have_the_notebook_shapes():
@@ -135,9 +135,9 @@ def test_confusion_matrix_and_per_class_scores():
 
 
 def test_summary_selects_on_validation_and_reports_test_there():
-    history = [{"val_acc": 0.90, "test_acc": 0.95, "test_loss": 0.3, "val_loss": 0.4, "train_acc": 0.9},
-               {"val_acc": 0.97, "test_acc": 0.93, "test_loss": 0.2, "val_loss": 0.2, "train_acc": 0.95},
-               {"val_acc": 0.96, "test_acc": 0.99, "test_loss": 0.1, "val_loss": 0.3, "train_acc": 0.97}]
+    history = [{"val/acc": 0.90, "test/acc": 0.95, "test/loss": 0.3, "val/loss": 0.4, "train/acc": 0.9},
+               {"val/acc": 0.97, "test/acc": 0.93, "test/loss": 0.2, "val/loss": 0.2, "train/acc": 0.95},
+               {"val/acc": 0.96, "test/acc": 0.99, "test/loss": 0.1, "val/loss": 0.3, "train/acc": 0.97}]
     s = summarise(history, 12.0)
     assert (s["best_val_acc"], s["best_val_epoch"], s["test_acc_at_best_val"]) == (0.97, 2, 0.93)
     assert (s["best_test_acc"], s["best_test_epoch"]) == (0.99, 3)

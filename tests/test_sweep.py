@@ -62,7 +62,7 @@ def test_tpe_study_with_pruning_builds_the_mlflow_tree(tracking_uri, tmp_path):
         assert run.data.tags["optuna.state"] == trial.state.name
         assert run.info.run_name.startswith(f"trial {trial.number:03d} l1=")
         assert run.info.status == "FINISHED"
-        assert "weights.conv1.mean_abs" in run.data.metrics and "best_val_acc" in run.data.metrics
+        assert "weights/conv1/mean_abs" in run.data.metrics and "best_val_acc" in run.data.metrics
         if trial.state.name == "PRUNED":
             assert run.data.tags["regsweep.stop_reason"].startswith("pruned by median pruner at epoch")
     best = study.best_trial
@@ -151,7 +151,7 @@ def start_and_kill_mid_trial(tracking_uri: str, storage: str, sig: int):
         time.sleep(1)
         exp = client.get_experiment_by_name("regsweep")
         for run in client.search_runs([exp.experiment_id]) if exp else []:
-            if "optuna.trial_number" in run.data.tags and client.get_metric_history(run.info.run_id, "val_acc"):
+            if "optuna.trial_number" in run.data.tags and client.get_metric_history(run.info.run_id, "val/acc"):
                 victim = run
     assert victim is not None, "no trial started training"
     proc.send_signal(sig)
