@@ -39,8 +39,10 @@ HELP = {
     "patience": "Early stopping: stop after this many epochs without a lower validation loss (0 = off).",
     "augment": "Random rotation of training batches (true/false).",
     "rotate": "Maximum rotation in degrees for --augment.",
-    "precision": "fp32, or bf16 autocast on the CPU.",
-    "compile": "torch.compile the training step (true/false): faster epochs after a one-off compile.",
+    "precision": "fp32, or bf16 autocast.",
+    "compile": "torch.compile the model (true/false): faster epochs after a one-off compile.",
+    "device": "auto = CUDA when available, else cpu; cuda without a CUDA device is an error.",
+    "cuda_graph": "On CUDA, capture the whole training step once as a CUDA graph and replay it (true/false).",
     "seed": "Seed for initialisation, batch order and augmentation (the validation split is fixed).",
     "val_size": "Training images held out as the validation set used for model selection.",
     "max_train_samples": "Use only this many training images (0 = all); for quick runs.",
@@ -53,7 +55,8 @@ HELP = {
     "threads": "torch intra-op threads (0 = PyTorch's default).",
 }
 CHOICES = {"model": C.MODELS, "norm": C.NORMS, "optimizer": C.OPTIMIZERS, "scheduler": C.SCHEDULERS,
-           "activation": C.ACTIVATIONS, "init": C.INITS, "precision": C.PRECISIONS, "penalize": C.PENALIZE}
+           "activation": C.ACTIVATIONS, "init": C.INITS, "precision": C.PRECISIONS, "penalize": C.PENALIZE,
+           "device": C.DEVICES}
 
 
 class UsageFailure(click.ClickException):

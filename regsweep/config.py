@@ -18,6 +18,7 @@ SCHEDULERS = ("none", "step", "onecycle")
 ACTIVATIONS = ("relu", "tanh", "sigmoid")
 INITS = ("default", "gaussian", "glorot")
 PRECISIONS = ("fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
 PENALIZE = ("weights", "all")
 SAMPLERS = ("tpe", "random", "grid")  # for regsweep optimize
 PRUNERS = ("median", "hyperband", "none")
@@ -60,8 +61,10 @@ class TrainConfig:
     patience: int = 0  # early stopping on validation loss after this many epochs without improvement; 0 = off
     augment: bool = True  # random rotation of up to `rotate` degrees, applied to whole batches
     rotate: float = 7.0  # degrees; the notebooks' RandomRotation(7)
-    precision: str = "fp32"  # bf16 = CPU autocast to bfloat16 for the forward pass
-    compile: bool = True  # torch.compile the training step: faster steps after a one-off compilation
+    precision: str = "fp32"  # bf16 = autocast to bfloat16 for the forward pass
+    compile: bool = True  # torch.compile the model: faster CPU steps after a one-off compilation
+    device: str = "auto"  # auto = CUDA when available, else CPU
+    cuda_graph: bool = True  # on CUDA, replay the whole training step as one captured graph (training.py)
 
     # --- data ---
     seed: int = 1  # model init, batch order and augmentation; the validation split does not depend on it
@@ -84,6 +87,14 @@ class TrainConfig:
         sweep (and every logged param) names the same folder whatever its working directory."""
         return str(Path(self.data_dir or default_data_dir()).resolve())
 
+    def resolved_device(self) -> str:
+        """'cuda' or 'cpu': what `device` means on this machine."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
     def hidden_sizes(self) -> tuple[int, ...]:
         return tuple(int(h) for h in self.hidden.split(",") if h.strip())
 
@@ -101,6 +112,7 @@ class TrainConfig:
     def as_params(self) -> dict[str, str]:
         params = dataclasses.asdict(self)
         params["data_dir"] = self.resolved_data_dir()
+        params["device"] = self.resolved_device()
         return {k: str(v) for k, v in params.items()}
 
     def validate(self) -> TrainConfig:
@@ -116,6 +128,7 @@ class TrainConfig:
         choices = {
             "model": MODELS, "norm": NORMS, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS,
             "activation": ACTIVATIONS, "init": INITS, "precision": PRECISIONS, "penalize": PENALIZE,
+            "device": DEVICES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -126,6 +139,12 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(f"device cuda: no CUDA device is available (torch {torch.__version__}); "
+                                  "use --device cpu or auto")
         if self.val_size >= 60000:
             raise ConfigError(f"val_size must leave training images, got {self.val_size}")
         try:

@@ -35,6 +35,9 @@ class Split:
     def __len__(self) -> int:
         return len(self.y)
 
+    def to(self, device: str | torch.device) -> Split:
+        return Split(self.x.to(device), self.y.to(device))
+
 
 @dataclass(frozen=True)
 class MnistSplits:
@@ -45,6 +48,10 @@ class MnistSplits:
 
     def sizes(self) -> dict[str, int]:
         return {"n_train": len(self.train), "n_val": len(self.val), "n_test": len(self.test)}
+
+    def to(self, device: str | torch.device) -> MnistSplits:
+        """All three splits on `device`: moved once, then every batch is a slice of device memory."""
+        return MnistSplits(self.train.to(device), self.val.to(device), self.test.to(device), self.source)
 
 
 def _sha256(path: Path) -> str:
@@ -146,10 +153,13 @@ def batches(split: Split, batch_size: int, generator: torch.Generator | None = N
         for i in range(0, n, batch_size):
             yield split.x[i:i + batch_size], split.y[i:i + batch_size]
         return
-    order = torch.randperm(n, generator=generator)
-    for i in range(0, n, batch_size):
-        idx = order[i:i + batch_size]
+    for idx in shuffled_batches(n, batch_size, generator):
         yield split.x[idx], split.y[idx]
+
+
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """One epoch's batches as index tensors on the generator's device (the last one may be short)."""
+    return list(torch.randperm(n, generator=generator, device=generator.device).split(batch_size))
 
 
 def rotate_batch(x: torch.Tensor, max_degrees: float, generator: torch.Generator) -> torch.Tensor:
@@ -158,7 +168,7 @@ def rotate_batch(x: torch.Tensor, max_degrees: float, generator: torch.Generator
     Pixels rotated in from outside the frame take the background value, as torchvision's RandomRotation
     does with fill=0 before normalisation.
     """
-    angles = (torch.rand(x.shape[0], generator=generator) * 2 - 1) * math.radians(max_degrees)
+    angles = (torch.rand(x.shape[0], generator=generator, device=x.device) * 2 - 1) * math.radians(max_degrees)
     cos, sin = torch.cos(angles), torch.sin(angles)
     zeros = torch.zeros_like(cos)
     theta = torch.stack([torch.stack([cos, -sin, zeros], 1), torch.stack([sin, cos, zeros], 1)], 1)

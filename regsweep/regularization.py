@@ -52,25 +52,26 @@ def regularisation_loss(params: list[torch.Tensor], l1: float, l2: float) -> tor
     return total
 
 
-def tensor_stats(w: torch.Tensor) -> dict[str, float]:
+STATS = ("mean_abs", "l2_norm", "max_abs", "frac_small")
+
+
+def tensor_stats(w: torch.Tensor) -> torch.Tensor:
+    """The STATS of one tensor's magnitudes, as a vector on its device."""
     a = w.detach().abs().flatten().float()
-    return {
-        "mean_abs": a.mean().item(),
-        "l2_norm": a.norm().item(),
-        "max_abs": a.max().item(),
-        "frac_small": (a < SMALL).float().mean().item(),
-    }
+    return torch.stack([a.mean(), a.norm(), a.max(), (a < SMALL).float().mean()])
+
+
+def weight_stats_tensor(model: nn.Module) -> tuple[list[str], torch.Tensor]:
+    """Per-layer and whole-model weight magnitudes: names `weights/<layer>/<stat>` and one vector of values,
+    computed on the model's device so that reading them is one transfer. (MLflow's chart view groups
+    metrics into sections by the prefix before the first `/`.)"""
+    layers = {name: layer.weight for name, layer in weight_layers(model).items()}
+    layers["all"] = torch.cat([w.detach().reshape(-1) for w in layers.values()])
+    names = [f"weights/{layer}/{stat}" for layer in layers for stat in STATS]
+    return names, torch.cat([tensor_stats(w) for w in layers.values()])
 
 
 def weight_stats(model: nn.Module) -> dict[str, float]:
-    """Per-layer and whole-model weight magnitudes, keyed `weights/<layer>/<stat>`
-    (MLflow's chart view groups metrics into sections by the prefix before the first `/`)."""
-    layers = weight_layers(model)
-    stats = {}
-    for name, layer in layers.items():
-        for stat, value in tensor_stats(layer.weight).items():
-            stats[f"weights/{name}/{stat}"] = value
-    everything = torch.cat([layer.weight.detach().reshape(-1) for layer in layers.values()])
-    for stat, value in tensor_stats(everything).items():
-        stats[f"weights/all/{stat}"] = value
-    return stats
+    """`weight_stats_tensor` as a dict of floats."""
+    names, values = weight_stats_tensor(model)
+    return dict(zip(names, values.tolist()))

@@ -97,7 +97,8 @@ def mlflow_run(cfg: TrainConfig, *, run_id: str | None = None, experiment_id: st
                                parent_run_id=parent_run_id, nested=parent_run_id is not None)
         run_id = run.info.run_id
         try:
-            mlflow.set_tags({"regime": cfg.regime, "model": cfg.model, "norm": cfg.norm, **(tags or {})})
+            mlflow.set_tags({"regime": cfg.regime, "model": cfg.model, "norm": cfg.norm, **device_tags(cfg),
+                             **(tags or {})})
             yield run
         except KeyboardInterrupt:
             mlflow.set_tag("regsweep.stop_reason", "interrupted (Ctrl-C or SIGTERM)")
@@ -109,6 +110,16 @@ def mlflow_run(cfg: TrainConfig, *, run_id: str | None = None, experiment_id: st
             raise
         else:
             mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+def device_tags(cfg: TrainConfig) -> dict[str, str]:
+    """Where the run trains: the device, and the GPU's name on CUDA."""
+    device = cfg.resolved_device()
+    if device != "cuda":
+        return {"regsweep.device": device}
+    import torch
+
+    return {"regsweep.device": device, "regsweep.gpu": torch.cuda.get_device_name()}
 
 
 def log_config(cfg: TrainConfig, data: MnistSplits, n_params: int) -> None:
@@ -145,14 +156,14 @@ def log_input_once(dataset, context: str, attempts: int = 3) -> None:
 def log_outcome(cfg: TrainConfig, result: FitResult, data: MnistSplits) -> None:
     """Summary metrics, per-class table, figures and model, all from the best-validation weights."""
     model = result.model
-    logits = predict(model, data.test, precision=cfg.precision)
-    pred = logits.argmax(1)
+    pred = result.test_pred if result.test_pred is not None else predict(model, data.test, precision=cfg.precision).argmax(1)
     cm = confusion_matrix(data.test.y, pred)
     per_class = per_class_metrics(cm)
     macro_f1 = sum(row["f1"] for row in per_class) / len(per_class)
     mlflow.log_metrics({**result.summary, "test_macro_f1_at_best_val": macro_f1})
     if result.stop_reason:
         mlflow.set_tag("regsweep.stop_reason", result.stop_reason)
+    mlflow.set_tag("regsweep.step", result.step_mode)
     s = result.summary
     # The run's description in the MLflow UI: the selection and the honest test number, in one line.
     mlflow.set_tag("mlflow.note.content",
@@ -208,9 +219,13 @@ def run_training(cfg: TrainConfig, data: MnistSplits, *, run_id: str | None = No
         log_config(cfg, data, count_parameters(model))
 
         def log_epoch(epoch: int, metrics: dict[str, float]) -> str | None:
-            mlflow.log_metrics(metrics, step=epoch)
+            # Queued, not waited for: on a GPU an epoch can take less time than a synchronous write.
+            mlflow.log_metrics(metrics, step=epoch, synchronous=False)
             return on_epoch(epoch, metrics) if on_epoch else None
 
-        result = fit(cfg, data, log_epoch, show_progress=show_progress, model=model)
+        try:
+            result = fit(cfg, data, log_epoch, show_progress=show_progress, model=model)
+        finally:
+            mlflow.flush_async_logging()  # every queued epoch lands before the run ends, whatever ends it
         log_outcome(cfg, result, data)
         return run.info.run_id, result
