@@ -1,7 +1,7 @@
 """Train one configuration and return numbers: per-epoch metrics, the best-validation weights and a summary.
 
 Nothing here prints or logs. `fit` calls `on_epoch(epoch, metrics)` after every epoch; MLflow logging and
-Optuna pruning hook in there (tracking.py, sweep.py). Model selection uses the validation split only; the
+Optuna pruning hook in there (tracking.py, sweep/objective.py). Model selection uses the validation split only; the
 test set is evaluated every epoch so its curve can be plotted, and reported, never used to choose.
 """
 

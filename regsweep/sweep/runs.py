@@ -1,0 +1,133 @@
+"""The study's side in MLflow: one parent run per study, trial run names, repeat summaries, the best
+trial and the study's plots on the parent."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import mlflow
+import optuna
+from mlflow.entities import Param
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from ..config import fmt_coef
+from .space import effective_penalties
+from .study import SweepSettings, redact
+
+STUDY_TAG = "regsweep.study"
+
+
+def parent_tags(settings: SweepSettings) -> dict[str, str]:
+    return {STUDY_TAG: settings.study_name, "optuna.storage": redact(settings.storage),
+            "optuna.sampler": settings.sampler, "optuna.pruner": settings.pruner,
+            "optuna.search_space": json.dumps(settings.space.describe()),
+            "optuna.repeats": str(settings.repeats), "optuna.n_trials": str(settings.trials),
+            "regsweep.kind": "study"}
+
+
+def find_or_create_parent(settings: SweepSettings, study: optuna.Study, experiment_id: str) -> str:
+    """One parent run per study, found again on resume through the study's user attribute."""
+    client = MlflowClient()
+    run_id = study.user_attrs.get("mlflow_parent_run_id")
+    if run_id:
+        try:
+            client.get_run(run_id)
+            return run_id
+        except mlflow.exceptions.MlflowException:
+            pass  # the tracking store was reset; make a new parent
+    run = client.create_run(experiment_id, run_name=f"study {settings.study_name}", tags=parent_tags(settings))
+    # The settings every trial shares, as params; the trial count is a tag because a rerun may raise it.
+    fixed = {k: v for k, v in settings.base.as_params().items() if k not in ("l1", "l2")}
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in fixed.items()])
+    study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
+    winner = study.user_attrs["mlflow_parent_run_id"]  # read back from the storage
+    if winner != run.info.run_id:  # another process created the parent at the same moment: use theirs
+        client.delete_run(run.info.run_id)
+    return winner
+
+
+def trial_run_name(trial_number: int, penalties: dict[str, float]) -> str:
+    return f"trial {trial_number:03d} l1={fmt_coef(penalties['l1'])} l2={fmt_coef(penalties['l2'])}"
+
+
+
+
+def summarise_repeats(client: MlflowClient, run_id: str, best_vals: list[float], state: str) -> None:
+    """The trial-level run of a repeated configuration: mean, spread and a 95% t-interval over seeds."""
+    from scipy import stats
+
+    metrics = {"n_seeds": len(best_vals)}
+    if best_vals:
+        mean = statistics.mean(best_vals)
+        metrics |= {"mean_best_val_acc": mean}
+        if len(best_vals) > 1:
+            sd = statistics.stdev(best_vals)
+            half = stats.t.ppf(0.975, len(best_vals) - 1) * sd / math.sqrt(len(best_vals))
+            metrics |= {"sd_best_val_acc": sd, "ci95_low_best_val_acc": mean - half,
+                        "ci95_high_best_val_acc": mean + half}
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value)
+    client.set_terminated(run_id, "FINISHED" if state in ("COMPLETE", "PRUNED") else "FAILED")
+
+
+
+
+def finish_study(settings: SweepSettings, study: optuna.Study, parent_run_id: str) -> dict:
+    """Mark the best trial on the parent run and refresh the study's plots there."""
+    client = MlflowClient()
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    counts = {state.name.lower(): len(study.get_trials(deepcopy=False, states=(state,)))
+              for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    for key, value in counts.items():
+        client.log_metric(parent_run_id, f"trials_{key}", value)
+    summary = {"counts": counts}
+    if complete:
+        best = max(complete, key=lambda t: t.value)
+        runs = best.user_attrs.get("mlflow_run_ids", [])
+        best_l1, best_l2 = effective_penalties(best)
+        client.log_metric(parent_run_id, "best_value", best.value)
+        client.log_metric(parent_run_id, "best_l1", best_l1)
+        client.log_metric(parent_run_id, "best_l2", best_l2)
+        client.set_tag(parent_run_id, "best_trial_number", str(best.number))
+        client.set_tag(parent_run_id, "best_params", json.dumps({"l1": best_l1, "l2": best_l2}))
+        if runs:
+            client.set_tag(parent_run_id, "best_run_id", runs[0])
+        summary |= {"best_value": best.value, "best_l1": best_l1, "best_l2": best_l2,
+                    "best_trial": best.number, "best_run_id": runs[0] if runs else None}
+    log_study_plots(study, parent_run_id)
+    return summary
+
+
+def log_study_plots(study: optuna.Study, parent_run_id: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    plots = {
+        "optimization_history.png": lambda: ovm.plot_optimization_history(study),
+        "param_importances.png": lambda: ovm.plot_param_importances(study),
+        "contour_l1_l2.png": lambda: ovm.plot_contour(study, params=["l1", "l2"]),
+        "intermediate_values.png": lambda: ovm.plot_intermediate_values(study),
+    }
+    client = MlflowClient()
+    skipped = {}
+    for name, draw in plots.items():
+        try:
+            ax = draw()
+            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+            fig.set_size_inches(8, 6)
+            client.log_figure(parent_run_id, fig, f"study/{name}")
+            plt.close(fig)
+        except (ValueError, RuntimeError, ZeroDivisionError, IndexError) as exc:
+            skipped[name] = f"{type(exc).__name__}: {exc}"  # e.g. importances need 2+ complete trials
+    client.log_dict(parent_run_id, {"skipped_plots": skipped}, "study/skipped_plots.json")
+    rows = [{"number": t.number, "state": t.state.name, "value": t.value, "l1": effective_penalties(t)[0],
+             "l2": effective_penalties(t)[1], "epochs": len(t.intermediate_values),
+             "run_ids": ",".join(t.user_attrs.get("mlflow_run_ids", []))} for t in study.trials]
+    import pandas as pd
+    client.log_table(parent_run_id, pd.DataFrame(rows), "study/trials.json")

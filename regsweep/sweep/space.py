@@ -1,0 +1,97 @@
+"""The search space: how an Optuna trial becomes (l1, l2), and the sampler and pruner that drive it."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import optuna
+
+from ..config import ConfigError
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Each penalty is "off, or log-uniform in [low, high]" (off only if allowed), or an exact grid."""
+    l1_range: tuple[float, float] = (1e-6, 1e-2)
+    l2_range: tuple[float, float] = (1e-6, 1e-2)
+    l1_zero: bool = True
+    l2_zero: bool = True
+    grid: dict[str, tuple[float, ...]] = field(default_factory=dict)  # {"l1": (0, 1e-3), "l2": (...)}
+
+    def validate(self) -> SearchSpace:
+        for name, (low, high) in (("l1", self.l1_range), ("l2", self.l2_range)):
+            if not (0 < low <= high) or math.isinf(high):
+                raise ConfigError(f"--{name}-range needs 0 < LOW <= HIGH (log scale), got {low} {high}")
+        for name, values in self.grid.items():
+            if any(math.isnan(v) or v < 0 or math.isinf(v) for v in values):
+                raise ConfigError(f"grid values for {name} must be finite and >= 0, got {values}")
+        return self
+
+    def describe(self) -> dict:
+        if self.grid:
+            return {"grid": {k: list(v) for k, v in self.grid.items()}}
+        return {"l1": {"range": list(self.l1_range), "log": True, "zero": self.l1_zero},
+                "l2": {"range": list(self.l2_range), "log": True, "zero": self.l2_zero}}
+
+    def grid_size(self) -> int:
+        return len(self.grid.get("l1", (0,))) * len(self.grid.get("l2", (0,)))
+
+
+def parse_grid(text: str) -> dict[str, tuple[float, ...]]:
+    """'l1=0,0.001 l2=0,0.0005' -> {'l1': (0.0, 0.001), 'l2': (0.0, 0.0005)}."""
+    grid = {}
+    for part in text.split():
+        match = re.fullmatch(r"(l1|l2)=([^=]+)", part)
+        if not match:
+            raise ConfigError(f"malformed --grid entry {part!r}; expected e.g. \"l1=0,0.001 l2=0,0.0005\"")
+        try:
+            values = tuple(float(v) for v in match.group(2).split(","))
+        except ValueError:
+            raise ConfigError(f"malformed --grid values in {part!r}: not numbers") from None
+        if match.group(1) in grid:
+            raise ConfigError(f"--grid names {match.group(1)} twice")
+        grid[match.group(1)] = tuple(dict.fromkeys(values))  # keep order, drop repeats
+    if not grid:
+        raise ConfigError("--grid is empty; expected e.g. \"l1=0,0.001 l2=0,0.0005\"")
+    return grid
+
+
+def suggest_penalties(trial: optuna.Trial, space: SearchSpace) -> dict[str, float]:
+    """The only place a trial becomes regularisation coefficients (define-by-run, conditional)."""
+    values = {}
+    for name, (low, high), zero in (("l1", space.l1_range, space.l1_zero), ("l2", space.l2_range, space.l2_zero)):
+        if space.grid:
+            values[name] = trial.suggest_categorical(name, list(space.grid.get(name, (0.0,))))
+        elif zero and not trial.suggest_categorical(f"{name}_on", [False, True]):
+            values[name] = 0.0
+        else:
+            values[name] = trial.suggest_float(name, low, high, log=True)
+    return values
+
+
+def make_sampler(name: str, space: SearchSpace, seed: int | None) -> optuna.samplers.BaseSampler:
+    if name == "grid":
+        grid = {k: list(space.grid.get(k, (0.0,))) for k in ("l1", "l2")}
+        return optuna.samplers.GridSampler(grid, seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    # multivariate + group: TPE models l1 and l2 jointly and copes with the on/off branches.
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=5)
+
+
+def make_pruner(name: str, steps: int) -> optuna.pruners.BasePruner:
+    """`steps`: reports per trial (epochs x repeats)."""
+    if name == "median":
+        # Compare against the median of at least 3 finished trials, and never before epoch 2:
+        # first-epoch accuracy says little about where a run ends up.
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=steps, reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+def effective_penalties(trial: optuna.trial.FrozenTrial) -> tuple[float, float]:
+    """(l1, l2) as trained: a penalty switched off in the conditional space is 0."""
+    return trial.params.get("l1", 0.0), trial.params.get("l2", 0.0)
