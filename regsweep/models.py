@@ -2,6 +2,13 @@
 
 Layers are named attributes (conv1, trans1, fc1, ...) so that the per-layer metrics in MLflow read
 `weights/conv1/mean_abs` rather than `weights/layers.3.0/mean_abs`.
+
+Both build as a stack of `members` independent models in one network, so that K configurations of a sweep
+train in one step (one GPU launch sequence instead of K). The first layer reads the shared input with K
+times the output channels; every later layer is grouped (`groups=K`), so member k only ever sees its own
+block of channels; norm layers are per channel, hence per member. Every tensor's first dimension is
+K x (one member's), member-major, so `members.member_state` / `members.load_members` move one member's
+weights in and out by a view. members=1 is the ordinary model.
 """
 
 from __future__ import annotations
@@ -49,17 +56,18 @@ class SqueezeExpandCNN(nn.Module):
     shift does that job); with norm=none the convs keep their biases.
     """
 
-    def __init__(self, norm: str = "bn", ghost_batch_size: int = 32, dropout: float = 0.05):
+    def __init__(self, norm: str = "bn", ghost_batch_size: int = 32, dropout: float = 0.05, members: int = 1):
         super().__init__()
-        bias = norm == "none"
-        self.conv1 = nn.Conv2d(1, 8, 3, bias=bias)
-        self.conv2 = nn.Conv2d(8, 16, 3, bias=bias)
-        self.trans1 = nn.Conv2d(16, 8, 1, bias=bias)  # after the 2x2 max-pool: 12x12
-        self.conv3 = nn.Conv2d(8, 16, 3, bias=bias)
-        self.conv4 = nn.Conv2d(16, 16, 3, bias=bias)
-        self.conv5 = nn.Conv2d(16, 16, 3, bias=bias)
-        self.conv6 = nn.Conv2d(16, 16, 3, padding=1, bias=bias)  # keeps 6x6 so GAP sees a useful map
-        self.head = nn.Conv2d(16, 10, 1)
+        bias, k = norm == "none", members
+        self.members = k
+        self.conv1 = nn.Conv2d(1, k * 8, 3, bias=bias)  # the input is shared: no groups
+        self.conv2 = nn.Conv2d(k * 8, k * 16, 3, bias=bias, groups=k)
+        self.trans1 = nn.Conv2d(k * 16, k * 8, 1, bias=bias, groups=k)  # after the 2x2 max-pool: 12x12
+        self.conv3 = nn.Conv2d(k * 8, k * 16, 3, bias=bias, groups=k)
+        self.conv4 = nn.Conv2d(k * 16, k * 16, 3, bias=bias, groups=k)
+        self.conv5 = nn.Conv2d(k * 16, k * 16, 3, bias=bias, groups=k)
+        self.conv6 = nn.Conv2d(k * 16, k * 16, 3, padding=1, bias=bias, groups=k)  # keeps 6x6 for GAP
+        self.head = nn.Conv2d(k * 16, k * 10, 1, groups=k)
         self.norms = nn.ModuleDict({
             name: make_norm(norm, conv.out_channels, ghost_batch_size)
             for name, conv in self.convs().items()
@@ -82,24 +90,45 @@ class SqueezeExpandCNN(nn.Module):
         x = self.block("conv5", self.block("conv4", self.block("conv3", x)))
         x = self.block("conv6", x)
         x = F.adaptive_avg_pool2d(x, 1)
-        return self.head(x).flatten(1)
+        return self.head(x).view(x.shape[0], self.members, 10).squeeze(1)  # B x 10, or B x K x 10
 
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+
+
+class GroupedLinear(nn.Linear):
+    """`groups` independent Linear(n_in, n_out) layers on a B x (groups * n_in) input, as one batched matmul.
+
+    The weight is stored (groups * n_out) x n_in, member-major like a grouped convolution's, so weight
+    statistics and penalties treat it as any Linear; groups=1 is nn.Linear.
+    """
+
+    def __init__(self, n_in: int, n_out: int, groups: int = 1):
+        super().__init__(n_in, groups * n_out)
+        self.groups, self.n_in, self.n_out = groups, n_in, n_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.groups == 1:
+            return super().forward(x)
+        w = self.weight.view(self.groups, self.n_out, self.n_in)
+        y = torch.einsum("bgi,goi->bgo", x.view(x.shape[0], self.groups, self.n_in), w)
+        return (y + self.bias.view(self.groups, self.n_out)).flatten(1)
 
 
 class MLP(nn.Module):
     """784 -> hidden... -> 10 with a chosen activation, optional (ghost) batch norm and dropout."""
 
     def __init__(self, hidden: tuple[int, ...] = (500, 250, 100), activation: str = "relu", norm: str = "none",
-                 ghost_batch_size: int = 32, dropout: float = 0.0, init: str = "default"):
+                 ghost_batch_size: int = 32, dropout: float = 0.0, init: str = "default", members: int = 1):
         super().__init__()
         sizes = (784, *hidden)
-        self.depth = len(hidden)
+        self.depth, self.members = len(hidden), members
         for i, (n_in, n_out) in enumerate(zip(sizes, sizes[1:]), start=1):
-            self.add_module(f"fc{i}", nn.Linear(n_in, n_out))
-            self.add_module(f"norm{i}", make_norm(norm, n_out, ghost_batch_size, dims=1))
-        self.out = nn.Linear(sizes[-1], 10)
+            # The first layer reads the shared image; later ones each member's own features.
+            layer = nn.Linear(n_in, members * n_out) if i == 1 else GroupedLinear(n_in, n_out, members)
+            self.add_module(f"fc{i}", layer)
+            self.add_module(f"norm{i}", make_norm(norm, members * n_out, ghost_batch_size, dims=1))
+        self.out = GroupedLinear(sizes[-1], 10, members)
         self.act = ACTIVATIONS[activation]()
         self.dropout = nn.Dropout(dropout)
         for module in self.modules():
@@ -110,7 +139,7 @@ class MLP(nn.Module):
         x = x.flatten(1)
         for i in range(1, self.depth + 1):
             x = self.dropout(self.act(getattr(self, f"norm{i}")(getattr(self, f"fc{i}")(x))))
-        return self.out(x)
+        return self.out(x).view(x.shape[0], self.members, 10).squeeze(1)  # B x 10, or B x K x 10
 
 
 def init_linear(layer: nn.Linear, init: str) -> None:
@@ -122,10 +151,10 @@ def init_linear(layer: nn.Linear, init: str) -> None:
         nn.init.zeros_(layer.bias)
 
 
-def build_model(cfg: TrainConfig) -> nn.Module:
+def build_model(cfg: TrainConfig, members: int = 1) -> nn.Module:
     if cfg.model == "cnn":
-        return SqueezeExpandCNN(cfg.norm, cfg.ghost_batch_size, cfg.dropout)
-    return MLP(cfg.hidden_sizes(), cfg.activation, cfg.norm, cfg.ghost_batch_size, cfg.dropout, cfg.init)
+        return SqueezeExpandCNN(cfg.norm, cfg.ghost_batch_size, cfg.dropout, members)
+    return MLP(cfg.hidden_sizes(), cfg.activation, cfg.norm, cfg.ghost_batch_size, cfg.dropout, cfg.init, members)
 
 
 def count_parameters(model: nn.Module) -> int:

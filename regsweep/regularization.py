@@ -39,6 +39,16 @@ def l2_penalty(params: list[torch.Tensor]) -> torch.Tensor:
     return w.dot(w)
 
 
+def member_sums(params: list[torch.Tensor], members: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum |w|, sum w^2) of each member of a stacked model, as two length-`members` vectors.
+
+    Every tensor of a stacked model is member-major (models.py), so member k's part of each is row k of
+    `t.reshape(members, -1)`; members=1 gives the whole-model sums.
+    """
+    w = torch.cat([p.reshape(members, -1) for p in params], dim=1)
+    return w.abs().sum(1), (w * w).sum(1)
+
+
 def regularisation_loss(params: list[torch.Tensor], l1: float, l2: float) -> torch.Tensor | float:
     """l1 * sum|w| + l2 * sum w^2, built only from the terms that are switched on."""
     if l1 <= 0 and l2 <= 0:
@@ -55,23 +65,23 @@ def regularisation_loss(params: list[torch.Tensor], l1: float, l2: float) -> tor
 STATS = ("mean_abs", "l2_norm", "max_abs", "frac_small")
 
 
-def tensor_stats(w: torch.Tensor) -> torch.Tensor:
-    """The STATS of one tensor's magnitudes, as a vector on its device."""
-    a = w.detach().abs().flatten().float()
-    return torch.stack([a.mean(), a.norm(), a.max(), (a < SMALL).float().mean()])
+def tensor_stats(w: torch.Tensor, members: int = 1) -> torch.Tensor:
+    """The STATS of each member's part of one tensor's magnitudes: members x len(STATS), on its device."""
+    a = w.detach().abs().reshape(members, -1).float()
+    return torch.stack([a.mean(1), a.norm(dim=1), a.amax(1), (a < SMALL).float().mean(1)], dim=1)
 
 
-def weight_stats_tensor(model: nn.Module) -> tuple[list[str], torch.Tensor]:
-    """Per-layer and whole-model weight magnitudes: names `weights/<layer>/<stat>` and one vector of values,
-    computed on the model's device so that reading them is one transfer. (MLflow's chart view groups
-    metrics into sections by the prefix before the first `/`.)"""
-    layers = {name: layer.weight for name, layer in weight_layers(model).items()}
-    layers["all"] = torch.cat([w.detach().reshape(-1) for w in layers.values()])
+def weight_stats_tensor(model: nn.Module, members: int = 1) -> tuple[list[str], torch.Tensor]:
+    """Per-layer and whole-model weight magnitudes: names `weights/<layer>/<stat>` and a members x names
+    matrix of values, computed on the model's device so that reading them is one transfer. (MLflow's chart
+    view groups metrics into sections by the prefix before the first `/`.)"""
+    layers = {name: layer.weight.detach().reshape(members, -1) for name, layer in weight_layers(model).items()}
+    layers["all"] = torch.cat(list(layers.values()), dim=1)
     names = [f"weights/{layer}/{stat}" for layer in layers for stat in STATS]
-    return names, torch.cat([tensor_stats(w) for w in layers.values()])
+    return names, torch.cat([tensor_stats(w, members) for w in layers.values()], dim=1)
 
 
 def weight_stats(model: nn.Module) -> dict[str, float]:
-    """`weight_stats_tensor` as a dict of floats."""
+    """`weight_stats_tensor` of a single model as a dict of floats."""
     names, values = weight_stats_tensor(model)
-    return dict(zip(names, values.tolist()))
+    return dict(zip(names, values[0].tolist()))

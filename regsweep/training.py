@@ -21,8 +21,7 @@ from tqdm import tqdm
 from .config import TrainConfig
 from .data import MnistSplits, Split, batches, rotate_batch, shuffled_batches
 from .models import build_model
-from .regularization import (l1_penalty, l2_penalty, penalised_parameters, regularisation_loss,
-                             weight_stats_tensor)
+from .regularization import member_sums, penalised_parameters, weight_stats_tensor
 
 
 class DivergedError(RuntimeError):
@@ -37,10 +36,16 @@ class FitResult:
     stop_reason: str = ""  # why training ended before cfg.epochs (early stopping, pruning); empty if it did not
     step_mode: str = "eager"  # how the training step ran: cuda-graph, compiled or eager (see step_mode)
     test_pred: torch.Tensor | None = None  # predicted test labels of the best-validation weights (CPU)
+    diverged: bool = False  # the training loss stopped being finite (stop_reason says when)
 
 
 def autocast(precision: str, device_type: str = "cpu"):
     return torch.autocast(device_type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
+def as_loss_dtype(logits: torch.Tensor) -> torch.Tensor:
+    """Losses in at least float32: bf16 logits are widened, float64 ones (the equivalence tests) kept."""
+    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
 
 
 def build_optimizer(cfg: TrainConfig, params, device: torch.device | None = None) -> torch.optim.Optimizer:
@@ -74,13 +79,16 @@ def predict(model: nn.Module, split: Split, batch_size: int = 1000, precision: s
     """Logits for a whole split, in evaluation mode, on the split's device."""
     model.eval()
     with autocast(precision, split.x.device.type):
-        return torch.cat([model(x).float() for x, _ in batches(split, batch_size)])
+        return torch.cat([as_loss_dtype(model(x)) for x, _ in batches(split, batch_size)])
 
 
 def evaluate(model: nn.Module, split: Split, precision: str = "fp32") -> dict[str, torch.Tensor]:
-    """Loss and accuracy as 0-d device tensors: the caller reads all of an epoch's numbers in one transfer."""
+    """Each member's loss and accuracy as device vectors (length 1 for a single model): the caller reads all
+    of an epoch's numbers in one transfer."""
     logits = predict(model, split, precision=precision)
-    return {"loss": F.cross_entropy(logits, split.y), "acc": (logits.argmax(1) == split.y).float().mean()}
+    logits = logits.view(len(split), -1, 10)
+    return {"loss": member_losses(logits, split.y),
+            "acc": (logits.argmax(2) == split.y[:, None]).float().mean(0)}
 
 
 def confusion_matrix(y_true: torch.Tensor, y_pred: torch.Tensor, n_classes: int = 10) -> torch.Tensor:
@@ -102,25 +110,51 @@ def per_class_metrics(cm: torch.Tensor) -> list[dict[str, float]]:
 Step = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+@dataclass
+class Coefficients:
+    """What differs between the members of a stack, as device tensors a captured step reads at each replay:
+    each member's L1 and L2 coefficient, and whether it still trains (0 once it stopped)."""
+    l1: torch.Tensor
+    l2: torch.Tensor
+    active: torch.Tensor
+
+    @classmethod
+    def of(cls, cfgs: list[TrainConfig], device: torch.device) -> Coefficients:
+        def vector(values):
+            return torch.tensor(values, dtype=torch.float32, device=device)
+        return cls(vector([c.l1 for c in cfgs]), vector([c.l2 for c in cfgs]), vector([1.0] * len(cfgs)))
+
+
+def member_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of each member over the batch: B x K x 10 logits -> K losses."""
+    return F.cross_entropy(logits.transpose(1, 2), y[:, None].expand(-1, logits.shape[1]), reduction="none").mean(0)
+
+
 def make_step(step_model: nn.Module, optimizer: torch.optim.Optimizer, split: Split, cfg: TrainConfig,
-              penalised: list[torch.Tensor], generator: torch.Generator) -> Step:
-    """The training step, from a batch's indices to (cross-entropy, number correct) as device tensors.
+              penalised: list[torch.Tensor], generator: torch.Generator, coef: Coefficients) -> Step:
+    """The training step, from a batch's indices to each member's (cross-entropy, number correct) as device
+    tensors.
 
     Everything a step does is in here, gathering the batch included, so that CudaGraphStep can record it
-    whole; the CPU and a non-captured GPU run call it as it is.
+    whole; the CPU and a non-captured GPU run call it as it is. The loss is the sum of the members' losses:
+    member k's weights appear only in its own term, so each member gets exactly the gradient it would get
+    trained alone.
     """
+    members = len(coef.l1)
+
     def step(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = split.x[idx], split.y[idx]
         if cfg.augment:
             x = rotate_batch(x, cfg.rotate, generator)
         with autocast(cfg.precision, x.device.type):
-            logits = step_model(x).float()
-        data_loss = F.cross_entropy(logits, y)
-        loss = data_loss + regularisation_loss(penalised, cfg.l1, cfg.l2)
+            logits = as_loss_dtype(step_model(x)).view(len(y), members, 10)
+        data_loss = member_losses(logits, y)
+        sum_abs, sum_sq = member_sums(penalised, members)
+        loss = (coef.active * (data_loss + coef.l1 * sum_abs + coef.l2 * sum_sq)).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        return data_loss.detach(), (logits.argmax(1) == y).sum()
+        return data_loss.detach(), (logits.argmax(2) == y[:, None]).sum(0)
 
     return step
 
@@ -132,10 +166,10 @@ class CudaGraphStep:
     Python, not arithmetic, bounds its speed on a GPU. Replaying the recorded graph launches them all at
     once (PyTorch's CUDA-graphs notes, "whole network capture"). What changes between batches lives in
     tensors the graph reads: the batch indices (copied into `idx` before each replay), the learning rate
-    (the scheduler writes the optimizer's lr tensor), and the random state of `generator` (registered with
-    the graph, so each replay draws new rotations; batch order comes from another generator, used outside
-    the graph). The first `warmup` calls run eagerly on a side stream,
-    as capture requires (lazy initialisation, optimizer state); they are ordinary training steps.
+    (the scheduler writes the optimizer's lr tensor), the members' coefficients and active flags, and the
+    random state of `generator` (registered with the graph, so each replay draws new rotations; batch order
+    comes from another generator, used outside the graph). The first `warmup` calls run eagerly on a side
+    stream, as capture requires (lazy initialisation, optimizer state); they are ordinary training steps.
     """
 
     def __init__(self, step: Step, generator: torch.Generator, warmup: int = 3):
@@ -166,7 +200,8 @@ class CudaGraphStep:
 
 def train_epoch(step: Step, scheduler, split: Split, batch_size: int, generator: torch.Generator,
                 progress: tqdm | None = None) -> dict[str, torch.Tensor | int]:
-    """One pass over the training split in full batches; returns summed cross-entropy, correct and seen.
+    """One pass over the training split in full batches; returns each member's summed cross-entropy and
+    correct count, and the images seen.
 
     The incomplete last batch is dropped (it differs every epoch, as the order is reshuffled): a fixed
     batch shape keeps the compiled step from recompiling, the captured graph valid, and batch-norm
@@ -174,12 +209,11 @@ def train_epoch(step: Step, scheduler, split: Split, batch_size: int, generator:
     device once per step.
     """
     n_batches = len(split) // batch_size
-    loss_sum = torch.zeros((), device=split.x.device)
-    correct = torch.zeros((), dtype=torch.long, device=split.x.device)
+    loss_sum, correct = 0, 0
     for idx in shuffled_batches(len(split), batch_size, generator)[:n_batches]:
         loss, hits = step(idx)
-        loss_sum += loss * batch_size
-        correct += hits
+        loss_sum = loss_sum + loss * batch_size
+        correct = correct + hits
         scheduler.step()
         if progress is not None:
             progress.update(1)
@@ -190,6 +224,37 @@ def new_model(cfg: TrainConfig) -> nn.Module:
     """The model `cfg` describes, initialised from its seed (on the CPU: the same weights on every device)."""
     torch.manual_seed(cfg.seed)
     return build_model(cfg)
+
+
+def new_stack(cfgs: list[TrainConfig]) -> nn.Module:
+    """One network holding len(cfgs) members, member k initialised exactly as `new_model(cfgs[k])`."""
+    if len(cfgs) == 1:
+        return new_model(cfgs[0])
+    stack = build_model(cfgs[0], members=len(cfgs))
+    load_members(stack, [new_model(c) for c in cfgs])
+    return stack
+
+
+def load_members(stack: nn.Module, models: list[nn.Module]) -> None:
+    """Copy each model's weights and buffers into its member block of `stack` (models.py's layout)."""
+    with torch.no_grad():
+        for name, t in stack.state_dict().items():
+            parts = [m.state_dict()[name] for m in models]
+            t.copy_(parts[0] if t.dim() == 0 else torch.cat(parts))
+
+
+def member_state(state: dict[str, torch.Tensor], k: int, members: int) -> dict[str, torch.Tensor]:
+    """Member k's weights and buffers out of a stacked state dict, as a single model's state dict."""
+    return {name: t if t.dim() == 0 else t.reshape(members, -1, *t.shape[1:])[k] for name, t in state.items()}
+
+
+def check_stackable(cfgs: list[TrainConfig]) -> None:
+    """Members share every setting but their coefficients and seed: one schedule, one batch order."""
+    shared = {f: v for f, v in cfgs[0].__dict__.items() if f not in ("l1", "l2", "seed")}
+    for cfg in cfgs[1:]:
+        differing = [f for f, v in shared.items() if getattr(cfg, f) != v]
+        if differing:
+            raise ValueError(f"stacked members may differ only in l1, l2 and seed, not in {differing}")
 
 
 def configure_device(device: torch.device) -> None:
@@ -213,7 +278,7 @@ def step_mode(cfg: TrainConfig, device: torch.device) -> str:
 
 @dataclass
 class Setup:
-    """Everything a training run holds between epochs, on its device."""
+    """Everything a training run of one or more stacked members holds between epochs, on its device."""
     data: MnistSplits
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -224,19 +289,42 @@ class Setup:
     batch_size: int
     steps_per_epoch: int
     mode: str
+    coef: Coefficients
+
+    @property
+    def members(self) -> int:
+        return len(self.coef.l1)
 
     def epoch(self, progress: tqdm | None = None) -> dict[str, torch.Tensor | int]:
         self.model.train()
         return train_epoch(self.step, self.scheduler, self.data.train, self.batch_size, self.order_generator,
                            progress)
 
+    @torch.no_grad()
+    def retire(self, k: int) -> None:
+        """Stop member k: its loss no longer counts, and its weights, buffers and optimizer state are zeroed
+        so that nothing it diverged to (inf, NaN) stays in the network."""
+        self.coef.active[k] = 0.0
+        tensors = list(self.model.state_dict().values())
+        tensors += [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+        for t in tensors:
+            if t.dim() > 0 and t.shape[0] % self.members == 0:
+                t.view(self.members, -1)[k] = 0.0
 
-def setup(cfg: TrainConfig, data: MnistSplits, model: nn.Module | None = None) -> Setup:
-    """Move data and model to `cfg`'s device once and build the optimizer, schedule and step around them."""
+
+def setup(cfgs: TrainConfig | list[TrainConfig], data: MnistSplits, model: nn.Module | None = None) -> Setup:
+    """Move data and model to the device once and build the optimizer, schedule and step around them.
+
+    With several configurations, they train as the members of one stacked network (models.py) on the same
+    batches; the first one's seed sets the batch order and augmentation.
+    """
+    cfgs = [cfgs] if isinstance(cfgs, TrainConfig) else list(cfgs)
+    check_stackable(cfgs)
+    cfg = cfgs[0]
     device = torch.device(cfg.resolved_device())
     configure_device(device)
     data = data.to(device)
-    model = (model if model is not None else new_model(cfg)).to(device)
+    model = (model if model is not None else new_stack(cfgs)).to(device)
     # Batch order and augmentation draw from separate generators: the augmentation one is advanced by
     # graph replays, the order one by plain calls.
     order_gen = torch.Generator(device).manual_seed(cfg.seed)
@@ -247,13 +335,15 @@ def setup(cfg: TrainConfig, data: MnistSplits, model: nn.Module | None = None) -
     steps_per_epoch = len(data.train) // batch_size
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     mode = step_mode(cfg, device)
+    coef = Coefficients.of(cfgs, device)
     # Compiling fuses the small convs' norm/activation kernels (docs/benchmarks.md: ~30% per step on CPU).
     # Evaluation runs the eager model (same parameters) to avoid a second compilation.
     step_model = torch.compile(model) if mode == "compiled" else model
-    step = make_step(step_model, optimizer, data.train, cfg, penalised, augment_gen)
+    step = make_step(step_model, optimizer, data.train, cfg, penalised, augment_gen, coef)
     if mode == "cuda-graph":
         step = CudaGraphStep(step, augment_gen)
-    return Setup(data, model, optimizer, scheduler, penalised, step, order_gen, batch_size, steps_per_epoch, mode)
+    return Setup(data, model, optimizer, scheduler, penalised, step, order_gen, batch_size, steps_per_epoch,
+                 mode, coef)
 
 
 def fit(cfg: TrainConfig, data: MnistSplits, on_epoch: Callable[[int, dict], str | None] | None = None,
@@ -263,63 +353,124 @@ def fit(cfg: TrainConfig, data: MnistSplits, on_epoch: Callable[[int, dict], str
     `on_epoch(epoch, metrics)` runs after each epoch; if it returns a non-empty string, training stops there
     with that string as the reason (how a pruner stops a trial without losing the epochs it ran).
     `model`, if given, must come from `new_model(cfg)`. Data and model move to `cfg`'s device once; the
-    returned model holds the best-validation weights, back on the CPU.
+    returned model holds the best-validation weights, back on the CPU. Raises DivergedError when the
+    training loss stops being finite.
     """
-    run = setup(cfg, data, model)
-    data, model, optimizer, penalised = run.data, run.model, run.optimizer, run.penalised
-    result = FitResult(model=model, step_mode=run.mode)
-    best_val_acc, best_val_loss, best_state, since_best_loss = -1.0, math.inf, None, 0
+    hook = None if on_epoch is None else (lambda k, epoch, metrics: on_epoch(epoch, metrics))
+    (result,) = fit_stack([cfg], data, hook, show_progress, model)
+    if result.diverged:
+        raise DivergedError(result.stop_reason.removeprefix("diverged: "))
+    return result
+
+
+def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
+              on_epoch: Callable[[int, int, dict], str | None] | None = None,
+              show_progress: bool = False, model: nn.Module | None = None) -> list[FitResult]:
+    """Train the configurations `cfgs` together as one stacked network: one FitResult per member, each what
+    `fit` would return for it alone on the same batches.
+
+    `on_epoch(member, epoch, metrics)` runs after each epoch for every member still training; a non-empty
+    string it returns stops that member with that reason (its slot idles while the others go on). A member
+    whose loss stops being finite stops with a "diverged: ..." reason and `diverged` set. Training ends when
+    every member has stopped or the epochs are done.
+    """
+    run = setup(cfgs, data, model)
+    data, model, members = run.data, run.model, run.members
+    cfg = cfgs[0]
+    results = [FitResult(model=model, step_mode=run.mode) for _ in cfgs]
+    running, retired = [True] * members, [False] * members
+    best_val_acc, best_val_loss = [-1.0] * members, [math.inf] * members
+    since_best_loss = [0] * members
+    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     start = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         with tqdm(total=run.steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", disable=not show_progress,
                   leave=False, unit="batch") as progress:
             train = run.epoch(progress)
-        if run.data.train.x.is_cuda:
+        if data.train.x.is_cuda:
             torch.cuda.synchronize()  # once an epoch, so that the epoch's time is its training time
         seconds = time.perf_counter() - t0
         val, test = evaluate(model, data.val, cfg.precision), evaluate(model, data.test, cfg.precision)
         with torch.no_grad():
-            sum_abs, sum_sq = l1_penalty(penalised), l2_penalty(penalised)
-            numbers = [train["loss_sum"] / train["images"], train["correct"] / train["images"], val["loss"],
+            sum_abs, sum_sq = member_sums(run.penalised, members)
+            columns = [train["loss_sum"] / train["images"], train["correct"] / train["images"], val["loss"],
                        val["acc"], test["loss"], test["acc"], sum_abs, sum_sq]
-        # The epoch's one device-to-host transfer: every number at once, weight statistics included.
-        names, stats = weight_stats_tensor(model)
-        values = torch.cat([torch.stack([v.float() for v in numbers]), stats]).tolist()
-        train_loss, train_acc, val_loss, val_acc, test_loss, test_acc, sum_abs, sum_sq = values[:8]
-        if not math.isfinite(train_loss):
-            raise DivergedError(f"training loss is {train_loss} (l1={cfg.l1}, l2={cfg.l2}, lr={cfg.lr})")
-        metrics = {
-            "train/loss": train_loss, "train/acc": train_acc,
-            "val/loss": val_loss, "val/acc": val_acc,
-            "test/loss": test_loss, "test/acc": test_acc,
-            "lr": float(optimizer.param_groups[0]["lr"]),
-            "penalty/l1": cfg.l1 * sum_abs, "penalty/l2": cfg.l2 * sum_sq,  # what was added to the loss
-            # the penalised sums, comparable across coefficients
-            "penalty/sum_abs_w": sum_abs, "penalty/sum_sq_w": sum_sq,
-            "speed/epoch_seconds": seconds, "speed/images_per_sec": train["images"] / seconds,
-            **dict(zip(names, values[8:])),
-        }
-        result.history.append(metrics)
-        if val_acc > best_val_acc:
-            best_val_acc = val_acc
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if val_loss < best_val_loss:
-            best_val_loss, since_best_loss = val_loss, 0
-        else:
-            since_best_loss += 1
-        stop = on_epoch(epoch, metrics) if on_epoch is not None else None
-        if not stop and cfg.patience and since_best_loss >= cfg.patience:
-            stop = f"early stopping: val/loss did not improve for {cfg.patience} epochs"
-        if stop:
-            result.stop_reason = stop
+            names, stats = weight_stats_tensor(model, members)
+            # The epoch's one device-to-host transfer: every member's numbers at once, weight statistics too.
+            rows = torch.cat([torch.stack([c.float() for c in columns], 1), stats], 1).tolist()
+        improved = [False] * members
+        for k, values in enumerate(rows):
+            if not running[k]:
+                continue
+            train_loss, train_acc, val_loss, val_acc, test_loss, test_acc, s_abs, s_sq = values[:8]
+            member_cfg, result = cfgs[k], results[k]
+            if not math.isfinite(train_loss):
+                result.stop_reason = (f"diverged: training loss is {train_loss} (l1={member_cfg.l1}, "
+                                      f"l2={member_cfg.l2}, lr={member_cfg.lr})")
+                result.diverged, running[k], retired[k] = True, False, True
+                run.retire(k)
+                continue
+            metrics = {
+                "train/loss": train_loss, "train/acc": train_acc,
+                "val/loss": val_loss, "val/acc": val_acc,
+                "test/loss": test_loss, "test/acc": test_acc,
+                "lr": float(run.optimizer.param_groups[0]["lr"]),
+                "penalty/l1": member_cfg.l1 * s_abs, "penalty/l2": member_cfg.l2 * s_sq,  # added to the loss
+                # the penalised sums, comparable across coefficients
+                "penalty/sum_abs_w": s_abs, "penalty/sum_sq_w": s_sq,
+                # in a stack, the stack's epoch: every member trained in it
+                "speed/epoch_seconds": seconds, "speed/images_per_sec": train["images"] / seconds,
+                **dict(zip(names, values[8:])),
+            }
+            result.history.append(metrics)
+            if val_acc > best_val_acc[k]:
+                best_val_acc[k], improved[k] = val_acc, True
+            if val_loss < best_val_loss[k]:
+                best_val_loss[k], since_best_loss[k] = val_loss, 0
+            else:
+                since_best_loss[k] += 1
+            stop = on_epoch(k, epoch, metrics) if on_epoch is not None else None
+            if not stop and member_cfg.patience and since_best_loss[k] >= member_cfg.patience:
+                stop = f"early stopping: val/loss did not improve for {member_cfg.patience} epochs"
+            if stop:
+                result.stop_reason, running[k] = stop, False
+        keep_best(best_state, model.state_dict(), improved)
+        for k in range(members):
+            if not running[k] and not retired[k]:
+                run.retire(k)  # pruned or early-stopped: no more of its gradient
+                retired[k] = True
+        if not any(running):
             break
 
+    total = time.perf_counter() - start
     model.load_state_dict(best_state)
-    result.test_pred = predict(model, data.test, precision=cfg.precision).argmax(1).cpu()
-    model.cpu()
-    result.summary = summarise(result.history, time.perf_counter() - start)
-    return result
+    test_pred = predict(model, data.test, precision=cfg.precision).view(len(data.test), members, 10).argmax(2).cpu()
+    best_cpu = {k: v.cpu() for k, v in best_state.items()}
+    for k, result in enumerate(results):
+        if members == 1:
+            result.model = model.cpu()
+        else:
+            result.model = build_model(cfgs[k])
+            result.model.load_state_dict(member_state(best_cpu, k, members))
+        result.test_pred = test_pred[:, k]
+        if result.history:
+            result.summary = summarise(result.history, total)
+    return results
+
+
+def keep_best(best: dict[str, torch.Tensor], current: dict[str, torch.Tensor], improved: list[bool]) -> None:
+    """Copy the improved members' blocks of `current` into `best` (all of it for a single model)."""
+    if not any(improved):
+        return
+    members = len(improved)
+    with torch.no_grad():
+        for name, t in current.items():
+            if t.dim() == 0 or all(improved):
+                best[name].copy_(t)
+                continue
+            for k in (i for i, up in enumerate(improved) if up):
+                best[name].view(members, -1)[k] = t.view(members, -1)[k]
 
 
 def summarise(history: list[dict[str, float]], total_seconds: float) -> dict[str, float]:

@@ -1,0 +1,105 @@
+"""Stacked members train exactly as separate models: a stack of K is K models, not a different one.
+
+The comparisons run in float64. In float32, summation-order noise (1e-8) between a grouped and a single
+convolution is amplified by batch norm over near-constant channels (up to 1/sqrt(eps)) to 1e-4 within a few
+steps; in float64 the same noise stays far below the tolerances, so a real difference cannot hide in it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from regsweep.data import MnistSplits, Split
+from regsweep.training import fit, fit_stack, member_state, new_stack, setup
+
+
+def double(data: MnistSplits) -> MnistSplits:
+    return MnistSplits(*(Split(s.x.double(), s.y) for s in (data.train, data.val, data.test)), source=data.source)
+
+VARIANTS = {
+    "cnn-bn": dict(),
+    "cnn-gbn": dict(norm="gbn", ghost_batch_size=8),
+    "cnn-none": dict(norm="none"),
+    "mlp-bn": dict(model="mlp", hidden="32,16", norm="bn"),
+    "mlp-adam": dict(model="mlp", hidden="32,16", norm="none", optimizer="adam", lr=0.01),
+}
+MEMBERS = [dict(l1=0.0, l2=0.0, seed=1), dict(l1=1e-3, l2=0.0, seed=2), dict(l1=0.0, l2=5e-4, seed=3),
+           dict(l1=1e-3, l2=5e-4, seed=4)]
+
+
+def train_steps(cfgs, data, batches):
+    run = setup(cfgs, data, new_stack(cfgs).double())
+    for idx in batches:
+        run.step(idx)
+    state = run.model.state_dict()
+    grads = {name: p.grad for name, p in run.model.named_parameters()}
+    return [(member_state(state, k, len(cfgs)), member_state(grads, k, len(cfgs))) for k in range(len(cfgs))]
+
+
+@pytest.mark.parametrize("variant", VARIANTS.values(), ids=VARIANTS.keys())
+def test_k_stacked_members_equal_k_separate_models(tiny_data, tiny_cfg, variant):
+    """Weights, gradients and batch-norm statistics after a few steps on the same batches, member by member."""
+    base = tiny_cfg.replace(device="cpu", augment=False, batch_size=32, **variant)
+    cfgs = [base.replace(**m) for m in MEMBERS]
+    batches = list(torch.randperm(len(tiny_data.train), generator=torch.Generator().manual_seed(0))
+                   .split(32))[:4]
+    data = double(tiny_data)
+    stacked = train_steps(cfgs, data, batches)
+    for k, cfg in enumerate(cfgs):
+        ((alone_state, alone_grads),) = train_steps([cfg], data, batches)
+        state, grads = stacked[k]
+        assert state.keys() == alone_state.keys()
+        for name in alone_state:  # running_mean/var and num_batches_tracked included
+            torch.testing.assert_close(state[name], alone_state[name], rtol=1e-7, atol=1e-9, msg=lambda m, k=k, name=name: f"member {k} {name}: {m}")
+        for name in alone_grads:
+            torch.testing.assert_close(grads[name], alone_grads[name], rtol=1e-7, atol=1e-9, msg=lambda m, k=k, name=name: f"member {k} {name}: {m}")
+
+
+def test_stacked_fit_equals_separate_fits_on_the_same_batches(tiny_data, tiny_cfg):
+    """End to end with augmentation and a schedule: members with the stack's seed see its batches and
+    rotations, so each member's history is what `fit` gives alone."""
+    base = tiny_cfg.replace(device="cpu", epochs=2)
+    cfgs = [base.replace(l1=l1, l2=l2) for l1, l2 in ((0, 0), (1e-3, 0), (0, 5e-4))]
+    data = double(tiny_data)
+    stacked = fit_stack(cfgs, data, model=new_stack(cfgs).double())
+    for cfg, member in zip(cfgs, stacked):
+        alone = fit(cfg, data, model=new_stack([cfg]).double())
+        for got, want in zip(member.history, alone.history):
+            for key in ("train/loss", "val/acc", "val/loss", "penalty/sum_abs_w", "weights/conv1/mean_abs"):
+                assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-7), key
+        assert member.summary["best_val_epoch"] == alone.summary["best_val_epoch"]
+        assert torch.equal(member.test_pred, alone.test_pred)
+        for name, t in alone.model.state_dict().items():
+            torch.testing.assert_close(member.model.state_dict()[name].double(), t.double(), rtol=1e-6, atol=1e-7)
+
+
+def test_a_diverging_member_stops_alone_and_its_nan_reaches_no_other(tiny_data, tiny_cfg):
+    base = tiny_cfg.replace(device="cpu", epochs=2, scheduler="none")
+    cfgs = [base, base.replace(l1=math.inf), base.replace(l2=5e-4)]  # member 1's weights become inf, then NaN
+    data = double(tiny_data)
+    stacked = fit_stack(cfgs, data, model=new_stack(cfgs).double())
+    assert stacked[1].diverged and stacked[1].stop_reason.startswith("diverged: training loss is")
+    assert [m.diverged for m in (stacked[0], stacked[2])] == [False, False]
+    for k in (0, 2):
+        assert len(stacked[k].history) == 2 and all(math.isfinite(v) for h in stacked[k].history for v in h.values())
+        alone = fit(cfgs[k], data, model=new_stack([cfgs[k]]).double())
+        assert stacked[k].history[-1]["val/loss"] == pytest.approx(alone.history[-1]["val/loss"], rel=1e-6)
+        assert all(torch.isfinite(t).all() for t in stacked[k].model.state_dict().values())
+
+
+def test_a_member_stopped_by_its_hook_keeps_its_epochs_and_the_others_go_on(tiny_data, tiny_cfg):
+    base = tiny_cfg.replace(device="cpu", epochs=3)
+    cfgs = [base, base.replace(l1=1e-3)]
+    seen = []
+
+    def hook(k, epoch, metrics):
+        seen.append((k, epoch))
+        return "pruned by test" if k == 1 and epoch == 1 else None
+
+    stacked = fit_stack(cfgs, tiny_data, hook)
+    assert seen == [(0, 1), (1, 1), (0, 2), (0, 3)]
+    assert stacked[1].stop_reason == "pruned by test" and len(stacked[1].history) == 1
+    assert len(stacked[0].history) == 3 and stacked[0].stop_reason == ""
