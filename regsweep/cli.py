@@ -170,6 +170,9 @@ def train(experiment_name, quiet, **fields):
               help="Stop starting new trials after this many seconds (per worker).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Worker processes on this machine sharing the study, each with cores/K torch threads.")
+@click.option("--stack", default="auto", show_default=True,
+              help="Trials trained at once as one stacked network (each with its own run and pruning): a "
+                   "number, or auto = 32 on CUDA, 1 on the CPU; at most --trials.")
 @click.option("--heartbeat", type=click.IntRange(min=1), default=60, show_default=True,
               help="Seconds between a running trial's liveness records (RDB storages); a trial silent for "
                    "twice this is failed and retried.")
@@ -178,7 +181,7 @@ def train(experiment_name, quiet, **fields):
 @config_options(exclude=("l1", "l2"), log_model=False)
 @click.pass_context
 def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_range, l1_zero, l2_zero, grid,
-             repeats, timeout, workers, heartbeat, experiment_name, **fields):
+             repeats, timeout, workers, stack, heartbeat, experiment_name, **fields):
     """Search L1/L2 with Optuna; one MLflow parent run per study and one child run per trial.
 
     The objective is the trial's best validation accuracy (mean over --repeats seeds), reported every epoch
@@ -188,7 +191,7 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
     the study's plots.
     """
     from .data import DataError, check_available
-    from .sweep import SearchSpace, SweepSettings, open_storage, optimize as run_study, parse_grid
+    from .sweep import SearchSpace, SweepSettings, open_storage, optimize as run_study, parse_grid, stack_size
     from .tracking import TrackingError, check_tracking_uri
 
     try:
@@ -201,10 +204,15 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
         sampler = sampler or ("grid" if grid else "tpe")
         if grid and ctx.get_parameter_source("trials") == click.core.ParameterSource.DEFAULT:
             trials = space.grid_size()
+        if stack != "auto" and not (stack.isdigit() and int(stack) >= 1):
+            raise ConfigError(f"--stack must be auto or a whole number >= 1, got {stack!r}")
+        members = stack_size(None if stack == "auto" else int(stack), trials, base.resolved_device())
+        if stack != "auto" and members < int(stack):
+            click.echo(f"note: --stack {stack} is more than the {trials} trials; stacking {members}", err=True)
         settings = SweepSettings(base=base, space=space, trials=trials, study_name=study_name or experiment_name,
                                  storage=storage, experiment_name=experiment_name, sampler=sampler,
                                  pruner=pruner, seed=base.seed, repeats=repeats, timeout=timeout,
-                                 heartbeat=heartbeat, workers=workers)
+                                 heartbeat=heartbeat, workers=workers, stack=members)
         check_available(base.resolved_data_dir(), base.download)
         open_storage(settings)  # a bad URL or unreachable database fails here, before any run exists
         check_tracking_uri()

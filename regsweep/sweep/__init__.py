@@ -5,15 +5,17 @@ The stages, one module each:
   study.py      the study in its Optuna storage; dead workers' trials found and retried
   runs.py       the MLflow side: the study's parent run, trial run names, the best trial, the plots
   objective.py  one trial: suggest -> train (a child run per seed) -> report/prune
+  stacked.py    K trials at once as one stacked network, asked and told (ask/tell)
   driver.py     `optimize`: resume or create, run the workers, finish
 """
 
 from .driver import optimize, run_worker, threads_per_worker
 from .objective import Objective
 from .runs import STUDY_TAG, finish_study, trial_run_name
+from .stacked import stack_size
 from .space import SearchSpace, effective_penalties, parse_grid, suggest_penalties
 from .study import FINISHED, SweepSettings, load_study, open_storage
 
 __all__ = ["FINISHED", "STUDY_TAG", "Objective", "SearchSpace", "SweepSettings", "effective_penalties",
-           "finish_study", "load_study", "open_storage", "optimize", "parse_grid", "run_worker",
+           "finish_study", "load_study", "open_storage", "optimize", "parse_grid", "run_worker", "stack_size",
            "suggest_penalties", "threads_per_worker", "trial_run_name"]

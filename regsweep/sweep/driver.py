@@ -12,6 +12,7 @@ from optuna.trial import TrialState
 from ..tracking import terminal_status, use_experiment
 from .objective import Objective
 from .runs import find_or_create_parent, finish_study
+from .stacked import run_stacked
 from .study import (FINISHED, StaleTrialHandler, SweepSettings, count_finished, has_waiting, load_study,
                     reap_dead_local_trials)
 
@@ -31,6 +32,9 @@ def run_worker(settings: SweepSettings, parent_run_id: str, experiment_id: str, 
     base = settings.base
     data = load_mnist(base.resolved_data_dir(), base.val_size, base.max_train_samples, base.max_eval_samples,
                       base.download)
+    if settings.stack > 1:
+        run_stacked(settings, study, data, parent_run_id, experiment_id)
+        return
     objective = Objective(settings, data, parent_run_id, experiment_id)
     # Running trials count towards the total so that parallel workers stop at exactly `trials`.
     stop_at_total = optuna.study.MaxTrialsCallback(settings.trials, states=FINISHED + (TrialState.RUNNING,))

@@ -77,8 +77,10 @@ def make_sampler(name: str, space: SearchSpace, seed: int | None) -> optuna.samp
         return optuna.samplers.GridSampler(grid, seed=seed)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    # multivariate + group: TPE models l1 and l2 jointly and copes with the on/off branches.
-    return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=5)
+    # multivariate + group: TPE models l1 and l2 jointly and copes with the on/off branches. constant_liar:
+    # trials asked while others still run (a stack, parallel workers) are steered away from those.
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=5,
+                                      constant_liar=True)
 
 
 def make_pruner(name: str, steps: int) -> optuna.pruners.BasePruner:

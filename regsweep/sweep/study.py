@@ -42,6 +42,7 @@ class SweepSettings:
     timeout: float | None = None
     heartbeat: int = 60  # seconds between liveness records of a running trial (RDB storages)
     workers: int = 1
+    stack: int = 1  # trials trained at once as one stacked network (stacked.py)
 
 
 def redact(url: str) -> str:

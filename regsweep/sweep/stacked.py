@@ -1,0 +1,183 @@
+"""Stacked trials: Optuna asks K trials, they train together as the members of one network
+(training.fit_stack), each member reports to its own trial every epoch, and each result is told back.
+
+With repeats, every seed of a trial is a member too, so a 4-configuration x 5-seed grid is one stack of
+20. All members of a stack see the same batches and rotations (drawn from the first member's seed; a
+member's own seed sets its initialisation): the comparison between them is paired. A pruned member's
+trial ends PRUNED with its curve and reason, and its slot idles until the stack ends.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import mlflow
+import optuna
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from ..config import TrainConfig
+from ..models import count_parameters
+from ..tracking import log_config, log_outcome, mlflow_run
+from ..training import DivergedError, FitResult, fit_stack, new_model
+from .runs import STUDY_TAG, summarise_repeats, trial_run_name
+from .space import suggest_penalties
+from .study import SweepSettings, count_finished
+
+
+@dataclass
+class StackedTrial:
+    """One asked trial and the MLflow runs of its seeds (members of the stack)."""
+    trial: optuna.Trial
+    penalties: dict[str, float]
+    trial_run_id: str | None = None  # with repeats: the trial's own run, parent of the seed runs
+    run_ids: list[str] = field(default_factory=list)  # one per seed
+    pruned: str = ""  # the reason, once the pruner stopped it
+
+
+def stack_size(requested: int | None, trials: int, device: str) -> int:
+    """--stack: as asked (at most the trial count), or auto: 32 on CUDA, where stacking pays (docs/benchmarks.md),
+    1 on the CPU, where members' arithmetic adds up and there is no launch overhead to amortise."""
+    size = requested if requested else (32 if device == "cuda" else 1)
+    return max(1, min(size, trials))
+
+
+def run_stacked(settings: SweepSettings, study: optuna.Study, data, parent_run_id: str, experiment_id: str) -> None:
+    """Take trials `settings.stack` at a time until the study has `settings.trials` finished ones (or, with a
+    timeout, until a stack ends after it)."""
+    deadline = time.monotonic() + settings.timeout if settings.timeout else None
+    while deadline is None or time.monotonic() < deadline:
+        room = settings.trials - count_finished(study, include_running=True)
+        waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        n = min(settings.stack, max(room, waiting))
+        if n <= 0:
+            return
+        trials = [study.ask() for _ in range(n)]  # queued (retried) trials come first
+        train_trials(settings, data, trials, parent_run_id, experiment_id)
+
+
+def open_runs(settings: SweepSettings, data, trial: optuna.Trial, parent_run_id: str, experiment_id: str,
+              client: MlflowClient, stack_members: int) -> StackedTrial:
+    penalties = suggest_penalties(trial, settings.space)
+    trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+    retried = trial.user_attrs.get("trial_number")
+    trial.set_user_attr("trial_number", trial.number)
+    entry = StackedTrial(trial, penalties)
+    name = trial_run_name(trial.number, penalties)
+    tags = {"optuna.trial_number": str(trial.number), STUDY_TAG: settings.study_name, "optuna.state": "RUNNING",
+            "regsweep.stack_members": str(stack_members)}
+    if retried is not None:
+        tags["optuna.retry_of_trial"] = str(retried)
+    parent = parent_run_id
+    if settings.repeats > 1:
+        entry.trial_run_id = client.create_run(experiment_id, run_name=name, tags={
+            **tags, "mlflow.parentRunId": parent_run_id, "regime": TrainConfig(**penalties).regime}).info.run_id
+        parent = entry.trial_run_id
+    for r in range(settings.repeats):
+        cfg = member_config(settings, penalties, r)
+        run = client.create_run(experiment_id, run_name=name if settings.repeats == 1 else f"{name} s{cfg.seed}",
+                                tags={**tags, "mlflow.parentRunId": parent})
+        # The params now, so the run reads as a configuration from its first epoch on.
+        params = {**cfg.as_params(), "n_params": count_parameters(new_model(cfg)), **data.sizes()}
+        client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        entry.run_ids.append(run.info.run_id)
+    trial.set_user_attr("mlflow_run_ids", ([entry.trial_run_id] if entry.trial_run_id else []) + entry.run_ids)
+    return entry
+
+
+def member_config(settings: SweepSettings, penalties: dict[str, float], repeat: int) -> TrainConfig:
+    return settings.base.replace(**penalties, seed=settings.base.seed + repeat)
+
+
+def train_trials(settings: SweepSettings, data, trials: list[optuna.Trial], parent_run_id: str,
+                 experiment_id: str) -> None:
+    """Train the asked trials as one stack, log every member's run, tell every trial its outcome."""
+    client = MlflowClient()
+    entries = [open_runs(settings, data, t, parent_run_id, experiment_id, client, len(trials) * settings.repeats)
+               for t in trials]
+    members = [(e, r) for e in entries for r in range(settings.repeats)]
+    cfgs = [member_config(settings, e.penalties, r) for e, r in members]
+    epochs = settings.base.epochs
+
+    def on_epoch(k: int, epoch: int, metrics: dict[str, float]) -> str | None:
+        entry, r = members[k]
+        now = int(time.time() * 1000)
+        client.log_batch(entry.run_ids[r], metrics=[Metric(n, v, now, epoch) for n, v in metrics.items()],
+                         synchronous=False)  # queued: K runs' epochs must not wait on the store
+        if entry.pruned:
+            return entry.pruned  # another seed of this trial was pruned
+        entry.trial.report(metrics["val/acc"], r * epochs + epoch)
+        if entry.trial.should_prune():
+            entry.pruned = f"pruned by {settings.pruner} pruner at epoch {epoch}: val/acc {metrics['val/acc']:.4f}"
+            return entry.pruned
+        return None
+
+    try:
+        results = fit_stack(cfgs, data, on_epoch)
+    except BaseException as exc:
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        reason = ("interrupted (Ctrl-C or SIGTERM); queued again for the next start" if interrupted
+                  else f"{type(exc).__name__}: {exc}")
+        mlflow.flush_async_logging()
+        for entry in entries:
+            if interrupted:
+                entry.trial.study.enqueue_trial(entry.trial.params, user_attrs={"trial_number": entry.trial.number})
+            tell_study(entry.trial, state=TrialState.FAIL)
+            for run_id in ([entry.trial_run_id] if entry.trial_run_id else []) + entry.run_ids:
+                client.set_tag(run_id, "optuna.state", "FAIL")
+                client.set_tag(run_id, "regsweep.stop_reason", reason[:5000])
+                client.set_terminated(run_id, "KILLED" if interrupted else "FAILED")
+        raise
+    mlflow.flush_async_logging()
+    by_trial: dict[int, list[FitResult]] = {}
+    for (entry, r), cfg, result in zip(members, cfgs, results):
+        finish_member(cfg, result, data, entry, r)
+        by_trial.setdefault(entry.trial.number, []).append(result)
+    for entry in entries:
+        tell(entry, by_trial[entry.trial.number], client)
+
+
+def finish_member(cfg: TrainConfig, result: FitResult, data, entry: StackedTrial, r: int) -> None:
+    """Complete the member's run as `regsweep train` would: datasets, summary, tables, figures."""
+    run_id = entry.run_ids[r]
+    try:
+        with mlflow_run(cfg, run_id=run_id):
+            log_config(cfg, data, count_parameters(result.model))
+            if result.diverged:  # the run ends FAILED with the reason, as a single run does
+                raise DivergedError(result.stop_reason.removeprefix("diverged: "))
+            log_outcome(cfg, result, data)
+    except DivergedError:
+        pass
+
+
+def tell_study(trial: optuna.Trial, value: float | None = None, state: TrialState | None = None) -> None:
+    """study.tell, minus the grid sampler's request to stop `optimize` once its grid is used up (an error
+    outside `optimize`; the trial is recorded before it is raised, and run_stacked stops by counting)."""
+    try:
+        trial.study.tell(trial, value, state=state)
+    except RuntimeError as exc:
+        if "Study.stop" not in str(exc):
+            raise
+
+
+def tell(entry: StackedTrial, results: list[FitResult], client: MlflowClient) -> None:
+    diverged = next((r.stop_reason for r in results if r.diverged), "")
+    reason = diverged or entry.pruned
+    state = "PRUNED" if reason else "COMPLETE"
+    best_vals = [r.summary["best_val_acc"] for r in results if r.summary]
+    if reason:
+        tell_study(entry.trial, state=TrialState.PRUNED)
+    else:
+        tell_study(entry.trial, statistics.mean(best_vals))
+    for run_id in ([entry.trial_run_id] if entry.trial_run_id else []) + entry.run_ids:
+        client.set_tag(run_id, "optuna.state", state)
+        if reason:
+            client.set_tag(run_id, "regsweep.stop_reason", reason[:5000])
+    if entry.trial_run_id:
+        summarise_repeats(client, entry.trial_run_id, best_vals, state)
+

@@ -1,0 +1,86 @@
+"""regsweep optimize --stack K for real: K trials asked at once, trained as one network, told back."""
+
+from __future__ import annotations
+
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from regsweep.cli import cli
+
+from .test_sweep import SMALL, load, study_runs
+
+GRID = ["--grid", "l1=0,0.001 l2=0,0.0005", "--epochs", "2", "--pruner", "none"]
+
+
+def optimize(*args: str, expect: int = 0):
+    result = CliRunner().invoke(cli, ["optimize", *SMALL, *args])
+    assert result.exit_code == expect, result.output
+    return result
+
+
+def tree(experiment: str):
+    """The study's MLflow tree as comparable facts: trial runs per configuration, seeds, states, epochs."""
+    client = MlflowClient()
+    (parent,), children = study_runs(experiment)
+    facts = {}
+    for run in children:
+        p, t = run.data.params, run.data.tags
+        if "l1" not in p:  # a trial-level run of repeats
+            continue
+        history = client.get_metric_history(run.info.run_id, "val/acc")
+        facts[(p["l1"], p["l2"], p["seed"])] = (run.info.status, t["optuna.state"], len(history),
+                                                "best_val_acc" in run.data.metrics)
+    return parent, children, facts
+
+
+def test_a_stacked_grid_with_repeats_builds_the_same_tree_as_one_by_one(tracking_uri, tmp_path):
+    for stack, name in (("1", "alone"), ("8", "stacked")):
+        optimize(*GRID, "--repeats", "2", "--stack", stack, "--storage", f"sqlite:///{tmp_path / name}.db",
+                 "--experiment-name", name, "--study-name", name)
+    alone, stacked = tree("alone"), tree("stacked")
+    assert stacked[2] == alone[2] and len(stacked[2]) == 8  # 4 configurations x 2 seeds
+    assert set(stacked[2].values()) == {("FINISHED", "COMPLETE", 2, True)}
+    assert len(stacked[1]) == len(alone[1]) == 12  # 4 trial runs + 8 seed runs
+    assert {r.data.tags["regsweep.stack_members"] for r in stacked[1]} == {"8"}
+    parent = stacked[0]
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials_complete"] == 4
+    assert parent.data.tags["best_run_id"] in {r.info.run_id for r in stacked[1]}
+    study = load(f"sqlite:///{tmp_path / 'stacked'}.db", "stacked")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
+    # Each trial's value is the mean of its seeds' best validation accuracies, as one by one.
+    trial_runs = [r for r in stacked[1] if "n_seeds" in r.data.metrics]
+    assert sorted(t.value for t in study.trials) == sorted(r.data.metrics["mean_best_val_acc"] for r in trial_runs)
+
+
+def test_a_diverging_member_is_pruned_with_its_reason_and_the_stack_goes_on(tracking_uri, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optimize("--grid", "l1=0,1e30", "--epochs", "2", "--pruner", "none", "--stack", "2", "--storage", storage)
+    study = load(storage)
+    states = {t.params["l1"]: t.state.name for t in study.trials}
+    assert states == {0.0: "COMPLETE", 1e30: "PRUNED"}
+    _, children = study_runs()
+    (diverged,) = [r for r in children if r.data.params["l1"] == "1e+30"]
+    assert diverged.info.status == "FAILED"
+    assert diverged.data.tags["regsweep.stop_reason"].startswith("diverged: training loss is")
+
+
+def test_a_stacked_sweep_resumes_and_tops_up(tracking_uri, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    common = ["--epochs", "1", "--pruner", "none", "--stack", "2", "--storage", storage]
+    optimize("--trials", "2", *common)
+    out = optimize("--trials", "3", *common)
+    assert [t.state.name for t in load(storage).trials] == ["COMPLETE"] * 3
+    parents, children = study_runs()
+    assert len(parents) == 1 and len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
+    assert "3 complete" in out.output
+
+
+def test_stack_bad_input_and_clipping(tracking_uri, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    for bad in ("0", "-1", "many"):
+        out = optimize("--trials", "2", "--stack", bad, "--storage", storage, expect=2)
+        assert out.output.startswith("Error: --stack must be auto or a whole number") and len(out.output.splitlines()) == 1
+    assert MlflowClient().search_experiments(filter_string="name = 'regsweep'") == []
+    out = optimize("--trials", "2", "--epochs", "1", "--pruner", "none", "--stack", "5", "--storage", storage)
+    assert "--stack 5 is more than the 2 trials; stacking 2" in out.output
+    assert [t.state.name for t in load(storage).trials] == ["COMPLETE"] * 2
