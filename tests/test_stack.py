@@ -34,18 +34,24 @@ def train_steps(cfgs, data, batches):
     run = setup(cfgs, data, new_stack(cfgs).double())
     for idx in batches:
         run.step(idx)
-    state = run.model.state_dict()
-    grads = {name: p.grad for name, p in run.model.named_parameters()}
+    state = {name: t.cpu() for name, t in run.model.state_dict().items()}
+    grads = {name: p.grad.cpu() for name, p in run.model.named_parameters()}
     return [(member_state(state, k, len(cfgs)), member_state(grads, k, len(cfgs))) for k in range(len(cfgs))]
 
 
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA device here"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variant", VARIANTS.values(), ids=VARIANTS.keys())
-def test_k_stacked_members_equal_k_separate_models(tiny_data, tiny_cfg, variant):
-    """Weights, gradients and batch-norm statistics after a few steps on the same batches, member by member."""
-    base = tiny_cfg.replace(device="cpu", augment=False, batch_size=32, **variant)
+def test_k_stacked_members_equal_k_separate_models(tiny_data, tiny_cfg, variant, device):
+    """Weights, gradients and batch-norm statistics after a few steps on the same batches, member by member
+    (on CUDA: TF32 off and deterministic cuDNN, as training.configure_device sets them; the captured step)."""
+    base = tiny_cfg.replace(device=device, augment=False, batch_size=32, **variant)
     cfgs = [base.replace(**m) for m in MEMBERS]
-    batches = list(torch.randperm(len(tiny_data.train), generator=torch.Generator().manual_seed(0))
-                   .split(32))[:4]
+    batches = [b.to(device) for b in torch.randperm(len(tiny_data.train),
+                                                    generator=torch.Generator().manual_seed(0)).split(32)[:5]]
     data = double(tiny_data)
     stacked = train_steps(cfgs, data, batches)
     for k, cfg in enumerate(cfgs):

@@ -1,0 +1,82 @@
+"""Stacked sweeps against one-by-one sweeps: `regsweep optimize` as a user runs it, MLflow logging on.
+
+Each row is a fresh study in a temporary store, run as a subprocess and timed from start to exit:
+
+    python benchmarks/stack.py                                   # GPU: 32 trials x 15 epochs, full MNIST
+    python benchmarks/stack.py --rows 1:8,32 --trials 32         # --stack 1 on 8 trials only (rate per hour)
+    python benchmarks/stack.py --small                           # CPU: 4 trials, 1 epoch, 2,000 images
+
+A row is STACK[-PRUNER][:TRIALS]. "configs/h" is finished trials per hour of wall time; "training share" is
+the stacks' training-step time over the wall time; the rest is start-up,
+evaluation, the study's bookkeeping and MLflow logging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import optuna
+from mlflow.tracking import MlflowClient
+
+
+def run_row(row: str, args) -> dict:
+    spec, _, trials = row.partition(":")
+    stack, _, pruner = spec.partition("-")
+    trials = int(trials or args.trials)
+    store = tempfile.mkdtemp()
+    uri, storage = f"sqlite:///{store}/mlflow.db", f"sqlite:///{store}/optuna.db"
+    cmd = [sys.executable, "-m", "regsweep", "optimize", "--trials", str(trials), "--epochs", str(args.epochs),
+           "--stack", stack, "--pruner", pruner or "none", "--storage", storage, "--experiment-name", "bench",
+           "--seed", "1", *args.extra]
+    start = time.perf_counter()
+    subprocess.run(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, check=True, cwd=store,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    study = optuna.load_study(study_name="bench", storage=storage)
+    done = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("bench").experiment_id], max_results=1000)
+    # Every member of a stack logs the stack's epoch time: each member's share is 1/K of it (a pruned
+    # member stops logging, so with pruning this undercounts a little).
+    training = sum(sum(m.value for m in client.get_metric_history(r.info.run_id, "speed/epoch_seconds"))
+                   / int(r.data.tags.get("regsweep.stack_members", "1"))
+                   for r in runs if "optuna.trial_number" in r.data.tags and "l1" in r.data.params)
+    best = max((t.value for t in study.trials if t.state.name == "COMPLETE"), default=float("nan"))
+    return {"row": row, "stack": stack, "pruner": pruner or "none", "trials": len(done),
+            "pruned": sum(t.state.name == "PRUNED" for t in done), "wall": wall,
+            "per_hour": 3600 * len(done) / wall, "best": best, "training": training}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default="1:8,8,32,32-median")
+    parser.add_argument("--trials", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--small", action="store_true", help="CPU size: 4 trials, 1 epoch, 2,000 images")
+    args = parser.parse_args()
+    args.extra = []
+    if args.small:
+        args.trials, args.epochs, args.rows = 4, 1, "1,4"
+        args.extra = ["--max-train-samples", "2000", "--max-eval-samples", "1000", "--compile", "false"]
+    import torch
+    where = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"{where}, torch {torch.__version__}; {args.trials} trials x {args.epochs} epochs unless the row "
+          f"says otherwise; `regsweep optimize` with MLflow logging (figures on, model off: optimize's defaults)\n")
+    print("| --stack | pruner | trials (pruned) | wall s | configs/h | vs --stack 1 | training share | best val acc |")
+    print("|---|---|---|---|---|---|---|---|")
+    base = None
+    for row in args.rows.split(","):
+        r = run_row(row, args)
+        base = base or r["per_hour"]
+        print(f"| {r['stack']} | {r['pruner']} | {r['trials']} ({r['pruned']}) | {r['wall']:.1f} | "
+              f"{r['per_hour']:,.0f} | {r['per_hour'] / base:.1f}x | {100 * r['training'] / r['wall']:.0f}% | "
+              f"{100 * r['best']:.2f}% |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
