@@ -2,8 +2,9 @@
 temporary store, served by `mlflow server` on loopback, opened at the URLs regsweep prints.
 
 Chromium comes from Debian (`apt-get install -y chromium`), the driver is Playwright's Python package
-launched on that binary (Playwright's own browser download is never used). Without Chromium the tests that
-need it are skipped. Pages are waited for by `load` plus selectors, never network idle: the UI keeps polling.
+launched on that binary (Playwright's own browser download is never used). Without either, the module is
+skipped, saying which is missing. Pages are waited for by `load` plus selectors, never network idle: the UI
+keeps polling.
 
 `REGSWEEP_SCREENSHOTS=docs/images python -m pytest -m browser` also writes the README's screenshots there,
 from slightly larger runs so that the curves have several points.
@@ -33,9 +34,12 @@ from regsweep.tracking import viewing_hint
 
 from .conftest import REPO
 
-pytestmark = pytest.mark.browser
-
 CHROMIUM = "/usr/bin/chromium"
+# Skipped as a whole, before any run is made, where there is no browser to drive.
+pytest.importorskip("playwright", reason="Playwright's Python package is missing (pip install -e '.[test]')")
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                 reason=f"no Chromium at {CHROMIUM} (Debian: apt-get install -y chromium)")]
 DOCS_DIR = os.environ.get("REGSWEEP_SCREENSHOTS")
 # Tiny runs for the test (32 steps: enough for the runs to differ, so that the sort order is checkable);
 # for the README's pictures, enough images and epochs to draw curves.
@@ -52,63 +56,26 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def logged(tmp_path_factory) -> dict:
-    """A 3-trial `regsweep optimize` and two `regsweep train` runs in one temporary local store, with what
-    the commands printed."""
+def store(tmp_path_factory) -> tuple[Path, str]:
     root = tmp_path_factory.mktemp("ui-store")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    runner = CliRunner()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)  # MLflow puts a local store's artifacts under the working directory
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
-            mp.delenv(name, raising=False)
-        mlflow.set_tracking_uri(uri)
-        try:
-            sweep = runner.invoke(cli, ["optimize", *COMMON, "--trials", "3", "--storage",
-                                        f"sqlite:///{root / 'optuna.db'}", "--pruner", "none"])
-            assert sweep.exit_code == 0, sweep.output
-            trains = [runner.invoke(cli, ["train", *COMMON, "--l1", l1, "--l2", l2, "--log-model", "false",
-                                          "--experiment-name", "regsweep", "--quiet"])
-                      for l1, l2 in (("0", "0"), ("0.0005", "0"))]
-            for result in trains:
-                assert result.exit_code == 0, result.output
-        finally:
-            mlflow.set_tracking_uri(None)
-            os.environ.pop("MLFLOW_EXPERIMENT_ID", None)  # set_experiment exports it behind monkeypatch's back
-    experiment = MlflowClient(uri).get_experiment_by_name("regsweep")
-    runs = MlflowClient(uri).search_runs([experiment.experiment_id])
-    return {"root": root, "uri": uri, "experiment_id": experiment.experiment_id,
-            "sweep_hint": sweep.output.strip().splitlines()[-2:],
-            "train_hint": trains[0].output.strip().splitlines()[-2:],
-            "trials": {r.info.run_name[:9]: r for r in runs if "optuna.trial_number" in r.data.tags},
-            "runs": runs}
+    MlflowClient(uri).search_experiments()  # creates the tables before a second process opens the file
+    return root, uri
 
 
 @pytest.fixture(scope="module")
-def server(logged) -> str:
-    """`mlflow server` on the store the printed `mlflow ui` command names, on a free loopback port."""
-    command = logged["sweep_hint"][0].split("#")[0]
-    store = shlex.split(command)[shlex.split(command).index("--backend-store-uri") + 1]
-    root, port = logged["root"], free_port()
+def server_process(store):
+    """`mlflow server` on the store, on a free loopback port; started first, it boots while the runs train."""
+    root, uri = store
+    port = free_port()
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", store, "--artifacts-destination", str(root / "served-artifacts")],
+         "--backend-store-uri", uri, "--artifacts-destination", str(root / "served-artifacts")],
         cwd=root, env=env, stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    pytest.fail("mlflow server did not start: " + (root / "server.log").read_text()[-2000:])
-                time.sleep(0.5)
-        yield url
+        yield proc, f"http://127.0.0.1:{port}"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -120,11 +87,60 @@ def server(logged) -> str:
 
 
 @pytest.fixture(scope="module")
+def logged(store, server_process) -> dict:
+    """A 3-trial `regsweep optimize` and two `regsweep train` runs in the store, with what the commands
+    printed. (It asks for the server process only to have it booting meanwhile.)"""
+    root, uri = store
+    runner = CliRunner()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)  # MLflow puts a local store's artifacts under the working directory
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+            mp.delenv(name, raising=False)
+        mlflow.set_tracking_uri(uri)
+        try:
+            sweep = runner.invoke(cli, ["optimize", *COMMON, "--trials", "3", "--storage",
+                                        f"sqlite:///{root / 'optuna.db'}", "--pruner", "none"])
+            assert sweep.exit_code == 0, sweep.output
+            # Figures only where a test looks at them (the trials): drawing them is most of a tiny run.
+            trains = [runner.invoke(cli, ["train", *COMMON, "--l1", l1, "--l2", l2, "--log-model", "false",
+                                          "--log-images", "false", "--experiment-name", "regsweep", "--quiet"])
+                      for l1, l2 in (("0", "0"), ("0.0005", "0"))]
+            for result in trains:
+                assert result.exit_code == 0, result.output
+        finally:
+            mlflow.set_tracking_uri(None)
+            os.environ.pop("MLFLOW_EXPERIMENT_ID", None)  # set_experiment exports it behind monkeypatch's back
+    experiment = MlflowClient(uri).get_experiment_by_name("regsweep")
+    runs = MlflowClient(uri).search_runs([experiment.experiment_id])
+    return {"uri": uri, "experiment_id": experiment.experiment_id,
+            "sweep_hint": sweep.output.strip().splitlines()[-2:],
+            "trials": {r.info.run_name[:9]: r for r in runs if "optuna.trial_number" in r.data.tags},
+            "runs": runs}
+
+
+@pytest.fixture(scope="module")
+def server(server_process, logged, store) -> str:
+    """The server, up, serving the very store that the printed `mlflow ui` command names."""
+    proc, url = server_process
+    command = shlex.split(logged["sweep_hint"][0].split("#")[0])
+    assert command == ["mlflow", "ui", "--backend-store-uri", logged["uri"]]
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            return url
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail("mlflow server did not start: " + (store[0] / "server.log").read_text()[-2000:])
+            time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
 def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM} (Debian: apt-get install -y chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright's Python package is not installed")
-    playwright = sync_api.sync_playwright().start()
+    from playwright.sync_api import sync_playwright
+
+    playwright = sync_playwright().start()
     try:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM,
                                               args=["--headless", "--no-sandbox", "--disable-gpu"])
@@ -183,6 +199,8 @@ def test_the_experiment_opens_on_its_runs_table(page, logged, server, shots):
     page.wait_for_url(re.compile(rf"#/experiments/{logged['experiment_id']}/runs\b"))
     row(page, "study regsweep").wait_for()
     assert page.locator("input[value=TABLE]").is_checked()
+    tags = MlflowClient(logged["uri"]).get_experiment(logged["experiment_id"]).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"  # set by optimize and by train
     shoot(page, shots, "experiment.png")
 
 
