@@ -118,8 +118,10 @@ def train(experiment_name, quiet, **fields):
     MLFLOW_TRACKING_URI (MLflow's default: sqlite:///mlflow.db). Inside `mlflow run` it logs into the run
     MLflow created.
     """
+    from mlflow.tracking import MlflowClient
+
     from .data import DataError, load_mnist
-    from .tracking import TrackingError, check_tracking_uri, run_training, use_experiment
+    from .tracking import TrackingError, check_tracking_uri, run_training, use_experiment, viewing_hint
 
     try:
         cfg = build_config(fields)
@@ -142,6 +144,7 @@ def train(experiment_name, quiet, **fields):
     s = result.summary
     click.echo(f"run {run_id}: best val acc {100 * s['best_val_acc']:.2f}% at epoch {s['best_val_epoch']}, "
                f"test acc there {100 * s['test_acc_at_best_val']:.2f}% ({s['total_train_seconds']:.0f}s)")
+    click.echo(viewing_hint(MlflowClient().get_run(run_id).info.experiment_id, run_id))
 
 
 @cli.command()
@@ -192,7 +195,7 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
     """
     from .data import DataError, check_available
     from .sweep import SearchSpace, SweepSettings, open_storage, optimize as run_study, parse_grid, stack_size
-    from .tracking import TrackingError, check_tracking_uri
+    from .tracking import TrackingError, check_tracking_uri, viewing_hint
 
     try:
         base = build_config(fields)
@@ -230,6 +233,7 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
     if "best_value" in summary:
         click.echo(f"best trial {summary['best_trial']}: val acc {100 * summary['best_value']:.2f}% with "
                    f"l1={summary['best_l1']:.3g} l2={summary['best_l2']:.3g} (run {summary['best_run_id']})")
+    click.echo(viewing_hint(summary["experiment_id"]))
 
 
 def mark_project_run_failed(message: str) -> None:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import re
+import shlex
 import signal
 import time
 import urllib.error
@@ -54,14 +57,109 @@ def check_tracking_uri(uri: str | None = None) -> str:
 
 
 def use_experiment(name: str) -> str:
-    """mlflow.set_experiment, safe when several workers create the same experiment at the same moment."""
+    """mlflow.set_experiment, safe when several workers create the same experiment at the same moment;
+    the experiment is made to open on its runs (see `prepare_experiment`)."""
     try:
-        return mlflow.set_experiment(name).experiment_id
+        experiment_id = mlflow.set_experiment(name).experiment_id
     except mlflow.exceptions.MlflowException:
         existing = MlflowClient().get_experiment_by_name(name)  # another process created it first
         if existing is None:
             raise
-        return mlflow.set_experiment(experiment_id=existing.experiment_id).experiment_id
+        experiment_id = mlflow.set_experiment(experiment_id=existing.experiment_id).experiment_id
+    prepare_experiment(experiment_id)
+    return experiment_id
+
+
+# The experiment's kind as MLflow 3 records it: model training runs, not a GenAI app. UIs that go by it open
+# the experiment on its runs table instead of an empty traces overview; MLflow 3.17's own UI goes by its
+# GenAI / Model training switch instead, which the printed URLs set (see `viewing_hint`).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# A saved view of the runs page, stored the way MLflow 3.17's "Save & share view" stores one: an experiment
+# tag `mlflow.sharedViewState.<id>` holding a JSON envelope whose `state` is the page's serialized state.
+# The URL parameter `viewStateShareKey=<id>` opens it; it is the only way a URL can choose the columns.
+COMPARE_VIEW_ID = "regsweep-compare"
+COMPARE_VIEW_TAG = f"mlflow.sharedViewState.{COMPARE_VIEW_ID}"
+COMPARE_VIEW_NAME = "regsweep: best_val_acc first, with l1 and l2"
+COMPARE_VIEW_COLUMNS = ("params.`l1`", "params.`l2`", "metrics.`best_val_acc`", "metrics.`test_acc_at_best_val`",
+                        "metrics.`epochs_trained`", "tags.`regime`", "tags.`optuna.state`")
+# Chart sections in this order instead of MLflow's alphabetical one (penalty, speed, test, train, val,
+# weights): accuracy and loss first. Sections not named here (one per layer) are added after them.
+COMPARE_VIEW_SECTIONS = ("val", "train", "test", "penalty", "Model metrics", "speed", "weights/all",
+                         "System metrics")
+
+
+def compare_view_envelope(created_ms: int) -> str:
+    sections = [{"uuid": f"regsweep-{name.replace(' ', '-').replace('/', '-')}", "name": name, "display": True,
+                 "isReordered": False, "deleted": False, "isGenerated": True} for name in COMPARE_VIEW_SECTIONS]
+    state = {"orderByKey": "metrics.`best_val_acc`", "orderByAsc": False,
+             "selectedColumns": list(COMPARE_VIEW_COLUMNS),
+             # No charts yet: the UI fills every section with its metrics' charts, keeping the section order.
+             "compareRunCharts": [], "compareRunSections": sections, "isAccordionReordered": True}
+    return json.dumps({"name": COMPARE_VIEW_NAME, "createdAt": created_ms, "state": json.dumps(state)})
+
+
+def prepare_experiment(experiment_id: str) -> None:
+    """Tag an experiment so that the MLflow UI opens it on its runs, with a saved comparison view.
+
+    Tags already there are left alone: a view the user has edited and saved again stays theirs. Several
+    workers may arrive at once; a lost race to set a tag means the other one set it.
+    """
+    client = MlflowClient()
+    tags = client.get_experiment(experiment_id).tags
+    wanted = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, COMPARE_VIEW_TAG: compare_view_envelope(int(time.time() * 1000))}
+    for key, value in wanted.items():
+        if key in tags:
+            continue
+        try:
+            client.set_experiment_tag(experiment_id, key, value)
+        except mlflow.exceptions.MlflowException:
+            if key not in client.get_experiment(experiment_id).tags:
+                raise
+
+
+def viewing_hint(experiment_id: str, run_id: str | None = None) -> str:
+    """How to look at what was logged: for a local store the `mlflow ui` command that serves it, then the
+    URL of the run, or of the experiment's runs table opened on the saved comparison view."""
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        lines, base = [], uri.rstrip("/")
+    else:
+        # A comment, not prose, after the command: the line stays copy-pastable into a shell.
+        lines = [f"mlflow ui --backend-store-uri {shlex.quote(store_uri_for_ui(uri))}    # then open:"]
+        base = "http://127.0.0.1:5000"  # where `mlflow ui` listens by default
+    # MLflow 3.17's UI chooses between its GenAI pages and its model-training pages by a switch it
+    # remembers per browser (GenAI unless changed), not by the experiment's kind; the URL can set it.
+    query = "?workflowType=machine_learning"
+    if run_id:
+        lines.append(f"{base}/#/experiments/{experiment_id}/runs/{run_id}{query}")
+    else:
+        if has_compare_view(experiment_id):
+            query += f"&viewStateShareKey={COMPARE_VIEW_ID}"
+        lines.append(f"{base}/#/experiments/{experiment_id}/runs{query}")
+    return "\n".join(lines)
+
+
+def store_uri_for_ui(uri: str) -> str:
+    """The store as `mlflow ui` accepts it from any directory: relative SQLite and file paths made absolute,
+    passwords in database URLs masked (the hint is printed)."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = uri.removeprefix("sqlite:///")
+        return f"sqlite:///{Path(path).resolve()}" if path and path != ":memory:" else uri
+    if "://" not in uri:
+        return str(Path(uri.removeprefix("file:")).resolve())
+    if uri.startswith("file://"):
+        return uri
+    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", uri)
+
+
+def has_compare_view(experiment_id: str) -> bool:
+    """Whether the experiment holds the comparison view: a URL naming a view that is not there makes the
+    UI show an error instead of the runs."""
+    try:
+        return COMPARE_VIEW_TAG in MlflowClient().get_experiment(experiment_id).tags
+    except mlflow.exceptions.MlflowException:
+        return False
 
 
 def dataset_digest(data: MnistSplits) -> str:
@@ -97,6 +195,7 @@ def mlflow_run(cfg: TrainConfig, *, run_id: str | None = None, experiment_id: st
                                parent_run_id=parent_run_id, nested=parent_run_id is not None)
         run_id = run.info.run_id
         try:
+            prepare_experiment(run.info.experiment_id)  # also the one `mlflow run` or the default chose
             mlflow.set_tags({"regime": cfg.regime, "model": cfg.model, "norm": cfg.norm, **device_tags(cfg),
                              **(tags or {})})
             yield run

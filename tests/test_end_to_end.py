@@ -42,6 +42,8 @@ def test_mlflow_run_logs_a_complete_comparable_run(tracking_uri):
     assert run.info.status == "FINISHED"
     assert run.info.run_name == "cnn l1=1e-3 l2=5e-4 s1"
     assert run.data.tags["regime"] == "l1+l2"
+    # the experiment `mlflow run` chose is marked as model training, like every one regsweep logs into
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     p = run.data.params
     assert (p["l1"], p["l2"], p["model"], p["norm"], p["optimizer"]) == ("0.001", "0.0005", "cnn", "bn", "sgd")
     assert int(p["n_params"]) < 10_000 and (p["n_train"], p["n_val"], p["n_test"]) == ("1024", "512", "512")
