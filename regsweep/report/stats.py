@@ -70,7 +70,7 @@ def select_training_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, in
     left_out: dict[str, int] = {}
     if (kind == "foreign").any():
         left_out["not regsweep runs"] = int((kind == "foreign").sum())
-    training = label_configurations(runs[kind == "training"])
+    training = runs[kind == "training"]
     for status in ("FAILED", "KILLED", "RUNNING", "SCHEDULED"):
         n = int((training["status"] == status).sum())
         if n:
@@ -85,7 +85,9 @@ def select_training_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, in
     short = cut_short(finished)
     if short.any():
         left_out["pruned"] = int(short.sum())
-    finished = finished[~short].sort_values("start_time", ascending=False)
+    # Labelled after the unusable runs are gone: a failed run's missing params would otherwise count as a
+    # setting that varies, and lengthen every label.
+    finished = label_configurations(finished[~short]).sort_values("start_time", ascending=False)
     newest = finished.drop_duplicates(["configuration", "seed"])
     if len(newest) < len(finished):
         left_out["older duplicates of a configuration and seed"] = len(finished) - len(newest)
