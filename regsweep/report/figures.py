@@ -36,8 +36,8 @@ def shown(table: pd.DataFrame, always=()) -> list[str]:
 
 
 def colours(names: list[str]) -> dict[str, tuple]:
-    cmap = plt.get_cmap("tab10")
-    return {name: cmap(i % 10) for i, name in enumerate(names)}
+    palette = [plt.get_cmap("tab10")(i) for i in range(10) if i != 7]  # tab10's grey is the unnamed runs' colour
+    return {name: palette[i % len(palette)] for i, name in enumerate(names)}
 
 
 def coefficient_positions(values) -> tuple[dict[float, float], list[float], list[str]]:
