@@ -95,7 +95,8 @@ def test_verdicts_and_degenerate_spreads():
 
 def test_verdict_table_against_each_configurations_own_baseline():
     runs = frame(*(run_row(f"{n}{s}", l1, 0, s, norm=norm, test=t, best_val=t)
-                   for n, l1, norm, tests in (("a", 0, "bn", (0.90, 0.91, 0.92)), ("b", 0.001, "bn", (0.95, 0.96, 0.97)),
+                   for n, l1, norm, tests in (("a", 0, "bn", (0.90, 0.91, 0.92)),
+                                              ("b", 0.001, "bn", (0.95, 0.96, 0.97)),
                                               ("c", 0, "gbn", (0.80, 0.81, 0.82)), ("d", 0.001, "gbn", (0.5,)))
                    for s, t in zip((1, 2, 3), tests)))
     kept, _ = stats.select_training_runs(runs)

@@ -122,7 +122,8 @@ def draw(a: Analysis, predictions: dict[str, dict[str, np.ndarray]], include_unf
         for seed in seeds:
             p, q = predictions[by_seed[base][seed]], predictions[by_seed[best][seed]]
             f = stats.flips(p["true"], p["pred"], q["pred"])
-            rows.append({"seed": seed, "baseline": base, "best": best, "baseline_wrong": int((p["pred"] != p["true"]).sum()),
+            rows.append({"seed": seed, "baseline": base, "best": best,
+                         "baseline_wrong": int((p["pred"] != p["true"]).sum()),
                          "best_wrong": int((q["pred"] != q["true"]).sum()), "fixed": len(f["fixed"]),
                          "broken": len(f["broken"]), "both_wrong": len(f["both_wrong"])})
         a.flips = pd.DataFrame(rows)

@@ -190,7 +190,8 @@ def regularisation_path(values: pd.DataFrame) -> Figure:
             x = [pos[v] for v in path.index]
             cmap = plt.get_cmap("viridis")
             for i, name in enumerate(layer_names):
-                style = dict(color="black", lw=3) if name == "all" else dict(color=cmap(i / max(1, len(layer_names) - 1)))
+                shade = cmap(i / max(1, len(layer_names) - 1))
+                style = dict(color="black", lw=3) if name == "all" else dict(color=shade)
                 ax.plot(x, path[f"{name}/mean_abs"], marker="o", label=name, **style)
             ax.set_yscale("log")
             ax.set_xticks(ticks, labels)

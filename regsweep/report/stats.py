@@ -261,7 +261,13 @@ def configuration_table(values: pd.DataFrame) -> pd.DataFrame:
             else:
                 row[column] = group[column].mean()
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).sort_values(["l1", "l2", "configuration"], kind="stable").reset_index(drop=True)
+
+
+def coefficient_order(values: pd.DataFrame) -> list[str]:
+    """Configurations by L1, then L2, then label: 1e-3 after 1e-4, not before it as text would have it."""
+    first = values.groupby("configuration")[["l1", "l2"]].first().reset_index()
+    return first.sort_values(["l1", "l2", "configuration"], kind="stable")["configuration"].tolist()
 
 
 def parse_baseline(text: str) -> dict[str, str]:
@@ -319,7 +325,8 @@ def verdict_table(values: pd.DataFrame, baseline_of: pd.Series) -> pd.DataFrame:
     """Every configuration against its baseline: differences in test accuracy at the best-validation epoch
     (the verdict) and in best validation accuracy, each with 95% CI and p-value."""
     rows = []
-    for name, base in baseline_of.items():
+    for name in coefficient_order(values):
+        base = baseline_of.get(name)
         if not isinstance(base, str) or name == base:
             continue
         mine = values[values["configuration"] == name].set_index("seed")

@@ -75,8 +75,9 @@ def verdicts_for_people(verdicts: pd.DataFrame) -> pd.DataFrame:
             "p ": num(r["val_p"], 2),
             "test": r["test_used"],
         })
-    return pd.DataFrame(rows, columns=["configuration", "baseline", "n / n baseline", "Δ test acc at best val (points)",
-                                       "95% CI", "p", "verdict", "Δ best val acc (points)", "95% CI ", "p ", "test"])
+    columns = ["configuration", "baseline", "n / n baseline", "Δ test acc at best val (points)", "95% CI", "p",
+               "verdict", "Δ best val acc (points)", "95% CI ", "p ", "test"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def markdown(df: pd.DataFrame) -> str:
