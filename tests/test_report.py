@@ -183,6 +183,7 @@ def report(*args, expect=0):
     return result
 
 
+@pytest.mark.slow
 def test_study_report_tables_match_the_logged_metrics_and_files_land_on_the_parent(sweep):
     out = sweep["tmp"] / "study-report"
     result = report("--experiment-name", "rep", "--study-name", "pair", "--out", str(out))
@@ -219,6 +220,7 @@ def test_study_report_tables_match_the_logged_metrics_and_files_land_on_the_pare
     assert "![" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_experiment_report_counts_the_failed_run_and_logs_a_report_run(sweep):
     out = sweep["tmp"] / "experiment-report"
     result = report("--experiment-name", "rep", "--out", str(out), "--format", "json", "--include-unfinished")
@@ -235,6 +237,7 @@ def test_experiment_report_counts_the_failed_run_and_logs_a_report_run(sweep):
     assert "left out of the statistics: 1 FAILED\n" in again.output
 
 
+@pytest.mark.slow
 def test_runs_and_filter_select_and_one_seed_gives_no_verdict(sweep):
     client = MlflowClient()
     runs = training_runs(client, sweep["experiment_id"])
@@ -248,6 +251,7 @@ def test_runs_and_filter_select_and_one_seed_gives_no_verdict(sweep):
     assert "7_misclassification.png not drawn" in (sweep["tmp"] / "filtered" / "report.md").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--experiment-name", "nope"], "no MLflow experiment 'nope'"),
     (["--experiment-name", "rep", "--study-name", "nope"], "no study 'nope' in experiment 'rep' (studies there: pair)"),
@@ -290,6 +294,7 @@ def test_unreachable_tracking_server_exits_2(tmp_path, monkeypatch):
     assert not (tmp_path / "reports").exists()
 
 
+@pytest.mark.slow
 def test_compare_runs_notebook_runs(sweep, monkeypatch):
     """The notebook's code cells run top to bottom against the sweep above."""
     from .conftest import REPO
