@@ -9,11 +9,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from pathlib import Path
 
 import click
 
 from . import config as C
-from .config import PRUNERS, SAMPLERS, ConfigError, TrainConfig
+from .config import PRUNERS, REPORT_FORMATS, SAMPLERS, ConfigError, TrainConfig
 
 HELP = {
     "l1": "L1 coefficient: adds l1 * sum|w| over the penalised tensors to the loss (0 = off).",
@@ -234,6 +235,57 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
         click.echo(f"best trial {summary['best_trial']}: val acc {100 * summary['best_value']:.2f}% with "
                    f"l1={summary['best_l1']:.3g} l2={summary['best_l2']:.3g} (run {summary['best_run_id']})")
     click.echo(viewing_hint(summary["experiment_id"]))
+
+
+@cli.command()
+@click.option("--experiment-name", envvar="MLFLOW_EXPERIMENT_NAME", default="regsweep", show_default=True,
+              help="MLflow experiment to read (and of --study-name).")
+@click.option("--study-name", default=None, help="Report a study's runs: the trials under its parent run, "
+              "repeats grouped under their trial.")
+@click.option("--parent-run-id", default=None, help="Report the runs under this run (a study's parent run).")
+@click.option("--filter", "filter_string", default=None,
+              help="MLflow search filter narrowing the runs, e.g. \"params.model = 'cnn'\".")
+@click.option("--runs", default=None, help="Report exactly these runs: ID,ID,...")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for the report [default: reports/<study or experiment>/].")
+@click.option("--log-to-mlflow/--no-log-to-mlflow", default=True, show_default=True,
+              help="Also log the report's files under report/ of the study's parent run, or of a new run "
+                   "'report <experiment>' tagged regsweep.kind=report.")
+@click.option("--baseline", default=None, help="The configuration to compare against, by its settings, e.g. "
+              "\"l1=0 l2=0 norm=bn\" [default: l1 = l2 = 0 with otherwise the same settings].")
+@click.option("--format", "fmt", type=click.Choice(REPORT_FORMATS), default="table", show_default=True,
+              help="How the tables are printed (the files hold CSV, Markdown and JSON in any case).")
+@click.option("--include-unfinished", is_flag=True,
+              help="Draw the curves of failed, killed and running runs (never in the statistics).")
+def report(experiment_name, study_name, parent_run_id, filter_string, runs, out, log_to_mlflow, baseline, fmt,
+           include_unfinished):
+    """Compare runs: which regularisation, and is the difference real?
+
+    Groups the selected runs into configurations (every setting except the seed; n = seeds) and writes, to
+    --out: a table per configuration (best validation accuracy and the test accuracy at that epoch, mean ±
+    sd and 95% CI, and the course notebooks' summary, labelled as such), a verdict per configuration against
+    the baseline (difference, 95% CI, p-value of a paired t-test over matching seeds or Welch's test, and
+    better / worse / not distinguishable at 0.05; "one seed: no verdict" below two seeds), eight figures and
+    report.md. Failed, killed and running runs are counted, not used.
+    """
+    from .report import ReportError, Selection, make_report
+    from .report.command import left_out_line, people_tables
+    from .report.tables import render
+    from .tracking import TrackingError, check_tracking_uri
+
+    try:
+        check_tracking_uri()
+        ids = tuple(i.strip() for i in runs.split(",") if i.strip()) if runs is not None else ()
+        if runs is not None and not ids:
+            raise ReportError("--runs needs run ids: ID,ID,...")
+        selection = Selection(experiment_name, study_name, parent_run_id, filter_string, ids).check()
+        analysis, folder, logged = make_report(selection, out, baseline, include_unfinished, log_to_mlflow)
+    except (ReportError, TrackingError) as exc:
+        raise UsageFailure(str(exc)) from None
+    click.echo(render(people_tables(analysis), fmt))
+    click.echo(left_out_line(analysis))
+    where = f"; logged under report/ of run {logged}" if logged else ""
+    click.echo(f"report: {folder / 'report.md'} ({len(analysis.figures)} figures){where}")
 
 
 def mark_project_run_failed(message: str) -> None:

@@ -22,6 +22,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PENALIZE = ("weights", "all")
 SAMPLERS = ("tpe", "random", "grid")  # for regsweep optimize
 PRUNERS = ("median", "hyperband", "none")
+REPORT_FORMATS = ("table", "markdown", "csv", "json")  # what regsweep report prints
 
 
 class ConfigError(ValueError):

@@ -34,6 +34,9 @@ from .regularization import weight_layers
 from .training import FitResult, confusion_matrix, fit, new_model, per_class_metrics, predict
 
 
+PREDICTIONS = "predictions/test_pred.json"  # artifact of every run, read back by the report
+
+
 class TrackingError(RuntimeError):
     """The tracking store cannot be used; raised before any run is created."""
 
@@ -270,6 +273,9 @@ def log_outcome(cfg: TrainConfig, result: FitResult, data: MnistSplits) -> None:
                    f"{s['best_val_epoch']}, test accuracy there {100 * s['test_acc_at_best_val']:.2f}% "
                    f"({s['epochs_trained']} epochs{'; ' + result.stop_reason if result.stop_reason else ''}).")
     mlflow.log_table(pd.DataFrame(per_class), artifact_file="per_class_metrics.json")
+    # Test labels and predictions of the selected weights, so that a report can compare two runs image by
+    # image (which digits one gets right and the other wrong); 10k small ints are a few kB of JSON.
+    mlflow.log_dict({"true": data.test.y.tolist(), "pred": pred.tolist()}, PREDICTIONS)
     if cfg.log_images:
         figures = {
             "misclassified.png": plots.misclassified_grid(data.test.x, data.test.y, pred),

@@ -1,0 +1,390 @@
+"""The report's maths: plain functions from DataFrames to DataFrames, tested on hand-made frames.
+
+`runs` is MLflow's `search_runs` frame (`run_id`, `status`, `start_time`, `params.*`, `metrics.*`, `tags.*`);
+`histories` is a long frame with columns run_id, key, step, value. A *configuration* is every setting of a
+run except its seed; its runs are its seeds. Comparisons against a baseline use a paired t-test when both
+sides ran the same seeds (the seed fixes initialisation, batch order and augmentation, so the pair shares its
+luck) and Welch's t-test otherwise; with fewer than two seeds on a side there is no verdict.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shlex
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+ALPHA = 0.05  # significance level of the verdicts
+NO_VERDICT = "one seed: no verdict"
+
+# Params that say how or where a run was executed, or that follow from other settings; they do not make a
+# different configuration. (device: a GPU and a CPU run of one configuration differ by float rounding only.)
+NOT_SETTINGS = ("seed", "data_dir", "download", "log_model", "log_images", "threads", "compile", "device",
+                "cuda_graph", "n_params", "n_train", "n_val", "n_test")
+# Params every regsweep training run logs; a run without them is not one.
+REQUIRED_PARAMS = ("l1", "l2", "seed", "model")
+# Runs regsweep itself creates that are not training runs: study parents, report runs, and the trial runs
+# that hold a configuration's seeds under `--repeats`.
+STRUCTURE_KINDS = ("study", "report")
+
+
+# ---------------------------------------------------------------- which runs count
+
+
+def classify_runs(runs: pd.DataFrame) -> pd.Series:
+    """One word per run: 'training', 'structure' (sweep parents, repeat holders, reports) or 'foreign'."""
+    def column(name: str) -> pd.Series:
+        return runs[name] if name in runs else pd.Series(np.nan, index=runs.index)
+
+    has_params = pd.concat([column(f"params.{p}").notna() for p in REQUIRED_PARAMS], axis=1).all(axis=1)
+    structure = column("tags.regsweep.kind").isin(STRUCTURE_KINDS) | column("tags.optuna.trial_number").notna()
+    return pd.Series(np.where(has_params, "training", np.where(structure, "structure", "foreign")),
+                     index=runs.index)
+
+
+def cut_short(runs: pd.DataFrame) -> pd.Series:
+    """FINISHED runs that a pruner stopped before their last epoch: fewer epochs than the others, so their
+    best accuracies are not comparable. (Early stopping on patience is part of the recipe and counts.)"""
+    reason = runs.get("tags.regsweep.stop_reason", pd.Series("", index=runs.index)).fillna("").astype(str)
+    trained = pd.to_numeric(runs.get("metrics.epochs_trained"), errors="coerce")
+    planned = pd.to_numeric(runs.get("params.epochs"), errors="coerce")
+    return reason.str.startswith("pruned") & (trained < planned)
+
+
+def setting_columns(runs: pd.DataFrame) -> list[str]:
+    return sorted(c for c in runs.columns
+                  if c.startswith("params.") and c.removeprefix("params.") not in NOT_SETTINGS)
+
+
+def select_training_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The runs the statistics use, with a `configuration` label and a numeric `seed`, and what was left out.
+
+    Left out, each counted by reason: FAILED, KILLED and RUNNING runs; runs a pruner cut short; runs that are
+    not regsweep's; and older repeats of the same configuration and seed (the newest one counts, so that a
+    configuration's n is its number of seeds).
+    """
+    kind = classify_runs(runs)
+    left_out: dict[str, int] = {}
+    if (kind == "foreign").any():
+        left_out["not regsweep runs"] = int((kind == "foreign").sum())
+    training = runs[kind == "training"]
+    for status in ("FAILED", "KILLED", "RUNNING", "SCHEDULED"):
+        n = int((training["status"] == status).sum())
+        if n:
+            left_out[status] = n
+    finished = training[training["status"] == "FINISHED"]
+    if "metrics.best_val_acc" in finished:
+        finished = finished[finished["metrics.best_val_acc"].notna()]
+    else:
+        finished = finished.iloc[:0]
+    if n := len(training) - (training["status"] != "FINISHED").sum() - len(finished):
+        left_out["without a summary"] = int(n)
+    short = cut_short(finished)
+    if short.any():
+        left_out["pruned"] = int(short.sum())
+    # Labelled after the unusable runs are gone: a failed run's missing params would otherwise count as a
+    # setting that varies, and lengthen every label.
+    finished = label_configurations(finished[~short]).sort_values("start_time", ascending=False)
+    newest = finished.drop_duplicates(["configuration", "seed"])
+    if len(newest) < len(finished):
+        left_out["older duplicates of a configuration and seed"] = len(finished) - len(newest)
+    return newest.sort_values(["configuration", "seed"]).reset_index(drop=True), left_out
+
+
+def label_configurations(runs: pd.DataFrame) -> pd.DataFrame:
+    """Add `seed`, `l1`, `l2` as numbers and `configuration`: l1 and l2, plus every other setting that
+    differs between the runs (e.g. 'l1=1e-3 l2=0 norm=gbn')."""
+    from ..config import fmt_coef
+
+    runs = runs.copy()
+    columns = setting_columns(runs)
+    settings = runs[columns].fillna("").astype(str) if columns else pd.DataFrame(index=runs.index)
+    varying = [c for c in columns if settings[c].nunique() > 1 and c not in ("params.l1", "params.l2")]
+    runs["seed"] = pd.to_numeric(runs["params.seed"], errors="coerce").astype("Int64")
+    runs["l1"] = pd.to_numeric(runs["params.l1"], errors="coerce")
+    runs["l2"] = pd.to_numeric(runs["params.l2"], errors="coerce")
+    labels = [f"l1={fmt_coef(l1)} l2={fmt_coef(l2)}" for l1, l2 in zip(runs["l1"], runs["l2"])]
+    for c in varying:
+        labels = [f"{label} {c.removeprefix('params.')}={value}" for label, value in zip(labels, settings[c])]
+    runs["configuration"] = labels
+    return runs
+
+
+def settings_of(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration: its settings (as logged, strings) except l1 and l2, and l1, l2 as numbers."""
+    columns = [c for c in setting_columns(runs) if c not in ("params.l1", "params.l2")]
+    first = runs.groupby("configuration", sort=True).first()
+    return first[["l1", "l2", *columns]].fillna("")
+
+
+# ---------------------------------------------------------------- mean, spread, comparison
+
+
+def mean_ci(values, level: float = 0.95) -> dict[str, float]:
+    """n, mean, sample sd and the t-interval for the mean (sd and interval NaN for a single value)."""
+    x = np.asarray(pd.Series(values).dropna(), dtype=float)
+    n = len(x)
+    if n == 0:
+        return {"n": 0, "mean": math.nan, "sd": math.nan, "ci_low": math.nan, "ci_high": math.nan}
+    mean = float(x.mean())
+    if n == 1:
+        return {"n": 1, "mean": mean, "sd": math.nan, "ci_low": math.nan, "ci_high": math.nan}
+    sd = float(x.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+    return {"n": n, "mean": mean, "sd": sd, "ci_low": mean - half, "ci_high": mean + half}
+
+
+def compare(values: pd.Series, baseline: pd.Series, level: float = 0.95) -> dict:
+    """Difference of means (values - baseline), its confidence interval, the p-value and the test used.
+
+    Both Series are indexed by seed. Paired t-test when both ran exactly the same seeds, Welch's t-test
+    otherwise; with fewer than two seeds on either side only the difference is given.
+    """
+    a, b = values.dropna().astype(float), baseline.dropna().astype(float)
+    out = {"diff": float(a.mean() - b.mean()) if len(a) and len(b) else math.nan,
+           "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan, "test": ""}
+    if len(a) < 2 or len(b) < 2:
+        return out
+    q = 0.5 + level / 2
+    if a.index.is_unique and b.index.is_unique and set(a.index) == set(b.index):
+        d = (a - b.reindex(a.index)).to_numpy()
+        n, sd = len(d), d.std(ddof=1)
+        half = stats.t.ppf(q, n - 1) * sd / math.sqrt(n)
+        p = degenerate_p(d.mean()) if sd == 0 else stats.ttest_rel(a, b.reindex(a.index)).pvalue
+        out |= {"test": "paired t"}
+    else:
+        va, vb, na, nb = a.var(ddof=1), b.var(ddof=1), len(a), len(b)
+        se = math.sqrt(va / na + vb / nb)
+        if se == 0:
+            half, p = 0.0, degenerate_p(out["diff"])
+        else:
+            df = se ** 4 / ((va / na) ** 2 / (na - 1) + (vb / nb) ** 2 / (nb - 1))  # Welch-Satterthwaite
+            half = stats.t.ppf(q, df) * se
+            p = stats.ttest_ind(a, b, equal_var=False).pvalue
+        out |= {"test": "Welch t"}
+    return out | {"ci_low": out["diff"] - half, "ci_high": out["diff"] + half, "p_value": float(p)}
+
+
+def degenerate_p(diff: float) -> float:
+    """No spread at all: identical results are indistinguishable, a constant non-zero shift is certain."""
+    return 1.0 if diff == 0 else 0.0
+
+
+def verdict(diff: float, p_value: float, n: int, n_baseline: int, alpha: float = ALPHA) -> str:
+    if n < 2 or n_baseline < 2:
+        return NO_VERDICT
+    if p_value < alpha:
+        return "better" if diff > 0 else "worse"
+    return "not distinguishable"
+
+
+# ---------------------------------------------------------------- per-run values read off the histories
+
+
+def history_frame(histories: pd.DataFrame, key: str) -> pd.DataFrame:
+    """One metric's history as a step x run_id table."""
+    rows = histories[histories["key"] == key]
+    return rows.pivot_table(index="step", columns="run_id", values="value", aggfunc="last")
+
+
+def at_selected_epoch(runs: pd.DataFrame, histories: pd.DataFrame, key: str) -> pd.Series:
+    """`key` at each run's best-validation epoch, by run_id. A run's last logged value (the search frame)
+    stands in where its history was not fetched, which the fetcher skips when the best epoch is the last."""
+    latest = runs.set_index("run_id").get(f"metrics.{key}", pd.Series(np.nan, index=runs["run_id"]))
+    epochs = runs.set_index("run_id")["metrics.best_val_epoch"]
+    table = history_frame(histories, key)
+    out = latest.astype(float).copy()
+    for run_id, epoch in epochs.items():
+        if run_id in table and epoch in table.index and not math.isnan(table.at[epoch, run_id]):
+            out[run_id] = table.at[epoch, run_id]
+    return out
+
+
+def layers(runs: pd.DataFrame) -> list[str]:
+    """Weight layers named in the runs' metrics: conv1, conv2, ..., other names, the head, then 'all'."""
+    names = {c.split("/")[1] for c in runs.columns if c.startswith("metrics.weights/") and c.endswith("/mean_abs")}
+
+    def order(name: str):
+        return (name == "all", name == "head", [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)])
+
+    return sorted(names, key=order)
+
+
+def per_run(runs: pd.DataFrame, histories: pd.DataFrame) -> pd.DataFrame:
+    """The numbers the tables and figures use, one row per run (index run_id)."""
+    r = runs.set_index("run_id")
+    metric = lambda name: pd.to_numeric(r.get(f"metrics.{name}"), errors="coerce")  # noqa: E731
+    out = pd.DataFrame({"configuration": r["configuration"], "seed": r["seed"], "l1": r["l1"], "l2": r["l2"]})
+    for name in ("best_val_acc", "best_val_epoch", "test_acc_at_best_val", "test_loss_at_best_val",
+                 "best_test_acc", "best_test_epoch", "final_val_loss", "epochs_trained", "total_train_seconds"):
+        out[name] = metric(name)
+    out["final_train_loss"] = metric("train/loss")  # the last logged value is the final epoch's
+    out["final_test_loss"] = metric("test/loss")
+    train_acc = history_frame(histories, "train/acc")
+    out["max_train_acc"] = train_acc.max().reindex(out.index)
+    out["max_train_epoch"] = train_acc.idxmax().reindex(out.index)
+    out["n_params"] = pd.to_numeric(r.get("params.n_params"), errors="coerce")
+    out["epoch_seconds"] = out["total_train_seconds"] / out["epochs_trained"]
+    for layer in layers(runs):
+        for stat in ("mean_abs", "frac_small"):
+            out[f"{layer}/{stat}"] = at_selected_epoch(runs, histories, f"weights/{layer}/{stat}")
+    return out
+
+
+# ---------------------------------------------------------------- tables
+
+
+SUMMARISED = {  # column of per_run -> how the configuration table reports it
+    "best_val_acc": "ci", "best_val_epoch": "mean", "test_acc_at_best_val": "ci", "best_test_acc": "mean",
+    "best_test_epoch": "mean", "max_train_acc": "mean", "max_train_epoch": "mean", "final_train_loss": "mean",
+    "final_val_loss": "mean", "final_test_loss": "mean", "n_params": "mean", "epoch_seconds": "mean",
+    "all/frac_small": "mean",
+}
+
+
+def configuration_table(values: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration: n seeds; mean, sd and 95% CI of the selection and the honest test numbers;
+    means of the rest (the notebooks' summary: max test and train accuracy and their epochs)."""
+    rows = []
+    for name, group in values.groupby("configuration", sort=True):
+        row = {"configuration": name, "l1": group["l1"].iloc[0], "l2": group["l2"].iloc[0], "n": len(group),
+               "seeds": ",".join(str(s) for s in sorted(group["seed"].dropna()))}
+        for column, how in SUMMARISED.items():
+            if column not in group:
+                continue
+            if how == "ci":
+                summary = mean_ci(group[column])
+                row |= {f"{column}_{k}": v for k, v in summary.items() if k != "n"}
+            else:
+                row[column] = group[column].mean()
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values(["l1", "l2", "configuration"], kind="stable").reset_index(drop=True)
+
+
+def coefficient_order(values: pd.DataFrame) -> list[str]:
+    """Configurations by L1, then L2, then label: 1e-3 after 1e-4, not before it as text would have it."""
+    first = values.groupby("configuration")[["l1", "l2"]].first().reset_index()
+    return first.sort_values(["l1", "l2", "configuration"], kind="stable")["configuration"].tolist()
+
+
+def parse_baseline(text: str) -> dict[str, str]:
+    """'l1=0 l2=0 norm=gbn' -> {'l1': '0', 'l2': '0', 'norm': 'gbn'}."""
+    spec = {}
+    for part in shlex.split(text):
+        key, sep, value = part.partition("=")
+        if not sep or not key or not value:
+            raise ValueError(f"--baseline expects settings like \"l1=0 l2=0\", got {part!r}")
+        spec[key.strip()] = value.strip()
+    if not spec:
+        raise ValueError("--baseline is empty; expected settings like \"l1=0 l2=0\"")
+    return spec
+
+
+def same_value(logged: str, wanted: str) -> bool:
+    try:
+        return float(logged) == float(wanted)
+    except ValueError:
+        return str(logged).lower() == wanted.lower()
+
+
+def baselines(settings: pd.DataFrame, spec: dict[str, str] | None = None) -> pd.Series:
+    """Each configuration's baseline (index and values are configuration labels; NaN where there is none).
+
+    Default: the configuration with l1 = l2 = 0 and otherwise the same settings. With `spec`, the one
+    configuration whose settings match it, for every configuration; ValueError unless exactly one matches.
+    """
+    if spec:
+        def matches(row) -> bool:
+            for key, wanted in spec.items():
+                logged = row.get(key, row.get(f"params.{key}"))
+                if logged is None or (isinstance(logged, float) and math.isnan(logged)) or not same_value(
+                        str(logged), wanted):
+                    return False
+            return True
+
+        unknown = [k for k in spec if k not in settings.columns and f"params.{k}" not in settings.columns]
+        if unknown:
+            raise ValueError(f"--baseline names unknown setting(s) {', '.join(unknown)}")
+        hits = [name for name, row in settings.iterrows() if matches(row)]
+        if len(hits) != 1:
+            found = "no configuration" if not hits else f"{len(hits)} configurations ({'; '.join(hits)})"
+            raise ValueError(f"--baseline {' '.join(f'{k}={v}' for k, v in spec.items())} matches {found}; "
+                             f"configurations: {'; '.join(settings.index)}")
+        return pd.Series(hits[0], index=settings.index)
+    others = [c for c in settings.columns if c not in ("l1", "l2")]
+    zero = settings[(settings["l1"] == 0) & (settings["l2"] == 0)]
+    key = lambda row: tuple(row[c] for c in others)  # noqa: E731
+    by_rest = {key(row): name for name, row in zero.iterrows()}
+    return pd.Series({name: by_rest.get(key(row), np.nan) for name, row in settings.iterrows()}, dtype=object)
+
+
+def verdict_table(values: pd.DataFrame, baseline_of: pd.Series) -> pd.DataFrame:
+    """Every configuration against its baseline: differences in test accuracy at the best-validation epoch
+    (the verdict) and in best validation accuracy, each with 95% CI and p-value."""
+    rows = []
+    for name in coefficient_order(values):
+        base = baseline_of.get(name)
+        if not isinstance(base, str) or name == base:
+            continue
+        mine = values[values["configuration"] == name].set_index("seed")
+        theirs = values[values["configuration"] == base].set_index("seed")
+        row = {"configuration": name, "baseline": base, "n": len(mine), "n_baseline": len(theirs)}
+        for column, prefix in (("test_acc_at_best_val", "test"), ("best_val_acc", "val")):
+            c = compare(mine[column], theirs[column])
+            row |= {f"{prefix}_diff": c["diff"], f"{prefix}_ci_low": c["ci_low"], f"{prefix}_ci_high": c["ci_high"],
+                    f"{prefix}_p": c["p_value"]}
+            row[f"{prefix}_verdict"] = verdict(c["diff"], c["p_value"], len(mine), len(theirs))
+            row["test_used"] = c["test"]
+        rows.append(row)
+    columns = ["configuration", "baseline", "n", "n_baseline", "test_diff", "test_ci_low", "test_ci_high", "test_p",
+               "test_verdict", "val_diff", "val_ci_low", "val_ci_high", "val_p", "val_verdict", "test_used"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def best_configuration(table: pd.DataFrame, exclude=()) -> str | None:
+    """The configuration with the highest mean best validation accuracy (selection never looks at test)."""
+    candidates = table[~table["configuration"].isin(exclude)]
+    if candidates.empty:
+        return None
+    return str(candidates.loc[candidates["best_val_acc_mean"].idxmax(), "configuration"])
+
+
+# ---------------------------------------------------------------- fronts and flips
+
+
+def pareto_front(x, y) -> np.ndarray:
+    """True for points no other point beats in both x and y (both maximised); NaN points are never on it."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    ok = ~(np.isnan(x) | np.isnan(y))
+    front = np.zeros(len(x), dtype=bool)
+    for i in np.flatnonzero(ok):
+        dominated = ok & (x >= x[i]) & (y >= y[i]) & ((x > x[i]) | (y > y[i]))
+        front[i] = not dominated.any()
+    return front
+
+
+def flips(true, baseline_pred, other_pred) -> dict[str, np.ndarray]:
+    """Test images by index: `fixed` (the baseline wrong, the other right), `broken` (the reverse), and
+    `both_wrong`."""
+    true, a, b = (np.asarray(v) for v in (true, baseline_pred, other_pred))
+    if not (true.shape == a.shape == b.shape):
+        raise ValueError(f"predictions of different test sets: {a.shape} vs {b.shape} vs {true.shape} labels")
+    wrong_a, wrong_b = a != true, b != true
+    return {"fixed": np.flatnonzero(wrong_a & ~wrong_b), "broken": np.flatnonzero(~wrong_a & wrong_b),
+            "both_wrong": np.flatnonzero(wrong_a & wrong_b)}
+
+
+def band(histories: pd.DataFrame, values: pd.DataFrame, key: str) -> dict[str, pd.DataFrame]:
+    """Per configuration: mean and sd over its seeds of `key` by epoch (columns mean, sd, n)."""
+    table = history_frame(histories, key)
+    out = {}
+    for name, group in values.groupby("configuration", sort=True):
+        cols = [r for r in group.index if r in table]
+        if cols:
+            sub = table[cols]
+            out[name] = pd.DataFrame({"mean": sub.mean(axis=1), "sd": sub.std(axis=1, ddof=1),
+                                      "n": sub.notna().sum(axis=1)})
+    return out

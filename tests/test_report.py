@@ -1,0 +1,319 @@
+"""regsweep report: the statistics on hand-made frames with known answers, then the command on a small real
+sweep (two configurations x two seeds, a baseline among them) in a temporary MLflow store, and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from regsweep.cli import cli
+from regsweep.report import stats
+from regsweep.report.command import FIGURES
+
+# ---------------------------------------------------------------- pure functions, known answers
+
+
+def run_row(run_id, l1, l2, seed, status="FINISHED", norm="bn", best_val=0.9, test=0.9, start=0, **extra):
+    return {"run_id": run_id, "status": status, "start_time": pd.Timestamp(start, unit="s"),
+            "params.l1": str(l1), "params.l2": str(l2), "params.seed": str(seed), "params.model": "cnn",
+            "params.norm": norm, "params.epochs": "3", "params.data_dir": f"/somewhere/{run_id}",
+            "metrics.best_val_acc": best_val, "metrics.test_acc_at_best_val": test, "metrics.best_val_epoch": 3,
+            "metrics.epochs_trained": 3, **extra}
+
+
+def frame(*rows) -> pd.DataFrame:
+    return pd.DataFrame(rows)
+
+
+def test_runs_group_by_every_setting_but_seed_and_the_unusable_are_counted():
+    runs = frame(
+        run_row("a1", 0, 0, 1), run_row("a2", 0, 0, 2),
+        run_row("b1", 0.001, 0, 1), run_row("b2", 0.001, 0, 2, start=5),
+        run_row("b2-old", 0.001, 0, 2, start=1),  # an older repeat of the same seed: the newest counts
+        run_row("c1", 0.001, 0, 1, norm="gbn"),
+        run_row("f1", 0, 0, 3, status="FAILED"), run_row("k1", 0, 0, 4, status="KILLED"),
+        run_row("r1", 0, 0, 5, status="RUNNING"),
+        run_row("p1", 0, 0, 6, **{"tags.regsweep.stop_reason": "pruned by median pruner at epoch 1",
+                                   "metrics.epochs_trained": 1}),
+        {"run_id": "study", "status": "FINISHED", "tags.regsweep.kind": "study", "params.seed": "1"},
+        {"run_id": "other", "status": "FINISHED", "params.alpha": "3"},
+    )
+    kept, left_out = stats.select_training_runs(runs)
+    assert left_out == {"not regsweep runs": 1, "FAILED": 1, "KILLED": 1, "RUNNING": 1, "pruned": 1,
+                        "older duplicates of a configuration and seed": 1}
+    # data_dir differs on every run and is not a setting; norm is, and appears in the label because it varies
+    assert dict(kept.groupby("configuration")["run_id"].apply(sorted)) == {
+        "l1=0 l2=0 norm=bn": ["a1", "a2"], "l1=1e-3 l2=0 norm=bn": ["b1", "b2"], "l1=1e-3 l2=0 norm=gbn": ["c1"]}
+
+
+def test_mean_and_t_interval():
+    s = stats.mean_ci([1.0, 2.0, 3.0])
+    # t(0.975, 2 df) = 4.302652729749464; sd = 1
+    assert (s["n"], s["mean"], s["sd"]) == (3, 2.0, 1.0)
+    assert s["ci_low"] == pytest.approx(2 - 4.302652729749464 / math.sqrt(3))
+    assert s["ci_high"] == pytest.approx(2 + 4.302652729749464 / math.sqrt(3))
+    one = stats.mean_ci([0.5])
+    assert one["mean"] == 0.5 and math.isnan(one["sd"]) and math.isnan(one["ci_low"])
+
+
+def test_matching_seeds_are_paired_others_use_welch():
+    a = pd.Series([1.0, 2.0, 3.0], index=[1, 2, 3])
+    b = pd.Series([0.0, 1.0, 1.0], index=[1, 2, 3])
+    paired = stats.compare(a, b)
+    # differences 1, 1, 2: t = 4 on 2 df, whose two-sided p is 1 - t / sqrt(2 + t^2) in closed form
+    assert paired["test"] == "paired t" and paired["diff"] == pytest.approx(4 / 3)
+    assert paired["p_value"] == pytest.approx(1 - 4 / math.sqrt(18))
+    welch = stats.compare(a, b.set_axis([4, 5, 6]))
+    # variances 1 and 1/3: se = 2/3, t = 2, Welch-Satterthwaite df = (4/9)^2 / ((1/3)^2/2 + (1/9)^2/2) = 3.2
+    from scipy import stats as st
+    assert welch["test"] == "Welch t"
+    assert welch["p_value"] == pytest.approx(2 * st.t.sf(2.0, 3.2))
+    assert welch["ci_high"] - welch["diff"] == pytest.approx(st.t.ppf(0.975, 3.2) * 2 / 3)
+    # different seeds on each side (not the same set) also fall back to Welch
+    assert stats.compare(a, b.set_axis([1, 2, 4]))["test"] == "Welch t"
+
+
+def test_verdicts_and_degenerate_spreads():
+    assert stats.verdict(0.01, 0.001, 3, 3) == "better"
+    assert stats.verdict(-0.01, 0.001, 3, 3) == "worse"
+    assert stats.verdict(0.01, 0.2, 3, 3) == "not distinguishable"
+    assert stats.verdict(0.05, 0.0, 1, 3) == stats.verdict(0.05, 0.0, 3, 1) == "one seed: no verdict"
+    same = stats.compare(pd.Series([0.9, 0.8], index=[1, 2]), pd.Series([0.9, 0.8], index=[1, 2]))
+    assert same["p_value"] == 1.0 and same["diff"] == 0
+    shifted = stats.compare(pd.Series([0.91, 0.81], index=[1, 2]), pd.Series([0.9, 0.8], index=[1, 2]))
+    assert shifted["p_value"] == 0.0 and shifted["ci_low"] == pytest.approx(0.01)
+    single = stats.compare(pd.Series([0.95], index=[1]), pd.Series([0.9, 0.8], index=[1, 2]))
+    assert single["diff"] == pytest.approx(0.1) and math.isnan(single["p_value"]) and single["test"] == ""
+
+
+def test_verdict_table_against_each_configurations_own_baseline():
+    runs = frame(*(run_row(f"{n}{s}", l1, 0, s, norm=norm, test=t, best_val=t)
+                   for n, l1, norm, tests in (("a", 0, "bn", (0.90, 0.91, 0.92)),
+                                              ("b", 0.001, "bn", (0.95, 0.96, 0.97)),
+                                              ("c", 0, "gbn", (0.80, 0.81, 0.82)), ("d", 0.001, "gbn", (0.5,)))
+                   for s, t in zip((1, 2, 3), tests)))
+    kept, _ = stats.select_training_runs(runs)
+    base = stats.baselines(stats.settings_of(kept))
+    assert dict(base) == {"l1=0 l2=0 norm=bn": "l1=0 l2=0 norm=bn", "l1=1e-3 l2=0 norm=bn": "l1=0 l2=0 norm=bn",
+                          "l1=0 l2=0 norm=gbn": "l1=0 l2=0 norm=gbn", "l1=1e-3 l2=0 norm=gbn": "l1=0 l2=0 norm=gbn"}
+    values = stats.per_run(kept, pd.DataFrame(columns=["run_id", "key", "step", "value"]))
+    table = stats.verdict_table(values, base).set_index("configuration")
+    b = table.loc["l1=1e-3 l2=0 norm=bn"]
+    assert b["test_diff"] == pytest.approx(0.05) and b["test_p"] == 0.0 and b["test_verdict"] == "better"
+    assert b["test_used"] == "paired t"
+    assert table.loc["l1=1e-3 l2=0 norm=gbn", "test_verdict"] == "one seed: no verdict"
+    assert len(table) == 2  # baselines are not compared with themselves
+
+    chosen = stats.baselines(stats.settings_of(kept), stats.parse_baseline("l1=0 l2=0 norm=gbn"))
+    assert set(chosen) == {"l1=0 l2=0 norm=gbn"}
+    with pytest.raises(ValueError, match="matches 2 configurations"):
+        stats.baselines(stats.settings_of(kept), stats.parse_baseline("l1=0"))
+    with pytest.raises(ValueError, match="unknown setting"):
+        stats.baselines(stats.settings_of(kept), {"colour": "red"})
+    assert stats.best_configuration(stats.configuration_table(values), exclude=set(base)) == "l1=1e-3 l2=0 norm=bn"
+
+
+def test_values_at_the_selected_epoch_come_from_the_history():
+    runs = frame(run_row("a", 0, 0, 1, **{"metrics.best_val_epoch": 2, "metrics.weights/all/frac_small": 0.3}),
+                 run_row("b", 0, 0, 2, **{"metrics.weights/all/frac_small": 0.4}))
+    histories = pd.DataFrame([("a", "weights/all/frac_small", s, v) for s, v in ((1, 0.1), (2, 0.2), (3, 0.3))],
+                             columns=["run_id", "key", "step", "value"])
+    picked = stats.at_selected_epoch(runs, histories, "weights/all/frac_small")
+    assert dict(picked) == {"a": 0.2, "b": 0.4}  # b's best epoch is its last: the latest value is the one
+
+
+def test_pareto_front_and_flips():
+    front = stats.pareto_front([0, 1, 0.5, 0.2, np.nan, 1], [1, 0, 0.5, 0.2, 1, 0])
+    assert front.tolist() == [True, True, True, False, False, True]  # ties are both on the front
+    f = stats.flips([0, 1, 2, 3, 4], [0, 0, 2, 0, 4], [0, 1, 1, 0, 4])
+    assert f["fixed"].tolist() == [1] and f["broken"].tolist() == [2] and f["both_wrong"].tolist() == [3]
+    with pytest.raises(ValueError, match="different test sets"):
+        stats.flips([0, 1], [0, 1, 2], [0, 1])
+
+
+# ---------------------------------------------------------------- the command on a small real sweep
+
+SMALL = ["--max-train-samples", "512", "--max-eval-samples", "256", "--batch-size", "32", "--compile", "false",
+         "--log-images", "false", "--epochs", "2"]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """Two configurations (none, L1) x two seeds as one grid study with repeats, plus one failed run."""
+    tmp = tmp_path_factory.mktemp("report")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+            mp.delenv(name, raising=False)
+        mp.chdir(tmp)
+        mlflow.set_tracking_uri(None)  # the store is the environment's, as for the command
+        result = CliRunner().invoke(cli, ["optimize", *SMALL, "--grid", "l1=0,0.001", "--repeats", "2",
+                                          "--pruner", "none", "--study-name", "pair", "--experiment-name", "rep",
+                                          "--storage", f"sqlite:///{tmp / 'optuna.db'}"])
+        assert result.exit_code == 0, result.output
+        mlflow.set_tracking_uri(None)  # optimize set it; the environment names the store from here on
+        client = MlflowClient()
+        experiment_id = client.get_experiment_by_name("rep").experiment_id
+        failed = client.create_run(experiment_id, run_name="cnn l1=0 l2=0 s9")  # a run that crashed early
+        client.log_batch(failed.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in
+                                                     {"l1": "0", "l2": "0", "seed": "9", "model": "cnn"}.items()])
+        client.set_terminated(failed.info.run_id, "FAILED")
+        mp.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+        parent = client.search_runs([experiment_id], "tags.`regsweep.kind` = 'study'")[0]
+        yield {"uri": uri, "tmp": tmp, "experiment_id": experiment_id, "parent": parent.info.run_id, "mp": mp}
+        mlflow.set_tracking_uri(None)
+
+
+def training_runs(client: MlflowClient, experiment_id: str) -> list:
+    return [r for r in client.search_runs([experiment_id], max_results=1000)
+            if "seed" in r.data.params and "l1" in r.data.params and r.info.status == "FINISHED"]
+
+
+def report(*args, expect=0):
+    result = CliRunner().invoke(cli, ["report", *args])
+    assert result.exit_code == expect, result.output
+    return result
+
+
+@pytest.mark.slow
+def test_study_report_tables_match_the_logged_metrics_and_files_land_on_the_parent(sweep):
+    out = sweep["tmp"] / "study-report"
+    result = report("--experiment-name", "rep", "--study-name", "pair", "--out", str(out))
+    assert "4 runs in 2 configurations; left out of the statistics: none" in result.output
+    assert f"report: {out / 'report.md'} (8 figures); logged under report/ of run {sweep['parent']}" in result.output
+
+    for name in FIGURES:  # all eight, with something drawn in them
+        assert (out / name).stat().st_size > 10_000, name
+    client = MlflowClient()
+    runs = training_runs(client, sweep["experiment_id"])
+    assert len(runs) == 4
+    table = pd.read_csv(out / "configurations.csv").set_index("configuration")
+    assert list(table.index) == ["l1=0 l2=0", "l1=1e-3 l2=0"] and list(table["n"]) == [2, 2]
+    for label, l1 in (("l1=0 l2=0", "0.0"), ("l1=1e-3 l2=0", "0.001")):
+        mine = [r.data.metrics for r in runs if r.data.params["l1"] == l1]
+        for key in ("best_val_acc", "test_acc_at_best_val"):
+            logged = [m[key] for m in mine]
+            assert table.loc[label, f"{key}_mean"] == pytest.approx(np.mean(logged), abs=1e-12)
+            assert table.loc[label, f"{key}_sd"] == pytest.approx(np.std(logged, ddof=1), abs=1e-12)
+        assert table.loc[label, "best_test_acc"] == pytest.approx(np.mean([m["best_test_acc"] for m in mine]))
+    per_run = pd.read_csv(out / "runs.csv").set_index("run_id")
+    for r in runs:
+        assert per_run.loc[r.info.run_id, "test_acc_at_best_val"] == r.data.metrics["test_acc_at_best_val"]
+    verdicts = pd.read_csv(out / "verdicts.csv")
+    assert verdicts[["configuration", "baseline", "test_used"]].values.tolist() == [
+        ["l1=1e-3 l2=0", "l1=0 l2=0", "paired t"]]
+    assert verdicts["test_verdict"].iloc[0] in ("better", "worse", "not distinguishable")
+    flips = pd.read_csv(out / "flips.csv")
+    assert list(flips["seed"]) == [1, 2] and (flips["fixed"] + flips["both_wrong"] == flips["baseline_wrong"]).all()
+
+    logged = {a.path for a in client.list_artifacts(sweep["parent"], "report")}
+    assert {f"report/{name}" for name in [*FIGURES, "report.md", "configurations.csv", "verdicts.csv"]} <= logged
+    assert any(p.startswith("report/study") for p in logged)  # the study's own plots, copied
+    assert "![" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_experiment_report_counts_the_failed_run_and_logs_a_report_run(sweep):
+    out = sweep["tmp"] / "experiment-report"
+    result = report("--experiment-name", "rep", "--out", str(out), "--format", "json", "--include-unfinished")
+    printed = json.loads(result.output[:result.output.rindex("}") + 1])
+    assert [row["configuration"] for row in printed["configurations"]] == ["l1=0 l2=0", "l1=1e-3 l2=0"]
+    assert "left out of the statistics: 1 FAILED" in result.output
+    client = MlflowClient()
+    (run,) = client.search_runs([sweep["experiment_id"]], "tags.`regsweep.kind` = 'report'")
+    assert run.info.status == "FINISHED" and run.info.run_name == "report rep"
+    assert "report/report.md" in {a.path for a in client.list_artifacts(run.info.run_id, "report")}
+    assert json.loads((out / "report.json").read_text())["left_out"] == {"FAILED": 1}
+    # a second report leaves the report run out of its statistics (it is not a training run)
+    again = report("--experiment-name", "rep", "--no-log-to-mlflow", "--out", str(out), "--format", "csv")
+    assert "left out of the statistics: 1 FAILED\n" in again.output
+
+
+@pytest.mark.slow
+def test_runs_and_filter_select_and_one_seed_gives_no_verdict(sweep):
+    client = MlflowClient()
+    runs = training_runs(client, sweep["experiment_id"])
+    ids = [r.info.run_id for r in runs if r.data.params["seed"] == "1"]
+    out = sweep["tmp"] / "named"
+    result = report("--runs", ",".join(ids), "--no-log-to-mlflow", "--out", str(out), "--format", "csv")
+    assert "one seed: no verdict" in result.output
+    filtered = report("--experiment-name", "rep", "--filter", "params.l1 = '0.001'", "--no-log-to-mlflow",
+                      "--out", str(sweep["tmp"] / "filtered"), "--format", "markdown")
+    assert "| l1=1e-3 l2=0 | 2 |" in filtered.output
+    assert "7_misclassification.png not drawn" in (sweep["tmp"] / "filtered" / "report.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, message", [
+    (["--experiment-name", "nope"], "no MLflow experiment 'nope'"),
+    (["--experiment-name", "rep", "--study-name", "nope"], "no study 'nope' in experiment 'rep' (studies there: pair)"),
+    (["--parent-run-id", "0" * 32], "no run with id"),
+    (["--experiment-name", "rep", "--filter", "params.l1 ==== 3"], "MLflow rejects the filter"),
+    (["--experiment-name", "rep", "--filter", "params.l1 = '7'"], "no runs match"),
+    (["--experiment-name", "other"], "is a regsweep training run"),
+    (["--runs", "FOREIGN"], "not regsweep training runs"),
+    (["--runs", ","], "--runs needs run ids"),
+    (["--experiment-name", "rep", "--study-name", "pair", "--runs", "abc"], "give one of them"),
+    (["--experiment-name", "rep", "--baseline", "l1=5"], "--baseline l1=5 matches no configuration"),
+    (["--experiment-name", "rep", "--out", "FILE/sub"], "is not a writable folder"),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_and_logs_nothing(sweep, args, message):
+    client = MlflowClient()
+    other = client.get_experiment_by_name("other")
+    other_id = other.experiment_id if other else client.create_experiment("other")
+    foreign = client.search_runs([other_id]) or [client.create_run(other_id)]
+    client.set_terminated(foreign[0].info.run_id)
+    (sweep["tmp"] / "a-file").write_text("not a folder")
+    args = [a.replace("FOREIGN", foreign[0].info.run_id).replace("FILE", str(sweep["tmp"] / "a-file")) for a in args]
+    if "--out" not in args:
+        args += ["--out", str(sweep["tmp"] / "never")]
+    before = ({r.info.run_id for r in client.search_runs([sweep["experiment_id"], other_id])},
+              {a.path for a in client.list_artifacts(sweep["parent"])})
+    result = CliRunner().invoke(cli, ["report", *args])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:") and message in lines[0], result.output
+    assert not (sweep["tmp"] / "never").exists()
+    assert before == ({r.info.run_id for r in client.search_runs([sweep["experiment_id"], other_id])},
+                      {a.path for a in client.list_artifacts(sweep["parent"])})
+
+
+def test_unreachable_tracking_server_exits_2(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # discard port: nothing listens
+    result = CliRunner().invoke(cli, ["report"])
+    assert result.exit_code == 2 and "unreachable" in result.output
+    assert not (tmp_path / "reports").exists()
+
+
+@pytest.mark.slow
+def test_compare_runs_notebook_runs(sweep, monkeypatch):
+    """The notebook's code cells run top to bottom against the sweep above."""
+    from .conftest import REPO
+
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "rep")
+    notebook = json.loads((REPO / "notebooks" / "compare_runs.ipynb").read_text())
+    assert all(not c.get("outputs") for c in notebook["cells"] if c["cell_type"] == "code")  # stored without
+    namespace: dict = {}
+    for cell in notebook["cells"]:
+        if cell["cell_type"] == "code":
+            exec(compile("".join(cell["source"]), "compare_runs.ipynb", "exec"), namespace)
+    assert list(namespace["analysis"].table["configuration"]) == ["l1=0 l2=0", "l1=1e-3 l2=0"]
+    assert set(namespace["analysis"].figures) >= {"1_consolidated.png", "7_misclassification.png"}
+
+
+def test_readme_documents_every_report_option():
+    from .conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    for param in cli.commands["report"].params:
+        for flag in param.opts:
+            assert f"`{flag}" in readme, f"README does not document report {flag}"
