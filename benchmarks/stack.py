@@ -5,6 +5,7 @@ Each row is a fresh study in a temporary store, run as a subprocess and timed fr
     python benchmarks/stack.py                                   # GPU: 32 trials x 15 epochs, full MNIST
     python benchmarks/stack.py --rows 1:8,32 --trials 32         # --stack 1 on 8 trials only (rate per hour)
     python benchmarks/stack.py --small                           # CPU: 4 trials, 1 epoch, 2,000 images
+    python benchmarks/stack.py --throughput 1,8,32               # GPU: step throughput per stack size
 
 A row is STACK[-PRUNER][:TRIALS]. "configs/h" is finished trials per hour of wall time; "training share" is
 the stacks' training-step time over the wall time; the rest is start-up,
@@ -52,13 +53,46 @@ def run_row(row: str, args) -> dict:
             "per_hour": 3600 * len(done) / wall, "best": best, "training": training}
 
 
+def throughput(sizes: list[int], epochs: int = 2) -> None:
+    """Training-step throughput of one stack per size, with cuDNN deterministic (regsweep's setting) and
+    with cuDNN free to pick its fastest algorithms; an epoch each, after a warm-up epoch."""
+    import torch
+
+    from regsweep.config import TrainConfig
+    from regsweep.data import load_mnist
+    from regsweep.training import setup
+
+    cfg = TrainConfig(l1=1e-4, l2=1e-4, epochs=epochs + 1)
+    data = load_mnist(cfg.resolved_data_dir())
+    print("| members | cuDNN | epoch s | model-images/s |")
+    print("|---|---|---|---|")
+    for k in sizes:
+        for deterministic in (True, False):
+            run = setup([cfg.replace(seed=1 + i) for i in range(k)], data)
+            torch.backends.cudnn.deterministic = deterministic  # setup() sets True; this row may lift it
+            torch.backends.cudnn.benchmark = not deterministic
+            run.epoch()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(epochs):
+                images = run.epoch()["images"]
+            torch.cuda.synchronize()
+            seconds = (time.perf_counter() - start) / epochs
+            print(f"| {k} | {'deterministic' if deterministic else 'benchmark'} | {seconds:.2f} | "
+                  f"{k * images / seconds:,.0f} |", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="1:8,8,32,32-median")
     parser.add_argument("--trials", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--small", action="store_true", help="CPU size: 4 trials, 1 epoch, 2,000 images")
+    parser.add_argument("--throughput", default=None, help="e.g. 1,8,32: only the step throughput per stack size")
     args = parser.parse_args()
+    if args.throughput:
+        throughput([int(k) for k in args.throughput.split(",")])
+        return
     args.extra = []
     if args.small:
         args.trials, args.epochs, args.rows = 4, 1, "1,4"
