@@ -257,14 +257,16 @@ def check_stackable(cfgs: list[TrainConfig]) -> None:
             raise ValueError(f"stacked members may differ only in l1, l2 and seed, not in {differing}")
 
 
-def configure_device(device: torch.device) -> None:
+def configure_device(device: torch.device, deterministic: bool = True) -> None:
     """Same seed, same device, same result. On CUDA: cuDNN picks its algorithms deterministically instead of
     by timing them (benchmark mode could pick a different one each run), and TF32 is off so that float32
-    means float32 (TF32 would also break the stacked-vs-separate equivalence checks). Neither costs speed
-    here: the network's 8-16-channel layers are far too small for tensor cores to matter."""
+    means float32 (TF32 would also break the stacked-vs-separate equivalence checks). TF32 costs nothing
+    here: the network's 8-16-channel layers are far too small for tensor cores to matter. Deterministic
+    algorithms do cost speed, most for stacks' grouped convolutions (docs/benchmarks.md: 2.3x at 32
+    members), so `deterministic=False` trades reproducibility for it."""
     if device.type == "cuda":
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = deterministic
+        torch.backends.cudnn.benchmark = not deterministic
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
 
@@ -322,7 +324,7 @@ def setup(cfgs: TrainConfig | list[TrainConfig], data: MnistSplits, model: nn.Mo
     check_stackable(cfgs)
     cfg = cfgs[0]
     device = torch.device(cfg.resolved_device())
-    configure_device(device)
+    configure_device(device, cfg.deterministic)
     data = data.to(device)
     model = (model if model is not None else new_stack(cfgs)).to(device)
     # Batch order and augmentation draw from separate generators: the augmentation one is advanced by
