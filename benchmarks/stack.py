@@ -101,12 +101,16 @@ def main():
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"{where}, torch {torch.__version__}; {args.trials} trials x {args.epochs} epochs unless the row "
           f"says otherwise; `regsweep optimize` with MLflow logging (figures on, model off: optimize's defaults)\n")
-    print("| --stack | pruner | trials (pruned) | wall s | configs/h | vs --stack 1 | training share | best val acc |")
-    print("|---|---|---|---|---|---|---|---|")
-    base = None
+    results = []
+    header = ("| --stack | pruner | trials (pruned) | wall s | configs/h | vs --stack 1 | training share "
+              "| best val acc |\n|---|---|---|---|---|---|---|---|")
     for row in args.rows.split(","):
-        r = run_row(row, args)
-        base = base or r["per_hour"]
+        results.append(run_row(row, args))
+        print(f"done: {row} in {results[-1]['wall']:.1f} s", file=sys.stderr, flush=True)
+    print(header)
+    # Rates relative to the one-by-one row when there is one, else to the first row.
+    base = next((r for r in results if r["stack"] == "1"), results[0])["per_hour"]
+    for r in results:
         print(f"| {r['stack']} | {r['pruner']} | {r['trials']} ({r['pruned']}) | {r['wall']:.1f} | "
               f"{r['per_hour']:,.0f} | {r['per_hour'] / base:.1f}x | {100 * r['training'] / r['wall']:.0f}% | "
               f"{100 * r['best']:.2f}% |", flush=True)
