@@ -12,9 +12,11 @@ from slightly larger runs so that the curves have several points.
 
 from __future__ import annotations
 
+import shutil
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import struct
@@ -35,11 +37,24 @@ from regsweep.tracking import viewing_hint
 from .conftest import REPO
 
 CHROMIUM = "/usr/bin/chromium"
+
+
+def ensure_chromium() -> bool:
+    """Debian's Chromium, installed from Debian's packages if this machine lacks it (as the PostgreSQL test
+    does its server); False where that is not possible (no apt, no root, no registry)."""
+    if not Path(CHROMIUM).exists() and shutil.which("apt-get") and os.geteuid() == 0:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], env=env, capture_output=True)
+    return Path(CHROMIUM).exists()
+
+
 # Skipped as a whole, before any run is made, where there is no browser to drive.
 pytest.importorskip("playwright", reason="Playwright's Python package is missing (pip install -e '.[test]')")
 pytestmark = [pytest.mark.browser,
-              pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                                 reason=f"no Chromium at {CHROMIUM} (Debian: apt-get install -y chromium)")]
+              pytest.mark.skipif(not ensure_chromium(),
+                                 reason=f"no Chromium at {CHROMIUM} and it could not be installed "
+                                        "(Debian: apt-get install -y chromium)")]
 DOCS_DIR = os.environ.get("REGSWEEP_SCREENSHOTS")
 # Tiny runs for the test (32 steps: enough for the runs to differ, so that the sort order is checkable);
 # for the README's pictures, enough images and epochs to draw curves.
