@@ -12,7 +12,6 @@ from slightly larger runs so that the curves have several points.
 
 from __future__ import annotations
 
-import shutil
 import os
 import re
 import shlex
