@@ -6,6 +6,7 @@ Each row is a fresh study in a temporary store, run as a subprocess and timed fr
     python benchmarks/stack.py --rows 1:8,32 --trials 32         # --stack 1 on 8 trials only (rate per hour)
     python benchmarks/stack.py --small                           # CPU: 4 trials, 1 epoch, 2,000 images
     python benchmarks/stack.py --throughput 1,8,32               # GPU: step throughput per stack size
+    python benchmarks/stack.py --rows 32,1:4 --options "--deterministic false"
 
 A row is STACK[-PRUNER][:TRIALS]. "configs/h" is finished trials per hour of wall time; "training share" is
 the stacks' training-step time over the wall time; the rest is start-up,
@@ -89,18 +90,20 @@ def main():
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--small", action="store_true", help="CPU size: 4 trials, 1 epoch, 2,000 images")
     parser.add_argument("--throughput", default=None, help="e.g. 1,8,32: only the step throughput per stack size")
+    parser.add_argument("--options", default="", help='more `regsweep optimize` options, e.g. "--deterministic false"')
     args = parser.parse_args()
     if args.throughput:
         throughput([int(k) for k in args.throughput.split(",")])
         return
-    args.extra = []
+    args.extra = args.options.split()
     if args.small:
         args.trials, args.epochs, args.rows = 4, 1, "1,4"
-        args.extra = ["--max-train-samples", "2000", "--max-eval-samples", "1000", "--compile", "false"]
+        args.extra += ["--max-train-samples", "2000", "--max-eval-samples", "1000", "--compile", "false"]
     import torch
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"{where}, torch {torch.__version__}; {args.trials} trials x {args.epochs} epochs unless the row "
-          f"says otherwise; `regsweep optimize` with MLflow logging (figures on, model off: optimize's defaults)\n")
+          f"says otherwise; `regsweep optimize {args.options}` with MLflow logging (figures on, model off: "
+          "optimize's defaults)\n")
     results = []
     header = ("| --stack | pruner | trials (pruned) | wall s | configs/h | vs --stack 1 | training share "
               "| best val acc |\n|---|---|---|---|---|---|---|---|")
