@@ -109,7 +109,7 @@ def main():
               "| best val acc |\n|---|---|---|---|---|---|---|---|")
     for row in args.rows.split(","):
         results.append(run_row(row, args))
-        print(f"done: {row} in {results[-1]['wall']:.1f} s", file=sys.stderr, flush=True)
+        print(f"done: {results[-1]}", file=sys.stderr, flush=True)
     print(header)
     # Rates relative to the one-by-one row when there is one, else to the first row.
     base = next((r for r in results if r["stack"] == "1"), results[0])["per_hour"]
