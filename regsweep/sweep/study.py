@@ -133,14 +133,29 @@ def end_dead_run(run_id: str, reason: str, tracking_uri: str | None = None, stat
 def storage_errors(storage: str):
     """A lost database connection means the Optuna storage is unreachable: raise StorageOutage, which
     stops the worker with one line, instead of failing the trial over it."""
-    import sqlalchemy.exc
-
     try:
         yield
-    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as exc:
-        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    except Exception as exc:
+        lost = lost_connection(exc)
+        if lost is None:
+            raise
+        detail = str(getattr(lost, "orig", None) or lost).strip().splitlines()
         raise StorageOutage(f"the Optuna storage {redact(storage)} is unreachable"
-                            f" ({detail[0] if detail else type(exc).__name__})") from exc
+                            f" ({detail[0] if detail else type(lost).__name__})") from exc
+
+
+def lost_connection(exc: BaseException) -> BaseException | None:
+    """The SQLAlchemy connection error behind `exc`, if there is one. Optuna wraps it (StorageInternalError),
+    and a failed commit inside its own trial bookkeeping can surface as a different error raised while
+    handling it, so the chain of causes is followed."""
+    import sqlalchemy.exc
+
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 def reap_dead_local_trials(study: optuna.Study, handler: StaleTrialHandler) -> list[int]:
