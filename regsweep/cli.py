@@ -67,6 +67,32 @@ class UsageFailure(click.ClickException):
     exit_code = 2
 
 
+class OutageStop(click.ClickException):
+    """A store stopped answering mid-run: one line on stderr; exit code 75 (EX_TEMPFAIL): run it again."""
+    exit_code = 75
+
+
+def tracking_timeout_option(command):
+    # A setting of how runs are tracked, not of what is trained: it is not a TrainConfig field, so it is
+    # neither logged as a param nor part of what makes two sweep trials the same configuration.
+    from .outage import MAX_TIMEOUT
+
+    return click.option(
+        "--tracking-timeout", type=click.FloatRange(min=1, max=MAX_TIMEOUT), default=120, show_default=True,
+        help="Seconds an MLflow tracking server may be unreachable: a shorter outage is ridden out (metrics "
+             "are buffered, nothing is lost); a longer one stops the command with exit code 75.")(command)
+
+
+def stop_for_outage(exc, consequence: str) -> None:
+    """One line: what is unreachable, what happens to the work, the command that resumes it."""
+    from .outage import command_line, exit_now
+
+    line = f"{exc}; stopped. {consequence} Run again with: {command_line()}"
+    if exc.tracking:
+        exit_now(f"Error: {line}")
+    raise OutageStop(line)
+
+
 class Cli(click.Group):
     def invoke(self, ctx):
         try:
@@ -111,8 +137,9 @@ def cli():
 @config_options()
 @click.option("--experiment-name", envvar="MLFLOW_EXPERIMENT_NAME", default=None,
               help="MLflow experiment for the run (ignored inside `mlflow run`, which has made the run).")
+@tracking_timeout_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(experiment_name, quiet, **fields):
+def train(experiment_name, tracking_timeout, quiet, **fields):
     """Train one configuration on MNIST and log it to MLflow.
 
     Logs the config as params; per epoch (step=epoch) train/val/test loss and accuracy, learning rate,
@@ -121,9 +148,17 @@ def train(experiment_name, quiet, **fields):
     MLFLOW_TRACKING_URI (MLflow's default: sqlite:///mlflow.db). Inside `mlflow run` it logs into the run
     MLflow created.
     """
+    from .outage import mlflow_http_settings
+
+    with mlflow_http_settings(tracking_timeout):
+        train_one(fields, experiment_name, tracking_timeout, quiet)
+
+
+def train_one(fields: dict, experiment_name: str | None, tracking_timeout: float, quiet: bool) -> None:
     from mlflow.tracking import MlflowClient
 
     from .data import DataError, load_mnist
+    from .outage import TrackingOutage, end_orphaned_runs, tracking_watch
     from .tracking import TrackingError, check_tracking_uri, run_training, use_experiment, viewing_hint
 
     try:
@@ -139,11 +174,17 @@ def train(experiment_name, quiet, **fields):
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    experiment_id = None
-    if experiment_name and not os.environ.get("MLFLOW_RUN_ID"):
-        experiment_id = use_experiment(experiment_name)
     show_progress = not quiet and sys.stderr.isatty()
-    run_id, result = run_training(cfg, data, experiment_id=experiment_id, show_progress=show_progress)
+    try:
+        with tracking_watch(tracking_timeout):
+            experiment_id = None
+            if experiment_name and not os.environ.get("MLFLOW_RUN_ID"):
+                experiment_id = use_experiment(experiment_name)
+            end_orphaned_runs(run_experiment_id(experiment_id))  # runs an earlier outage left RUNNING
+            run_id, result = run_training(cfg, data, experiment_id=experiment_id, show_progress=show_progress)
+    except TrackingOutage as exc:
+        stop_for_outage(exc, "The run stays RUNNING until the store answers again: the next regsweep "
+                             "command against this experiment ends it KILLED.")
     s = result.summary
     click.echo(f"run {run_id}: best val acc {100 * s['best_val_acc']:.2f}% at epoch {s['best_val_epoch']}, "
                f"test acc there {100 * s['test_acc_at_best_val']:.2f}% ({s['total_train_seconds']:.0f}s)")
@@ -184,10 +225,11 @@ def train(experiment_name, quiet, **fields):
                    "twice this is failed and retried.")
 @click.option("--experiment-name", envvar="MLFLOW_EXPERIMENT_NAME", default="regsweep", show_default=True,
               help="MLflow experiment of the parent and trial runs.")
+@tracking_timeout_option
 @config_options(exclude=("l1", "l2"), log_model=False)
 @click.pass_context
 def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_range, l1_zero, l2_zero, grid,
-             repeats, timeout, workers, stack, heartbeat, experiment_name, **fields):
+             repeats, timeout, workers, stack, heartbeat, experiment_name, tracking_timeout, **fields):
     """Search L1/L2 with Optuna; one MLflow parent run per study and one child run per trial.
 
     The objective is the trial's best validation accuracy (mean over --repeats seeds), reported every epoch
@@ -218,7 +260,8 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
         settings = SweepSettings(base=base, space=space, trials=trials, study_name=study_name or experiment_name,
                                  storage=storage, experiment_name=experiment_name, sampler=sampler,
                                  pruner=pruner, seed=base.seed, repeats=repeats, timeout=timeout,
-                                 heartbeat=heartbeat, workers=workers, stack=members)
+                                 heartbeat=heartbeat, workers=workers, stack=members,
+                                 tracking_timeout=tracking_timeout)
         check_available(base.resolved_data_dir(), base.download)
         open_storage(settings)  # a bad URL or unreachable database fails here, before any run exists
         check_tracking_uri()
@@ -229,7 +272,20 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
     except Exception as exc:  # noqa: BLE001 - e.g. SQLAlchemy errors for an unreachable database
         raise UsageFailure(f"cannot open Optuna storage: {str(exc).splitlines()[0]}") from None
 
-    summary = run_study(settings)
+    from .outage import Outage, mlflow_http_settings
+
+    try:
+        with mlflow_http_settings(tracking_timeout):
+            summary = run_study(settings)
+    except Outage as exc:
+        which = f"Trial {exc.trial_number}" if exc.trial_number is not None else "The interrupted trial"
+        if exc.tracking:
+            consequence = (f"{which} is failed and queued again: it runs again on resume, and its MLflow run is "
+                           "ended KILLED then.")
+        else:
+            consequence = (f"{which} is failed and queued again on the next start (the storage could not be "
+                           "told now), and runs again.")
+        stop_for_outage(exc, consequence)
     counts = summary["counts"]
     click.echo(f"study {settings.study_name}: {counts['complete']} complete, {counts['pruned']} pruned, "
                f"{counts['fail']} failed; parent run {summary['parent_run_id']}")
@@ -288,6 +344,15 @@ def report(experiment_name, study_name, parent_run_id, filter_string, runs, out,
     click.echo(left_out_line(analysis))
     where = f"; logged under report/ of run {logged}" if logged else ""
     click.echo(f"report: {folder / 'report.md'} ({len(analysis.figures)} figures){where}")
+
+
+def run_experiment_id(experiment_id: str | None) -> str:
+    """The experiment `regsweep train` logs into: the chosen one, `mlflow run`'s run's, or MLflow's active one."""
+    import mlflow
+
+    if os.environ.get("MLFLOW_RUN_ID"):
+        return mlflow.get_run(os.environ["MLFLOW_RUN_ID"]).info.experiment_id
+    return experiment_id or mlflow.tracking.fluent._get_experiment_id()
 
 
 def mark_project_run_failed(message: str) -> None:

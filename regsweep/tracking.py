@@ -2,7 +2,8 @@
 
 `run_training` opens (or, inside `mlflow run`, resumes) a run, logs the config in one call, streams each
 epoch's metrics as one batch with `step=epoch`, then logs the summary, tables, figures and model. A run
-always ends in a terminal state: FINISHED, FAILED on an exception, KILLED on Ctrl-C or SIGTERM.
+always ends in a terminal state: FINISHED, FAILED on an exception, KILLED on Ctrl-C or SIGTERM; when the
+tracking store itself stops answering, the next regsweep command ends it KILLED (see outage.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from . import plots
 from .config import TrainConfig
 from .data import MnistSplits
 from .models import count_parameters
+from .outage import WORKER_TAG, Outage, worker_id
 from .regularization import weight_layers
 from .training import FitResult, confusion_matrix, fit, new_model, per_class_metrics, predict
 
@@ -200,8 +202,15 @@ def mlflow_run(cfg: TrainConfig, *, run_id: str | None = None, experiment_id: st
         try:
             prepare_experiment(run.info.experiment_id)  # also the one `mlflow run` or the default chose
             mlflow.set_tags({"regime": cfg.regime, "model": cfg.model, "norm": cfg.norm, **device_tags(cfg),
-                             **(tags or {})})
+                             WORKER_TAG: worker_id(), **(tags or {})})
             yield run
+        except Outage as exc:
+            # The tracking store down: nothing can be written (the next command ends the run KILLED).
+            # Another store down (the sweep's Optuna storage): say so on the run, which stops KILLED.
+            if not exc.tracking:
+                mlflow.set_tag("regsweep.stop_reason", f"{exc}; the trial runs again on resume"[:5000])
+                mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+            raise
         except KeyboardInterrupt:
             mlflow.set_tag("regsweep.stop_reason", "interrupted (Ctrl-C or SIGTERM)")
             mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
@@ -332,7 +341,13 @@ def run_training(cfg: TrainConfig, data: MnistSplits, *, run_id: str | None = No
 
         try:
             result = fit(cfg, data, log_epoch, show_progress=show_progress, model=model)
-        finally:
+        except Outage as exc:
+            if not exc.tracking:  # with the tracker unreachable, flushing would wait on it
+                mlflow.flush_async_logging()
+            raise
+        except BaseException:
             mlflow.flush_async_logging()  # every queued epoch lands before the run ends, whatever ends it
+            raise
+        mlflow.flush_async_logging()
         log_outcome(cfg, result, data)
         return run.info.run_id, result

@@ -45,28 +45,51 @@ def as_postgres(args: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
 
 
+class Postgres:
+    """A PostgreSQL server of our own on loopback, with a database "optuna"; it can be stopped and started."""
+
+    def __init__(self):
+        self.bindir = postgres_bin()
+        # Not under pytest's tmp dir: that is private to root, and the server runs as postgres.
+        self.root = Path(tempfile.mkdtemp(prefix="regsweep-pg-"))
+        self.datadir, self.sockdir = self.root / "data", self.root / "sock"
+        self.sockdir.mkdir()
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres")
+            shutil.chown(self.sockdir, "postgres")
+        self.port = free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/optuna"
+        subprocess.run(as_postgres([f"{self.bindir}/initdb", "-D", str(self.datadir), "-U", "postgres",
+                                    "--auth=trust"]), check=True, stdout=subprocess.DEVNULL)
+
+    def start(self) -> None:
+        subprocess.run(as_postgres([f"{self.bindir}/pg_ctl", "-D", str(self.datadir), "-w", "-l",
+                                    str(self.root / "log"), "-o",
+                                    f"-p {self.port} -k {self.sockdir} -c listen_addresses=127.0.0.1", "start"]),
+                       check=True, stdout=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        # "fast": open connections are terminated, as when a database server is restarted
+        subprocess.run(as_postgres([f"{self.bindir}/pg_ctl", "-D", str(self.datadir), "-m", "fast", "stop"]),
+                       stdout=subprocess.DEVNULL)
+
+
 @pytest.fixture(scope="module")
-def postgres_url():
-    bindir = postgres_bin()
-    # Not under pytest's tmp dir: that is private to root, and the server runs as postgres.
-    root = Path(tempfile.mkdtemp(prefix="regsweep-pg-"))
-    datadir, sockdir = root / "data", root / "sock"
-    sockdir.mkdir()
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
-        shutil.chown(sockdir, "postgres")
-    port = free_port()
-    subprocess.run(as_postgres([f"{bindir}/initdb", "-D", str(datadir), "-U", "postgres", "--auth=trust"]),
-                   check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(as_postgres([f"{bindir}/pg_ctl", "-D", str(datadir), "-w", "-l", str(root / "log"), "-o",
-                                f"-p {port} -k {sockdir} -c listen_addresses=127.0.0.1", "start"]), check=True)
+def postgres():
+    server = Postgres()
+    server.start()
     try:
-        subprocess.run(as_postgres([f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
-                                    "optuna"]), check=True)
-        yield f"postgresql://postgres@127.0.0.1:{port}/optuna"
+        subprocess.run(as_postgres([f"{server.bindir}/createdb", "-h", "127.0.0.1", "-p", str(server.port), "-U",
+                                    "postgres", "optuna"]), check=True)
+        yield server
     finally:
-        subprocess.run(as_postgres([f"{bindir}/pg_ctl", "-D", str(datadir), "-m", "fast", "stop"]))
-        shutil.rmtree(root, ignore_errors=True)
+        server.stop()
+        shutil.rmtree(server.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def postgres_url(postgres):
+    return postgres.url
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +146,44 @@ def test_two_processes_share_one_study_through_postgresql_and_one_tracking_serve
     assert sorted(int(c.data.tags["optuna.trial_number"]) for c in children) == sorted(numbers)
     assert all(c.info.status == "FINISHED" for c in children)
     assert parents[0].data.tags["best_run_id"] in {c.info.run_id for c in children}
+
+
+def test_postgresql_stopped_mid_sweep_stops_with_one_line_and_resume_loses_nothing(postgres, tracking_uri, tmp_path):
+    from click.testing import CliRunner
+
+    from regsweep.cli import cli
+    from regsweep.outage import EXIT_OUTAGE
+
+    from .test_outage import stop_line, wait_for_epoch
+
+    cmd = ["optimize", *SMALL, "--trials", "1", "--storage", postgres.url, "--pruner", "none",
+           "--study-name", "pg-outage", "--experiment-name", "pg-outage"]
+    proc = subprocess.Popen([sys.executable, "-m", "regsweep", *cmd, "--epochs", "500"], cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    client = MlflowClient()
+    victim = wait_for_epoch(client, "pg-outage", proc)
+    postgres.stop()
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        postgres.start()
+    assert proc.returncode == EXIT_OUTAGE, err
+    line = stop_line(err)
+    assert line.startswith(f"Error: the Optuna storage {postgres.url} is unreachable") and "Trial 0" in line
+    killed = client.get_run(victim.info.run_id)  # MLflow still answered: the run says why it stopped
+    assert killed.info.status == "KILLED" and "Optuna storage" in killed.data.tags["regsweep.stop_reason"]
+    (parent,) = [r for r in client.search_runs([victim.info.experiment_id])
+                 if r.data.tags.get("regsweep.kind") == "study"]
+    assert parent.info.status == "KILLED" and "unreachable" in parent.data.tags["regsweep.stop_reason"]
+    study = optuna.load_study(study_name="pg-outage", storage=postgres.url)
+    assert [t.state.name for t in study.trials] == ["RUNNING"]  # as far as the storage got to know
+
+    result = CliRunner().invoke(cli, [*cmd, "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    study = optuna.load_study(study_name="pg-outage", storage=postgres.url)
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
+    assert study.trials[1].params == study.trials[0].params  # the interrupted configuration was trained
+    runs = client.search_runs([victim.info.experiment_id])
+    assert all(r.info.status != "RUNNING" for r in runs)
+    assert [r.data.tags.get("optuna.retry_of_trial") for r in runs if r.data.tags.get("optuna.trial_number") == "1"] \
+        == ["0"]

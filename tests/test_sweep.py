@@ -169,7 +169,8 @@ def test_sigterm_ends_parent_and_trial_killed_and_resume_reruns_the_trial(tracki
     assert parent.info.status == "KILLED"
     study = load(storage)
     assert [t.state.name for t in study.trials] == ["FAIL", "WAITING"]
-    assert study.trials[1].system_attrs["fixed_params"] == study.trials[0].params  # queued as it was
+    assert study.trials[1].params == study.trials[0].params  # queued as it was
+    assert study.trials[1].system_attrs["failed_trial"] == 0 and study.trials[0].user_attrs["fail_kind"] == "interrupted"
 
     optimize("--epochs", "1", "--trials", "2", "--storage", storage, "--pruner", "none")
     study = load(storage)
@@ -239,3 +240,41 @@ def test_journal_file_storage_runs_and_resumes(tracking_uri, tmp_path):
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
     parents, children = study_runs()
     assert len(parents) == 1 and len(children) == 2
+
+
+def test_a_duplicate_configuration_reuses_the_finished_result_instead_of_training(tracking_uri, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    queued = optuna.create_study(study_name="regsweep", storage=storage, direction="maximize")
+    for _ in range(2):  # as a user, or a retry of an interrupted trial, would queue it
+        queued.enqueue_trial({"l1_on": False, "l2_on": False}, skip_if_exists=False)
+    optimize("--trials", "2", "--storage", storage, "--pruner", "none", "--epochs", "1")
+    first, second = load(storage).trials
+    assert first.state.name == second.state.name == "COMPLETE"
+    assert second.value == first.value and second.user_attrs["reused_trial"] == 0
+    assert second.intermediate_values == first.intermediate_values
+    _, children = study_runs()
+    by_number = {int(c.data.tags["optuna.trial_number"]): c for c in children}
+    original, reused = by_number[0], by_number[1]
+    assert reused.data.tags["regsweep.reused_run"] == original.info.run_id
+    assert reused.info.status == "FINISHED" and reused.data.params["l1"] == "0.0"
+    assert "best_val_acc" in original.data.metrics and reused.data.metrics == {}  # trained once
+
+
+def test_once_both_off_is_taken_the_space_no_longer_offers_it():
+    from regsweep.sweep import SearchSpace, suggest_penalties
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    offered = [suggest_penalties(study.ask(), SearchSpace(), both_off_taken=True) for _ in range(40)]
+    assert (0.0, 0.0) not in {(p["l1"], p["l2"]) for p in offered}
+    assert any(p["l1"] == 0 for p in offered) and any(p["l2"] == 0 for p in offered)  # each alone still is
+
+
+@pytest.mark.slow
+def test_default_space_trains_both_off_only_once(tracking_uri, tmp_path):
+    # With seed 1, TPE's random start proposed "both off" for trials 2 and 3.
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optimize("--trials", "4", "--storage", storage, "--pruner", "none", "--epochs", "1")
+    study = load(storage)
+    configs = [(t.params.get("l1", 0.0), t.params.get("l2", 0.0)) for t in study.trials]
+    assert len(configs) == 4 and configs.count((0.0, 0.0)) == 1 and len(set(configs)) == 4
+    assert study.metric_names == ["best_val_acc"]

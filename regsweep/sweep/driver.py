@@ -9,12 +9,17 @@ import optuna
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from ..outage import (EXIT_OUTAGE, WORKER_TAG, Outage, StorageOutage, TrackingOutage, end_orphaned_runs,
+                      tracking_watch, worker_id)
 from ..tracking import terminal_status, use_experiment
 from .objective import Objective
-from .runs import find_or_create_parent, finish_study
+from .runs import STUDY_TAG, find_or_create_parent, finish_study
 from .stacked import run_stacked
-from .study import (FINISHED, StaleTrialHandler, SweepSettings, count_finished, has_waiting, load_study,
-                    reap_dead_local_trials)
+from .study import (FINISHED, StaleTrialHandler, SweepSettings, count_finished, end_dead_run, has_waiting,
+                    load_study, reap_dead_local_trials, redact, requeue_interrupted, storage_errors)
+
+# How a worker process tells the driver which store stopped answering.
+WORKER_EXIT = {TrackingOutage: EXIT_OUTAGE, StorageOutage: EXIT_OUTAGE + 1}
 
 
 def run_worker(settings: SweepSettings, parent_run_id: str, experiment_id: str, tracking_uri: str,
@@ -28,23 +33,63 @@ def run_worker(settings: SweepSettings, parent_run_id: str, experiment_id: str, 
         torch.set_num_threads(threads)
     mlflow.set_tracking_uri(tracking_uri)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = load_study(settings, tracking_uri, worker_index)
-    base = settings.base
-    data = load_mnist(base.resolved_data_dir(), base.val_size, base.max_train_samples, base.max_eval_samples,
-                      base.download)
-    if settings.stack > 1:
-        run_stacked(settings, study, data, parent_run_id, experiment_id)
-        return
-    objective = Objective(settings, data, parent_run_id, experiment_id)
-    # Running trials count towards the total so that parallel workers stop at exactly `trials`.
-    stop_at_total = optuna.study.MaxTrialsCallback(settings.trials, states=FINISHED + (TrialState.RUNNING,))
-    if count_finished(study, include_running=True) < settings.trials or has_waiting(study):
-        study.optimize(objective, callbacks=[stop_at_total], timeout=settings.timeout, gc_after_trial=True)
+    with storage_errors(settings.storage), tracking_watch(settings.tracking_timeout, tracking_uri):
+        study = load_study(settings, tracking_uri, worker_index)
+        base = settings.base
+        data = load_mnist(base.resolved_data_dir(), base.val_size, base.max_train_samples, base.max_eval_samples,
+                          base.download)
+        if settings.stack > 1:
+            run_stacked(settings, study, data, parent_run_id, experiment_id)
+            return
+        objective = Objective(settings, data, parent_run_id, experiment_id)
+        # Running trials count towards the total so that parallel workers stop at exactly `trials`.
+        stop_at_total = optuna.study.MaxTrialsCallback(settings.trials, states=FINISHED + (TrialState.RUNNING,))
+        if count_finished(study, include_running=True) < settings.trials or has_waiting(study):
+            study.optimize(objective, callbacks=[stop_at_total], timeout=settings.timeout, gc_after_trial=True)
+
+
+def worker_process(*args) -> None:
+    """A spawned worker: an outage ends the process at once with an exit code the driver reads (see
+    outage.exit_now for why not a normal exit)."""
+    try:
+        run_worker(*args)
+    except Outage as exc:
+        os._exit(WORKER_EXIT[type(exc)])
 
 
 def threads_per_worker(workers: int, threads: int = 0) -> int:
     """torch threads for each of `workers` processes: `threads` if set, else the cores shared out evenly."""
     return threads or max(1, (os.cpu_count() or 1) // workers)
+
+
+def reconcile(settings: SweepSettings, study: optuna.Study, experiment_id: str, tracking_uri: str) -> dict:
+    """Make MLflow and Optuna agree, on every start and at the end of a sweep.
+
+    Every run of the study that is RUNNING while its trial is not (the trial ended, or was never recorded)
+    ends KILLED with the trial's story as its stop reason; so does any RUNNING run of the experiment whose
+    process on this machine is gone. Every trial that was interrupted and has no retry yet is queued again.
+    Trials of dead workers must have been failed first (reap_dead_local_trials, fail_stale_trials)."""
+    client = MlflowClient(tracking_uri)
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    ended = []
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=5000):
+        tags = run.data.tags
+        if tags.get(STUDY_TAG) != settings.study_name or tags.get("regsweep.kind") == "study":
+            continue
+        number = tags.get("optuna.trial_number", "")
+        trial = trials.get(int(number)) if number.isdigit() else None
+        if trial is not None and trial.state == TrialState.RUNNING:
+            continue  # its worker is alive (dead workers' trials were failed before this)
+        if trial is None:
+            story = f"its trial {number or '?'} is not in the study"
+        else:
+            why = trial.user_attrs.get("fail_reason") or "its worker stopped before it could end the run"
+            story = f"trial {trial.number} ended {trial.state.name}: {why}"
+        if end_dead_run(run.info.run_id, f"{story}; run ended KILLED when the sweep was reconciled", tracking_uri,
+                        trial.state.name if trial is not None else "FAIL"):
+            ended.append(run.info.run_id)
+    ended += end_orphaned_runs(experiment_id, tracking_uri)
+    return {"runs_ended": ended, "trials_queued": requeue_interrupted(study)}
 
 
 def optimize(settings: SweepSettings) -> dict:
@@ -57,16 +102,19 @@ def optimize(settings: SweepSettings) -> dict:
 
     client = MlflowClient()
     tracking_uri = mlflow.get_tracking_uri()
-    experiment_id = use_experiment(settings.experiment_name)
-    study = load_study(settings, tracking_uri)
-    parent_run_id = find_or_create_parent(settings, study, experiment_id)
-    client.update_run(parent_run_id, status="RUNNING")
-    # Trials of workers that died since the last start: fail them, end their runs KILLED, queue retries.
-    handler = StaleTrialHandler(tracking_uri)
-    reap_dead_local_trials(study, handler)
-    optuna.storages.fail_stale_trials(study)
+    with storage_errors(settings.storage), tracking_watch(settings.tracking_timeout, tracking_uri):
+        experiment_id = use_experiment(settings.experiment_name)
+        study = load_study(settings, tracking_uri)
+        parent_run_id = find_or_create_parent(settings, study, experiment_id)
+        client.update_run(parent_run_id, status="RUNNING")
+        client.set_tag(parent_run_id, WORKER_TAG, worker_id())  # gone without ending it: the next command does
+        # Trials of workers that died since the last start: fail them, end their runs KILLED, queue retries.
+        handler = StaleTrialHandler(tracking_uri)
+        reap_dead_local_trials(study, handler)
+        optuna.storages.fail_stale_trials(study)
+        reconcile(settings, study, experiment_id, tracking_uri)
 
-    status, procs = "FINISHED", []
+    status, procs, outage = "FINISHED", [], None
     try:
         with terminal_status():  # SIGTERM, like Ctrl-C, ends the parent run KILLED
             if settings.workers == 1:
@@ -74,13 +122,14 @@ def optimize(settings: SweepSettings) -> dict:
             else:
                 threads = threads_per_worker(settings.workers, settings.base.threads)
                 ctx = multiprocessing.get_context("spawn")
-                procs = [ctx.Process(target=run_worker, name=f"regsweep-worker-{i}",
+                procs = [ctx.Process(target=worker_process, name=f"regsweep-worker-{i}",
                                      args=(settings, parent_run_id, experiment_id, tracking_uri, i, threads))
                          for i in range(settings.workers)]
                 for proc in procs:
                     proc.start()
                 for proc in procs:
                     proc.join()
+                raise_worker_outage(settings, tracking_uri, [proc.exitcode for proc in procs])
                 reap_dead_local_trials(study, handler)  # a worker that crashed leaves its trial RUNNING
     except KeyboardInterrupt:
         status = "KILLED"
@@ -88,7 +137,26 @@ def optimize(settings: SweepSettings) -> dict:
             proc.terminate()
             proc.join()
         raise
+    except Outage as exc:
+        status, outage = "KILLED", exc
+        raise
     finally:
-        summary = finish_study(settings, study, parent_run_id)
-        client.set_terminated(parent_run_id, status)
+        if outage is None:
+            with tracking_watch(settings.tracking_timeout, tracking_uri):
+                summary = finish_study(settings, study, parent_run_id)
+                if status == "FINISHED":
+                    reconcile(settings, study, experiment_id, tracking_uri)
+                client.set_terminated(parent_run_id, status)
+        elif not outage.tracking:  # MLflow answers: say on the parent why the sweep stopped
+            client.set_tag(parent_run_id, "regsweep.stop_reason", f"{outage}; resume with the same command")
+            client.set_terminated(parent_run_id, status)
     return summary | {"parent_run_id": parent_run_id, "experiment_id": experiment_id}
+
+
+def raise_worker_outage(settings: SweepSettings, tracking_uri: str, exitcodes: list[int | None]) -> None:
+    """A worker process that stopped for an outage exits with a code of WORKER_EXIT: raise it here."""
+    if WORKER_EXIT[TrackingOutage] in exitcodes:
+        raise TrackingOutage(f"the MLflow tracking server at {tracking_uri} has not answered for "
+                             f"{settings.tracking_timeout:g} s (--tracking-timeout)")
+    if WORKER_EXIT[StorageOutage] in exitcodes:
+        raise StorageOutage(f"the Optuna storage {redact(settings.storage)} is unreachable")

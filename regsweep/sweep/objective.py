@@ -1,18 +1,51 @@
-"""One trial: suggest -> train (one child run per seed) -> report each epoch -> prune or return the mean."""
+"""One trial: suggest -> train (one child run per seed) -> report each epoch -> prune or return the mean.
+
+A configuration is trained once per study: a trial whose configuration equals a finished trial's takes
+that trial's result (Optuna's FAQ recipe for duplicated samples) in a run tagged `regsweep.reused_run`.
+A trial stopped by Ctrl-C, SIGTERM or an unreachable store is failed and queued again.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 import socket
 import statistics
 
 import optuna
+from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
 
 from ..config import TrainConfig
+from ..outage import Outage
 from .runs import STUDY_TAG, summarise_repeats, trial_run_name
 from .space import suggest_penalties
-from .study import SweepSettings
+from .study import FINISHED, SweepSettings, queue_retry, storage_errors
+
+# Settings that say how a run executes or what it logs, not what it learns: two trials that differ only
+# in these are the same configuration.
+RUN_ONLY = ("threads", "log_model", "log_images", "data_dir", "download", "compile", "device", "cuda_graph")
+
+
+def configuration_key(settings: SweepSettings, penalties: dict[str, float]) -> str:
+    """What decides a trial's result, as a short hash: l1, l2, the seeds (--seed and --repeats) and every
+    fixed setting that changes what is learned. A study resumed with other settings (say --epochs) does not
+    mistake its trials for the earlier ones."""
+    cfg = dataclasses.asdict(settings.base.replace(**penalties))
+    fields = {k: v for k, v in cfg.items() if k not in RUN_ONLY} | {"repeats": settings.repeats}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def finished_twin(trials: list[optuna.trial.FrozenTrial], key: str, number: int) -> optuna.trial.FrozenTrial | None:
+    """The first finished trial that trained configuration `key` (a reuse points at it, so is skipped)."""
+    for t in trials:
+        if (t.number != number and t.state in FINISHED and t.user_attrs.get("config_key") == key
+                and "reused_trial" not in t.user_attrs):
+            return t
+    return None
 
 
 class Objective:
@@ -23,36 +56,95 @@ class Objective:
         self.parent_run_id, self.experiment_id = parent_run_id, experiment_id
 
     def __call__(self, trial: optuna.Trial) -> float:
+        try:
+            with storage_errors(self.settings.storage):
+                penalties, key, twin, retry_of = self.prepare(trial)
+            tags = {"optuna.trial_number": str(trial.number), STUDY_TAG: self.settings.study_name,
+                    "optuna.state": "RUNNING"}
+            if retry_of is not None:
+                tags["optuna.retry_of_trial"] = str(retry_of)
+            if twin is not None:
+                return self.reuse(trial, twin, penalties, tags)
+            return self.train(trial, penalties, tags)
+        except Outage as exc:
+            exc.trial_number = trial.number
+            if exc.tracking:  # the Optuna storage answers: fail the trial now and queue it again
+                fail_for_retry(trial, str(exc), "outage", tell=True)
+            # With the storage down nothing can be recorded: the next start fails the trial (its worker is
+            # gone) and queues it again.
+            raise
+        except KeyboardInterrupt:
+            # Ctrl-C or SIGTERM: queue the same parameters, so that resuming the study re-runs this trial.
+            fail_for_retry(trial, "interrupted (Ctrl-C or SIGTERM)", "interrupted", tell=False)
+            raise
+
+    def prepare(self, trial: optuna.Trial):
+        """Suggest the coefficients; record the worker and the configuration; find a finished twin."""
+        settings = self.settings
+        trials = trial.study.get_trials(deepcopy=False)
+        me = next(t for t in trials if t.number == trial.number)
+        # A queued trial (a retry, or enqueue_trial) has its switches decided already; they are kept.
+        decided = {**me.system_attrs.get("fixed_params", {}), **me.params}
+        baseline = configuration_key(settings, {"l1": 0.0, "l2": 0.0})
+        both_off_taken = "l2_on" not in decided and any(
+            t.user_attrs.get("config_key") == baseline and t.state in (*FINISHED, TrialState.RUNNING)
+            for t in trials if t.number != trial.number)
+        penalties = suggest_penalties(trial, settings.space, both_off_taken)
+        key = configuration_key(settings, penalties)
+        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+        trial.set_user_attr("config_key", key)
+        history = me.system_attrs.get("retry_history", [])
+        return penalties, key, finished_twin(trials, key, trial.number), (history[-1] if history else None)
+
+    def reuse(self, trial: optuna.Trial, twin: optuna.trial.FrozenTrial, penalties: dict[str, float],
+              tags: dict[str, str]) -> float:
+        """The same configuration as `twin`: its result, without training. The trial keeps one child run,
+        tagged with the run that trained it, with the configuration as params and no metrics of its own."""
+        settings, client = self.settings, MlflowClient()
+        source = (twin.user_attrs.get("mlflow_run_ids") or [""])[0]
+        with storage_errors(settings.storage):
+            for step, value in sorted(twin.intermediate_values.items()):
+                trial.report(value, step)  # the same curve, for the pruner and the study plots
+            trial.set_user_attr("reused_trial", twin.number)
+        note = (f"same configuration as trial {twin.number} ({twin.state.name}): its result is reused, "
+                f"not trained again (run {source})")
+        cfg = settings.base.replace(**penalties)
+        run = client.create_run(self.experiment_id, run_name=trial_run_name(trial.number, penalties), tags={
+            **tags, "mlflow.parentRunId": self.parent_run_id, "regime": cfg.regime, "optuna.state": twin.state.name,
+            "regsweep.reused_run": source, "regsweep.reused_trial": str(twin.number),
+            "regsweep.stop_reason": note, "mlflow.note.content": note})
+        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in cfg.as_params().items()])
+        with storage_errors(settings.storage):
+            trial.set_user_attr("mlflow_run_ids", [run.info.run_id])
+        client.set_terminated(run.info.run_id, "FINISHED")
+        if twin.state == TrialState.PRUNED:
+            raise optuna.TrialPruned(note)
+        return twin.value
+
+    def train(self, trial: optuna.Trial, penalties: dict[str, float], tags: dict[str, str]) -> float:
         from ..tracking import run_training
         from ..training import DivergedError
 
         settings = self.settings
-        penalties = suggest_penalties(trial, settings.space)
-        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
         name = trial_run_name(trial.number, penalties)
         client = MlflowClient()
-        tags = {"optuna.trial_number": str(trial.number), STUDY_TAG: settings.study_name,
-                "optuna.state": "RUNNING"}
-        # A retried trial arrives with the user attributes of the one whose worker died.
-        retried = trial.user_attrs.get("trial_number")
-        if retried is not None:
-            tags["optuna.retry_of_trial"] = str(retried)
-        trial.set_user_attr("trial_number", trial.number)
         # With repeats, the trial is a run of its own and each seed a child of it.
         trial_run = None
         if settings.repeats > 1:
             trial_run = client.create_run(self.experiment_id, run_name=name, tags={
                 **tags, "mlflow.parentRunId": self.parent_run_id, "regime": TrainConfig(**penalties).regime})
         run_ids = [trial_run.info.run_id] if trial_run else []
-        best_vals, state, reason = [], "COMPLETE", ""
+        best_vals, state, reason, tracker_down = [], "COMPLETE", "", False
         try:
             for r in range(settings.repeats):
                 cfg = settings.base.replace(**penalties, seed=settings.base.seed + r)
                 offset = r * cfg.epochs  # repeats report on consecutive steps, the same layout in every trial
 
                 def report(epoch: int, metrics: dict[str, float], offset=offset) -> str | None:
-                    trial.report(metrics["val/acc"], offset + epoch)
-                    if trial.should_prune():
+                    with storage_errors(settings.storage):
+                        trial.report(metrics["val/acc"], offset + epoch)
+                        prune = trial.should_prune()
+                    if prune:
                         return (f"pruned by {settings.pruner} pruner at epoch {epoch}: "
                                 f"val/acc {metrics['val/acc']:.4f}")
                     return None
@@ -61,7 +153,8 @@ class Objective:
                     self.experiment_id, run_name=name if trial_run is None else f"{name} s{cfg.seed}",
                     tags={**tags, "mlflow.parentRunId": run_ids[0] if trial_run else self.parent_run_id})
                 run_ids.append(run.info.run_id)
-                trial.set_user_attr("mlflow_run_ids", run_ids)  # lets a later process end them if we die
+                with storage_errors(settings.storage):
+                    trial.set_user_attr("mlflow_run_ids", run_ids)  # lets a later process end them if we die
                 try:
                     _, result = run_training(cfg, self.data, run_id=run.info.run_id, on_epoch=report)
                 except DivergedError as exc:
@@ -76,19 +169,37 @@ class Objective:
             return statistics.mean(best_vals)
         except optuna.TrialPruned:
             raise
+        except Outage as exc:
+            state, reason, tracker_down = "FAIL", f"{exc}; queued again for the next start", exc.tracking
+            raise
         except KeyboardInterrupt:
-            # Ctrl-C or SIGTERM: queue the same parameters, so that resuming the study re-runs this trial.
             state, reason = "FAIL", "interrupted (Ctrl-C or SIGTERM); queued again for the next start"
-            trial.study.enqueue_trial(trial.params, user_attrs={"trial_number": trial.number})
             raise
         except BaseException as exc:
             state, reason = "FAIL", reason or f"{type(exc).__name__}: {exc}"
             trial.set_user_attr("fail_reason", reason)
+            trial.set_user_attr("fail_kind", "error")  # not retried: it would fail the same way
             raise
         finally:
-            for run_id in run_ids:
-                client.set_tag(run_id, "optuna.state", state)
-                if reason:
-                    client.set_tag(run_id, "regsweep.stop_reason", reason[:5000])
-            if trial_run is not None:
-                summarise_repeats(client, trial_run.info.run_id, best_vals, state)
+            if not tracker_down:  # an unreachable tracker is reconciled on the next start instead
+                for run_id in run_ids:
+                    client.set_tag(run_id, "optuna.state", state)
+                    if reason:
+                        client.set_tag(run_id, "regsweep.stop_reason", reason[:5000])
+                if trial_run is not None:
+                    summarise_repeats(client, trial_run.info.run_id, best_vals, state)
+
+
+def fail_for_retry(trial: optuna.Trial, reason: str, kind: str, tell: bool) -> None:
+    """Record why the trial stopped, queue its parameters again and (`tell`) fail it now. Best effort: if
+    the storage fails here too, the next start finds the trial and queues it (study.requeue_interrupted)."""
+    study = trial.study
+    try:
+        trial.set_user_attr("fail_kind", kind)
+        trial.set_user_attr("fail_reason", f"{reason}; queued again for the next start")
+        frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+        queue_retry(study, frozen)
+        if tell:
+            study.tell(trial, state=TrialState.FAIL)
+    except Exception:  # noqa: BLE001 - see the docstring
+        pass

@@ -58,10 +58,15 @@ def parse_grid(text: str) -> dict[str, tuple[float, ...]]:
     return grid
 
 
-def suggest_penalties(trial: optuna.Trial, space: SearchSpace) -> dict[str, float]:
-    """The only place a trial becomes regularisation coefficients (define-by-run, conditional)."""
+def suggest_penalties(trial: optuna.Trial, space: SearchSpace, both_off_taken: bool = False) -> dict[str, float]:
+    """The only place a trial becomes regularisation coefficients (define-by-run, conditional).
+
+    `both_off_taken`: the unregularised configuration has a result (or is training) already. It is a single
+    point, and TPE would keep proposing it if it does well, so once L1 is off, L2 is then always on."""
     values = {}
     for name, (low, high), zero in (("l1", space.l1_range, space.l1_zero), ("l2", space.l2_range, space.l2_zero)):
+        if name == "l2" and both_off_taken and values["l1"] == 0:
+            zero = False
         if space.grid:
             values[name] = trial.suggest_categorical(name, list(space.grid.get(name, (0.0,))))
         elif zero and not trial.suggest_categorical(f"{name}_on", [False, True]):

@@ -9,8 +9,6 @@ trial ends PRUNED with its curve and reason, and its slot idles until the stack 
 
 from __future__ import annotations
 
-import os
-import socket
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -25,8 +23,9 @@ from ..config import TrainConfig
 from ..models import count_parameters
 from ..tracking import log_config, log_outcome, mlflow_run
 from ..training import DivergedError, FitResult, fit_stack, new_model
+from ..outage import Outage
+from .objective import Objective, fail_for_retry
 from .runs import STUDY_TAG, summarise_repeats, trial_run_name
-from .space import suggest_penalties
 from .study import SweepSettings, count_finished
 
 
@@ -62,17 +61,23 @@ def run_stacked(settings: SweepSettings, study: optuna.Study, data, parent_run_i
 
 
 def open_runs(settings: SweepSettings, data, trial: optuna.Trial, parent_run_id: str, experiment_id: str,
-              client: MlflowClient, stack_members: int) -> StackedTrial:
-    penalties = suggest_penalties(trial, settings.space)
-    trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
-    retried = trial.user_attrs.get("trial_number")
-    trial.set_user_attr("trial_number", trial.number)
+              client: MlflowClient, stack_members: int) -> StackedTrial | None:
+    """Suggest the trial's coefficients and create its runs; None when the same configuration has finished
+    already (its result is reused and told at once, as one by one: Objective.reuse)."""
+    objective = Objective(settings, data, parent_run_id, experiment_id)
+    penalties, _, twin, retry_of = objective.prepare(trial)
+    tags = {"optuna.trial_number": str(trial.number), STUDY_TAG: settings.study_name, "optuna.state": "RUNNING"}
+    if retry_of is not None:
+        tags["optuna.retry_of_trial"] = str(retry_of)
+    if twin is not None:
+        try:
+            tell_study(trial, objective.reuse(trial, twin, penalties, tags))
+        except optuna.TrialPruned:
+            tell_study(trial, state=TrialState.PRUNED)
+        return None
+    tags["regsweep.stack_members"] = str(stack_members)
     entry = StackedTrial(trial, penalties)
     name = trial_run_name(trial.number, penalties)
-    tags = {"optuna.trial_number": str(trial.number), STUDY_TAG: settings.study_name, "optuna.state": "RUNNING",
-            "regsweep.stack_members": str(stack_members)}
-    if retried is not None:
-        tags["optuna.retry_of_trial"] = str(retried)
     parent = parent_run_id
     if settings.repeats > 1:
         entry.trial_run_id = client.create_run(experiment_id, run_name=name, tags={
@@ -100,6 +105,9 @@ def train_trials(settings: SweepSettings, data, trials: list[optuna.Trial], pare
     client = MlflowClient()
     entries = [open_runs(settings, data, t, parent_run_id, experiment_id, client, len(trials) * settings.repeats)
                for t in trials]
+    entries = [e for e in entries if e is not None]  # reused results are told already
+    if not entries:
+        return
     members = [(e, r) for e in entries for r in range(settings.repeats)]
     cfgs = [member_config(settings, e.penalties, r) for e, r in members]
     epochs = settings.base.epochs
@@ -120,18 +128,24 @@ def train_trials(settings: SweepSettings, data, trials: list[optuna.Trial], pare
     try:
         results = fit_stack(cfgs, data, on_epoch)
     except BaseException as exc:
-        interrupted = isinstance(exc, KeyboardInterrupt)
-        reason = ("interrupted (Ctrl-C or SIGTERM); queued again for the next start" if interrupted
-                  else f"{type(exc).__name__}: {exc}")
-        mlflow.flush_async_logging()
+        # As one by one (Objective): an interrupted or outage-stopped stack queues every trial again; any
+        # other error fails them. Their runs end KILLED or FAILED with the reason.
+        kind = ("interrupted" if isinstance(exc, KeyboardInterrupt)
+                else "outage" if isinstance(exc, Outage) else None)
+        reason = "interrupted (Ctrl-C or SIGTERM)" if kind == "interrupted" else f"{type(exc).__name__}: {exc}"
+        tracking_down = isinstance(exc, Outage) and exc.tracking  # then MLflow calls would only wait
+        storage_down = isinstance(exc, Outage) and not exc.tracking  # then Optuna cannot record anything
         for entry in entries:
-            if interrupted:
-                entry.trial.study.enqueue_trial(entry.trial.params, user_attrs={"trial_number": entry.trial.number})
-            tell_study(entry.trial, state=TrialState.FAIL)
-            for run_id in ([entry.trial_run_id] if entry.trial_run_id else []) + entry.run_ids:
-                client.set_tag(run_id, "optuna.state", "FAIL")
-                client.set_tag(run_id, "regsweep.stop_reason", reason[:5000])
-                client.set_terminated(run_id, "KILLED" if interrupted else "FAILED")
+            if not storage_down:
+                if kind is not None:
+                    fail_for_retry(entry.trial, reason, kind, tell=True)
+                else:
+                    tell_study(entry.trial, state=TrialState.FAIL)
+            if not tracking_down:
+                for run_id in ([entry.trial_run_id] if entry.trial_run_id else []) + entry.run_ids:
+                    end_run(client, run_id, reason, "FAILED" if kind is None else "KILLED")
+        if not tracking_down:
+            mlflow.flush_async_logging()
         raise
     mlflow.flush_async_logging()
     by_trial: dict[int, list[FitResult]] = {}
@@ -140,6 +154,16 @@ def train_trials(settings: SweepSettings, data, trials: list[optuna.Trial], pare
         by_trial.setdefault(entry.trial.number, []).append(result)
     for entry in entries:
         tell(entry, by_trial[entry.trial.number], client)
+
+
+def end_run(client: MlflowClient, run_id: str, reason: str, status: str) -> None:
+    """Best effort: in an outage the next start's reconciliation ends what this cannot."""
+    try:
+        client.set_tag(run_id, "optuna.state", "FAIL")
+        client.set_tag(run_id, "regsweep.stop_reason", reason[:5000])
+        client.set_terminated(run_id, status)
+    except Exception:  # noqa: BLE001 - see the docstring
+        pass
 
 
 def finish_member(cfg: TrainConfig, result: FitResult, data, entry: StackedTrial, r: int) -> None:

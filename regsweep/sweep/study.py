@@ -8,22 +8,30 @@ KILLED.
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import optuna
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
-from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from ..config import ConfigError, TrainConfig
+from ..outage import StorageOutage, pid_alive
 from .space import SearchSpace, make_pruner, make_sampler
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+OBJECTIVE_NAME = "best_val_acc"  # how study plots and optuna-dashboard label the objective
+MAX_RETRY = 3  # times one configuration is queued again after interruptions, along one chain of retries
+# The `fail_kind` user attribute of a failed trial: "interrupted" (Ctrl-C, SIGTERM) and "outage" (a store
+# stopped answering) run again; "error" (an exception in training) does not, it would fail again.
+RETRIED_KINDS = ("interrupted", "outage")
+# User attributes that describe one attempt, not the configuration: a retry starts without them.
+ATTEMPT_ATTRS = ("worker", "mlflow_run_ids", "fail_reason", "fail_kind", "config_key", "reused_trial",
+                 "trial_number")
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,7 @@ class SweepSettings:
     heartbeat: int = 60  # seconds between liveness records of a running trial (RDB storages)
     workers: int = 1
     stack: int = 1  # trials trained at once as one stacked network (stacked.py)
+    tracking_timeout: float = 120.0  # seconds the MLflow tracking server may be silent before a worker stops
 
 
 def redact(url: str) -> str:
@@ -67,25 +76,87 @@ def open_storage(settings: SweepSettings, tracking_uri: str | None = None):
 
 
 class StaleTrialHandler:
-    """A dead worker's trial: end its MLflow run as KILLED, then queue the same parameters again."""
+    """A dead worker's trial: queue the same parameters again, then end its MLflow runs KILLED."""
 
-    def __init__(self, tracking_uri: str | None = None, max_retry: int = 3):
+    def __init__(self, tracking_uri: str | None = None, max_retry: int = MAX_RETRY):
         self.tracking_uri = tracking_uri
-        self.retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+        self.max_retry = max_retry
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        queue_retry(study, trial, self.max_retry)  # first: reconciliation ends the runs if MLflow fails here
         for run_id in trial.user_attrs.get("mlflow_run_ids", []):
             end_dead_run(run_id, f"worker died during trial {trial.number}; trial retried", self.tracking_uri)
-        self.retry(study, trial)
 
 
-def end_dead_run(run_id: str, reason: str, tracking_uri: str | None = None) -> None:
+def queue_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, max_retry: int = MAX_RETRY) -> bool:
+    """Queue `trial`'s parameters again as a WAITING trial, unless its chain of retries is `max_retry` long.
+
+    Optuna's own convention (RetryHeartbeatStaleTrialCallback): the system attributes `failed_trial` (the
+    first attempt) and `retry_history` (every earlier attempt), so Optuna's helpers read them. The retry
+    has the trial's parameters already set, so it trains exactly the interrupted configuration."""
+    history = [*trial.system_attrs.get("retry_history", []), trial.number]
+    if len(history) > max_retry:
+        return False
+    study.add_trial(optuna.trial.create_trial(
+        state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+        user_attrs={k: v for k, v in trial.user_attrs.items() if k not in ATTEMPT_ATTRS},
+        system_attrs={"failed_trial": history[0], "retry_history": history}))
+    return True
+
+
+def requeue_interrupted(study: optuna.Study, max_retry: int = MAX_RETRY) -> list[int]:
+    """Queue again every failed trial that was interrupted (or whose worker died without a word) and has
+    no retry yet: the worker queues its own, but it may have been stopped before it could."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    queued = []
+    for trial in trials:
+        kind = trial.user_attrs.get("fail_kind")
+        died = kind is None and "fail_reason" not in trial.user_attrs
+        if trial.state == TrialState.FAIL and (kind in RETRIED_KINDS or died) and trial.number not in retried:
+            if queue_retry(study, trial, max_retry):
+                queued.append(trial.number)
+    return queued
+
+
+def end_dead_run(run_id: str, reason: str, tracking_uri: str | None = None, state: str = "FAIL") -> bool:
     client = MlflowClient(tracking_uri)
     run = client.get_run(run_id)
-    if not RunStatus.is_terminated(RunStatus.from_string(run.info.status)):
-        client.set_tag(run_id, "regsweep.stop_reason", reason)
-        client.set_tag(run_id, "optuna.state", "FAIL")
-        client.set_terminated(run_id, "KILLED")
+    if RunStatus.is_terminated(RunStatus.from_string(run.info.status)):
+        return False
+    client.set_tag(run_id, "regsweep.stop_reason", reason[:5000])
+    client.set_tag(run_id, "optuna.state", state)
+    client.set_terminated(run_id, "KILLED")
+    return True
+
+
+@contextmanager
+def storage_errors(storage: str):
+    """A lost database connection means the Optuna storage is unreachable: raise StorageOutage, which
+    stops the worker with one line, instead of failing the trial over it."""
+    try:
+        yield
+    except Exception as exc:
+        lost = lost_connection(exc)
+        if lost is None:
+            raise
+        detail = str(getattr(lost, "orig", None) or lost).strip().splitlines()
+        raise StorageOutage(f"the Optuna storage {redact(storage)} is unreachable"
+                            f" ({detail[0] if detail else type(lost).__name__})") from exc
+
+
+def lost_connection(exc: BaseException) -> BaseException | None:
+    """The SQLAlchemy connection error behind `exc`, if there is one. Optuna wraps it (StorageInternalError),
+    and a failed commit inside its own trial bookkeeping can surface as a different error raised while
+    handling it, so the chain of causes is followed."""
+    import sqlalchemy.exc
+
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 def reap_dead_local_trials(study: optuna.Study, handler: StaleTrialHandler) -> list[int]:
@@ -105,23 +176,6 @@ def reap_dead_local_trials(study: optuna.Study, handler: StaleTrialHandler) -> l
     return reaped
 
 
-def pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (killed, not yet reaped by its parent) is dead for our purposes.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 def load_study(settings: SweepSettings, tracking_uri: str | None = None, worker_index: int = 0) -> optuna.Study:
     # Heartbeats, retries and the matplotlib plots are marked experimental; they are what this module is for.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -132,6 +186,8 @@ def load_study(settings: SweepSettings, tracking_uri: str | None = None, worker_
     # repeat the same random suggestions instead of exploring.
     seed = None if settings.seed is None else settings.seed + 1000 * worker_index + len(study.trials)
     study.sampler = make_sampler(settings.sampler, settings.space, seed)
+    if study.metric_names != [OBJECTIVE_NAME]:
+        study.set_metric_names([OBJECTIVE_NAME])
     return study
 
 

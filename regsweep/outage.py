@@ -1,0 +1,205 @@
+"""What regsweep does when a store stops answering: the MLflow tracking server or the Optuna storage.
+
+Training never waits on the tracker: per-epoch metrics are queued (MLflow's async logging) and MLflow's own
+HTTP retries, set from `--tracking-timeout`, keep every request alive through a short outage. A watch thread
+asks the server's `/health` meanwhile; once it has not answered for the timeout, the main thread gets a
+`TrackingOutage` and the command stops with one line, leaving the run RUNNING (nothing can be written to an
+unreachable store). The next regsweep command against the experiment ends such runs KILLED.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+
+EXIT_OUTAGE = 75  # sysexits' EX_TEMPFAIL: nothing is wrong with the input; run the same command again later
+WORKER_TAG = "regsweep.worker"  # host:pid of the process training a run, so a later command can tell it is gone
+MAX_TIMEOUT = 900  # seconds; beyond this MLflow's retry knobs cannot keep one request alive that long
+WATCH_SIGNAL = signal.SIGUSR1
+
+
+class Outage(BaseException):
+    """A store stopped answering. A BaseException, like KeyboardInterrupt: it stops the work in progress,
+    and no `except Exception` in MLflow, Optuna or the training code may swallow it or fail a run over it."""
+    tracking = False  # True when the MLflow tracking store itself is what cannot be reached
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.trial_number: int | None = None  # the sweep's interrupted trial, when there was one
+
+
+class TrackingOutage(Outage):
+    """The MLflow tracking server has not answered for --tracking-timeout seconds."""
+    tracking = True
+
+
+class StorageOutage(Outage):
+    """The Optuna storage (its database) refused or dropped the connection."""
+
+
+def retry_sleeps(retries: int, factor: int) -> list[float]:
+    """urllib3's sleeps before each of `retries` retries of a refused connection: 0, 2f, 4f, ..., each at
+    most 120 s."""
+    return [min(120, 0 if k == 1 else factor * 2 ** (k - 1)) for k in range(1, retries + 1)]
+
+
+def probe_interval(timeout: float) -> float:
+    """Seconds between health probes: a small share of the timeout, at most 5."""
+    return max(0.5, min(5.0, timeout / 20))
+
+
+def http_settings(timeout: float) -> dict[str, str]:
+    """MLflow's own retry knobs for a given --tracking-timeout.
+
+    One request must outlast the timeout (the watch, not MLflow, decides when to give up, so that a short
+    outage loses nothing), but not by much: MLflow's defaults (7 retries, factor 2, 120 s per attempt) keep
+    a request going for minutes. Among MLflow's allowed values (at most 10 retries, factor at most 120),
+    those whose retries span at least timeout + two probes + 5 s; of these, the one with the shortest
+    longest sleep, which bounds how late a request notices that the server is back."""
+    target = timeout + 2 * probe_interval(timeout) + 5
+    _, span, retries, factor = min((max(sleeps), sum(sleeps), r, f) for r in range(1, 11) for f in range(1, 121)
+                                   if sum(sleeps := retry_sleeps(r, f)) >= target)
+    return {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries), "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": str(factor),
+            # One attempt against a server that accepts but does not answer waits at most this long.
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(min(120, max(5, timeout))))}
+
+
+@contextmanager
+def mlflow_http_settings(timeout: float):
+    """Set MLflow's HTTP retry environment for the duration (worker processes started inside inherit it)."""
+    settings = http_settings(timeout)
+    previous = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    try:
+        yield settings
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def answers(uri: str, timeout: float) -> bool:
+    """Whether the tracking server's /health endpoint answers within `timeout` seconds."""
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).read()
+        return True
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+@contextmanager
+def tracking_watch(timeout: float, uri: str | None = None):
+    """While the block runs, probe the tracking server; once it has not answered for `timeout` seconds,
+    raise TrackingOutage in the main thread, wherever it is (training, or inside MLflow's retries).
+
+    Only for HTTP tracking servers (a local store has no outages of this kind) and in the main thread
+    (Python runs signal handlers there)."""
+    import mlflow
+
+    uri = uri or mlflow.get_tracking_uri()
+    if not is_http(uri) or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    message = (f"the MLflow tracking server at {uri} has not answered for {timeout:g} s "
+               "(--tracking-timeout)")
+    stop, lock, main = threading.Event(), threading.Lock(), threading.main_thread().ident
+    interval = probe_interval(timeout)
+
+    def on_signal(signum, frame):
+        raise TrackingOutage(message)
+
+    def watch():
+        silent_since = None
+        while not stop.wait(interval):
+            started = time.monotonic()
+            if answers(uri, timeout=max(1.0, interval)):
+                silent_since = None
+                continue
+            silent_since = silent_since or started
+            if time.monotonic() - silent_since >= timeout:
+                with lock:  # never after the block has ended and the handler is gone
+                    if not stop.is_set():
+                        stop.set()
+                        # A real signal, not just a flag: it also wakes the main thread from a sleep
+                        # between MLflow's retries or from waiting on the async logging queue.
+                        signal.pthread_kill(main, WATCH_SIGNAL)
+                return
+
+    previous = signal.signal(WATCH_SIGNAL, on_signal)
+    threading.Thread(target=watch, name="regsweep-tracking-watch", daemon=True).start()
+    try:
+        yield
+    finally:
+        with lock:
+            stop.set()
+        signal.signal(WATCH_SIGNAL, previous)
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (killed, not yet reaped by its parent) is dead for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def end_orphaned_runs(experiment_id: str, tracking_uri: str | None = None) -> list[str]:
+    """End KILLED the RUNNING runs of `experiment_id` whose process ran on this host and is gone: a run
+    whose process lost the tracking store could not say that it stopped. Returns their ids."""
+    from mlflow.tracking import MlflowClient
+
+    client, host, ended = MlflowClient(tracking_uri), socket.gethostname(), []
+    runs = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=5000)
+    for run in runs:
+        worker = run.data.tags.get(WORKER_TAG, "")
+        run_host, _, pid = worker.rpartition(":")
+        if run_host != host or not pid.isdigit() or pid_alive(int(pid)):
+            continue
+        client.set_tag(run.info.run_id, "regsweep.stop_reason",
+                       f"its process ({worker}) ended while the run was RUNNING, most likely because the "
+                       "tracking store was unreachable; ended KILLED by the next regsweep command")
+        client.set_terminated(run.info.run_id, "KILLED")
+        ended.append(run.info.run_id)
+    return ended
+
+
+def command_line() -> str:
+    """The command as typed, to tell the user what resumes the work."""
+    return shlex.join(["regsweep", *sys.argv[1:]])
+
+
+def exit_now(line: str) -> None:
+    """Print the line and leave at once. After a tracking outage MLflow's async-logging threads are still
+    retrying requests to the unreachable server, and a normal exit would wait for them (its at-exit hooks
+    would also retry ending the run); everything that must be recorded is in the Optuna storage, and the
+    run is ended KILLED by the next command."""
+    print(line, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(EXIT_OUTAGE)

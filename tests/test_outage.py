@@ -1,0 +1,190 @@
+"""A sweep and a training run survive their tracking server: a real `mlflow server` on loopback, stopped
+mid-trial (SIGKILL, as in a crash) and started again on the same port and store, within and beyond
+--tracking-timeout."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from regsweep.cli import cli
+from regsweep.outage import EXIT_OUTAGE
+
+from .test_postgres import free_port
+from .test_sweep import SMALL
+
+pytestmark = pytest.mark.slow
+
+
+class MlflowServer:
+    """`mlflow server` with a SQLite store, on a fixed loopback port, that can be killed and started again."""
+
+    def __init__(self, root: Path):
+        self.root, self.port = root, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}", "--artifacts-destination",
+             str(self.root / "artifacts"), "--workers", "1"],
+            cwd=self.root, stdout=open(self.root / "log", "a"), stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.url}/health", timeout=2)
+                return
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        pytest.fail("mlflow server did not start: " + (self.root / "log").read_text()[-2000:])
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    yield server
+    if server.proc.poll() is None:
+        server.stop()
+
+
+@pytest.fixture
+def tracking(server, monkeypatch, tmp_path):
+    """This test's process and its subprocesses log to the server."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(server.url)
+    yield MlflowClient(server.url)
+    mlflow.set_tracking_uri(None)
+
+
+def start(args: list[str], tmp_path: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "regsweep", *args], cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_for_epoch(client: MlflowClient, experiment: str, proc: subprocess.Popen):
+    """The experiment's first run once it has logged a validation accuracy."""
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        exp = client.get_experiment_by_name(experiment)
+        for run in client.search_runs([exp.experiment_id]) if exp else []:
+            if run.data.tags.get("regsweep.kind") != "study" and client.get_metric_history(run.info.run_id,
+                                                                                             "val/acc"):
+                return run
+        time.sleep(0.5)
+    pytest.fail("no run logged an epoch")
+
+
+def stop_line(stderr: str) -> str:
+    """The line the command stopped with: the last, the only error, no traceback or retry noise."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert "Traceback" not in stderr and "Retrying" not in stderr and "Failed to log" not in stderr, stderr
+    assert [line for line in lines if "Error" in line] == lines[-1:], stderr
+    return lines[-1]
+
+
+def test_outage_shorter_than_the_timeout_is_ridden_out_and_loses_nothing(server, tracking, tmp_path):
+    epochs = 20
+    proc = start(["optimize", *SMALL, "--epochs", str(epochs), "--max-train-samples", "256", "--trials", "1",
+                  "--pruner", "none", "--storage", f"sqlite:///{tmp_path / 'optuna.db'}",
+                  "--experiment-name", "within", "--tracking-timeout", "60"], tmp_path)
+    run = wait_for_epoch(tracking, "within", proc)
+    server.stop()
+    down = time.time()
+    time.sleep(5)
+    server.start()  # the restart itself takes a while on a busy machine: the outage is longer than 5 s
+    up = time.time()
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err
+
+    history = tracking.get_metric_history(run.info.run_id, "val/acc")
+    assert sorted(m.step for m in history) == list(range(1, epochs + 1))  # every epoch landed
+    during = [m for m in history if down * 1000 < m.timestamp < up * 1000]
+    assert during, f"no epoch ended during the {up - down:.0f} s outage: training waited on the tracker"
+    finished = tracking.get_run(run.info.run_id)
+    assert finished.info.status == "FINISHED" and "best_val_acc" in finished.data.metrics
+    study = optuna.load_study(study_name="within", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"]
+    assert study.metric_names == ["best_val_acc"]
+
+
+def test_longer_outage_stops_the_sweep_in_time_and_resume_reruns_the_trial_and_ends_its_run(
+        server, tracking, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    proc = start(["optimize", *SMALL, "--epochs", "500", "--trials", "1", "--pruner", "none", "--storage", storage,
+                  "--experiment-name", "beyond", "--tracking-timeout", "6"], tmp_path)
+    victim = wait_for_epoch(tracking, "beyond", proc)
+    server.stop()
+    down = time.time()
+    out, err = proc.communicate(timeout=120)
+    stopped_after = time.time() - down
+    assert proc.returncode == EXIT_OUTAGE, err
+    # The timeout, one probe interval, and the main thread's reaction; never MLflow's minutes of retries.
+    assert stopped_after < 6 + 6, stopped_after
+    line = stop_line(err)
+    assert line.startswith(f"Error: the MLflow tracking server at {server.url} has not answered for 6 s")
+    assert "Trial 0 is failed and queued again" in line and "Run again with: regsweep optimize" in line
+    study = optuna.load_study(study_name="beyond", storage=storage)
+    assert [t.state.name for t in study.trials] == ["FAIL", "WAITING"]  # consistent while the server is down
+    assert study.trials[0].user_attrs["fail_kind"] == "outage"
+    assert study.trials[1].params == study.trials[0].params
+
+    server.start()
+    assert tracking.get_run(victim.info.run_id).info.status == "RUNNING"  # nobody could end it
+    result = CliRunner().invoke(cli, ["optimize", *SMALL, "--epochs", "1", "--trials", "1", "--pruner", "none",
+                                      "--storage", storage, "--experiment-name", "beyond",
+                                      "--tracking-timeout", "6"])
+    assert result.exit_code == 0, result.output
+    killed = tracking.get_run(victim.info.run_id)
+    assert killed.info.status == "KILLED"
+    reason = killed.data.tags["regsweep.stop_reason"]
+    assert reason.startswith("trial 0 ended FAIL: the MLflow tracking server") and "reconciled" in reason
+    study = optuna.load_study(study_name="beyond", storage=storage)
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
+    assert study.trials[1].params == study.trials[0].params  # the interrupted configuration was trained
+    exp = tracking.get_experiment_by_name("beyond")
+    runs = tracking.search_runs([exp.experiment_id])
+    assert all(r.info.status != "RUNNING" for r in runs)
+    retried = [r for r in runs if r.data.tags.get("optuna.retry_of_trial") == "0"]
+    assert len(retried) == 1 and retried[0].info.status == "FINISHED"
+
+
+def test_train_stops_on_a_longer_outage_and_the_next_command_ends_its_run(server, tracking, tmp_path):
+    proc = start(["train", *SMALL, "--epochs", "500", "--experiment-name", "train-outage",
+                  "--tracking-timeout", "6"], tmp_path)
+    victim = wait_for_epoch(tracking, "train-outage", proc)
+    server.stop()
+    down = time.time()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_OUTAGE and time.time() - down < 6 + 6, err
+    line = stop_line(err)
+    assert "has not answered for 6 s" in line and "Run again with: regsweep train" in line
+
+    server.start()
+    assert tracking.get_run(victim.info.run_id).info.status == "RUNNING"
+    result = CliRunner().invoke(cli, ["train", *SMALL, "--epochs", "1", "--experiment-name", "train-outage"])
+    assert result.exit_code == 0, result.output
+    killed = tracking.get_run(victim.info.run_id)
+    assert killed.info.status == "KILLED"
+    assert "tracking store was unreachable" in killed.data.tags["regsweep.stop_reason"]
