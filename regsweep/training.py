@@ -405,7 +405,7 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
         for k, values in enumerate(rows):
             if not running[k]:
                 continue
-            train_loss, train_acc, val_loss, val_acc, test_loss, test_acc, s_abs, s_sq = values[:8]
+            train_loss, val_loss, val_acc = values[0], values[2], values[3]
             member_cfg, result = cfgs[k], results[k]
             if not math.isfinite(train_loss):
                 result.stop_reason = (f"diverged: training loss is {train_loss} (l1={member_cfg.l1}, "
@@ -413,18 +413,8 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
                 result.diverged, running[k], retired[k] = True, False, True
                 run.retire(k)
                 continue
-            metrics = {
-                "train/loss": train_loss, "train/acc": train_acc,
-                "val/loss": val_loss, "val/acc": val_acc,
-                "test/loss": test_loss, "test/acc": test_acc,
-                "lr": float(run.optimizer.param_groups[0]["lr"]),
-                "penalty/l1": member_cfg.l1 * s_abs, "penalty/l2": member_cfg.l2 * s_sq,  # added to the loss
-                # the penalised sums, comparable across coefficients
-                "penalty/sum_abs_w": s_abs, "penalty/sum_sq_w": s_sq,
-                # in a stack, the stack's epoch: every member trained in it
-                "speed/epoch_seconds": seconds, "speed/images_per_sec": train["images"] / seconds,
-                **dict(zip(names, values[8:])),
-            }
+            metrics = epoch_metrics(values, names, member_cfg, float(run.optimizer.param_groups[0]["lr"]),
+                                    seconds, train["images"])
             result.history.append(metrics)
             if val_acc > best_val_acc[k]:
                 best_val_acc[k], improved[k] = val_acc, True
@@ -459,6 +449,24 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
         if result.history:
             result.summary = summarise(result.history, total)
     return results
+
+
+COLUMNS = ("train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc", "penalty/sum_abs_w",
+           "penalty/sum_sq_w")  # the order of an epoch's first columns in fit_stack, weight statistics after
+
+
+def epoch_metrics(values: list[float], stat_names: list[str], cfg: TrainConfig, lr: float, seconds: float,
+                  images: int) -> dict[str, float]:
+    """One member's logged metrics for one epoch from its row of the epoch's transfer."""
+    metrics = dict(zip(COLUMNS, values))
+    return {
+        **metrics, "lr": lr,
+        # what was added to the loss; the penalised sums above compare across coefficients
+        "penalty/l1": cfg.l1 * metrics["penalty/sum_abs_w"], "penalty/l2": cfg.l2 * metrics["penalty/sum_sq_w"],
+        # in a stack, the stack's epoch: every member trained in it
+        "speed/epoch_seconds": seconds, "speed/images_per_sec": images / seconds,
+        **dict(zip(stat_names, values[len(COLUMNS):])),
+    }
 
 
 def keep_best(best: dict[str, torch.Tensor], current: dict[str, torch.Tensor], improved: list[bool]) -> None:
