@@ -17,7 +17,7 @@ from regsweep.tracking import run_training
 from .conftest import REPO
 
 ARTIFACTS = {"misclassified.png", "training_curves.png", "confusion_matrix.png", "weight_histograms.png",
-             "per_class_metrics.json", "config.json"}
+             "per_class_metrics.json", "config.json", "predictions"}
 
 
 def the_only_run(client: MlflowClient, experiment: str):
