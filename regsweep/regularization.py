@@ -23,43 +23,34 @@ def penalised_parameters(model: nn.Module, which: str = "weights") -> dict[str, 
     return {f"{name}.weight": layer.weight for name, layer in weight_layers(model).items()}
 
 
-def flat(params: list[torch.Tensor]) -> torch.Tensor:
-    """All given tensors as one vector: one reduction instead of one per tensor."""
-    return torch.cat([p.reshape(-1) for p in params])
-
-
-def l1_penalty(params: list[torch.Tensor]) -> torch.Tensor:
-    """sum |w| over all given tensors."""
-    return flat(params).abs().sum()
-
-
-def l2_penalty(params: list[torch.Tensor]) -> torch.Tensor:
-    """sum w^2 over all given tensors (no 1/2 factor: the coefficient is exactly what multiplies it)."""
-    w = flat(params)
-    return w.dot(w)
-
-
 def member_sums(params: list[torch.Tensor], members: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum |w|, sum w^2) of each member of a stacked model, as two length-`members` vectors.
+    """(sum |w|, sum w^2) of each member of a stacked model, as two length-`members` vectors: the one
+    place the penalties are computed (no 1/2 factor on w^2: the coefficient is exactly what multiplies it).
 
-    Every tensor of a stacked model is member-major (models.py), so member k's part of each is row k of
-    `t.reshape(members, -1)`; members=1 gives the whole-model sums.
+    All tensors are joined first, so each sum is one reduction rather than one per tensor. Every tensor of a
+    stacked model is member-major (models.py), so member k's part of each is row k of `t.reshape(members,
+    -1)`; members=1 gives the whole-model sums.
     """
     w = torch.cat([p.reshape(members, -1) for p in params], dim=1)
     return w.abs().sum(1), (w * w).sum(1)
 
 
+def l1_penalty(params: list[torch.Tensor]) -> torch.Tensor:
+    """sum |w| over all given tensors."""
+    return member_sums(params)[0][0]
+
+
+def l2_penalty(params: list[torch.Tensor]) -> torch.Tensor:
+    """sum w^2 over all given tensors."""
+    return member_sums(params)[1][0]
+
+
 def regularisation_loss(params: list[torch.Tensor], l1: float, l2: float) -> torch.Tensor | float:
-    """l1 * sum|w| + l2 * sum w^2, built only from the terms that are switched on."""
+    """l1 * sum|w| + l2 * sum w^2 of a single model (0 when both are off)."""
     if l1 <= 0 and l2 <= 0:
         return 0.0
-    w = flat(params)
-    total: torch.Tensor | float = 0.0
-    if l1 > 0:
-        total = total + l1 * w.abs().sum()
-    if l2 > 0:
-        total = total + l2 * w.dot(w)
-    return total
+    sum_abs, sum_sq = member_sums(params)
+    return l1 * sum_abs[0] + l2 * sum_sq[0]
 
 
 STATS = ("mean_abs", "l2_norm", "max_abs", "frac_small")
