@@ -475,12 +475,13 @@ def keep_best(best: dict[str, torch.Tensor], current: dict[str, torch.Tensor], i
         return
     members = len(improved)
     with torch.no_grad():
+        mask = torch.tensor(improved, device=next(iter(current.values())).device).view(members, 1)
         for name, t in current.items():
-            if t.dim() == 0 or all(improved):
+            if t.dim() == 0:  # num_batches_tracked: shared by the members
                 best[name].copy_(t)
-                continue
-            for k in (i for i, up in enumerate(improved) if up):
-                best[name].view(members, -1)[k] = t.view(members, -1)[k]
+            else:
+                kept = best[name].view(members, -1)
+                kept.copy_(torch.where(mask, t.view(members, -1), kept))
 
 
 def summarise(history: list[dict[str, float]], total_seconds: float) -> dict[str, float]:

@@ -61,7 +61,7 @@ def run_stacked(settings: SweepSettings, study: optuna.Study, data, parent_run_i
 
 
 def open_runs(settings: SweepSettings, data, trial: optuna.Trial, parent_run_id: str, experiment_id: str,
-              client: MlflowClient, stack_members: int) -> StackedTrial | None:
+              client: MlflowClient, stack_members: int, n_params: int) -> StackedTrial | None:
     """Suggest the trial's coefficients and create its runs; None when the same configuration has finished
     already (its result is reused and told at once, as one by one: Objective.reuse)."""
     objective = Objective(settings, data, parent_run_id, experiment_id)
@@ -88,7 +88,7 @@ def open_runs(settings: SweepSettings, data, trial: optuna.Trial, parent_run_id:
         run = client.create_run(experiment_id, run_name=name if settings.repeats == 1 else f"{name} s{cfg.seed}",
                                 tags={**tags, "mlflow.parentRunId": parent})
         # The params now, so the run reads as a configuration from its first epoch on.
-        params = {**cfg.as_params(), "n_params": count_parameters(new_model(cfg)), **data.sizes()}
+        params = {**cfg.as_params(), "n_params": n_params, **data.sizes()}
         client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
         entry.run_ids.append(run.info.run_id)
     trial.set_user_attr("mlflow_run_ids", ([entry.trial_run_id] if entry.trial_run_id else []) + entry.run_ids)
@@ -103,8 +103,9 @@ def train_trials(settings: SweepSettings, data, trials: list[optuna.Trial], pare
                  experiment_id: str) -> None:
     """Train the asked trials as one stack, log every member's run, tell every trial its outcome."""
     client = MlflowClient()
-    entries = [open_runs(settings, data, t, parent_run_id, experiment_id, client, len(trials) * settings.repeats)
-               for t in trials]
+    n_params = count_parameters(new_model(settings.base))  # the same for every member: l1, l2, seed differ
+    entries = [open_runs(settings, data, t, parent_run_id, experiment_id, client, len(trials) * settings.repeats,
+                         n_params) for t in trials]
     entries = [e for e in entries if e is not None]  # reused results are told already
     if not entries:
         return
