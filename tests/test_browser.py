@@ -17,7 +17,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from regsweep.cli import cli
 from regsweep.tracking import viewing_hint
 
 from .conftest import REPO
+from .servers import free_port
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -61,12 +61,6 @@ SIZE = (["--max-train-samples", "4096", "--max-eval-samples", "1024", "--epochs"
         ["--max-train-samples", "512", "--max-eval-samples", "256", "--epochs", "1"])
 COMMON = [*SIZE, "--batch-size", "16", "--compile", "false"]
 UI_DEFAULT = "http://127.0.0.1:5000"  # where the printed hint points: `mlflow ui`'s default address
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

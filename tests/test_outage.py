@@ -4,12 +4,9 @@ mid-trial (SIGKILL, as in a crash) and started again on the same port and store,
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -21,39 +18,10 @@ from mlflow.tracking import MlflowClient
 from regsweep.cli import cli
 from regsweep.outage import EXIT_OUTAGE
 
-from .test_postgres import free_port
+from .servers import MlflowServer
 from .test_sweep import SMALL
 
 pytestmark = pytest.mark.slow
-
-
-class MlflowServer:
-    """`mlflow server` with a SQLite store, on a fixed loopback port, that can be killed and started again."""
-
-    def __init__(self, root: Path):
-        self.root, self.port = root, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}", "--artifacts-destination",
-             str(self.root / "artifacts"), "--workers", "1"],
-            cwd=self.root, stdout=open(self.root / "log", "a"), stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"{self.url}/health", timeout=2)
-                return
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
-        pytest.fail("mlflow server did not start: " + (self.root / "log").read_text()[-2000:])
-
-    def stop(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -6,27 +6,21 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
+import signal
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
+from .servers import MlflowServer, free_port
 from .test_sweep import SMALL
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def postgres_bin() -> str:
@@ -94,27 +88,10 @@ def postgres_url(postgres):
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination",
-         str(root / "artifacts"), "--workers", "1"],
-        cwd=root, stdout=open(root / "log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            time.sleep(1)
-    else:
-        server.kill()
-        pytest.fail("mlflow server did not start: " + (root / "log").read_text()[-2000:])
-    yield url
-    os.killpg(server.pid, 15)
-    server.wait(timeout=30)
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    yield server.url
+    server.stop(signal.SIGTERM)
 
 
 def test_two_processes_share_one_study_through_postgresql_and_one_tracking_server(
