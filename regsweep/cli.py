@@ -220,6 +220,10 @@ def train_one(fields: dict, experiment_name: str | None, tracking_timeout: float
 @click.option("--stack", default="auto", show_default=True,
               help="Trials trained at once as one stacked network (each with its own run and pruning): a "
                    "number, or auto = 32 on CUDA, 1 on the CPU; at most --trials.")
+@click.option("--completion-workers", type=click.IntRange(min=0), default=None,
+              help="With --stack > 1: processes that complete the members' runs (figures, tables, model) side "
+                   "by side once a stack has trained; 0 = in the training process. Default: one per member up "
+                   "to the spare cores on CUDA, 0 on the CPU (where training needs the cores).")
 @click.option("--heartbeat", type=click.IntRange(min=1), default=60, show_default=True,
               help="Seconds between a running trial's liveness records (RDB storages); a trial silent for "
                    "twice this is failed and retried.")
@@ -229,7 +233,8 @@ def train_one(fields: dict, experiment_name: str | None, tracking_timeout: float
 @config_options(exclude=("l1", "l2"), log_model=False)
 @click.pass_context
 def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_range, l1_zero, l2_zero, grid,
-             repeats, timeout, workers, stack, heartbeat, experiment_name, tracking_timeout, **fields):
+             repeats, timeout, workers, stack, completion_workers, heartbeat, experiment_name, tracking_timeout,
+             **fields):
     """Search L1/L2 with Optuna; one MLflow parent run per study and one child run per trial.
 
     The objective is the trial's best validation accuracy (mean over --repeats seeds), reported every epoch
@@ -261,7 +266,7 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
                                  storage=storage, experiment_name=experiment_name, sampler=sampler,
                                  pruner=pruner, seed=base.seed, repeats=repeats, timeout=timeout,
                                  heartbeat=heartbeat, workers=workers, stack=members,
-                                 tracking_timeout=tracking_timeout)
+                                 completion_workers=completion_workers, tracking_timeout=tracking_timeout)
         check_available(base.resolved_data_dir(), base.download)
         open_storage(settings)  # a bad URL or unreachable database fails here, before any run exists
         check_tracking_uri()

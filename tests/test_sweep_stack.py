@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import mlflow
+import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
@@ -34,9 +36,10 @@ def tree(experiment: str):
 
 
 def test_a_stacked_grid_with_repeats_builds_the_same_tree_as_one_by_one(tracking_uri, tmp_path):
+    # Stacked, the runs are completed by two worker processes (on the CPU the default is in place).
     for stack, name in (("1", "alone"), ("8", "stacked")):
         optimize(*GRID, "--repeats", "2", "--stack", stack, "--storage", f"sqlite:///{tmp_path / name}.db",
-                 "--experiment-name", name, "--study-name", name)
+                 "--experiment-name", name, "--study-name", name, "--completion-workers", "2")
     alone, stacked = tree("alone"), tree("stacked")
     assert stacked[2] == alone[2] and len(stacked[2]) == 8  # 4 configurations x 2 seeds
     assert set(stacked[2].values()) == {("FINISHED", "COMPLETE", 2, True)}
@@ -84,3 +87,26 @@ def test_stack_bad_input_and_clipping(tracking_uri, tmp_path):
     out = optimize("--trials", "2", "--epochs", "1", "--pruner", "none", "--stack", "5", "--storage", storage)
     assert "--stack 5 is more than the 2 trials; stacking 2" in out.output
     assert [t.state.name for t in load(storage).trials] == ["COMPLETE"] * 2
+
+
+@pytest.mark.parametrize("workers", ["2", "0"])
+def test_a_run_that_cannot_be_completed_fails_its_trial_and_leaves_nothing_running(tracking_uri, tmp_path, workers):
+    """A run whose artifacts cannot be written (the artifact location is under a file, so not even root can
+    create it) ends FAILED, its trial FAIL, and the sweep stops with the error: no run is left RUNNING,
+    whether the runs are completed by worker processes or in the training process."""
+    (tmp_path / "a-file").write_text("")
+    name = f"unwritable-{workers}"
+    mlflow.create_experiment(name, artifact_location=str(tmp_path / "a-file" / "artifacts"))
+    storage = f"sqlite:///{tmp_path / name}.db"
+    result = CliRunner().invoke(cli, ["optimize", *SMALL, "--grid", "l1=0,0.001", "--epochs", "1",
+                                      "--pruner", "none", "--stack", "2", "--storage", storage,
+                                      "--experiment-name", name, "--completion-workers", workers])
+    assert result.exit_code != 0, result.output
+    assert {t.state.name for t in load(storage, name).trials} == {"FAIL"}
+    runs = MlflowClient().search_runs([mlflow.get_experiment_by_name(name).experiment_id])
+    members = [r for r in runs if "optuna.trial_number" in r.data.tags]
+    assert len(members) == 2 and {r.info.status for r in members} == {"FAILED"}
+    assert all("regsweep.stop_reason" in r.data.tags for r in members)
+    assert "RUNNING" not in {r.info.status for r in runs}
+    (parent,) = [r for r in runs if "optuna.trial_number" not in r.data.tags]
+    assert parent.info.status == "FAILED"

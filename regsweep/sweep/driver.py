@@ -140,12 +140,20 @@ def optimize(settings: SweepSettings) -> dict:
     except Outage as exc:
         status, outage = "KILLED", exc
         raise
+    except BaseException:
+        status = "FAILED"
+        raise
     finally:
         if outage is None:
-            with tracking_watch(settings.tracking_timeout, tracking_uri):
-                summary = finish_study(settings, study, parent_run_id)
-                if status == "FINISHED":
-                    reconcile(settings, study, experiment_id, tracking_uri)
+            try:
+                with tracking_watch(settings.tracking_timeout, tracking_uri):
+                    summary = finish_study(settings, study, parent_run_id)
+                    if status == "FINISHED":
+                        reconcile(settings, study, experiment_id, tracking_uri)
+            except BaseException:
+                status = "FAILED"
+                raise
+            finally:  # whatever failed above, the parent run does not stay RUNNING
                 client.set_terminated(parent_run_id, status)
         elif not outage.tracking:  # MLflow answers: say on the parent why the sweep stopped
             client.set_tag(parent_run_id, "regsweep.stop_reason", f"{outage}; resume with the same command")

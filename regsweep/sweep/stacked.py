@@ -4,7 +4,8 @@
 With repeats, every seed of a trial is a member too, so a 4-configuration x 5-seed grid is one stack of
 20. All members of a stack see the same batches and rotations (drawn from the first member's seed; a
 member's own seed sets its initialisation): the comparison between them is paired. A pruned member's
-trial ends PRUNED with its curve and reason, and its slot idles until the stack ends.
+trial ends PRUNED with its curve and reason, and its slot idles until the stack ends. Once a stack has
+trained, worker processes complete its members' runs side by side (completion.py); then each trial is told.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from optuna.trial import TrialState
 
 from ..config import TrainConfig
 from ..models import count_parameters
-from ..tracking import log_config, log_outcome, mlflow_run
-from ..training import DivergedError, FitResult, fit_stack, new_model
 from ..outage import Outage
+from ..training import FitResult, fit_stack, new_model
+from .completion import Completer, worker_count
 from .objective import Objective, fail_for_retry
 from .runs import STUDY_TAG, summarise_repeats, trial_run_name
 from .study import SweepSettings, count_finished
@@ -50,14 +51,17 @@ def run_stacked(settings: SweepSettings, study: optuna.Study, data, parent_run_i
     """Take trials `settings.stack` at a time until the study has `settings.trials` finished ones (or, with a
     timeout, until a stack ends after it)."""
     deadline = time.monotonic() + settings.timeout if settings.timeout else None
-    while deadline is None or time.monotonic() < deadline:
-        room = settings.trials - count_finished(study, include_running=True)
-        waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-        n = min(settings.stack, max(room, waiting))
-        if n <= 0:
-            return
-        trials = [study.ask() for _ in range(n)]  # queued (retried) trials come first
-        train_trials(settings, data, trials, parent_run_id, experiment_id)
+    workers = worker_count(settings.completion_workers, settings.stack * settings.repeats,
+                           settings.base.resolved_device())
+    with Completer(data, workers) as completer:
+        while deadline is None or time.monotonic() < deadline:
+            room = settings.trials - count_finished(study, include_running=True)
+            waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+            n = min(settings.stack, max(room, waiting))
+            if n <= 0:
+                return
+            trials = [study.ask() for _ in range(n)]  # queued (retried) trials come first
+            train_trials(settings, data, trials, parent_run_id, experiment_id, completer)
 
 
 def open_runs(settings: SweepSettings, data, trial: optuna.Trial, parent_run_id: str, experiment_id: str,
@@ -100,8 +104,8 @@ def member_config(settings: SweepSettings, penalties: dict[str, float], repeat: 
 
 
 def train_trials(settings: SweepSettings, data, trials: list[optuna.Trial], parent_run_id: str,
-                 experiment_id: str) -> None:
-    """Train the asked trials as one stack, log every member's run, tell every trial its outcome."""
+                 experiment_id: str, completer: Completer) -> None:
+    """Train the asked trials as one stack, complete every member's run, tell every trial its outcome."""
     client = MlflowClient()
     n_params = count_parameters(new_model(settings.base))  # the same for every member: l1, l2, seed differ
     entries = [open_runs(settings, data, t, parent_run_id, experiment_id, client, len(trials) * settings.repeats,
@@ -128,14 +132,19 @@ def train_trials(settings: SweepSettings, data, trials: list[optuna.Trial], pare
 
     try:
         results = fit_stack(cfgs, data, on_epoch)
+        mlflow.flush_async_logging()  # every epoch in the store before a worker ends the run
+        errors = completer.complete([(cfg, result, entry.run_ids[r])
+                                     for (entry, r), cfg, result in zip(members, cfgs, results)])
     except BaseException as exc:
         # As one by one (Objective): an interrupted or outage-stopped stack queues every trial again; any
-        # other error fails them. Their runs end KILLED or FAILED with the reason.
+        # other error fails them. Their runs end KILLED or FAILED with the reason, once no worker is still
+        # completing one of them.
         kind = ("interrupted" if isinstance(exc, KeyboardInterrupt)
                 else "outage" if isinstance(exc, Outage) else None)
         reason = "interrupted (Ctrl-C or SIGTERM)" if kind == "interrupted" else f"{type(exc).__name__}: {exc}"
         tracking_down = isinstance(exc, Outage) and exc.tracking  # then MLflow calls would only wait
         storage_down = isinstance(exc, Outage) and not exc.tracking  # then Optuna cannot record anything
+        completer.stop(tracking_down)
         for entry in entries:
             if not storage_down:
                 if kind is not None:
@@ -148,13 +157,25 @@ def train_trials(settings: SweepSettings, data, trials: list[optuna.Trial], pare
         if not tracking_down:
             mlflow.flush_async_logging()
         raise
-    mlflow.flush_async_logging()
     by_trial: dict[int, list[FitResult]] = {}
-    for (entry, r), cfg, result in zip(members, cfgs, results):
-        finish_member(cfg, result, data, entry, r)
+    failed: dict[int, BaseException] = {}
+    for (entry, r), result, error in zip(members, results, errors):
         by_trial.setdefault(entry.trial.number, []).append(result)
+        if error is not None:  # a worker that died leaves its run RUNNING: end it here either way
+            end_run(client, entry.run_ids[r], f"completing the run failed: {type(error).__name__}: {error}",
+                    "FAILED")
+            failed.setdefault(entry.trial.number, error)
     for entry in entries:
-        tell(entry, by_trial[entry.trial.number], client)
+        if entry.trial.number not in failed:
+            tell(entry, by_trial[entry.trial.number], client)
+            continue
+        tell_study(entry.trial, state=TrialState.FAIL)
+        for run_id in ([entry.trial_run_id] if entry.trial_run_id else []) + entry.run_ids:
+            client.set_tag(run_id, "optuna.state", "FAIL")
+        if entry.trial_run_id:
+            end_run(client, entry.trial_run_id, "a seed's run could not be completed", "FAILED")
+    if failed:  # as one by one: an error that is not about the trial's result stops the sweep
+        raise next(iter(failed.values()))
 
 
 def end_run(client: MlflowClient, run_id: str, reason: str, status: str) -> None:
@@ -164,19 +185,6 @@ def end_run(client: MlflowClient, run_id: str, reason: str, status: str) -> None
         client.set_tag(run_id, "regsweep.stop_reason", reason[:5000])
         client.set_terminated(run_id, status)
     except Exception:  # noqa: BLE001 - see the docstring
-        pass
-
-
-def finish_member(cfg: TrainConfig, result: FitResult, data, entry: StackedTrial, r: int) -> None:
-    """Complete the member's run as `regsweep train` would: datasets, summary, tables, figures."""
-    run_id = entry.run_ids[r]
-    try:
-        with mlflow_run(cfg, run_id=run_id):
-            log_config(cfg, data, count_parameters(result.model))
-            if result.diverged:  # the run ends FAILED with the reason, as a single run does
-                raise DivergedError(result.stop_reason.removeprefix("diverged: "))
-            log_outcome(cfg, result, data)
-    except DivergedError:
         pass
 
 

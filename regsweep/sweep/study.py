@@ -51,6 +51,7 @@ class SweepSettings:
     heartbeat: int = 60  # seconds between liveness records of a running trial (RDB storages)
     workers: int = 1
     stack: int = 1  # trials trained at once as one stacked network (stacked.py)
+    completion_workers: int | None = None  # processes completing a stack's runs; None: completion.worker_count
     tracking_timeout: float = 120.0  # seconds the MLflow tracking server may be silent before a worker stops
 
 
