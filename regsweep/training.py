@@ -34,7 +34,7 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)  # one metrics dict per finished epoch
     summary: dict[str, float] = field(default_factory=dict)
     stop_reason: str = ""  # why training ended before cfg.epochs (early stopping, pruning); empty if it did not
-    step_mode: str = "eager"  # how the training step ran: cuda-graph, compiled or eager (see step_mode)
+    step_mode: str = "eager"  # how the training step ran: cuda-graph, compiled, eager, or "eager: <why>"
     test_pred: torch.Tensor | None = None  # predicted test labels of the best-validation weights (CPU)
     diverged: bool = False  # the training loss stopped being finite (stop_reason says when)
 
@@ -170,14 +170,20 @@ class CudaGraphStep:
     random state of `generator` (registered with the graph, so each replay draws new rotations; batch order
     comes from another generator, used outside the graph). The first `warmup` calls run eagerly on a side
     stream, as capture requires (lazy initialisation, optimizer state); they are ordinary training steps.
+
+    A step that cannot be recorded (an operation that waits on the host, say, from a model added later) fails
+    at capture, before any of it has run: the step then runs eagerly from there on, and `mode` says why.
     """
 
     def __init__(self, step: Step, generator: torch.Generator, warmup: int = 3):
         self.step, self.generator, self.warmup = step, generator, warmup
         self.graph: torch.cuda.CUDAGraph | None = None
         self.calls = 0
+        self.mode = "cuda-graph"  # or "eager: ..." once capture has failed
 
     def __call__(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mode != "cuda-graph":
+            return self.step(idx)
         if self.graph is None and self.calls < self.warmup:
             self.calls += 1
             side = torch.cuda.Stream()
@@ -188,10 +194,17 @@ class CudaGraphStep:
             return out
         if self.graph is None:
             self.idx = idx.clone()
-            self.graph = torch.cuda.CUDAGraph()
-            self.graph.register_generator_state(self.generator)
-            with torch.cuda.graph(self.graph):
-                self.out = self.step(self.idx)
+            graph = torch.cuda.CUDAGraph()
+            graph.register_generator_state(self.generator)
+            try:
+                with torch.cuda.graph(graph):
+                    self.out = self.step(self.idx)
+            except RuntimeError as exc:  # recording only: nothing of this step has run yet
+                torch.cuda.synchronize()
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                self.mode = f"eager: CUDA graph capture failed ({first[:200]})"
+                return self.step(idx)
+            self.graph = graph
         else:
             self.idx.copy_(idx)  # same shape: train_epoch only feeds full batches
         self.graph.replay()  # after capture too: capturing records the step without running it
@@ -379,7 +392,7 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
     run = setup(cfgs, data, model)
     data, model, members = run.data, run.model, run.members
     cfg = cfgs[0]
-    results = [FitResult(model=model, step_mode=run.mode) for _ in cfgs]
+    results = [FitResult(model=model) for _ in cfgs]
     running, retired = [True] * members, [False] * members
     best_val_acc, best_val_loss = [-1.0] * members, [math.inf] * members
     since_best_loss = [0] * members
@@ -439,7 +452,9 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
     model.load_state_dict(best_state)
     test_pred = predict(model, data.test, precision=cfg.precision).view(len(data.test), members, 10).argmax(2).cpu()
     best_cpu = {k: v.cpu() for k, v in best_state.items()}
+    mode = getattr(run.step, "mode", run.mode)  # a captured step may have fallen back to eager
     for k, result in enumerate(results):
+        result.step_mode = mode
         if members == 1:
             result.model = model.cpu()
         else:

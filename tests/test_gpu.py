@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from regsweep.cli import cli
 from regsweep.config import ConfigError, TrainConfig
-from regsweep.training import fit, setup
+from regsweep.training import CudaGraphStep, fit, setup
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device on this machine")
@@ -76,3 +76,22 @@ def test_same_seed_same_gpu_same_result_and_features_keep_working(tiny_data, tin
     # The schedule acts under capture: the logged lr follows OneCycle, not the value at capture time.
     lrs = [h["lr"] for h in first.history]
     assert len(set(lrs)) == len(lrs)
+
+
+@needs_cuda
+def test_a_step_that_cannot_be_captured_falls_back_to_eager_and_says_so():
+    """Reading a value on the host is not allowed while a graph is recorded: capture fails before the step
+    has done anything, and from then on the step runs eagerly, every call applied exactly once."""
+    w = torch.zeros(4, device="cuda")
+
+    def step(idx: torch.Tensor):
+        if float(idx.sum()) >= 0:  # waits on the host
+            w.add_(idx.float().mean())
+        return w.clone(), w.sum()
+
+    captured = CudaGraphStep(step, torch.Generator("cuda").manual_seed(0))
+    idx = torch.arange(4, device="cuda")  # mean 1.5
+    for _ in range(6):  # 3 warm-up steps, the failed capture (run eagerly), 2 more
+        captured(idx)
+    assert captured.mode.startswith("eager: CUDA graph capture failed") and captured.graph is None
+    torch.testing.assert_close(w, torch.full((4,), 6 * 1.5, device="cuda"))
