@@ -93,7 +93,7 @@ def make_pruner(name: str, steps: int) -> optuna.pruners.BasePruner:
     if name == "median":
         # Compare against the median of at least 3 finished trials, and never before epoch 2:
         # first-epoch accuracy says little about where a run ends up.
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)  # step == epoch
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=steps, reduction_factor=3)
     return optuna.pruners.NopPruner()
