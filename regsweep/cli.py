@@ -244,7 +244,7 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
     the study's plots.
     """
     from .data import DataError, check_available
-    from .sweep import SearchSpace, SweepSettings, open_storage, optimize as run_study, parse_grid, stack_size
+    from .sweep import SearchSpace, SweepSettings, check_resumable, optimize as run_study, parse_grid, stack_size
     from .tracking import TrackingError, check_tracking_uri, viewing_hint
 
     try:
@@ -268,7 +268,7 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
                                  heartbeat=heartbeat, workers=workers, stack=members,
                                  completion_workers=completion_workers, tracking_timeout=tracking_timeout)
         check_available(base.resolved_data_dir(), base.download)
-        open_storage(settings)  # a bad URL or unreachable database fails here, before any run exists
+        check_resumable(settings)  # a bad URL, an unreachable database or a clashing space fails here
         check_tracking_uri()
     except ConfigError as exc:
         raise UsageFailure(str(exc)) from None

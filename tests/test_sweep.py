@@ -89,6 +89,19 @@ def test_rerun_resumes_and_tops_up_without_duplicating(tracking_uri, tmp_path):
     assert parents[0].info.status == "FINISHED"
 
 
+def test_resuming_with_a_clashing_search_space_is_refused_before_any_run(tracking_uri, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optimize("--grid", "l1=0,0.001", "--storage", storage, "--pruner", "none", "--epochs", "1")
+    for args, message in ((["--grid", "l1=0,0.0005"], "searched l1 as one of 0.0, 0.001, not one of 0.0, 0.0005"),
+                          ([], "searched l1 as one of 0.0, 0.001, not a range (1e-06 to 0.01)")):
+        out = optimize(*args, "--trials", "4", "--storage", storage, expect=2)
+        lines = [line for line in out.output.splitlines() if line.strip()]
+        assert len(lines) == 1 and message in lines[0] and "--study-name" in lines[0], out.output
+    assert len(load(storage).trials) == 2
+    parents, children = study_runs()
+    assert len(parents) == 1 and len(children) == 2 and parents[0].info.status == "FINISHED"
+
+
 @pytest.mark.slow
 def test_grid_runs_exactly_the_grid_with_repeats_grouped_under_each_trial(tracking_uri, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"

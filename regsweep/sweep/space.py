@@ -39,6 +39,41 @@ class SearchSpace:
         return len(self.grid.get("l1", (0,))) * len(self.grid.get("l2", (0,)))
 
 
+    def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
+        """What `suggest_penalties` asks Optuna for, by parameter name."""
+        if self.grid:
+            return {name: optuna.distributions.CategoricalDistribution(list(self.grid.get(name, (0.0,))))
+                    for name in ("l1", "l2")}
+        dists: dict[str, optuna.distributions.BaseDistribution] = {}
+        for name, (low, high), zero in (("l1", self.l1_range, self.l1_zero), ("l2", self.l2_range, self.l2_zero)):
+            dists[name] = optuna.distributions.FloatDistribution(low, high, log=True)
+            if zero:
+                dists[f"{name}_on"] = optuna.distributions.CategoricalDistribution([False, True])
+        return dists
+
+    def check_resumable(self, trials: list[optuna.trial.FrozenTrial]) -> None:
+        """Raise ConfigError if an existing study's trials cannot share it with this space: Optuna refuses a
+        parameter whose kind changes (a grid's categories against a range) or a grid whose values change,
+        but only once a trial asks, with a run already open."""
+        wanted = self.distributions()
+        for trial in trials:
+            for name, old in trial.distributions.items():
+                if name not in wanted:
+                    continue
+                try:
+                    optuna.distributions.check_distribution_compatibility(old, wanted[name])
+                except ValueError:
+                    raise ConfigError(
+                        f"the study's earlier trials searched {name} as {describe(old)}, not {describe(wanted[name])}: "
+                        "resume it with the same --grid or ranges, or start another with --study-name") from None
+
+
+def describe(dist: optuna.distributions.BaseDistribution) -> str:
+    if isinstance(dist, optuna.distributions.CategoricalDistribution):
+        return "one of " + ", ".join(map(str, dist.choices))
+    return f"a range ({dist.low:g} to {dist.high:g})"
+
+
 def parse_grid(text: str) -> dict[str, tuple[float, ...]]:
     """'l1=0,0.001 l2=0,0.0005' -> {'l1': (0.0, 0.001), 'l2': (0.0, 0.0005)}."""
     grid = {}

@@ -192,6 +192,16 @@ def load_study(settings: SweepSettings, tracking_uri: str | None = None, worker_
     return study
 
 
+def check_resumable(settings: SweepSettings) -> None:
+    """A study this command would resume must accept its search space (SearchSpace.check_resumable)."""
+    storage = open_storage(settings)
+    try:
+        study = optuna.load_study(study_name=settings.study_name, storage=storage)
+    except KeyError:  # no such study yet
+        return
+    settings.space.check_resumable(study.get_trials(deepcopy=False))
+
+
 def count_finished(study: optuna.Study, include_running: bool = False) -> int:
     states = FINISHED + ((TrialState.RUNNING,) if include_running else ())
     return len(study.get_trials(deepcopy=False, states=states))
