@@ -396,6 +396,7 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
     running, retired = [True] * members, [False] * members
     best_val_acc, best_val_loss = [-1.0] * members, [math.inf] * members
     since_best_loss = [0] * members
+    hook_seconds = [0.0] * members  # in on_epoch: logging and pruning, what the caller adds to each epoch
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     start = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
@@ -435,7 +436,9 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
                 best_val_loss[k], since_best_loss[k] = val_loss, 0
             else:
                 since_best_loss[k] += 1
+            hook_start = time.perf_counter()
             stop = on_epoch(k, epoch, metrics) if on_epoch is not None else None
+            hook_seconds[k] += time.perf_counter() - hook_start
             if not stop and member_cfg.patience and since_best_loss[k] >= member_cfg.patience:
                 stop = f"early stopping: val/loss did not improve for {member_cfg.patience} epochs"
             if stop:
@@ -462,7 +465,7 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
             result.model.load_state_dict(member_state(best_cpu, k, members))
         result.test_pred = test_pred[:, k]
         if result.history:
-            result.summary = summarise(result.history, total)
+            result.summary = summarise(result.history, total) | {"total_hook_seconds": hook_seconds[k]}
     return results
 
 

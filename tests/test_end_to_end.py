@@ -59,9 +59,10 @@ def test_mlflow_run_logs_a_complete_comparable_run(tracking_uri):
 
     m = run.data.metrics
     for key in ("best_val_acc", "best_val_epoch", "test_acc_at_best_val", "best_test_acc", "best_test_epoch",
-                "final_test_acc", "total_train_seconds", "test_macro_f1_at_best_val"):
+                "final_test_acc", "total_train_seconds", "total_hook_seconds", "test_macro_f1_at_best_val"):
         assert key in m, key
     assert 0.3 < m["best_val_acc"] <= 1 and m["best_val_epoch"] in (1, 2)
+    assert 0 < m["total_hook_seconds"] < m["total_train_seconds"]
     assert run.data.tags["mlflow.note.content"].startswith("l1+l2: best validation accuracy")
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
