@@ -7,8 +7,10 @@ Each row is a fresh study in a temporary store, run as a subprocess and timed fr
     python benchmarks/stack.py --small                           # CPU: 4 trials, 1 epoch, 2,000 images
     python benchmarks/stack.py --throughput 1,8,32               # GPU: step throughput per stack size
     python benchmarks/stack.py --rows 32,1:4 --options "--deterministic false"
+    python benchmarks/stack.py --rows grid                       # the notebooks' 4 x 5 grid, one stack
 
-A row is STACK[-PRUNER][:TRIALS]. "configs/h" is finished trials per hour of wall time; "training share" is
+A row is STACK[-PRUNER][:TRIALS], or "grid": the notebooks' 4 scenarios x 5 seeds (`--grid "l1=0,0.001
+l2=0,0.0005" --repeats 5`, one stack of 20 members, trials counting configurations). "configs/h" is finished trials per hour of wall time; "training share" is
 the stacks' training-step time over the wall time; "epoch hooks share" the time spent after each epoch
 queueing every member's metrics for MLflow and reporting to Optuna (and asking its pruner); the rest is
 start-up, evaluation, completing the runs (figures, tables) and the study's bookkeeping.
@@ -27,15 +29,22 @@ import optuna
 from mlflow.tracking import MlflowClient
 
 
+# The notebooks' four scenarios (none, L1, L2, L1+L2) with 5 seeds each: one stack of 20 members.
+NOTEBOOK_GRID = ["--grid", "l1=0,0.001 l2=0,0.0005", "--repeats", "5"]
+
+
 def run_row(row: str, args) -> dict:
     spec, _, trials = row.partition(":")
     stack, _, pruner = spec.partition("-")
-    trials = int(trials or args.trials)
     store = tempfile.mkdtemp()
     uri, storage = f"sqlite:///{store}/mlflow.db", f"sqlite:///{store}/optuna.db"
+    if stack == "grid":
+        stack, trials, space = "auto", 4, NOTEBOOK_GRID
+    else:
+        trials, space = int(trials or args.trials), []
     cmd = [sys.executable, "-m", "regsweep", "optimize", "--trials", str(trials), "--epochs", str(args.epochs),
            "--stack", stack, "--pruner", pruner or "none", "--storage", storage, "--experiment-name", "bench",
-           "--seed", "1", *args.extra]
+           "--seed", "1", *space, *args.extra]
     start = time.perf_counter()
     subprocess.run(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, check=True, cwd=store,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -53,7 +62,7 @@ def run_row(row: str, args) -> dict:
     # another in the training process: their sum over runs is wall time.
     hooks = sum(r.data.metrics.get("total_hook_seconds", 0.0) for r in runs)
     best = max((t.value for t in study.trials if t.state.name == "COMPLETE"), default=float("nan"))
-    return {"row": row, "stack": stack, "pruner": pruner or "none", "trials": len(done),
+    return {"row": row, "stack": "grid 4x5" if space else stack, "pruner": pruner or "none", "trials": len(done),
             "pruned": sum(t.state.name == "PRUNED" for t in done), "wall": wall,
             "per_hour": 3600 * len(done) / wall, "best": best, "training": training, "hooks": hooks}
 
@@ -89,7 +98,7 @@ def throughput(sizes: list[int], epochs: int = 2) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", default="1:8,8,32,32-median")
+    parser.add_argument("--rows", default=None, help='default "1:8,8,32,32-median" ("1,4" with --small)')
     parser.add_argument("--trials", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--small", action="store_true", help="CPU size: 4 trials, 1 epoch, 2,000 images")
@@ -101,8 +110,9 @@ def main():
         return
     args.extra = args.options.split()
     if args.small:
-        args.trials, args.epochs, args.rows = 4, 1, "1,4"
+        args.trials, args.epochs, args.rows = 4, 1, args.rows or "1,4"
         args.extra += ["--max-train-samples", "2000", "--max-eval-samples", "1000", "--compile", "false"]
+    args.rows = args.rows or "1:8,8,32,32-median"
     import torch
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"{where}, torch {torch.__version__}; {args.trials} trials x {args.epochs} epochs unless the row "
