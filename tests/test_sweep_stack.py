@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import mlflow
 import pytest
 from click.testing import CliRunner
@@ -130,3 +136,37 @@ def test_a_run_that_cannot_be_completed_fails_its_trial_and_leaves_nothing_runni
     assert "RUNNING" not in {r.info.status for r in runs}
     (parent,) = [r for r in runs if "optuna.trial_number" not in r.data.tags]
     assert parent.info.status == "FAILED"
+
+
+def test_sigterm_to_the_whole_group_while_workers_complete_runs(tracking_uri, tmp_path):
+    """SIGTERM sent to the sweep's process group (as a service manager does) while worker processes complete
+    the runs: the workers finish the run in hand, the sweep ends every run KILLED and queues every trial
+    again, and no process is left behind."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    args = [sys.executable, "-m", "regsweep", "optimize", *SMALL, *GRID[:2], "--repeats", "2", "--epochs", "1",
+            "--pruner", "none", "--stack", "4", "--completion-workers", "2", "--storage", storage]
+    proc = subprocess.Popen(args, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client, deadline = MlflowClient(), time.time() + 180
+    while time.time() < deadline:  # until the stack has trained: every member's epoch is in the store
+        exp = client.get_experiment_by_name("regsweep")
+        members = [r for r in client.search_runs([exp.experiment_id])
+                   if "optuna.trial_number" in r.data.tags and "l1" in r.data.params] if exp else []
+        if len(members) == 8 and all("val/acc" in r.data.metrics for r in members):
+            break
+        time.sleep(0.2)
+    assert len(members) == 8 and {r.info.status for r in members} == {"RUNNING"}, "not caught mid-completion"
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) != 0
+    for _ in range(100):  # the workers are gone too (and multiprocessing's resource tracker after them)
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        left = subprocess.run(["ps", "-o", "pid,cmd", "-g", str(proc.pid)], capture_output=True, text=True).stdout
+        raise AssertionError(f"processes left behind:\n{left}")
+    runs = client.search_runs([exp.experiment_id])
+    assert {r.info.status for r in runs} == {"KILLED"}  # parent, 4 trial runs, 8 seed runs
+    assert sorted(t.state.name for t in load(storage).trials) == ["FAIL"] * 4 + ["WAITING"] * 4

@@ -44,13 +44,16 @@ def complete_run(cfg: TrainConfig, result: FitResult, data: MnistSplits, run_id:
         pass
 
 
+STOP_WAIT = 60  # seconds a stopping sweep waits for the runs in hand; completing one takes a few
 _data: MnistSplits | None = None  # a worker's copy of the sweep's data (shared memory, not a copy)
 
 
 def _start_worker(tracking_uri: str, data: MnistSplits) -> None:
     global _data
-    # Ctrl-C reaches the whole process group; the sweep decides what happens to the runs.
+    # Ctrl-C reaches the whole process group, and a service manager may send SIGTERM to all of it: the sweep
+    # decides what happens to the runs, and lets a worker finish the run in hand first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     import torch
 
     torch.set_num_threads(1)  # the workers share the cores among themselves
@@ -110,17 +113,16 @@ class Completer:
     def stop(self, tracking_down: bool = False) -> None:
         """Drop the runs not yet started; wait for those in hand (a few seconds), unless the tracking store is
         down, when they could only wait on it: then the workers are ended, and their runs with them (the next
-        start ends them KILLED)."""
+        start ends them KILLED). The wait is bounded: a worker that died meanwhile can leave its future
+        unresolved (Python 3.11's pool fails to mark it once another was cancelled)."""
         if self.pool is None:
             return
         for future in self.pending:
             future.cancel()
-        if tracking_down:
+        if tracking_down or wait(self.pending, timeout=STOP_WAIT).not_done:
             # ProcessPoolExecutor.terminate_workers arrives only in Python 3.14.
             for process in list((getattr(self.pool, "_processes", None) or {}).values()):
                 process.terminate()
-        else:
-            wait(self.pending)
         self.pending = []
 
     def __enter__(self) -> Completer:
