@@ -10,8 +10,8 @@ shared memory. Without (the default on the CPU, see `worker_count`), the trainin
 runs one by one.
 
 The training process keeps the study: it tells each trial its outcome once the trial's runs are complete,
-and on Ctrl-C, SIGTERM or an outage it ends the runs itself (workers ignore Ctrl-C and finish the run in
-hand first, so no worker ends a run FINISHED after the sweep ended it KILLED).
+and on Ctrl-C, SIGTERM or an outage it ends the runs itself, after waiting for the runs in hand (so that no
+worker ends a run FINISHED after the sweep ended it KILLED).
 """
 
 from __future__ import annotations
@@ -50,8 +50,9 @@ _data: MnistSplits | None = None  # a worker's copy of the sweep's data (shared 
 
 def _start_worker(tracking_uri: str, data: MnistSplits) -> None:
     global _data
-    # Ctrl-C reaches the whole process group, and a service manager may send SIGTERM to all of it: the sweep
-    # decides what happens to the runs, and lets a worker finish the run in hand first.
+    # Ctrl-C reaches the whole process group, and a service manager may send SIGTERM to all of it. The sweep
+    # decides what becomes of the runs; a worker only finishes the run in hand (or, on SIGTERM, ends it KILLED:
+    # mlflow_run's handler) and stays alive for the pool's shutdown, so that the pool does not break.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     import torch
