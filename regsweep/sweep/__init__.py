@@ -6,6 +6,7 @@ The stages, one module each:
   runs.py       the MLflow side: the study's parent run, trial run names, the best trial, the plots
   objective.py  one trial: suggest -> train (a child run per seed) -> report/prune
   stacked.py    K trials at once as one stacked network, asked and told (ask/tell)
+  completion.py a stack's member runs completed (figures, tables) side by side in worker processes
   driver.py     `optimize`: resume or create, run the workers, finish
 """
 
