@@ -157,14 +157,13 @@ def train(experiment_name, tracking_timeout, quiet, **fields):
 def train_one(fields: dict, experiment_name: str | None, tracking_timeout: float, quiet: bool) -> None:
     from mlflow.tracking import MlflowClient
 
-    from .data import DataError, load_mnist
+    from .data import DataError, load_for
     from .outage import TrackingOutage, end_orphaned_runs, tracking_watch
     from .tracking import TrackingError, check_tracking_uri, run_training, use_experiment, viewing_hint
 
     try:
         cfg = build_config(fields)
-        data = load_mnist(cfg.resolved_data_dir(), cfg.val_size, cfg.max_train_samples, cfg.max_eval_samples,
-                          cfg.download)
+        data = load_for(cfg)
         check_tracking_uri()
     except (UsageFailure, DataError, TrackingError) as exc:
         mark_project_run_failed(str(exc))

@@ -146,6 +146,12 @@ def load_mnist(data_dir: str | Path, val_size: int = 5000, max_train_samples: in
     )
 
 
+def load_for(cfg) -> MnistSplits:
+    """The splits a TrainConfig describes (its data_dir, val_size, max_*_samples and download)."""
+    return load_mnist(cfg.resolved_data_dir(), cfg.val_size, cfg.max_train_samples, cfg.max_eval_samples,
+                      cfg.download)
+
+
 def batches(split: Split, batch_size: int, generator: torch.Generator | None = None):
     """Yield (x, y) mini-batches as slices of the in-memory tensors, shuffled when a generator is given."""
     n = len(split)

@@ -5,8 +5,9 @@ last epoch) costs a few seconds of one CPU core: matplotlib draws four figures, 
 torch.export. A 32-member stack trains its epochs on a GPU in seconds, so completing its runs one after
 another in the training process took longer than the training itself (docs/benchmarks.md). With workers,
 each run is completed by one of several processes. They are spawned when the sweep starts, so that their
-imports (mlflow.pytorch, matplotlib) happen while the first stack trains, and they get the data once, in
-shared memory. Without (the default on the CPU, see `worker_count`), the training process completes the
+imports (mlflow.pytorch, matplotlib) and their loading of the data (the same splits, from the same files)
+happen while the first stack trains. (Not the sweep's tensors through shared memory: containers often give
+/dev/shm less room than MNIST's 200 MB.) Without (the default on the CPU, see `worker_count`), the training process completes the
 runs one by one.
 
 The training process keeps the study: it tells each trial its outcome once the trial's runs are complete,
@@ -25,7 +26,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, wait
 import mlflow
 
 from ..config import TrainConfig
-from ..data import MnistSplits
+from ..data import MnistSplits, load_for
 from ..models import count_parameters
 from ..tracking import log_config, log_outcome, mlflow_run
 from ..training import DivergedError, FitResult
@@ -45,10 +46,10 @@ def complete_run(cfg: TrainConfig, result: FitResult, data: MnistSplits, run_id:
 
 
 STOP_WAIT = 60  # seconds a stopping sweep waits for the runs in hand; completing one takes a few
-_data: MnistSplits | None = None  # a worker's copy of the sweep's data (shared memory, not a copy)
+_data: MnistSplits | None = None  # a worker's own copy of the sweep's data
 
 
-def _start_worker(tracking_uri: str, data: MnistSplits) -> None:
+def _start_worker(tracking_uri: str, cfg: TrainConfig) -> None:
     global _data
     # Ctrl-C reaches the whole process group, and a service manager may send SIGTERM to all of it. The sweep
     # decides what becomes of the runs; a worker only finishes the run in hand (or, on SIGTERM, ends it KILLED:
@@ -59,7 +60,7 @@ def _start_worker(tracking_uri: str, data: MnistSplits) -> None:
 
     torch.set_num_threads(1)  # the workers share the cores among themselves
     mlflow.set_tracking_uri(tracking_uri)
-    _data = data
+    _data = load_for(cfg)
     importlib.import_module("mlflow.pytorch")  # the slowest import, done before the first run arrives
 
 
@@ -83,12 +84,13 @@ class Completer:
     """Completes member runs: in `workers` processes, or in this one when `workers` is 0. A context manager
     around the sweep's stacks."""
 
-    def __init__(self, data: MnistSplits, workers: int):
+    def __init__(self, data: MnistSplits, cfg: TrainConfig, workers: int):
+        """`data`: the sweep's splits, loaded as `cfg` says (workers load them again from that)."""
         self.data, self.pool = data, None
         self.pending: list[Future] = []
         if workers:
             self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=_start_worker, initargs=(mlflow.get_tracking_uri(), data))
+                                            initializer=_start_worker, initargs=(mlflow.get_tracking_uri(), cfg))
             # Workers are spawned as work arrives: give each one a no-op now, so they all start importing.
             for _ in range(workers):
                 self.pool.submit(os.getpid)

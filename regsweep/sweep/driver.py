@@ -27,7 +27,7 @@ def run_worker(settings: SweepSettings, parent_run_id: str, experiment_id: str, 
     """One worker: load data once, then take trials until the study has `trials` finished ones."""
     import torch
 
-    from ..data import load_mnist
+    from ..data import load_for
 
     if threads:
         torch.set_num_threads(threads)
@@ -35,9 +35,7 @@ def run_worker(settings: SweepSettings, parent_run_id: str, experiment_id: str, 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with storage_errors(settings.storage), tracking_watch(settings.tracking_timeout, tracking_uri):
         study = load_study(settings, tracking_uri, worker_index)
-        base = settings.base
-        data = load_mnist(base.resolved_data_dir(), base.val_size, base.max_train_samples, base.max_eval_samples,
-                          base.download)
+        data = load_for(settings.base)
         if settings.stack > 1:
             run_stacked(settings, study, data, parent_run_id, experiment_id)
             return

@@ -53,7 +53,7 @@ def run_stacked(settings: SweepSettings, study: optuna.Study, data, parent_run_i
     deadline = time.monotonic() + settings.timeout if settings.timeout else None
     workers = worker_count(settings.completion_workers, settings.stack * settings.repeats,
                            settings.base.resolved_device())
-    with Completer(data, workers) as completer:
+    with Completer(data, settings.base, workers) as completer:
         while deadline is None or time.monotonic() < deadline:
             room = settings.trials - count_finished(study, include_running=True)
             waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
