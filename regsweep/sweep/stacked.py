@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import mlflow
@@ -53,13 +54,15 @@ def run_stacked(settings: SweepSettings, study: optuna.Study, data, parent_run_i
     deadline = time.monotonic() + settings.timeout if settings.timeout else None
     workers = worker_count(settings.completion_workers, settings.stack * settings.repeats,
                            settings.base.resolved_device())
-    with Completer(data, settings.base, workers) as completer:
+    with ExitStack() as resources:
+        completer = None  # started with the first stack: a study with nothing left to train spawns nothing
         while deadline is None or time.monotonic() < deadline:
             room = settings.trials - count_finished(study, include_running=True)
             waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
             n = min(settings.stack, max(room, waiting))
             if n <= 0:
                 return
+            completer = completer or resources.enter_context(Completer(data, settings.base, workers))
             trials = [study.ask() for _ in range(n)]  # queued (retried) trials come first
             train_trials(settings, data, trials, parent_run_id, experiment_id, completer)
 
