@@ -75,22 +75,26 @@ def test_a_diverging_member_is_pruned_with_its_reason_and_the_stack_goes_on(trac
 
 def test_a_member_below_the_median_is_pruned_with_its_curve_and_reason(tracking_uri, tmp_path):
     """The median pruner needs 3 complete trials: a first stack completes them, a second stack of two
-    configurations with a crushing L1 penalty is pruned at epoch 2, the first epoch it may be."""
+    configurations with a crushing L1 penalty is pruned at epoch 2, the first epoch it may be (with two
+    seeds, the second seed's epoch 1 is Optuna's step 4, past any warm-up in steps)."""
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    common = ["--epochs", "3", "--pruner", "median", "--stack", "3", "--storage", storage, "--no-l1-zero",
-              "--l2-range", "1e-6", "1e-5", "--no-l2-zero"]
+    common = ["--epochs", "3", "--pruner", "median", "--stack", "3", "--repeats", "2", "--storage", storage,
+              "--no-l1-zero", "--l2-range", "1e-6", "1e-5", "--no-l2-zero"]
     optimize("--l1-range", "1e-6", "1e-5", "--trials", "3", *common)
     optimize("--l1-range", "0.3", "0.5", "--trials", "5", *common)
     study = load(storage)
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3 + ["PRUNED"] * 2
     _, children = study_runs()
-    by_number = {int(r.data.tags["optuna.trial_number"]): r for r in children}
-    for trial in study.trials[3:]:
-        run = by_number[trial.number]
+    pruned = [r for r in children if "l1" in r.data.params and float(r.data.params["l1"]) >= 0.3]
+    assert len(pruned) == 4  # 2 trials x 2 seeds
+    for run in pruned:
         assert run.info.status == "FINISHED" and run.data.tags["optuna.state"] == "PRUNED"
         assert run.data.tags["regsweep.stop_reason"].startswith("pruned by median pruner at epoch 2")
         assert len(MlflowClient().get_metric_history(run.info.run_id, "val/acc")) == 2  # its curve, 2 epochs
-        assert run.data.metrics["epochs_trained"] == 2 and trial.intermediate_values.keys() == {1, 2}
+        assert run.data.metrics["epochs_trained"] == 2
+    for trial in study.trials[3:]:
+        # seed 0's epochs 1 and 2 (pruned there), seed 1's epoch 1; seed 1 stops with its trial at epoch 2
+        assert trial.intermediate_values.keys() == {1, 2, 4}
 
 
 def test_a_stacked_sweep_resumes_and_tops_up(tracking_uri, tmp_path):

@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 from ..config import TrainConfig
 from ..outage import Outage
 from .runs import STUDY_TAG, summarise_repeats, trial_run_name
-from .space import suggest_penalties
+from .space import FIRST_PRUNABLE_EPOCH, suggest_penalties
 from .study import FINISHED, SweepSettings, queue_retry, storage_errors
 
 # Settings that say how a run executes or what it logs, not what it learns: two trials that differ only
@@ -143,7 +143,7 @@ class Objective:
                 def report(epoch: int, metrics: dict[str, float], offset=offset) -> str | None:
                     with storage_errors(settings.storage):
                         trial.report(metrics["val/acc"], offset + epoch)
-                        prune = trial.should_prune()
+                        prune = epoch >= FIRST_PRUNABLE_EPOCH and trial.should_prune()
                     if prune:
                         return (f"pruned by {settings.pruner} pruner at epoch {epoch}: "
                                 f"val/acc {metrics['val/acc']:.4f}")

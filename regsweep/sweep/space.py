@@ -123,12 +123,17 @@ def make_sampler(name: str, space: SearchSpace, seed: int | None) -> optuna.samp
                                       constant_liar=True)
 
 
+# First-epoch accuracy says little about where a run ends up: no pruner is asked before a seed's epoch 2.
+# (A gate on the epoch, not the pruner's n_warmup_steps: with repeats, steps run on across seeds, so the
+# second seed's epoch 1 is step epochs + 1, and in a stack all seeds report side by side.)
+FIRST_PRUNABLE_EPOCH = 2
+
+
 def make_pruner(name: str, steps: int) -> optuna.pruners.BasePruner:
     """`steps`: reports per trial (epochs x repeats)."""
     if name == "median":
-        # Compare against the median of at least 3 finished trials, and never before epoch 2:
-        # first-epoch accuracy says little about where a run ends up.
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)  # step == epoch
+        # Compare against the median of at least 3 finished trials.
+        return optuna.pruners.MedianPruner(n_startup_trials=3)
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=steps, reduction_factor=3)
     return optuna.pruners.NopPruner()

@@ -28,6 +28,7 @@ from ..training import FitResult, fit_stack, new_model
 from .completion import Completer, worker_count
 from .objective import Objective, fail_for_retry
 from .runs import STUDY_TAG, summarise_repeats, trial_run_name
+from .space import FIRST_PRUNABLE_EPOCH
 from .study import SweepSettings, count_finished
 
 
@@ -128,7 +129,7 @@ def train_trials(settings: SweepSettings, data, trials: list[optuna.Trial], pare
         if entry.pruned:
             return entry.pruned  # another seed of this trial was pruned
         entry.trial.report(metrics["val/acc"], r * epochs + epoch)
-        if entry.trial.should_prune():
+        if epoch >= FIRST_PRUNABLE_EPOCH and entry.trial.should_prune():
             entry.pruned = f"pruned by {settings.pruner} pruner at epoch {epoch}: val/acc {metrics['val/acc']:.4f}"
             return entry.pruned
         return None
