@@ -81,17 +81,21 @@ def test_same_seed_same_gpu_same_result_and_features_keep_working(tiny_data, tin
 @needs_cuda
 def test_a_step_that_cannot_be_captured_falls_back_to_eager_and_says_so():
     """Reading a value on the host is not allowed while a graph is recorded: capture fails before the step
-    has done anything, and from then on the step runs eagerly, every call applied exactly once."""
+    has done anything, and from then on the step runs eagerly, every call applied exactly once, and the
+    generator registered with the failed graph still draws (as the rotations do)."""
+    generator = torch.Generator("cuda").manual_seed(0)
     w = torch.zeros(4, device="cuda")
 
     def step(idx: torch.Tensor):
+        noise = torch.rand(4, generator=generator, device="cuda")
         if float(idx.sum()) >= 0:  # waits on the host
             w.add_(idx.float().mean())
-        return w.clone(), w.sum()
+        return noise, w.sum()
 
-    captured = CudaGraphStep(step, torch.Generator("cuda").manual_seed(0))
+    captured = CudaGraphStep(step, generator)
     idx = torch.arange(4, device="cuda")  # mean 1.5
-    for _ in range(6):  # 3 warm-up steps, the failed capture (run eagerly), 2 more
-        captured(idx)
+    draws = [captured(idx)[0].clone() for _ in range(6)]  # 3 warm-up steps, the failed capture, 2 more
     assert captured.mode.startswith("eager: CUDA graph capture failed") and captured.graph is None
     torch.testing.assert_close(w, torch.full((4,), 6 * 1.5, device="cuda"))
+    after = torch.stack(draws[3:])
+    assert ((after >= 0) & (after < 1)).all() and len({tuple(d.tolist()) for d in draws}) == 6

@@ -142,17 +142,15 @@ def test_a_run_that_cannot_be_completed_fails_its_trial_and_leaves_nothing_runni
     assert parent.info.status == "FAILED"
 
 
-def test_sigterm_to_the_whole_group_while_workers_complete_runs(tracking_uri, tmp_path):
-    """SIGTERM sent to the sweep's process group (as a service manager does) while worker processes complete
-    the runs: the workers finish the run in hand, the sweep ends every run KILLED and queues every trial
-    again, and no process is left behind."""
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+def start_stack_and_wait_for_completion(tracking_uri: str, storage: str):
+    """A stacked sweep of 8 members (4 configurations x 2 seeds) whose runs 2 worker processes complete,
+    started in its own process group; returns once the stack has trained and its runs are being completed."""
     args = [sys.executable, "-m", "regsweep", "optimize", *SMALL, *GRID[:2], "--repeats", "2", "--epochs", "1",
             "--pruner", "none", "--stack", "4", "--completion-workers", "2", "--storage", storage]
     proc = subprocess.Popen(args, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client, deadline = MlflowClient(), time.time() + 180
-    while time.time() < deadline:  # until the stack has trained: every member's epoch is in the store
+    while time.time() < deadline:  # until every member's epoch is in the store
         exp = client.get_experiment_by_name("regsweep")
         members = [r for r in client.search_runs([exp.experiment_id])
                    if "optuna.trial_number" in r.data.tags and "l1" in r.data.params] if exp else []
@@ -160,6 +158,29 @@ def test_sigterm_to_the_whole_group_while_workers_complete_runs(tracking_uri, tm
             break
         time.sleep(0.2)
     assert len(members) == 8 and {r.info.status for r in members} == {"RUNNING"}, "not caught mid-completion"
+    return proc, exp
+
+
+def test_a_completion_worker_killed_mid_run_leaves_its_runs_to_the_training_process(tracking_uri, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    proc, exp = start_stack_and_wait_for_completion(tracking_uri, storage)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "spawn_main"], capture_output=True,
+                             text=True).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(workers[0]), signal.SIGKILL)
+    assert proc.wait(timeout=180) == 0
+    runs = MlflowClient().search_runs([exp.experiment_id])
+    assert len(runs) == 13 and {r.info.status for r in runs} == {"FINISHED"}  # parent, 4 trials, 8 seeds
+    assert all("best_val_acc" in r.data.metrics for r in runs if "l1" in r.data.params)
+    assert [t.state.name for t in load(storage).trials] == ["COMPLETE"] * 4
+
+
+def test_sigterm_to_the_whole_group_while_workers_complete_runs(tracking_uri, tmp_path):
+    """SIGTERM sent to the sweep's process group (as a service manager does) while worker processes complete
+    the runs: the workers finish the run in hand, the sweep ends every run KILLED and queues every trial
+    again, and no process is left behind."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    proc, exp = start_stack_and_wait_for_completion(tracking_uri, storage)
     os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=120) != 0
     for _ in range(100):  # the workers are gone too (and multiprocessing's resource tracker after them)
@@ -171,6 +192,6 @@ def test_sigterm_to_the_whole_group_while_workers_complete_runs(tracking_uri, tm
     else:
         left = subprocess.run(["ps", "-o", "pid,cmd", "-g", str(proc.pid)], capture_output=True, text=True).stdout
         raise AssertionError(f"processes left behind:\n{left}")
-    runs = client.search_runs([exp.experiment_id])
+    runs = MlflowClient().search_runs([exp.experiment_id])
     assert {r.info.status for r in runs} == {"KILLED"}  # parent, 4 trial runs, 8 seed runs
     assert sorted(t.state.name for t in load(storage).trials) == ["FAIL"] * 4 + ["WAITING"] * 4

@@ -11,17 +11,23 @@ happen while the first stack trains. (Not the sweep's tensors through shared mem
 runs one by one.
 
 The training process keeps the study: it tells each trial its outcome once the trial's runs are complete,
-and on Ctrl-C, SIGTERM or an outage it ends the runs itself, after waiting for the runs in hand (so that no
-worker ends a run FINISHED after the sweep ended it KILLED).
+and on Ctrl-C, SIGTERM or an outage it ends the runs itself, once no worker is completing one (so that no
+worker ends a run FINISHED after the sweep ended it KILLED): workers skip the runs they have not begun, the
+sweep waits for those in hand or, with the tracking store down, kills the workers.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import multiprocessing
 import os
 import signal
+import threading
+import time
 from concurrent.futures import Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 
 import mlflow
 
@@ -46,95 +52,155 @@ def complete_run(cfg: TrainConfig, result: FitResult, data: MnistSplits, run_id:
 
 
 STOP_WAIT = 60  # seconds a stopping sweep waits for the runs in hand; completing one takes a few
+log = logging.getLogger(__name__)
 _data: MnistSplits | None = None  # a worker's own copy of the sweep's data
+_stopping = None  # set by the sweep when it stops: runs not yet begun are left to it
 
 
-def _start_worker(tracking_uri: str, cfg: TrainConfig) -> None:
-    global _data
-    # Ctrl-C reaches the whole process group, and a service manager may send SIGTERM to all of it. The sweep
-    # decides what becomes of the runs; a worker only finishes the run in hand (or, on SIGTERM, ends it KILLED:
-    # mlflow_run's handler) and stays alive for the pool's shutdown, so that the pool does not break.
+def _start_worker(tracking_uri: str, cfg: TrainConfig, stopping) -> None:
+    global _data, _stopping
+    # Spawned with Ctrl-C and SIGTERM ignored (see Completer): the sweep decides what becomes of the runs. A
+    # worker finishes the run in hand (on SIGTERM sent to it alone, mlflow_run ends that run KILLED), and
+    # leaves when the training process is gone, however it went.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def leave_with_parent():
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=leave_with_parent, name="regsweep-parent-watch", daemon=True).start()
     import torch
 
     torch.set_num_threads(1)  # the workers share the cores among themselves
     mlflow.set_tracking_uri(tracking_uri)
-    _data = load_for(cfg)
+    _data, _stopping = load_for(cfg), stopping
     importlib.import_module("mlflow.pytorch")  # the slowest import, done before the first run arrives
 
 
 def _complete_in_worker(cfg: TrainConfig, result: FitResult, run_id: str) -> None:
-    complete_run(cfg, result, _data, run_id)
+    if not _stopping.is_set():
+        complete_run(cfg, result, _data, run_id)
 
 
-def worker_count(requested: int | None, members: int, device: str) -> int:
-    """--completion-workers as asked (at most one per member), or by default: on CUDA one per member up to the
-    cores the training process leaves free; on the CPU none. There training needs every core: workers
-    spawned beside a training stack slowed a 4-member CPU sweep from 22 s to 31 s
-    (`python benchmarks/stack.py --small --rows 1,4`, 2-core CPU), and completing the runs in place costs no
-    more than spawning processes to do it."""
+@contextmanager
+def signals_ignored():
+    """Ctrl-C and SIGTERM ignored while processes are spawned: they keep ignoring them from their first
+    instruction, before any import (Python installs no KeyboardInterrupt handler over an ignored SIGINT)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def worker_count(requested: int | None, members: int, device: str, sweep_workers: int = 1) -> int:
+    """--completion-workers as asked (at most one per member), or by default: on CUDA one per member up to
+    the cores this sweep worker may use and does not train on (cores / --workers, less one); on the CPU
+    none. There training needs every core: workers spawned beside a training stack slowed a 4-member CPU
+    sweep from 21.5 s to 29.9 s (`python benchmarks/stack.py --small`, 2-core CPU; docs/benchmarks.md), and
+    completing the runs in place costs no more than spawning processes to do it."""
     if requested is not None:
         return min(requested, members)
-    spare = (os.cpu_count() or 1) - 1
+    spare = len(os.sched_getaffinity(0)) // max(1, sweep_workers) - 1
     return min(members, spare) if device == "cuda" and spare >= 2 else 0
 
 
 class Completer:
     """Completes member runs: in `workers` processes, or in this one when `workers` is 0. A context manager
-    around the sweep's stacks."""
+    around the sweep's stacks. A run whose worker died (or was stopped alone) is completed here instead."""
 
     def __init__(self, data: MnistSplits, cfg: TrainConfig, workers: int):
         """`data`: the sweep's splits, loaded as `cfg` says (workers load them again from that)."""
         self.data, self.pool = data, None
         self.pending: list[Future] = []
         if workers:
-            self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=_start_worker, initargs=(mlflow.get_tracking_uri(), cfg))
+            context = multiprocessing.get_context("spawn")
+            self.stopping = context.Event()
+            self.pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                                            initargs=(mlflow.get_tracking_uri(), cfg, self.stopping))
             # Workers are spawned as work arrives: give each one a no-op now, so they all start importing.
-            for _ in range(workers):
-                self.pool.submit(os.getpid)
+            with signals_ignored():
+                for _ in range(workers):
+                    self.pool.submit(os.getpid)
 
     def complete(self, jobs: list[tuple[TrainConfig, FitResult, str]]) -> list[Exception | None]:
         """Complete every (config, result, run_id); returns, per job, the error it raised or None. An error
         fails that run only (mlflow_run ends it FAILED); Ctrl-C and outages stop the lot (BaseException)."""
-        if self.pool is None:
-            errors: list[Exception | None] = []
-            for job in jobs:
-                try:
-                    complete_run(job[0], job[1], self.data, job[2])
-                    errors.append(None)
-                except Exception as exc:  # noqa: BLE001 - reported per run, as from a worker
-                    errors.append(exc)
-            return errors
-        self.pending = [self.pool.submit(_complete_in_worker, *job) for job in jobs]
-        wait(self.pending)
-        errors = [f.exception() for f in self.pending]
-        self.pending = []
+        errors: list[Exception | None] = [None] * len(jobs)
+        here = list(range(len(jobs)))  # the jobs this process completes
+        if self.pool is not None:
+            self.pending = []
+            try:
+                for job in jobs:
+                    self.pending.append(self.pool.submit(_complete_in_worker, *job))
+            except BrokenProcessPool:  # a worker died already: the jobs not submitted are done here
+                pass
+            wait(self.pending)
+            outcomes = [f.exception() for f in self.pending]
+            outcomes += [BrokenProcessPool("not submitted")] * (len(jobs) - len(outcomes))
+            self.pending = []
+            # A worker that died breaks the pool; one stopped alone returns its KeyboardInterrupt.
+            here = [i for i, exc in enumerate(outcomes)
+                    if isinstance(exc, BrokenProcessPool) or (exc is not None and not isinstance(exc, Exception))]
+            for i, exc in enumerate(outcomes):
+                if i not in here:
+                    errors[i] = exc
+            if here:
+                log.warning("a completion worker stopped (%s); completing %d run(s) in the training process",
+                            outcomes[here[0]].__class__.__name__, len(here))
+                if any(isinstance(outcomes[i], BrokenProcessPool) for i in here):
+                    self.end_workers()  # a broken pool takes no more work
+        for i in here:
+            try:
+                complete_run(jobs[i][0], jobs[i][1], self.data, jobs[i][2])
+            except Exception as exc:  # noqa: BLE001 - reported per run, as from a worker
+                errors[i] = exc
         return errors
 
     def stop(self, tracking_down: bool = False) -> None:
-        """Drop the runs not yet started; wait for those in hand (a few seconds), unless the tracking store is
-        down, when they could only wait on it: then the workers are ended, and their runs with them (the next
-        start ends them KILLED). The wait is bounded: a worker that died meanwhile can leave its future
-        unresolved (Python 3.11's pool fails to mark it once another was cancelled)."""
+        """The sweep stops: the workers skip runs not yet begun, and the runs in hand are waited for (a few
+        seconds; at most STOP_WAIT, and not at all with the tracking store down, when they could only wait on
+        it, or on a second Ctrl-C). Workers still busy then are ended with their runs (the next start ends
+        those KILLED)."""
         if self.pool is None:
             return
+        self.stopping.set()
         for future in self.pending:
             future.cancel()
-        if tracking_down or wait(self.pending, timeout=STOP_WAIT).not_done:
-            # ProcessPoolExecutor.terminate_workers arrives only in Python 3.14.
-            for process in list((getattr(self.pool, "_processes", None) or {}).values()):
-                process.terminate()
+        in_hand = [f for f in self.pending if not f.done()]
         self.pending = []
+        if in_hand and not tracking_down:
+            log.warning("waiting for the %d run(s) being completed (at most %d s)", len(in_hand), STOP_WAIT)
+            try:
+                in_hand = list(wait(in_hand, timeout=STOP_WAIT).not_done)
+            except KeyboardInterrupt:
+                pass
+        if in_hand:
+            self.end_workers()
+
+    def end_workers(self) -> None:
+        """Kill the workers (they ignore SIGTERM) and drop the pool; later runs are completed here."""
+        # ProcessPoolExecutor.terminate_workers arrives only in Python 3.14.
+        processes = list((getattr(self.pool, "_processes", None) or {}).values())
+        for process in processes:
+            process.kill()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.join(timeout=5)
+        self.pool = None
 
     def __enter__(self) -> Completer:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.pool is None:
-            return
-        tracking_down = bool(getattr(exc, "tracking", False))
         if exc is not None:
-            self.stop(tracking_down)
-        self.pool.shutdown(wait=not tracking_down, cancel_futures=True)
+            self.stop(tracking_down=bool(getattr(exc, "tracking", False)))
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)

@@ -54,7 +54,7 @@ def run_stacked(settings: SweepSettings, study: optuna.Study, data, parent_run_i
     timeout, until a stack ends after it)."""
     deadline = time.monotonic() + settings.timeout if settings.timeout else None
     workers = worker_count(settings.completion_workers, settings.stack * settings.repeats,
-                           settings.base.resolved_device())
+                           settings.base.resolved_device(), settings.workers)
     with ExitStack() as resources:
         completer = None  # started with the first stack: a study with nothing left to train spawns nothing
         while deadline is None or time.monotonic() < deadline:
@@ -148,21 +148,20 @@ def train_trials(settings: SweepSettings, data, trials: list[optuna.Trial], pare
         reason = "interrupted (Ctrl-C or SIGTERM)" if kind == "interrupted" else f"{type(exc).__name__}: {exc}"
         tracking_down = isinstance(exc, Outage) and exc.tracking  # then MLflow calls would only wait
         storage_down = isinstance(exc, Outage) and not exc.tracking  # then Optuna cannot record anything
-        completer.stop(tracking_down)
-        for entry in entries:
-            if not storage_down:
-                if kind is not None:
-                    fail_for_retry(entry.trial, reason, kind, tell=True)
-                else:
-                    tell_study(entry.trial, state=TrialState.FAIL)
-            if not tracking_down:
-                for run_id in ([entry.trial_run_id] if entry.trial_run_id else []) + entry.run_ids:
-                    end_run(client, run_id, reason, "FAILED" if kind is None else "KILLED")
+        for entry in entries if not storage_down else []:
+            if kind is not None:
+                fail_for_retry(entry.trial, reason, kind, tell=True)
+            else:
+                tell_study(entry.trial, state=TrialState.FAIL)
+        completer.stop(tracking_down)  # the study first: this may wait for runs being completed
+        for entry in entries if not tracking_down else []:
+            for run_id in ([entry.trial_run_id] if entry.trial_run_id else []) + entry.run_ids:
+                end_run(client, run_id, reason, "FAILED" if kind is None else "KILLED")
         if not tracking_down:
             mlflow.flush_async_logging()
         raise
     by_trial: dict[int, list[FitResult]] = {}
-    failed: dict[int, BaseException] = {}
+    failed: dict[int, Exception] = {}
     for (entry, r), result, error in zip(members, results, errors):
         by_trial.setdefault(entry.trial.number, []).append(result)
         if error is not None:  # a worker that died leaves its run RUNNING: end it here either way
