@@ -10,7 +10,8 @@ Each row is a fresh study in a temporary store, run as a subprocess and timed fr
     python benchmarks/stack.py --rows grid                       # the notebooks' 4 x 5 grid, one stack
 
 A row is STACK[-PRUNER][:TRIALS], or "grid": the notebooks' 4 scenarios x 5 seeds (`--grid "l1=0,0.001
-l2=0,0.0005" --repeats 5`, one stack of 20 members, trials counting configurations). "configs/h" is finished trials per hour of wall time; "training share" is
+l2=0,0.0005" --repeats 5 --stack auto`: one stack of 20 members on CUDA, one by one on the CPU; trials
+count configurations). "configs/h" is finished trials per hour of wall time; "training share" is
 the stacks' training-step time over the wall time; "epoch hooks share" the time spent after each epoch
 queueing every member's metrics for MLflow and reporting to Optuna (and asking its pruner); the rest is
 start-up, evaluation, completing the runs (figures, tables) and the study's bookkeeping.
@@ -29,7 +30,8 @@ import optuna
 from mlflow.tracking import MlflowClient
 
 
-# The notebooks' four scenarios (none, L1, L2, L1+L2) with 5 seeds each: one stack of 20 members.
+# The notebooks' four scenarios (none, L1, L2, L1+L2) with 5 seeds each: with --stack auto on CUDA, one
+# stack of 20 members.
 NOTEBOOK_GRID = ["--grid", "l1=0,0.001 l2=0,0.0005", "--repeats", "5"]
 
 
@@ -62,7 +64,7 @@ def run_row(row: str, args) -> dict:
     # another in the training process: their sum over runs is wall time.
     hooks = sum(r.data.metrics.get("total_hook_seconds", 0.0) for r in runs)
     best = max((t.value for t in study.trials if t.state.name == "COMPLETE"), default=float("nan"))
-    return {"row": row, "stack": "grid 4x5" if space else stack, "pruner": pruner or "none", "trials": len(done),
+    return {"row": row, "stack": "grid 4x5, auto" if space else stack, "pruner": pruner or "none", "trials": len(done),
             "pruned": sum(t.state.name == "PRUNED" for t in done), "wall": wall,
             "per_hour": 3600 * len(done) / wall, "best": best, "training": training, "hooks": hooks}
 
