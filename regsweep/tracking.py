@@ -201,8 +201,12 @@ def mlflow_run(cfg: TrainConfig, *, run_id: str | None = None, experiment_id: st
         run_id = run.info.run_id
         try:
             prepare_experiment(run.info.experiment_id)  # also the one `mlflow run` or the default chose
-            mlflow.set_tags({"regime": cfg.regime, "model": cfg.model, "norm": cfg.norm, **device_tags(cfg),
-                             WORKER_TAG: worker_id(), **(tags or {})})
+            tags = tags or {}
+            # The device tags may come with `tags` (from a process that has the GPU open; looking its name up
+            # here would open a CUDA context just for that).
+            where = {} if "regsweep.device" in tags else device_tags(cfg)
+            mlflow.set_tags({"regime": cfg.regime, "model": cfg.model, "norm": cfg.norm, **where,
+                             WORKER_TAG: worker_id(), **tags})
             yield run
         except Outage as exc:
             # The tracking store down: nothing can be written (the next command ends the run KILLED).

@@ -7,8 +7,8 @@ another in the training process took longer than the training itself (docs/bench
 each run is completed by one of several processes. They are spawned when the sweep starts, so that their
 imports (mlflow.pytorch, matplotlib) and their loading of the data (the same splits, from the same files)
 happen while the first stack trains. (Not the sweep's tensors through shared memory: containers often give
-/dev/shm less room than MNIST's 200 MB.) Without (the default on the CPU, see `worker_count`), the training process completes the
-runs one by one.
+/dev/shm less room than MNIST's 200 MB.) Without workers (the default on the CPU, see `worker_count`), the
+training process completes the runs one by one.
 
 The training process keeps the study: it tells each trial its outcome once the trial's runs are complete,
 and on Ctrl-C, SIGTERM or an outage it ends the runs itself, once no worker is completing one (so that no
@@ -38,11 +38,13 @@ from ..tracking import log_config, log_outcome, mlflow_run
 from ..training import DivergedError, FitResult
 
 
-def complete_run(cfg: TrainConfig, result: FitResult, data: MnistSplits, run_id: str) -> None:
+def complete_run(cfg: TrainConfig, result: FitResult, data: MnistSplits, run_id: str,
+                 tags: dict[str, str]) -> None:
     """Complete a member's run as `regsweep train` would: datasets, summary, tables, figures, model. A
-    diverged member's run ends FAILED with the reason, as a single run does."""
+    diverged member's run ends FAILED with the reason, as a single run does. `tags`: tracking.device_tags,
+    from the training process."""
     try:
-        with mlflow_run(cfg, run_id=run_id):
+        with mlflow_run(cfg, run_id=run_id, tags=tags):
             log_config(cfg, data, count_parameters(result.model))
             if result.diverged:
                 raise DivergedError(result.stop_reason.removeprefix("diverged: "))
@@ -80,9 +82,9 @@ def _start_worker(tracking_uri: str, cfg: TrainConfig, stopping) -> None:
     importlib.import_module("mlflow.pytorch")  # the slowest import, done before the first run arrives
 
 
-def _complete_in_worker(cfg: TrainConfig, result: FitResult, run_id: str) -> None:
+def _complete_in_worker(cfg: TrainConfig, result: FitResult, run_id: str, tags: dict[str, str]) -> None:
     if not _stopping.is_set():
-        complete_run(cfg, result, _data, run_id)
+        complete_run(cfg, result, _data, run_id, tags)
 
 
 @contextmanager
@@ -130,8 +132,8 @@ class Completer:
                 for _ in range(workers):
                     self.pool.submit(os.getpid)
 
-    def complete(self, jobs: list[tuple[TrainConfig, FitResult, str]]) -> list[Exception | None]:
-        """Complete every (config, result, run_id); returns, per job, the error it raised or None. An error
+    def complete(self, jobs: list[tuple[TrainConfig, FitResult, str, dict[str, str]]]) -> list[Exception | None]:
+        """Complete every (config, result, run_id, tags); returns, per job, the error it raised or None. An error
         fails that run only (mlflow_run ends it FAILED); Ctrl-C and outages stop the lot (BaseException)."""
         errors: list[Exception | None] = [None] * len(jobs)
         here = list(range(len(jobs)))  # the jobs this process completes
@@ -159,7 +161,8 @@ class Completer:
                     self.end_workers()  # a broken pool takes no more work
         for i in here:
             try:
-                complete_run(jobs[i][0], jobs[i][1], self.data, jobs[i][2])
+                cfg, result, run_id, tags = jobs[i]
+                complete_run(cfg, result, self.data, run_id, tags)
             except Exception as exc:  # noqa: BLE001 - reported per run, as from a worker
                 errors[i] = exc
         return errors

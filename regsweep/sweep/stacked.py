@@ -24,6 +24,7 @@ from optuna.trial import TrialState
 from ..config import TrainConfig
 from ..models import count_parameters
 from ..outage import Outage
+from ..tracking import device_tags
 from ..training import FitResult, fit_stack, new_model
 from .completion import Completer, worker_count
 from .objective import Objective, fail_for_retry
@@ -137,7 +138,8 @@ def train_trials(settings: SweepSettings, data, trials: list[optuna.Trial], pare
     try:
         results = fit_stack(cfgs, data, on_epoch)
         mlflow.flush_async_logging()  # every epoch in the store before a worker ends the run
-        errors = completer.complete([(cfg, result, entry.run_ids[r])
+        where = device_tags(settings.base)  # here, where the GPU is open already
+        errors = completer.complete([(cfg, result, entry.run_ids[r], where)
                                      for (entry, r), cfg, result in zip(members, cfgs, results)])
     except BaseException as exc:
         # As one by one (Objective): an interrupted or outage-stopped stack queues every trial again; any
