@@ -5,14 +5,20 @@ Each row is a fresh study in a temporary store, run as a subprocess and timed fr
     python benchmarks/stack.py                                   # GPU: 32 trials x 15 epochs, full MNIST
     python benchmarks/stack.py --rows 1:8,32 --trials 32         # --stack 1 on 8 trials only (rate per hour)
     python benchmarks/stack.py --small                           # CPU: 4 trials, 1 epoch, 2,000 images
+    python benchmarks/stack.py --small --rows 4-median:12,4:12 --epochs 6   # CPU: pruning in stacks
     python benchmarks/stack.py --throughput 1,8,32               # GPU: step throughput per stack size
+    python benchmarks/stack.py --shrink 8,32                     # GPU: stopped members idle, or the stack shrinks
+    python benchmarks/stack.py --small --shrink 4                # the same on the CPU, 2,000 images, 6 epochs
     python benchmarks/stack.py --rows 32,1:4 --options "--deterministic false"
     python benchmarks/stack.py --rows grid                       # the notebooks' 4 x 5 grid, one stack
 
 A row is STACK[-PRUNER][:TRIALS], or "grid": the notebooks' 4 scenarios x 5 seeds (`--grid "l1=0,0.001
 l2=0,0.0005" --repeats 5 --stack auto`: one stack of 20 members on CUDA, one by one on the CPU; trials
 count configurations). "configs/h" is finished trials per hour of wall time; "training share" is
-the stacks' training-step time over the wall time; "epoch hooks share" the time spent after each epoch
+the stacks' training-step time over the wall time; "stopped slots" the share of the stacks' slot-epochs
+(members x the stack's epochs) after members stopped (pruned, diverged): what their slots would idle
+through, were the stacks not to shrink to the members still training; "epoch hooks share" the time spent
+after each epoch
 queueing every member's metrics for MLflow and reporting to Optuna (and asking its pruner); the rest is
 start-up, evaluation, completing the runs (figures, tables) and the study's bookkeeping.
 """
@@ -55,18 +61,30 @@ def run_row(row: str, args) -> dict:
     done = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("bench").experiment_id], max_results=1000)
-    # Every member of a stack logs the stack's epoch time: each member's share is 1/K of it (a pruned
-    # member stops logging, so with pruning this undercounts a little).
-    training = sum(sum(m.value for m in client.get_metric_history(r.info.run_id, "speed/epoch_seconds"))
-                   / int(r.data.tags.get("regsweep.stack_members", "1"))
-                   for r in runs if "optuna.trial_number" in r.data.tags and "l1" in r.data.params)
+    trial_runs = [r for r in runs if "optuna.trial_number" in r.data.tags and "l1" in r.data.params]
+    # Every member of a stack logs the stack's epoch time under the epoch's step; one by one, a run is its own
+    # stack.
+    epoch_seconds: dict[tuple[str, int], float] = {}
+    for r in trial_runs:
+        which = r.data.tags.get("regsweep.stack", r.info.run_id)
+        for m in client.get_metric_history(r.info.run_id, "speed/epoch_seconds"):
+            epoch_seconds[(which, m.step)] = m.value
+    training = sum(epoch_seconds.values())
     # The per-epoch hooks (queueing each member's metrics, Optuna's report and pruning) run one after
     # another in the training process: their sum over runs is wall time.
     hooks = sum(r.data.metrics.get("total_hook_seconds", 0.0) for r in runs)
+    # A stack trains until its longest member stops: that many epochs for each of its slots, the stopped
+    # members' share of them idle, unless the stack shrinks (training.fit_stack).
+    stacks: dict[str, list[float]] = {}
+    for r in trial_runs:
+        if "regsweep.stack" in r.data.tags:
+            stacks.setdefault(r.data.tags["regsweep.stack"], []).append(r.data.metrics.get("epochs_trained", 0.0))
+    slot_epochs = sum(len(e) * max(e) for e in stacks.values())
+    stopped = 1 - sum(map(sum, stacks.values())) / slot_epochs if slot_epochs else 0.0
     best = max((t.value for t in study.trials if t.state.name == "COMPLETE"), default=float("nan"))
     return {"row": row, "stack": "grid 4x5, auto" if space else stack, "pruner": pruner or "none", "trials": len(done),
             "pruned": sum(t.state.name == "PRUNED" for t in done), "wall": wall,
-            "per_hour": 3600 * len(done) / wall, "best": best, "training": training, "hooks": hooks}
+            "per_hour": 3600 * len(done) / wall, "best": best, "training": training, "hooks": hooks, "stopped": stopped}
 
 
 def throughput(sizes: list[int], epochs: int = 2) -> None:
@@ -98,23 +116,67 @@ def throughput(sizes: list[int], epochs: int = 2) -> None:
                   f"{k * images / seconds:,.0f} |", flush=True)
 
 
+def shrink(sizes: list[int], args) -> None:
+    """A stack whose members stop part-way (as pruned ones do), trained with their slots left idle and with
+    the stack shrinking to the members still training (fit_stack's `compact`): half the members stop
+    after epoch 2, a quarter more after epoch 4. Same data and configurations in both; the members still
+    training must end with the same best validation accuracy."""
+    from regsweep.config import TrainConfig
+    from regsweep.data import load_for
+    from regsweep.training import fit_stack
+
+    cfg = TrainConfig(l1=1e-4, l2=1e-4, epochs=args.epochs, **args.shrink_options)
+    data = load_for(cfg)
+
+    def stop_epoch(k: int) -> int:
+        return 2 if k % 2 else 4 if k % 4 == 2 else cfg.epochs
+
+    def hook(k, epoch, metrics):
+        return "stopped by the benchmark" if epoch == stop_epoch(k) < cfg.epochs else None
+
+    print(f"{cfg.resolved_device()}, {len(data.train):,} training images, {cfg.epochs} epochs; half the members "
+          "stop after epoch 2, a quarter more after epoch 4\n")
+    print("| members | member-epochs trained | slots | training s | vs idle | best val acc, max difference |")
+    print("|---|---|---|---|---|---|")
+    for k in sizes:
+        cfgs = [cfg.replace(seed=1 + i, l1=1e-4 * (i % 4)) for i in range(k)]
+        fit_stack(cfgs[:1], data)  # warm-up: first CUDA context, cuDNN's choices
+        seconds, best = {}, {}
+        for compact in (False, True):
+            start = time.perf_counter()
+            results = fit_stack(cfgs, data, hook, compact=compact)
+            seconds[compact] = time.perf_counter() - start
+            best[compact] = [r.summary["best_val_acc"] for r in results]
+        trained = sum(min(stop_epoch(i), cfg.epochs) for i in range(k))
+        diff = max(abs(a - b) for a, b in zip(best[False], best[True]))
+        for compact in (False, True):
+            print(f"| {k} | {trained} of {k * cfg.epochs} | {'shrink' if compact else 'idle'} | "
+                  f"{seconds[compact]:.1f} | {seconds[False] / seconds[compact]:.2f}x | {diff:.4f} |", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default=None, help='default "1:8,8,32,32-median" ("1,4" with --small)')
-    parser.add_argument("--trials", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--trials", type=int, default=None, help="default 32 (4 with --small)")
+    parser.add_argument("--epochs", type=int, default=None, help="default 15 (1 with --small)")
     parser.add_argument("--small", action="store_true", help="CPU size: 4 trials, 1 epoch, 2,000 images")
     parser.add_argument("--throughput", default=None, help="e.g. 1,8,32: only the step throughput per stack size")
     parser.add_argument("--options", default="", help='more `regsweep optimize` options, e.g. "--deterministic false"')
+    parser.add_argument("--shrink", default=None, help="e.g. 8,32: only idle against shrinking stacks, per size")
     args = parser.parse_args()
+    if args.shrink:
+        args.epochs = args.epochs or (6 if args.small else 15)
+        args.shrink_options = dict(max_train_samples=2000, max_eval_samples=1000, compile=False) if args.small else {}
+        shrink([int(k) for k in args.shrink.split(",")], args)
+        return
     if args.throughput:
         throughput([int(k) for k in args.throughput.split(",")])
         return
     args.extra = args.options.split()
     if args.small:
-        args.trials, args.epochs, args.rows = 4, 1, args.rows or "1,4"
+        args.trials, args.epochs, args.rows = args.trials or 4, args.epochs or 1, args.rows or "1,4"
         args.extra += ["--max-train-samples", "2000", "--max-eval-samples", "1000", "--compile", "false"]
-    args.rows = args.rows or "1:8,8,32,32-median"
+    args.rows, args.trials, args.epochs = args.rows or "1:8,8,32,32-median", args.trials or 32, args.epochs or 15
     import torch
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"{where}, torch {torch.__version__}; {args.trials} trials x {args.epochs} epochs unless the row "
@@ -122,7 +184,7 @@ def main():
           "optimize's defaults)\n")
     results = []
     header = ("| --stack | pruner | trials (pruned) | wall s | configs/h | vs --stack 1 | training share "
-              "| epoch hooks share | best val acc |\n|---|---|---|---|---|---|---|---|---|")
+              "| stopped slots | epoch hooks share | best val acc |\n|---|---|---|---|---|---|---|---|---|---|")
     for row in args.rows.split(","):
         results.append(run_row(row, args))
         print(f"done: {results[-1]}", file=sys.stderr, flush=True)
@@ -132,7 +194,7 @@ def main():
     for r in results:
         print(f"| {r['stack']} | {r['pruner']} | {r['trials']} ({r['pruned']}) | {r['wall']:.1f} | "
               f"{r['per_hour']:,.0f} | {r['per_hour'] / base:.1f}x | {100 * r['training'] / r['wall']:.0f}% | "
-              f"{100 * r['hooks'] / r['wall']:.1f}% | {100 * r['best']:.2f}% |", flush=True)
+              f"{100 * r['stopped']:.0f}% | {100 * r['hooks'] / r['wall']:.1f}% | {100 * r['best']:.2f}% |", flush=True)
 
 
 if __name__ == "__main__":

@@ -301,10 +301,12 @@ class Setup:
     penalised: list[torch.Tensor]
     step: Step
     order_generator: torch.Generator
+    augment_generator: torch.Generator
     batch_size: int
     steps_per_epoch: int
     mode: str
     coef: Coefficients
+    cfgs: list[TrainConfig]
 
     @property
     def members(self) -> int:
@@ -325,6 +327,42 @@ class Setup:
         for t in tensors:
             if t.dim() > 0 and t.shape[0] % self.members == 0:
                 t.view(self.members, -1)[k] = 0.0
+
+    @torch.no_grad()
+    def compact(self, keep: list[int]) -> Setup:
+        """The same training with only the members at positions `keep`: a stack whose members stop shrinks, so
+        that their slots stop costing steps. Weights, batch-norm statistics, optimizer state, the schedule's
+        position and both generators carry over, so each kept member trains on exactly as it would have in
+        the larger stack (tests/test_stack.py). A captured step is recorded anew for the smaller network."""
+        members, cfgs = self.members, [self.cfgs[k] for k in keep]
+        cfg, device = cfgs[0], self.coef.l1.device
+        rows = torch.tensor(keep, device=device)
+
+        def take(t: torch.Tensor) -> torch.Tensor:  # the kept members' blocks of a stacked tensor (a copy)
+            return t.clone() if t.dim() == 0 else t.reshape(members, -1, *t.shape[1:])[rows].flatten(0, 1)
+
+        model = build_model(cfg, members=len(keep)).to(device, next(self.model.parameters()).dtype)
+        model.load_state_dict({name: take(t) for name, t in self.model.state_dict().items()})
+        optimizer = build_optimizer(cfg, model.parameters(), device)
+        for old, new in zip(self.model.parameters(), model.parameters()):
+            if old in self.optimizer.state:
+                optimizer.state[new] = {key: take(v) if torch.is_tensor(v) else v
+                                        for key, v in self.optimizer.state[old].items()}
+        scheduler = build_scheduler(cfg, optimizer, self.steps_per_epoch)
+        scheduler.load_state_dict(self.scheduler.state_dict())  # where the schedule is, not where it starts
+        for group, old in zip(optimizer.param_groups, self.optimizer.param_groups):
+            if torch.is_tensor(group["lr"]):
+                group["lr"].copy_(old["lr"])
+            else:
+                group["lr"] = old["lr"]
+        penalised = list(penalised_parameters(model, cfg.penalize).values())
+        coef = Coefficients(take(self.coef.l1), take(self.coef.l2), take(self.coef.active))
+        step = make_step(model, optimizer, self.data.train, cfg, penalised, self.augment_generator, coef)
+        mode = getattr(self.step, "mode", self.mode)
+        if mode == "cuda-graph":
+            step = CudaGraphStep(step, self.augment_generator)
+        return Setup(self.data, model, optimizer, scheduler, penalised, step, self.order_generator,
+                     self.augment_generator, self.batch_size, self.steps_per_epoch, mode, coef, cfgs)
 
 
 def setup(cfgs: TrainConfig | list[TrainConfig], data: MnistSplits, model: nn.Module | None = None) -> Setup:
@@ -357,8 +395,8 @@ def setup(cfgs: TrainConfig | list[TrainConfig], data: MnistSplits, model: nn.Mo
     step = make_step(step_model, optimizer, data.train, cfg, penalised, augment_gen, coef)
     if mode == "cuda-graph":
         step = CudaGraphStep(step, augment_gen)
-    return Setup(data, model, optimizer, scheduler, penalised, step, order_gen, batch_size, steps_per_epoch,
-                 mode, coef)
+    return Setup(data, model, optimizer, scheduler, penalised, step, order_gen, augment_gen, batch_size,
+                 steps_per_epoch, mode, coef, cfgs)
 
 
 def fit(cfg: TrainConfig, data: MnistSplits, on_epoch: Callable[[int, dict], str | None] | None = None,
@@ -380,26 +418,30 @@ def fit(cfg: TrainConfig, data: MnistSplits, on_epoch: Callable[[int, dict], str
 
 def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
               on_epoch: Callable[[int, int, dict], str | None] | None = None,
-              show_progress: bool = False, model: nn.Module | None = None) -> list[FitResult]:
+              show_progress: bool = False, model: nn.Module | None = None, compact: bool = True) -> list[FitResult]:
     """Train the configurations `cfgs` together as one stacked network: one FitResult per member, each what
     `fit` would return for it alone on the same batches.
 
     `on_epoch(member, epoch, metrics)` runs after each epoch for every member still training; a non-empty
-    string it returns stops that member with that reason (its slot idles while the others go on). A member
-    whose loss stops being finite stops with a "diverged: ..." reason and `diverged` set. Training ends when
-    every member has stopped or the epochs are done.
+    string it returns stops that member with that reason. A member whose loss stops being finite stops with a
+    "diverged: ..." reason and `diverged` set. With `compact`, the stack then shrinks to the members still
+    training (Setup.compact; not for a compiled step, which would compile again), else the stopped member's
+    slot idles, computing zeros. Training ends when every member has stopped or the epochs are done.
     """
     run = setup(cfgs, data, model)
-    data, model, members = run.data, run.model, run.members
+    data, model = run.data, run.model
     cfg = cfgs[0]
     results = [FitResult(model=model) for _ in cfgs]
-    running, retired = [True] * members, [False] * members
-    best_val_acc, best_val_loss = [-1.0] * members, [math.inf] * members
-    since_best_loss = [0] * members
-    hook_seconds = [0.0] * members  # in on_epoch: logging and pruning, what the caller adds to each epoch
+    slots = list(range(len(cfgs)))  # the member at each position of the (possibly shrunk) stack
+    running, retired = [True] * len(cfgs), [False] * len(cfgs)
+    best_val_acc, best_val_loss = [-1.0] * len(cfgs), [math.inf] * len(cfgs)
+    since_best_loss = [0] * len(cfgs)
+    hook_seconds = [0.0] * len(cfgs)  # in on_epoch: logging and pruning, what the caller adds to each epoch
+    seconds_to_stop = [0.0] * len(cfgs)  # the stack's training time until the member stopped
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     start = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
+        members, model = run.members, run.model
         t0 = time.perf_counter()
         with tqdm(total=run.steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", disable=not show_progress,
                   leave=False, unit="batch") as progress:
@@ -416,7 +458,8 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
             # The epoch's one device-to-host transfer: every member's numbers at once, weight statistics too.
             rows = torch.cat([torch.stack([c.float() for c in columns], 1), stats], 1).tolist()
         improved = [False] * members
-        for k, values in enumerate(rows):
+        for pos, values in enumerate(rows):
+            k = slots[pos]
             if not running[k]:
                 continue
             train_loss, val_loss, val_acc = values[0], values[2], values[3]
@@ -425,13 +468,13 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
                 result.stop_reason = (f"diverged: training loss is {train_loss} (l1={member_cfg.l1}, "
                                       f"l2={member_cfg.l2}, lr={member_cfg.lr})")
                 result.diverged, running[k], retired[k] = True, False, True
-                run.retire(k)
+                run.retire(pos)
                 continue
             metrics = epoch_metrics(values, names, member_cfg, float(run.optimizer.param_groups[0]["lr"]),
                                     seconds, train["images"])
             result.history.append(metrics)
             if val_acc > best_val_acc[k]:
-                best_val_acc[k], improved[k] = val_acc, True
+                best_val_acc[k], improved[pos] = val_acc, True
             if val_loss < best_val_loss[k]:
                 best_val_loss[k], since_best_loss[k] = val_loss, 0
             else:
@@ -444,29 +487,48 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
             if stop:
                 result.stop_reason, running[k] = stop, False
         keep_best(best_state, model.state_dict(), improved)
-        for k in range(members):
-            if not running[k] and not retired[k]:
-                run.retire(k)  # pruned or early-stopped: no more of its gradient
-                retired[k] = True
-        if not any(running):
+        stopped = [pos for pos, k in enumerate(slots) if not running[k] and not retired[k]]
+        for pos in stopped:
+            run.retire(pos)  # pruned or early-stopped: no more of its gradient
+            retired[slots[pos]] = True
+        keep = [pos for pos, k in enumerate(slots) if running[k]]
+        if not keep:
             break
+        if compact and run.mode != "compiled" and len(keep) < members and epoch < cfg.epochs:
+            for pos in sorted(set(range(members)) - set(keep)):  # their best weights leave the stack now
+                result = results[slots[pos]]
+                finish(result, cfgs[slots[pos]], best_state, pos, members)
+                result.test_pred = predict(result.model.to(data.test.x.device), data.test,
+                                           precision=cfg.precision).argmax(1).cpu()
+                result.model.cpu()
+                seconds_to_stop[slots[pos]] = time.perf_counter() - start
+            best_state = {name: t if t.dim() == 0 else t.reshape(members, -1, *t.shape[1:])[keep].flatten(0, 1)
+                          for name, t in best_state.items()}
+            run, slots = run.compact(keep), [slots[pos] for pos in keep]
 
     total = time.perf_counter() - start
+    members, model = run.members, run.model
     model.load_state_dict(best_state)
     test_pred = predict(model, data.test, precision=cfg.precision).view(len(data.test), members, 10).argmax(2).cpu()
-    best_cpu = {k: v.cpu() for k, v in best_state.items()}
     mode = getattr(run.step, "mode", run.mode)  # a captured step may have fallen back to eager
+    for pos, k in enumerate(slots):
+        if members == 1:
+            results[k].model = model.cpu()
+        else:
+            finish(results[k], cfgs[k], best_state, pos, members)
+        results[k].test_pred = test_pred[:, pos]
+        seconds_to_stop[k] = total
     for k, result in enumerate(results):
         result.step_mode = mode
-        if members == 1:
-            result.model = model.cpu()
-        else:
-            result.model = build_model(cfgs[k])
-            result.model.load_state_dict(member_state(best_cpu, k, members))
-        result.test_pred = test_pred[:, k]
         if result.history:
-            result.summary = summarise(result.history, total) | {"total_hook_seconds": hook_seconds[k]}
+            result.summary = summarise(result.history, seconds_to_stop[k]) | {"total_hook_seconds": hook_seconds[k]}
     return results
+
+
+def finish(result: FitResult, cfg: TrainConfig, best_state: dict[str, torch.Tensor], pos: int, members: int) -> None:
+    """Give `result` its own model, on the CPU, holding the best-validation weights of the member at `pos`."""
+    result.model = build_model(cfg).to(next(t.dtype for t in best_state.values() if t.is_floating_point()))
+    result.model.load_state_dict(member_state({n: t.cpu() for n, t in best_state.items()}, pos, members))
 
 
 COLUMNS = ("train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc", "penalty/sum_abs_w",

@@ -109,3 +109,32 @@ def test_a_member_stopped_by_its_hook_keeps_its_epochs_and_the_others_go_on(tiny
     assert seen == [(0, 1), (1, 1), (0, 2), (0, 3)]
     assert stacked[1].stop_reason == "pruned by test" and len(stacked[1].history) == 1
     assert len(stacked[0].history) == 3 and stacked[0].stop_reason == ""
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant", ["cnn-bn", "mlp-adam"])
+def test_a_stack_that_shrinks_trains_its_other_members_on_exactly_as_before(tiny_data, tiny_cfg, variant, device):
+    """Members stopped by the hook leave the stack (4 -> 2 -> 1 members): every member's history, selected
+    weights and test predictions are those of the same stack whose stopped slots idle instead (float64;
+    on CUDA the smaller stacks' steps are captured anew)."""
+    base = tiny_cfg.replace(device=device, epochs=3, **VARIANTS[variant])
+    cfgs = [base.replace(**m) for m in MEMBERS]
+    stops = {(1, 1), (3, 1), (0, 2)}  # (member, epoch): after epoch 2 only member 2 trains on
+
+    def hook(k, epoch, metrics):
+        return "pruned by test" if (k, epoch) in stops else None
+
+    data = double(tiny_data)
+    idle, shrunk = (fit_stack(cfgs, data, hook, model=new_stack(cfgs).double(), compact=compact)
+                    for compact in (False, True))
+    for k, (a, b) in enumerate(zip(idle, shrunk)):
+        assert len(a.history) == len(b.history) == {1: 1, 3: 1, 0: 2, 2: 3}[k]
+        for got, want in zip(b.history, a.history):
+            for key in ("train/loss", "val/acc", "val/loss", "lr", "penalty/sum_sq_w", "weights/all/mean_abs"):
+                assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), (k, key)
+        assert b.summary["best_val_epoch"] == a.summary["best_val_epoch"]
+        assert torch.equal(b.test_pred, a.test_pred), k
+        for name, t in a.model.state_dict().items():
+            if not name.endswith("num_batches_tracked"):  # one count for a whole stack, unused by its norms
+                torch.testing.assert_close(b.model.state_dict()[name], t, rtol=1e-9, atol=1e-12)
+    assert shrunk[1].summary["total_train_seconds"] <= shrunk[2].summary["total_train_seconds"]

@@ -51,6 +51,7 @@ def test_a_stacked_grid_with_repeats_builds_the_same_tree_as_one_by_one(tracking
     assert set(stacked[2].values()) == {("FINISHED", "COMPLETE", 2, True)}
     assert len(stacked[1]) == len(alone[1]) == 12  # 4 trial runs + 8 seed runs
     assert {r.data.tags["regsweep.stack_members"] for r in stacked[1]} == {"8"}
+    assert {r.data.tags["regsweep.stack"] for r in stacked[1]} == {"0"}  # one stack, from trial 0 on
     # Completed by worker processes, with the device tags the training process gave them.
     assert {r.data.tags.get("regsweep.device") for r in stacked[1] if "l1" in r.data.params} == {"cpu"}
     parent = stacked[0]

@@ -4,8 +4,9 @@
 With repeats, every seed of a trial is a member too, so a 4-configuration x 5-seed grid is one stack of
 20. All members of a stack see the same batches and rotations (drawn from the first member's seed; a
 member's own seed sets its initialisation): the comparison between them is paired. A pruned member's
-trial ends PRUNED with its curve and reason, and its slot idles until the stack ends. Once a stack has
-trained, worker processes complete its members' runs side by side (completion.py); then each trial is told.
+trial ends PRUNED with its curve and reason, and the stack shrinks to the members still training
+(training.fit_stack). Once a stack has trained, worker processes complete its members' runs side by side
+(completion.py); then each trial is told.
 """
 
 from __future__ import annotations
@@ -70,9 +71,10 @@ def run_stacked(settings: SweepSettings, study: optuna.Study, data, parent_run_i
 
 
 def open_runs(settings: SweepSettings, data, trial: optuna.Trial, parent_run_id: str, experiment_id: str,
-              client: MlflowClient, stack_members: int, n_params: int) -> StackedTrial | None:
+              client: MlflowClient, stack: tuple[int, int], n_params: int) -> StackedTrial | None:
     """Suggest the trial's coefficients and create its runs; None when the same configuration has finished
-    already (its result is reused and told at once, as one by one: Objective.reuse)."""
+    already (its result is reused and told at once, as one by one: Objective.reuse). `stack` is the stack's
+    (first trial number, members): runs tagged with the same first trial trained together."""
     objective = Objective(settings, data, parent_run_id, experiment_id)
     penalties, _, twin, retry_of = objective.prepare(trial)
     tags = {"optuna.trial_number": str(trial.number), STUDY_TAG: settings.study_name, "optuna.state": "RUNNING"}
@@ -84,7 +86,7 @@ def open_runs(settings: SweepSettings, data, trial: optuna.Trial, parent_run_id:
         except optuna.TrialPruned:
             tell_study(trial, state=TrialState.PRUNED)
         return None
-    tags["regsweep.stack_members"] = str(stack_members)
+    tags["regsweep.stack"], tags["regsweep.stack_members"] = str(stack[0]), str(stack[1])
     entry = StackedTrial(trial, penalties)
     name = trial_run_name(trial.number, penalties)
     parent = parent_run_id
@@ -113,8 +115,8 @@ def train_trials(settings: SweepSettings, data, trials: list[optuna.Trial], pare
     """Train the asked trials as one stack, complete every member's run, tell every trial its outcome."""
     client = MlflowClient()
     n_params = count_parameters(new_model(settings.base))  # the same for every member: l1, l2, seed differ
-    entries = [open_runs(settings, data, t, parent_run_id, experiment_id, client, len(trials) * settings.repeats,
-                         n_params) for t in trials]
+    stack = (trials[0].number, len(trials) * settings.repeats)
+    entries = [open_runs(settings, data, t, parent_run_id, experiment_id, client, stack, n_params) for t in trials]
     entries = [e for e in entries if e is not None]  # reused results are told already
     if not entries:
         return
