@@ -119,8 +119,9 @@ def throughput(sizes: list[int], epochs: int = 2) -> None:
 def shrink(sizes: list[int], args) -> None:
     """A stack whose members stop part-way (as pruned ones do), trained with their slots left idle and with
     the stack shrinking to the members still training (fit_stack's `compact`): half the members stop
-    after epoch 2, a quarter more after epoch 4. Same data and configurations in both; the members still
-    training must end with the same best validation accuracy."""
+    after epoch 2, a quarter more after epoch 4. Same data and configurations in both: in float64 the two
+    give identical members (tests/test_stack.py); in float32 a smaller stack's convolutions round
+    differently, and training amplifies that, so the mean best validation accuracy agrees within noise."""
     from regsweep.config import TrainConfig
     from regsweep.data import load_for
     from regsweep.training import fit_stack
@@ -136,7 +137,7 @@ def shrink(sizes: list[int], args) -> None:
 
     print(f"{cfg.resolved_device()}, {len(data.train):,} training images, {cfg.epochs} epochs; half the members "
           "stop after epoch 2, a quarter more after epoch 4\n")
-    print("| members | member-epochs trained | slots | training s | vs idle | best val acc, max difference |")
+    print("| members | member-epochs trained | stopped slots | training s | vs idle | mean best val acc |")
     print("|---|---|---|---|---|---|")
     for k in sizes:
         cfgs = [cfg.replace(seed=1 + i, l1=1e-4 * (i % 4)) for i in range(k)]
@@ -148,10 +149,10 @@ def shrink(sizes: list[int], args) -> None:
             seconds[compact] = time.perf_counter() - start
             best[compact] = [r.summary["best_val_acc"] for r in results]
         trained = sum(min(stop_epoch(i), cfg.epochs) for i in range(k))
-        diff = max(abs(a - b) for a, b in zip(best[False], best[True]))
         for compact in (False, True):
-            print(f"| {k} | {trained} of {k * cfg.epochs} | {'shrink' if compact else 'idle'} | "
-                  f"{seconds[compact]:.1f} | {seconds[False] / seconds[compact]:.2f}x | {diff:.4f} |", flush=True)
+            print(f"| {k} | {trained} of {k * cfg.epochs} | {'leave the stack' if compact else 'idle'} | "
+                  f"{seconds[compact]:.1f} | {seconds[False] / seconds[compact]:.2f}x | "
+                  f"{100 * sum(best[compact]) / k:.2f}% |", flush=True)
 
 
 def main():
