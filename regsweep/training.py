@@ -261,6 +261,12 @@ def member_state(state: dict[str, torch.Tensor], k: int, members: int) -> dict[s
     return {name: t if t.dim() == 0 else t.reshape(members, -1, *t.shape[1:])[k] for name, t in state.items()}
 
 
+def member_blocks(t: torch.Tensor, members: int, keep: list[int]) -> torch.Tensor:
+    """The blocks of members `keep` of a stacked tensor, as the same tensor of a len(keep)-member stack (a
+    copy); a 0-d tensor (num_batches_tracked, one for the whole stack) is copied whole."""
+    return t.clone() if t.dim() == 0 else t.reshape(members, -1, *t.shape[1:])[keep].flatten(0, 1)
+
+
 def check_stackable(cfgs: list[TrainConfig]) -> None:
     """Members share every setting but their coefficients and seed: one schedule, one batch order."""
     shared = {f: v for f, v in cfgs[0].__dict__.items() if f not in ("l1", "l2", "seed")}
@@ -336,10 +342,9 @@ class Setup:
         the larger stack (tests/test_stack.py). A captured step is recorded anew for the smaller network."""
         members, cfgs = self.members, [self.cfgs[k] for k in keep]
         cfg, device = cfgs[0], self.coef.l1.device
-        rows = torch.tensor(keep, device=device)
 
-        def take(t: torch.Tensor) -> torch.Tensor:  # the kept members' blocks of a stacked tensor (a copy)
-            return t.clone() if t.dim() == 0 else t.reshape(members, -1, *t.shape[1:])[rows].flatten(0, 1)
+        def take(t: torch.Tensor) -> torch.Tensor:
+            return member_blocks(t, members, keep)
 
         model = build_model(cfg, members=len(keep)).to(device, next(self.model.parameters()).dtype)
         model.load_state_dict({name: take(t) for name, t in self.model.state_dict().items()})
@@ -502,8 +507,7 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
                                            precision=cfg.precision).argmax(1).cpu()
                 result.model.cpu()
                 seconds_to_stop[slots[pos]] = time.perf_counter() - start
-            best_state = {name: t if t.dim() == 0 else t.reshape(members, -1, *t.shape[1:])[keep].flatten(0, 1)
-                          for name, t in best_state.items()}
+            best_state = {name: member_blocks(t, members, keep) for name, t in best_state.items()}
             run, slots = run.compact(keep), [slots[pos] for pos in keep]
 
     total = time.perf_counter() - start
