@@ -423,7 +423,8 @@ def fit(cfg: TrainConfig, data: MnistSplits, on_epoch: Callable[[int, dict], str
 
 def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
               on_epoch: Callable[[int, int, dict], str | None] | None = None,
-              show_progress: bool = False, model: nn.Module | None = None, compact: bool = True) -> list[FitResult]:
+              show_progress: bool = False, model: nn.Module | None = None, compact: bool = True,
+              on_leave: Callable[[int, FitResult], None] | None = None) -> list[FitResult]:
     """Train the configurations `cfgs` together as one stacked network: one FitResult per member, each what
     `fit` would return for it alone on the same batches.
 
@@ -431,7 +432,8 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
     string it returns stops that member with that reason. A member whose loss stops being finite stops with a
     "diverged: ..." reason and `diverged` set. With `compact`, the stack then shrinks to the members still
     training (Setup.compact; not for a compiled step, which would compile again), else the stopped member's
-    slot idles, computing zeros. Training ends when every member has stopped or the epochs are done.
+    slot idles, computing zeros. A member that leaves is done: `on_leave(member, result)` gets its final result
+    then, while the others train on. Training ends when every member has stopped or the epochs are done.
     """
     run = setup(cfgs, data, model)
     data, model = run.data, run.model
@@ -442,7 +444,6 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
     best_val_acc, best_val_loss = [-1.0] * len(cfgs), [math.inf] * len(cfgs)
     since_best_loss = [0] * len(cfgs)
     hook_seconds = [0.0] * len(cfgs)  # in on_epoch: logging and pruning, what the caller adds to each epoch
-    seconds_to_stop = [0.0] * len(cfgs)  # the stack's training time until the member stopped
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     start = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
@@ -501,12 +502,14 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
             break
         if compact and run.mode != "compiled" and len(keep) < members and epoch < cfg.epochs:
             for pos in sorted(set(range(members)) - set(keep)):  # their best weights leave the stack now
-                result = results[slots[pos]]
-                finish(result, cfgs[slots[pos]], best_state, pos, members)
-                result.test_pred = predict(result.model.to(data.test.x.device), data.test,
-                                           precision=cfg.precision).argmax(1).cpu()
-                result.model.cpu()
-                seconds_to_stop[slots[pos]] = time.perf_counter() - start
+                k = slots[pos]
+                finish(results[k], cfgs[k], best_state, pos, members)
+                results[k].test_pred = predict(results[k].model.to(data.test.x.device), data.test,
+                                               precision=cfg.precision).argmax(1).cpu()
+                results[k].model.cpu()
+                close(results[k], time.perf_counter() - start, hook_seconds[k], getattr(run.step, "mode", run.mode))
+                if on_leave is not None:
+                    on_leave(k, results[k])
             best_state = {name: member_blocks(t, members, keep) for name, t in best_state.items()}
             run, slots = run.compact(keep), [slots[pos] for pos in keep]
 
@@ -521,12 +524,15 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
         else:
             finish(results[k], cfgs[k], best_state, pos, members)
         results[k].test_pred = test_pred[:, pos]
-        seconds_to_stop[k] = total
-    for k, result in enumerate(results):
-        result.step_mode = mode
-        if result.history:
-            result.summary = summarise(result.history, seconds_to_stop[k]) | {"total_hook_seconds": hook_seconds[k]}
+        close(results[k], total, hook_seconds[k], mode)
     return results
+
+
+def close(result: FitResult, seconds: float, hook_seconds: float, mode: str) -> None:
+    """A member's result once it is done: how its step ran and, if it trained an epoch, its summary."""
+    result.step_mode = mode
+    if result.history:
+        result.summary = summarise(result.history, seconds) | {"total_hook_seconds": hook_seconds}
 
 
 def finish(result: FitResult, cfg: TrainConfig, best_state: dict[str, torch.Tensor], pos: int, members: int) -> None:

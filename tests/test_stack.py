@@ -105,8 +105,11 @@ def test_a_member_stopped_by_its_hook_keeps_its_epochs_and_the_others_go_on(tiny
         seen.append((k, epoch))
         return "pruned by test" if k == 1 and epoch == 1 else None
 
-    stacked = fit_stack(cfgs, tiny_data, hook)
-    assert seen == [(0, 1), (1, 1), (0, 2), (0, 3)]
+    def leave(k, result):  # member 1 is done before member 0 trains its epoch 2
+        seen.append(("left", k, result.summary["epochs_trained"], len(result.test_pred)))
+
+    stacked = fit_stack(cfgs, tiny_data, hook, on_leave=leave)
+    assert seen == [(0, 1), (1, 1), ("left", 1, 1, len(tiny_data.test)), (0, 2), (0, 3)]
     assert stacked[1].stop_reason == "pruned by test" and len(stacked[1].history) == 1
     assert len(stacked[0].history) == 3 and stacked[0].stop_reason == ""
 

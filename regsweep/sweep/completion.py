@@ -121,7 +121,7 @@ class Completer:
     def __init__(self, data: MnistSplits, cfg: TrainConfig, workers: int):
         """`data`: the sweep's splits, loaded as `cfg` says (workers load them again from that)."""
         self.data, self.pool = data, None
-        self.pending: list[Future] = []
+        self.pending: dict[str, Future] = {}  # by run id: the runs handed to workers and not yet collected
         if workers:
             context = multiprocessing.get_context("spawn")
             self.stopping = context.Event()
@@ -132,22 +132,29 @@ class Completer:
                 for _ in range(workers):
                     self.pool.submit(os.getpid)
 
+    def start(self, job: tuple[TrainConfig, FitResult, str, dict[str, str]]) -> None:
+        """Hand a member's run to a worker now, while the rest of its stack trains (a member that stopped
+        early); `complete` collects it. Without workers this does nothing: `complete` does it here."""
+        if self.pool is not None and job[2] not in self.pending:
+            try:
+                self.pending[job[2]] = self.pool.submit(_complete_in_worker, *job)
+            except BrokenProcessPool:  # `complete` does it here
+                pass
+
     def complete(self, jobs: list[tuple[TrainConfig, FitResult, str, dict[str, str]]]) -> list[Exception | None]:
-        """Complete every (config, result, run_id, tags); returns, per job, the error it raised or None. An error
-        fails that run only (mlflow_run ends it FAILED); Ctrl-C and outages stop the lot (BaseException)."""
+        """Complete every (config, result, run_id, tags), those `start`ed already included; returns, per job, the
+        error it raised or None. An error fails that run only (mlflow_run ends it FAILED); Ctrl-C and outages
+        stop the lot (BaseException)."""
         errors: list[Exception | None] = [None] * len(jobs)
         here = list(range(len(jobs)))  # the jobs this process completes
         if self.pool is not None:
-            self.pending = []
-            try:
-                for job in jobs:
-                    self.pending.append(self.pool.submit(_complete_in_worker, *job))
-            except BrokenProcessPool:  # a worker died already: the jobs not submitted are done here
-                pass
-            wait(self.pending)
-            outcomes = [f.exception() for f in self.pending]
-            outcomes += [BrokenProcessPool("not submitted")] * (len(jobs) - len(outcomes))
-            self.pending = []
+            for job in jobs:
+                self.start(job)
+            futures = [self.pending.get(job[2]) for job in jobs]
+            wait([f for f in futures if f is not None])
+            # Not submitted: a worker had died already, the pool was broken.
+            outcomes = [f.exception() if f is not None else BrokenProcessPool("not submitted") for f in futures]
+            self.pending = {}
             # A worker that died breaks the pool; one stopped alone returns its KeyboardInterrupt.
             here = [i for i, exc in enumerate(outcomes)
                     if isinstance(exc, BrokenProcessPool) or (exc is not None and not isinstance(exc, Exception))]
@@ -175,10 +182,10 @@ class Completer:
         if self.pool is None:
             return
         self.stopping.set()
-        for future in self.pending:
+        for future in self.pending.values():
             future.cancel()
-        in_hand = [f for f in self.pending if not f.done()]
-        self.pending = []
+        in_hand = [f for f in self.pending.values() if not f.done()]
+        self.pending = {}
         if in_hand and not tracking_down:
             log.warning("waiting for the %d run(s) being completed (at most %d s)", len(in_hand), STOP_WAIT)
             try:

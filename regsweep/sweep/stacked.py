@@ -5,8 +5,9 @@ With repeats, every seed of a trial is a member too, so a 4-configuration x 5-se
 20. All members of a stack see the same batches and rotations (drawn from the first member's seed; a
 member's own seed sets its initialisation): the comparison between them is paired. A pruned member's
 trial ends PRUNED with its curve and reason, and the stack shrinks to the members still training
-(training.fit_stack). Once a stack has trained, worker processes complete its members' runs side by side
-(completion.py); then each trial is told.
+(training.fit_stack). The members' runs are completed by worker processes side by side on CUDA
+(completion.py), a member's as soon as it leaves the stack, the others' once the stack has trained; then
+each trial is told.
 """
 
 from __future__ import annotations
@@ -137,8 +138,14 @@ def train_trials(settings: SweepSettings, data, trials: list[optuna.Trial], pare
             return entry.pruned
         return None
 
+    def on_leave(k: int, result: FitResult) -> None:
+        # A member that stopped early is done: with workers, its run is completed while the stack trains on.
+        entry, r = members[k]
+        mlflow.flush_async_logging()  # its epochs in the store before a worker ends the run
+        completer.start((cfgs[k], result, entry.run_ids[r], device_tags(settings.base)))
+
     try:
-        results = fit_stack(cfgs, data, on_epoch)
+        results = fit_stack(cfgs, data, on_epoch, on_leave=on_leave)
         mlflow.flush_async_logging()  # every epoch in the store before a worker ends the run
         where = device_tags(settings.base)  # here, where the GPU is open already
         errors = completer.complete([(cfg, result, entry.run_ids[r], where)
