@@ -537,8 +537,9 @@ def close(result: FitResult, seconds: float, hook_seconds: float, mode: str) -> 
 
 def finish(result: FitResult, cfg: TrainConfig, best_state: dict[str, torch.Tensor], pos: int, members: int) -> None:
     """Give `result` its own model, on the CPU, holding the best-validation weights of the member at `pos`."""
-    result.model = build_model(cfg).to(next(t.dtype for t in best_state.values() if t.is_floating_point()))
-    result.model.load_state_dict(member_state({n: t.cpu() for n, t in best_state.items()}, pos, members))
+    state = {name: t.cpu() for name, t in member_state(best_state, pos, members).items()}  # its blocks only
+    result.model = build_model(cfg).to(next(t.dtype for t in state.values() if t.is_floating_point()))
+    result.model.load_state_dict(state)
 
 
 COLUMNS = ("train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc", "penalty/sum_abs_w",
