@@ -339,7 +339,8 @@ class Setup:
         """The same training with only the members at positions `keep`: a stack whose members stop shrinks, so
         that their slots stop costing steps. Weights, batch-norm statistics, optimizer state, the schedule's
         position and both generators carry over, so each kept member trains on exactly as it would have in
-        the larger stack (tests/test_stack.py). A captured step is recorded anew for the smaller network."""
+        the larger stack (tests/test_stack.py; with dropout, the masks are drawn for the smaller stack: other
+        draws from the same distribution). A captured step is recorded anew for the smaller network."""
         members, cfgs = self.members, [self.cfgs[k] for k in keep]
         cfg, device = cfgs[0], self.coef.l1.device
 
