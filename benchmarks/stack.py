@@ -18,9 +18,8 @@ count configurations). "configs/h" is finished trials per hour of wall time; "tr
 the stacks' training-step time over the wall time; "stopped slots" the share of the stacks' slot-epochs
 (members x the stack's epochs) after members stopped (pruned, diverged): what their slots would idle
 through, were the stacks not to shrink to the members still training; "epoch hooks share" the time spent
-after each epoch
-queueing every member's metrics for MLflow and reporting to Optuna (and asking its pruner); the rest is
-start-up, evaluation, completing the runs (figures, tables) and the study's bookkeeping.
+after each epoch queueing every member's metrics for MLflow and reporting to Optuna (and asking its
+pruner); the rest is start-up, evaluation, completing the runs (figures, tables) and the study's bookkeeping.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ Both build as a stack of `members` independent models in one network, so that K 
 train in one step (one GPU launch sequence instead of K). The first layer reads the shared input with K
 times the output channels; every later layer is grouped (`groups=K`), so member k only ever sees its own
 block of channels; norm layers are per channel, hence per member. Every tensor's first dimension is
-K x (one member's), member-major, so `members.member_state` / `members.load_members` move one member's
-weights in and out by a view. members=1 is the ordinary model.
+K x (one member's), member-major, so `training.member_state` / `training.load_members` move one member's
+weights in and out. members=1 is the ordinary model.
 """
 
 from __future__ import annotations

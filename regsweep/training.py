@@ -258,7 +258,7 @@ def load_members(stack: nn.Module, models: list[nn.Module]) -> None:
 
 def member_state(state: dict[str, torch.Tensor], k: int, members: int) -> dict[str, torch.Tensor]:
     """Member k's weights and buffers out of a stacked state dict, as a single model's state dict."""
-    return {name: t if t.dim() == 0 else t.reshape(members, -1, *t.shape[1:])[k] for name, t in state.items()}
+    return {name: member_blocks(t, members, [k]) for name, t in state.items()}
 
 
 def member_blocks(t: torch.Tensor, members: int, keep: list[int]) -> torch.Tensor:
@@ -318,6 +318,11 @@ class Setup:
     def members(self) -> int:
         return len(self.coef.l1)
 
+    @property
+    def effective_mode(self) -> str:
+        """How the step runs now: `mode`, unless a captured step fell back to eager (CudaGraphStep.mode says why)."""
+        return getattr(self.step, "mode", self.mode)
+
     def epoch(self, progress: tqdm | None = None) -> dict[str, torch.Tensor | int]:
         self.model.train()
         return train_epoch(self.step, self.scheduler, self.data.train, self.batch_size, self.order_generator,
@@ -364,7 +369,7 @@ class Setup:
         penalised = list(penalised_parameters(model, cfg.penalize).values())
         coef = Coefficients(take(self.coef.l1), take(self.coef.l2), take(self.coef.active))
         step = make_step(model, optimizer, self.data.train, cfg, penalised, self.augment_generator, coef)
-        mode = getattr(self.step, "mode", self.mode)
+        mode = self.effective_mode
         if mode == "cuda-graph":
             step = CudaGraphStep(step, self.augment_generator)
         return Setup(self.data, model, optimizer, scheduler, penalised, step, self.order_generator,
@@ -508,7 +513,7 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
                 results[k].test_pred = predict(results[k].model.to(data.test.x.device), data.test,
                                                precision=cfg.precision).argmax(1).cpu()
                 results[k].model.cpu()
-                close(results[k], time.perf_counter() - start, hook_seconds[k], getattr(run.step, "mode", run.mode))
+                close(results[k], time.perf_counter() - start, hook_seconds[k], run.effective_mode)
                 if on_leave is not None:
                     on_leave(k, results[k])
             best_state = {name: member_blocks(t, members, keep) for name, t in best_state.items()}
@@ -518,14 +523,13 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
     members, model = run.members, run.model
     model.load_state_dict(best_state)
     test_pred = predict(model, data.test, precision=cfg.precision).view(len(data.test), members, 10).argmax(2).cpu()
-    mode = getattr(run.step, "mode", run.mode)  # a captured step may have fallen back to eager
     for pos, k in enumerate(slots):
         if members == 1:
             results[k].model = model.cpu()
         else:
             finish(results[k], cfgs[k], best_state, pos, members)
         results[k].test_pred = test_pred[:, pos]
-        close(results[k], total, hook_seconds[k], mode)
+        close(results[k], total, hook_seconds[k], run.effective_mode)
     return results
 
 
