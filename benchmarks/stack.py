@@ -9,6 +9,7 @@ Each row is a fresh study in a temporary store, run as a subprocess and timed fr
     python benchmarks/stack.py --throughput 1,8,32               # GPU: step throughput per stack size
     python benchmarks/stack.py --shrink 8,32                     # GPU: stopped members idle, or the stack shrinks
     python benchmarks/stack.py --small --shrink 4                # the same on the CPU, 2,000 images, 6 epochs
+    python benchmarks/stack.py --hooks 8,32                      # the per-epoch hooks alone: logging, pruning
     python benchmarks/stack.py --rows 32,1:4 --options "--deterministic false"
     python benchmarks/stack.py --rows grid                       # the notebooks' 4 x 5 grid, one stack
 
@@ -154,6 +155,74 @@ def shrink(sizes: list[int], args) -> None:
                   f"{100 * sum(best[compact]) / k:.2f}% |", flush=True)
 
 
+def hooks(sizes: list[int], args) -> None:
+    """The hook that runs after each epoch for every member of a stack (stacked.EpochHook: queue the member's
+    metrics for MLflow, report to its trial, ask the median pruner) against the same hook asking Optuna's
+    `trial.should_prune()` per member, the reference. Real SQLite stores for MLflow and Optuna, as
+    `regsweep optimize` opens them, no training: each study holds a first stack's 32 complete trials, then
+    K trials are asked and their members report made-up curves (the same in both) for the epochs."""
+    import random
+    import warnings
+
+    import mlflow
+
+    from regsweep.config import TrainConfig
+    from regsweep.sweep.space import SearchSpace
+    from regsweep.sweep.stacked import EpochHook, StackedTrial
+    from regsweep.sweep.study import SweepSettings, load_study
+
+    class PerMember(EpochHook):
+        def should_prune(self, trial, epoch):
+            return trial.should_prune()
+
+    def curve(seed: int) -> dict[int, float]:
+        rng = random.Random(seed)
+        top = rng.uniform(0.95, 0.99)
+        return {e: top - 0.05 * 0.5 ** e + rng.gauss(0, 0.002) for e in range(1, args.epochs + 1)}
+
+    warnings.filterwarnings("ignore", message="Heartbeat of storage")  # ask/tell, as in a stacked sweep
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # as `regsweep optimize` sets it
+    store = tempfile.mkdtemp()
+    mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
+    client = MlflowClient()
+    experiment = client.create_experiment("hooks")
+    names = [f"metric_{i}" for i in range(40)]  # about what a real epoch logs: losses, accuracies, weight statistics
+    print(f"{args.epochs} epochs; each study holds 32 complete trials; 40 metrics a member-epoch; median pruner\n")
+    print("| members | pruner asked | ms per stack epoch | ms per member-epoch | then flushing MLflow's queue, s | members pruned |")
+    print("|---|---|---|---|---|---|")
+    for k in sizes:
+        rows = {}
+        for name, hook_class in (("per member (Optuna's should_prune)", PerMember), ("one read an epoch", EpochHook)):
+            settings = SweepSettings(base=TrainConfig(epochs=args.epochs), space=SearchSpace(), trials=32 + k,
+                                     study_name=f"{name} {k}", storage=f"sqlite:///{store}/optuna.db",
+                                     experiment_name="hooks")
+            study = load_study(settings)
+            study.add_trials([optuna.trial.create_trial(value=max(c.values()), intermediate_values=c)
+                              for c in map(curve, range(32))])
+            members = []
+            for i in range(k):
+                run_id = client.create_run(experiment).info.run_id
+                members.append((StackedTrial(study.ask(), {}, run_ids=[run_id]), 0))
+            hook, curves = hook_class(settings, members, client), [curve(1000 + i) for i in range(k)]
+            start, stopped, calls = time.perf_counter(), set(), 0
+            for epoch in range(1, args.epochs + 1):
+                for i in range(k):
+                    if i not in stopped:
+                        value, calls = curves[i][epoch], calls + 1
+                        if hook(i, epoch, {"val/acc": value} | {n: value for n in names}):
+                            stopped.add(i)
+            seconds = time.perf_counter() - start
+            flush = time.perf_counter()
+            mlflow.flush_async_logging()  # what the queued metrics cost a background thread meanwhile
+            flush = time.perf_counter() - flush
+            rows[name] = sorted(stopped)
+            print(f"| {k} | {name} | {1000 * seconds / args.epochs:.0f} | {1000 * seconds / calls:.1f} | "
+                  f"{flush:.1f} | {len(stopped)} |", flush=True)
+        if len(set(map(tuple, rows.values()))) != 1:
+            print(f"the two ways pruned different members: {rows}")
+            sys.exit(1)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default=None, help='default "1:8,8,32,32-median" ("1,4" with --small)')
@@ -163,7 +232,12 @@ def main():
     parser.add_argument("--throughput", default=None, help="e.g. 1,8,32: only the step throughput per stack size")
     parser.add_argument("--options", default="", help='more `regsweep optimize` options, e.g. "--deterministic false"')
     parser.add_argument("--shrink", default=None, help="e.g. 8,32: only idle against shrinking stacks, per size")
+    parser.add_argument("--hooks", default=None, help="e.g. 8,32: only the per-epoch hooks (logging, pruning), per size")
     args = parser.parse_args()
+    if args.hooks:
+        args.epochs = args.epochs or 15
+        hooks([int(k) for k in args.hooks.split(",")], args)
+        return
     if args.shrink:
         args.epochs = args.epochs or (6 if args.small else 15)
         args.shrink_options = dict(max_train_samples=2000, max_eval_samples=1000, compile=False) if args.small else {}

@@ -200,3 +200,51 @@ def test_sigterm_to_the_whole_group_while_workers_complete_runs(tracking_uri, tm
     runs = MlflowClient().search_runs([exp.experiment_id])
     assert {r.info.status for r in runs} == {"KILLED"}  # parent, 4 trial runs, 8 seed runs
     assert sorted(t.state.name for t in load(storage).trials) == ["FAIL"] * 4 + ["WAITING"] * 4
+
+
+@pytest.mark.parametrize("repeats", [1, 2])
+def test_the_median_pruner_asked_once_an_epoch_stops_the_members_optunas_should_prune_would(tracking_uri, tmp_path,
+                                                                                          repeats):
+    """EpochHook asks the pruner against one read of the study an epoch; Optuna's own `trial.should_prune()`,
+    reading the storage for every member, is the reference. Same curves, same stops, epoch by epoch."""
+    import optuna
+
+    from regsweep.config import TrainConfig
+    from regsweep.sweep.space import SearchSpace
+    from regsweep.sweep.stacked import EpochHook, StackedTrial
+    from regsweep.sweep.study import SweepSettings, load_study
+
+    class PerMember(EpochHook):
+        def should_prune(self, trial, epoch):
+            return trial.should_prune()
+
+    epochs, client = 4, MlflowClient()
+
+    def value(top: float, step: int) -> float:
+        # A later seed's steps run higher, so a curve read at the wrong step gets other answers.
+        return top - 0.04 * 0.5 ** ((step - 1) % epochs + 1) + 0.03 * ((step - 1) // epochs)
+
+    stops = {}
+    for hook_class in (PerMember, EpochHook):
+        settings = SweepSettings(base=TrainConfig(epochs=epochs), space=SearchSpace(), trials=12,
+                                 study_name=hook_class.__name__, storage=f"sqlite:///{tmp_path / 'optuna.db'}",
+                                 experiment_name="hooks", repeats=repeats)
+        study = load_study(settings)
+        study.add_trials([optuna.trial.create_trial(
+            value=top, intermediate_values={s: value(top, s) for s in range(1, epochs * repeats + 1)})
+            for top in (0.95, 0.96, 0.97, 0.98)])
+        tops = [0.93, 0.975, 0.955, 0.99, 0.965, 0.94]  # some below the median of the complete trials, some above
+        entries = [StackedTrial(study.ask(), {}, run_ids=[client.create_run("0").info.run_id for _ in range(repeats)])
+                   for _ in tops]
+        members = [(e, r) for e in entries for r in range(repeats)]
+        hook, stopped = hook_class(settings, members, client), {}
+        for epoch in range(1, epochs + 1):
+            for k, (entry, r) in enumerate(members):
+                if k not in stopped:
+                    top = tops[entries.index(entry)]
+                    if hook(k, epoch, {"val/acc": value(top, r * epochs + epoch), "val/loss": 0.1}):
+                        stopped[k] = epoch
+        stops[hook_class] = stopped
+        assert all(not e.pruned or e.pruned.startswith("pruned by median pruner at epoch") for e in entries)
+    assert stops[EpochHook] == stops[PerMember]
+    assert 0 < len({k // repeats for k in stops[EpochHook]}) < len(tops)  # the comparison can tell them apart

@@ -125,18 +125,7 @@ def train_trials(settings: SweepSettings, data, trials: list[optuna.Trial], pare
     cfgs = [member_config(settings, e.penalties, r) for e, r in members]
     epochs = settings.base.epochs
 
-    def on_epoch(k: int, epoch: int, metrics: dict[str, float]) -> str | None:
-        entry, r = members[k]
-        now = int(time.time() * 1000)
-        client.log_batch(entry.run_ids[r], metrics=[Metric(n, v, now, epoch) for n, v in metrics.items()],
-                         synchronous=False)  # queued: K runs' epochs must not wait on the store
-        if entry.pruned:
-            return entry.pruned  # another seed of this trial was pruned
-        entry.trial.report(metrics["val/acc"], r * epochs + epoch)
-        if epoch >= FIRST_PRUNABLE_EPOCH and entry.trial.should_prune():
-            entry.pruned = f"pruned by {settings.pruner} pruner at epoch {epoch}: val/acc {metrics['val/acc']:.4f}"
-            return entry.pruned
-        return None
+    on_epoch = EpochHook(settings, members, client)
 
     def on_leave(k: int, result: FitResult) -> None:
         # A member that stopped early is done: with workers, its run is completed while the stack trains on.
@@ -190,6 +179,57 @@ def train_trials(settings: SweepSettings, data, trials: list[optuna.Trial], pare
             end_run(client, entry.trial_run_id, "a seed's run could not be completed", "FAILED")
     if failed:  # as one by one: an error that is not about the trial's result stops the sweep
         raise next(iter(failed.values()))
+
+
+class EpochHook:
+    """fit_stack's on_epoch: after each epoch, a member's metrics are queued for its MLflow run, its validation
+    accuracy is reported to its trial, and the pruner is asked about it.
+
+    The median pruner (and the no-op one) is asked against one read of the study an epoch, not one per
+    member. Optuna's `trial.should_prune()` reads the study again on every call, and its cache re-reads every
+    running trial, since another process may have changed it: with K members running, one epoch's questions
+    cost K^2 trial reads (`python benchmarks/stack.py --hooks 8,32`). The median pruner looks only at the
+    complete trials and at the member's own curve, and no trial of this process completes while a stack's
+    epoch is reported (the stack's trials are told when it ends), so one read an epoch gives it the same
+    answers. Hyperband's rungs count running trials too: it is asked per member.
+    """
+
+    def __init__(self, settings: SweepSettings, members: list[tuple[StackedTrial, int]], client: MlflowClient):
+        self.settings, self.members, self.client = settings, members, client
+        self.curves: dict[int, dict[int, float]] = {}  # trial number -> its reported curve, step -> val/acc
+        self.complete: optuna.Study | None = None  # the study's complete trials, in memory, as of `self.read`
+        self.known: set[int] = set()  # their numbers in the study (the copies are numbered anew)
+        self.read = 0  # the epoch of the last read
+
+    def __call__(self, k: int, epoch: int, metrics: dict[str, float]) -> str | None:
+        entry, r = self.members[k]
+        now = int(time.time() * 1000)
+        self.client.log_batch(entry.run_ids[r], metrics=[Metric(n, v, now, epoch) for n, v in metrics.items()],
+                              synchronous=False)  # queued: K runs' epochs must not wait on the store
+        if entry.pruned:
+            return entry.pruned  # another seed of this trial was pruned
+        step = r * self.settings.base.epochs + epoch
+        entry.trial.report(metrics["val/acc"], step)
+        self.curves.setdefault(entry.trial.number, {})[step] = metrics["val/acc"]
+        if epoch >= FIRST_PRUNABLE_EPOCH and self.should_prune(entry.trial, epoch):
+            entry.pruned = f"pruned by {self.settings.pruner} pruner at epoch {epoch}: val/acc {metrics['val/acc']:.4f}"
+            return entry.pruned
+        return None
+
+    def should_prune(self, trial: optuna.Trial, epoch: int) -> bool:
+        study = trial.study
+        if self.settings.pruner == "hyperband":
+            return trial.should_prune()
+        if self.complete is None:
+            self.complete = optuna.create_study(direction=study.direction)  # in memory
+        if self.read != epoch:  # a complete trial stays as it is: only those completed since are added
+            new = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.number not in self.known]
+            self.complete.add_trials(new)
+            self.known.update(t.number for t in new)
+            self.read = epoch
+        # The trial as the pruner would read it from the storage: running, with the values reported so far.
+        mine = optuna.trial.create_trial(state=TrialState.RUNNING, intermediate_values=self.curves[trial.number])
+        return study.pruner.prune(self.complete, mine)
 
 
 def end_run(client: MlflowClient, run_id: str, reason: str, status: str) -> None:
