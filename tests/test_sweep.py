@@ -152,10 +152,10 @@ def test_divergent_trial_is_pruned_with_its_reason_and_the_sweep_goes_on(trackin
         assert run.info.status == "FAILED" and run.data.tags["optuna.state"] == "PRUNED"
 
 
-def start_and_kill_mid_trial(tracking_uri: str, storage: str, sig: int):
+def start_and_kill_mid_trial(tracking_uri: str, storage: str, sig: int, *more: str):
     """Start a long sweep in a subprocess, wait until a trial has logged an epoch, send `sig`."""
     args = [sys.executable, "-m", "regsweep", "optimize", *SMALL, "--epochs", "30", "--trials", "2",
-            "--storage", storage, "--pruner", "none"]
+            "--storage", storage, "--pruner", "none", *more]
     proc = subprocess.Popen(args, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client = MlflowClient()

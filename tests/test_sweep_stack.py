@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from regsweep.cli import cli
 
-from .test_sweep import SMALL, load, study_runs
+from .test_sweep import SMALL, load, start_and_kill_mid_trial, study_runs
 
 GRID = ["--grid", "l1=0,0.001 l2=0,0.0005", "--epochs", "2", "--pruner", "none"]
 
@@ -248,3 +248,32 @@ def test_the_median_pruner_asked_once_an_epoch_stops_the_members_optunas_should_
         assert all(not e.pruned or e.pruned.startswith("pruned by median pruner at epoch") for e in entries)
     assert stops[EpochHook] == stops[PerMember]
     assert 0 < len({k // repeats for k in stops[EpochHook]}) < len(tops)  # the comparison can tell them apart
+
+
+@pytest.mark.slow
+def test_a_stacked_worker_that_dies_on_another_host_has_its_trials_found_stale_and_retried(tracking_uri, tmp_path):
+    """Trials asked and told get heartbeats, as study.optimize's do: a stack whose worker died where this host
+    cannot see its pid (here: its trials say another host) is found by its stopped heartbeat."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    stacked = ("--stack", "2", "--heartbeat", "1")
+    victim = start_and_kill_mid_trial(tracking_uri, storage, signal.SIGKILL, *stacked)
+    study = load(storage)
+    dead = [t for t in study.trials if t.state.name == "RUNNING"]
+    assert len(dead) == 2
+    for t in dead:  # as if the worker had run elsewhere: this host's pid check does not apply
+        study._storage.set_trial_user_attr(t._trial_id, "worker", {"host": "another-host", "pid": 1})
+    time.sleep(3)  # past the grace period, twice the heartbeat
+    import optuna
+    watch = optuna.storages.RDBStorage(storage, heartbeat_interval=1, grace_period=2)
+    assert sorted(watch._get_stale_trial_ids(study._study_id)) == sorted(t._trial_id for t in dead)
+
+    optimize("--epochs", "2", "--trials", "2", "--storage", storage, "--pruner", "none", *stacked)  # resume
+    study = load(storage)
+    assert [t.state.name for t in study.trials].count("COMPLETE") == 2
+    assert {t.number for t in study.trials if t.state.name == "FAIL"} == {t.number for t in dead}
+    assert {tuple(sorted(t.params.items())) for t in study.trials if t.state.name == "COMPLETE"} == \
+        {tuple(sorted(t.params.items())) for t in dead}  # the same configurations, trained again
+    client = MlflowClient()
+    killed = client.get_run(victim.info.run_id)
+    assert killed.info.status == "KILLED" and "worker died" in killed.data.tags["regsweep.stop_reason"]
+    assert all(r.info.status != "RUNNING" for r in study_runs()[1])

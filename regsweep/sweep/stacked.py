@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
@@ -32,7 +33,7 @@ from .completion import Completer, worker_count
 from .objective import Objective, fail_for_retry
 from .runs import STUDY_TAG, summarise_repeats, trial_run_name
 from .space import FIRST_PRUNABLE_EPOCH
-from .study import SweepSettings, count_finished
+from .study import Heartbeats, SweepSettings, count_finished
 
 
 @dataclass
@@ -61,14 +62,18 @@ def run_stacked(settings: SweepSettings, study: optuna.Study, data, parent_run_i
     with ExitStack() as resources:
         completer = None  # started with the first stack: a study with nothing left to train spawns nothing
         while deadline is None or time.monotonic() < deadline:
+            optuna.storages.fail_stale_trials(study)  # another worker's dead trials, as study.optimize does
             room = settings.trials - count_finished(study, include_running=True)
             waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
             n = min(settings.stack, max(room, waiting))
             if n <= 0:
                 return
             completer = completer or resources.enter_context(Completer(data, settings.base, workers))
-            trials = [study.ask() for _ in range(n)]  # queued (retried) trials come first
-            train_trials(settings, data, trials, parent_run_id, experiment_id, completer)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Heartbeat of storage")  # Heartbeats records them
+                trials = [study.ask() for _ in range(n)]  # queued (retried) trials come first
+            with Heartbeats(trials):
+                train_trials(settings, data, trials, parent_run_id, experiment_id, completer)
 
 
 def open_runs(settings: SweepSettings, data, trial: optuna.Trial, parent_run_id: str, experiment_id: str,

@@ -8,8 +8,10 @@ KILLED.
 
 from __future__ import annotations
 
+import logging
 import re
 import socket
+import threading
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -87,6 +89,44 @@ class StaleTrialHandler:
         queue_retry(study, trial, self.max_retry)  # first: reconciliation ends the runs if MLflow fails here
         for run_id in trial.user_attrs.get("mlflow_run_ids", []):
             end_dead_run(run_id, f"worker died during trial {trial.number}; trial retried", self.tracking_uri)
+
+
+class Heartbeats:
+    """Heartbeats for trials that are asked and told (stacked.py), as `study.optimize` records them for its own.
+
+    Optuna records a running trial's heartbeat only inside `study.optimize`. Without one, the trials of a
+    stacked worker that dies on another host would stay RUNNING for good: `fail_stale_trials` finds only trials
+    whose heartbeat stopped (reap_dead_local_trials covers this host's dead workers). One thread records every
+    trial of the stack each interval, as Optuna's per-trial thread would, until the stack's trials are told.
+    A storage without heartbeats (journal:, or none configured) gets no thread.
+    """
+
+    def __init__(self, trials: list[optuna.Trial]):
+        storage = trials[0].storage if trials else None
+        interval = getattr(storage, "get_heartbeat_interval", lambda: None)()
+        self.storage, self.interval, self.trials = storage, interval, trials
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.beat, name="regsweep-heartbeats", daemon=True)
+
+    def __enter__(self) -> Heartbeats:
+        if self.interval:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join()
+
+    def beat(self) -> None:
+        while True:
+            try:
+                for trial in self.trials:
+                    self.storage.record_heartbeat(trial._trial_id)
+            except Exception as exc:  # noqa: BLE001 - the training thread meets an outage itself and stops
+                logging.getLogger(__name__).warning("could not record the trials' heartbeat: %s", exc)
+            if self.stop.wait(self.interval):
+                return
 
 
 def queue_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, max_retry: int = MAX_RETRY) -> bool:
