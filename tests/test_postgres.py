@@ -125,7 +125,10 @@ def test_two_processes_share_one_study_through_postgresql_and_one_tracking_serve
     assert parents[0].data.tags["best_run_id"] in {c.info.run_id for c in children}
 
 
-def test_postgresql_stopped_mid_sweep_stops_with_one_line_and_resume_loses_nothing(postgres, tracking_uri, tmp_path):
+@pytest.mark.parametrize("stack", [1, 2])
+def test_postgresql_stopped_mid_sweep_stops_with_one_line_and_resume_loses_nothing(postgres, tracking_uri, tmp_path,
+                                                                                    stack):
+    """One by one, and a stack of two trials (whose Optuna calls are its members' epoch reports)."""
     from click.testing import CliRunner
 
     from regsweep.cli import cli
@@ -133,12 +136,13 @@ def test_postgresql_stopped_mid_sweep_stops_with_one_line_and_resume_loses_nothi
 
     from .test_outage import stop_line, wait_for_epoch
 
-    cmd = ["optimize", *SMALL, "--trials", "1", "--storage", postgres.url, "--pruner", "none",
-           "--study-name", "pg-outage", "--experiment-name", "pg-outage"]
+    name = f"pg-outage-{stack}"
+    cmd = ["optimize", *SMALL, "--trials", str(stack), "--stack", str(stack), "--storage", postgres.url,
+           "--pruner", "none", "--study-name", name, "--experiment-name", name]
     proc = subprocess.Popen([sys.executable, "-m", "regsweep", *cmd, "--epochs", "500"], cwd=tmp_path, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     client = MlflowClient()
-    victim = wait_for_epoch(client, "pg-outage", proc)
+    victim = wait_for_epoch(client, name, proc)
     postgres.stop()
     try:
         out, err = proc.communicate(timeout=120)
@@ -146,21 +150,24 @@ def test_postgresql_stopped_mid_sweep_stops_with_one_line_and_resume_loses_nothi
         postgres.start()
     assert proc.returncode == EXIT_OUTAGE, err
     line = stop_line(err)
-    assert line.startswith(f"Error: the Optuna storage {postgres.url} is unreachable") and "Trial 0" in line
-    killed = client.get_run(victim.info.run_id)  # MLflow still answered: the run says why it stopped
-    assert killed.info.status == "KILLED" and "Optuna storage" in killed.data.tags["regsweep.stop_reason"]
+    assert line.startswith(f"Error: the Optuna storage {postgres.url} is unreachable"), line
+    trial_runs = [r for r in client.search_runs([victim.info.experiment_id]) if "optuna.trial_number" in r.data.tags]
+    assert len(trial_runs) == stack
+    for run in trial_runs:  # MLflow still answered: each run says why it stopped
+        assert run.info.status == "KILLED" and "Optuna storage" in run.data.tags["regsweep.stop_reason"]
     (parent,) = [r for r in client.search_runs([victim.info.experiment_id])
                  if r.data.tags.get("regsweep.kind") == "study"]
     assert parent.info.status == "KILLED" and "unreachable" in parent.data.tags["regsweep.stop_reason"]
-    study = optuna.load_study(study_name="pg-outage", storage=postgres.url)
-    assert [t.state.name for t in study.trials] == ["RUNNING"]  # as far as the storage got to know
+    study = optuna.load_study(study_name=name, storage=postgres.url)
+    assert [t.state.name for t in study.trials] == ["RUNNING"] * stack  # as far as the storage got to know
 
     result = CliRunner().invoke(cli, [*cmd, "--epochs", "1"])
     assert result.exit_code == 0, result.output
-    study = optuna.load_study(study_name="pg-outage", storage=postgres.url)
-    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
-    assert study.trials[1].params == study.trials[0].params  # the interrupted configuration was trained
+    study = optuna.load_study(study_name=name, storage=postgres.url)
+    assert [t.state.name for t in study.trials] == ["FAIL"] * stack + ["COMPLETE"] * stack
+    for t in study.trials[:stack]:  # the interrupted configurations were trained
+        assert study.trials[stack + t.number].params == t.params
     runs = client.search_runs([victim.info.experiment_id])
     assert all(r.info.status != "RUNNING" for r in runs)
-    assert [r.data.tags.get("optuna.retry_of_trial") for r in runs if r.data.tags.get("optuna.trial_number") == "1"] \
-        == ["0"]
+    assert sorted(r.data.tags.get("optuna.retry_of_trial") for r in runs
+                  if int(r.data.tags.get("optuna.trial_number", -1)) >= stack) == [str(n) for n in range(stack)]

@@ -33,7 +33,7 @@ from .completion import Completer, worker_count
 from .objective import Objective, fail_for_retry
 from .runs import STUDY_TAG, summarise_repeats, trial_run_name
 from .space import FIRST_PRUNABLE_EPOCH
-from .study import Heartbeats, SweepSettings, count_finished
+from .study import Heartbeats, SweepSettings, count_finished, storage_errors
 
 
 @dataclass
@@ -214,9 +214,11 @@ class EpochHook:
         if entry.pruned:
             return entry.pruned  # another seed of this trial was pruned
         step = r * self.settings.base.epochs + epoch
-        entry.trial.report(metrics["val/acc"], step)
-        self.curves.setdefault(entry.trial.number, {})[step] = metrics["val/acc"]
-        if epoch >= FIRST_PRUNABLE_EPOCH and self.should_prune(entry.trial, epoch):
+        with storage_errors(self.settings.storage):  # unreachable: the stack stops, its trials are queued again
+            entry.trial.report(metrics["val/acc"], step)
+            self.curves.setdefault(entry.trial.number, {})[step] = metrics["val/acc"]
+            prune = epoch >= FIRST_PRUNABLE_EPOCH and self.should_prune(entry.trial, epoch)
+        if prune:
             entry.pruned = f"pruned by {self.settings.pruner} pruner at epoch {epoch}: val/acc {metrics['val/acc']:.4f}"
             return entry.pruned
         return None
