@@ -100,6 +100,7 @@ def optimize(settings: SweepSettings) -> dict:
 
     client = MlflowClient()
     tracking_uri = mlflow.get_tracking_uri()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep prints its own summary
     with storage_errors(settings.storage), tracking_watch(settings.tracking_timeout, tracking_uri):
         experiment_id = use_experiment(settings.experiment_name)
         study = load_study(settings, tracking_uri)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import warnings
 
 import mlflow
 import optuna
@@ -116,15 +117,24 @@ def log_study_plots(study: optuna.Study, parent_run_id: str) -> None:
     }
     client = MlflowClient()
     skipped = {}
-    for name, draw in plots.items():
-        try:
-            ax = draw()
-            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-            fig.set_size_inches(8, 6)
-            client.log_figure(parent_run_id, fig, f"study/{name}")
-            plt.close(fig)
-        except (ValueError, RuntimeError, ZeroDivisionError, IndexError) as exc:
-            skipped[name] = f"{type(exc).__name__}: {exc}"  # e.g. importances need 2+ complete trials
+    # Small studies draw these with warnings about too few trials (importances, contour); the plots say as
+    # much themselves, and what could not be drawn at all is listed in study/skipped_plots.json.
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            for name, draw in plots.items():
+                try:
+                    ax = draw()
+                    fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+                    fig.set_size_inches(8, 6)
+                    client.log_figure(parent_run_id, fig, f"study/{name}")
+                    plt.close(fig)
+                except (ValueError, RuntimeError, ZeroDivisionError, IndexError) as exc:
+                    skipped[name] = f"{type(exc).__name__}: {exc}"  # e.g. importances need 2+ complete trials
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     client.log_dict(parent_run_id, {"skipped_plots": skipped}, "study/skipped_plots.json")
     rows = [{"number": t.number, "state": t.state.name, "value": t.value, "l1": effective_penalties(t)[0],
              "l2": effective_penalties(t)[1], "epochs": len(t.intermediate_values),

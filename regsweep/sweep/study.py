@@ -66,6 +66,8 @@ def open_storage(settings: SweepSettings, tracking_uri: str | None = None):
     """The Optuna storage, with heartbeats and a retry-and-mark-KILLED callback where the backend has them."""
     url = settings.storage
     on_stale = StaleTrialHandler(tracking_uri)
+    # Heartbeats, retries and the matplotlib plots are marked experimental; they are what this module is for.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     if url.startswith(("sqlite:", "postgresql", "mysql")):
         engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else {"pool_pre_ping": True}
         return optuna.storages.RDBStorage(
@@ -218,8 +220,6 @@ def reap_dead_local_trials(study: optuna.Study, handler: StaleTrialHandler) -> l
 
 
 def load_study(settings: SweepSettings, tracking_uri: str | None = None, worker_index: int = 0) -> optuna.Study:
-    # Heartbeats, retries and the matplotlib plots are marked experimental; they are what this module is for.
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     study = optuna.create_study(
         study_name=settings.study_name, storage=open_storage(settings, tracking_uri), load_if_exists=True,
         direction="maximize", pruner=make_pruner(settings.pruner, settings.base.epochs * settings.repeats))
