@@ -225,6 +225,8 @@ class EpochHook:
 
     def should_prune(self, trial: optuna.Trial, epoch: int) -> bool:
         study = trial.study
+        if isinstance(study.pruner, optuna.pruners.NopPruner):
+            return False  # --pruner none: nothing to read
         if self.settings.pruner == "hyperband":
             return trial.should_prune()
         if self.complete is None:
