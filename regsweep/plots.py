@@ -82,7 +82,8 @@ def weight_histograms(weights: dict[str, torch.Tensor]) -> Figure:
         ax.stairs(counts, edges, fill=True, color="steelblue")
         ax.set_yscale("log")
         ax.set_title(f"{name} ({w.numel()})", fontsize=9)
-        ax.tick_params(labelsize=7)
+        ax.tick_params(which="both", labelsize=7)
     fig.suptitle("weight distribution per layer (best-validation weights)")
-    fig.tight_layout()
+    # Fixed margins: tight_layout measures every tick label of every panel, most of a second per run.
+    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.2 / nrows, top=1 - 0.3 / nrows, wspace=0.3, hspace=0.5)
     return fig
