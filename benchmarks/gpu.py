@@ -8,7 +8,8 @@ Rows, all on the same default CNN, batch 128, L1 and L2 on, after an untimed war
   regsweep eager: data resident on the GPU, one rotation call per batch, the step launched op by op.
   regsweep graph: the same step captured once as a CUDA graph and replayed (what `regsweep train` runs).
 
-Then `regsweep train` with its defaults on full MNIST (15 epochs, MLflow logging to a temporary SQLite store,
+Then what a fresh process pays to import the training stack and `mlflow.pytorch` (and whether Lightning, which
+`mlflow.pytorch` imports when it is installed, is), and `regsweep train` with its defaults on full MNIST (15 epochs, MLflow logging to a temporary SQLite store,
 figures and model) as a user runs it, twice (the first pays one-off start-up costs), with its wall time, and
 the same training through `fit()` without MLflow, to show what logging costs.
 
@@ -64,6 +65,21 @@ def throughput(args) -> None:
         print(f"| {name} | {rate:,.0f} | {rate / one:.1f}x | {rate / four:.1f}x | {rounds} |", flush=True)
 
 
+def startup_costs() -> None:
+    """What a fresh `regsweep train` pays before and after its epochs, in fresh processes: importing the
+    training stack, and `mlflow.pytorch` for logging the model. mlflow.pytorch also imports Lightning when it
+    is installed (for its autologging callback), which regsweep neither needs nor installs."""
+    import importlib.util
+
+    lightning = [m for m in ("lightning", "pytorch_lightning") if importlib.util.find_spec(m)]
+    print(f"\nImports in a fresh process (Lightning installed here: {', '.join(lightning) or 'no'}):\n")
+    print("| import | s |\n|---|---|")
+    for module in ("regsweep.training", "regsweep.tracking", "mlflow.pytorch"):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", f"import {module}"], check=True)
+        print(f"| {module} | {time.perf_counter() - start:.1f} |", flush=True)
+
+
 def complete_train(args) -> None:
     from mlflow.tracking import MlflowClient
 
@@ -114,6 +130,7 @@ def main():
     prepare_vendored(Path(TrainConfig().resolved_data_dir()))  # the usual pipeline reads MNIST/raw directly
     throughput(args)
     if not args.skip_train:
+        startup_costs()
         complete_train(args)
 
 
