@@ -158,7 +158,8 @@ def shrink(sizes: list[int], args) -> None:
 def hooks(sizes: list[int], args) -> None:
     """The hook that runs after each epoch for every member of a stack (stacked.EpochHook: queue the member's
     metrics for MLflow, report to its trial, ask the median pruner) against the same hook asking Optuna's
-    `trial.should_prune()` per member, the reference. Real SQLite stores for MLflow and Optuna, as
+    `trial.should_prune()` per member, the reference, and without asking any pruner (what logging and
+    reporting cost alone; members then train all epochs). Real SQLite stores for MLflow and Optuna, as
     `regsweep optimize` opens them, no training: each study holds a first stack's 32 complete trials, then
     K trials are asked and their members report made-up curves (the same in both) for the epochs."""
     import random
@@ -187,15 +188,18 @@ def hooks(sizes: list[int], args) -> None:
     client = MlflowClient()
     experiment = client.create_experiment("hooks")
     names = [f"metric_{i}" for i in range(40)]  # about what a real epoch logs: losses, accuracies, weight statistics
-    print(f"{args.epochs} epochs; each study holds 32 complete trials; 40 metrics a member-epoch; median pruner\n")
+    print(f"{args.epochs} epochs; each study holds 32 complete trials; 40 metrics a member-epoch; the median pruner "
+          "unless the row says none\n")
     print("| members | pruner asked | ms per stack epoch | ms per member-epoch | then flushing MLflow's queue, s | members pruned |")
     print("|---|---|---|---|---|---|")
+    ways = (("per member (Optuna's should_prune)", PerMember, "median"), ("one read an epoch", EpochHook, "median"),
+            ("not asked (--pruner none): logging and reporting only", EpochHook, "none"))
     for k in sizes:
         rows = {}
-        for name, hook_class in (("per member (Optuna's should_prune)", PerMember), ("one read an epoch", EpochHook)):
+        for name, hook_class, pruner in ways:
             settings = SweepSettings(base=TrainConfig(epochs=args.epochs), space=SearchSpace(), trials=32 + k,
                                      study_name=f"{name} {k}", storage=f"sqlite:///{store}/optuna.db",
-                                     experiment_name="hooks")
+                                     experiment_name="hooks", pruner=pruner)
             study = load_study(settings)
             study.add_trials([optuna.trial.create_trial(value=max(c.values()), intermediate_values=c)
                               for c in map(curve, range(32))])
@@ -215,7 +219,8 @@ def hooks(sizes: list[int], args) -> None:
             flush = time.perf_counter()
             mlflow.flush_async_logging()  # what the queued metrics cost a background thread meanwhile
             flush = time.perf_counter() - flush
-            rows[name] = sorted(stopped)
+            if pruner != "none":
+                rows[name] = sorted(stopped)
             print(f"| {k} | {name} | {1000 * seconds / args.epochs:.0f} | {1000 * seconds / calls:.1f} | "
                   f"{flush:.1f} | {len(stopped)} |", flush=True)
         if len(set(map(tuple, rows.values()))) != 1:

@@ -230,15 +230,21 @@ def test_the_median_pruner_asked_once_an_epoch_stops_the_members_optunas_should_
                                  study_name=hook_class.__name__, storage=f"sqlite:///{tmp_path / 'optuna.db'}",
                                  experiment_name="hooks", repeats=repeats)
         study = load_study(settings)
-        study.add_trials([optuna.trial.create_trial(
-            value=top, intermediate_values={s: value(top, s) for s in range(1, epochs * repeats + 1)})
-            for top in (0.95, 0.96, 0.97, 0.98)])
+
+        def complete(top: float) -> None:
+            study.add_trial(optuna.trial.create_trial(
+                value=top, intermediate_values={s: value(top, s) for s in range(1, epochs * repeats + 1)}))
+
+        for top in (0.95, 0.97):  # fewer than the median pruner's 3 startup trials: nobody is pruned yet
+            complete(top)
         tops = [0.93, 0.975, 0.955, 0.99, 0.965, 0.94]  # some below the median of the complete trials, some above
         entries = [StackedTrial(study.ask(), {}, run_ids=[client.create_run("0").info.run_id for _ in range(repeats)])
                    for _ in tops]
         members = [(e, r) for e in entries for r in range(repeats)]
         hook, stopped = hook_class(settings, members, client), {}
         for epoch in range(1, epochs + 1):
+            if epoch == 3:
+                complete(0.96)  # as another worker would, between epochs: from now on the pruner can prune
             for k, (entry, r) in enumerate(members):
                 if k not in stopped:
                     top = tops[entries.index(entry)]
@@ -248,6 +254,26 @@ def test_the_median_pruner_asked_once_an_epoch_stops_the_members_optunas_should_
         assert all(not e.pruned or e.pruned.startswith("pruned by median pruner at epoch") for e in entries)
     assert stops[EpochHook] == stops[PerMember]
     assert 0 < len({k // repeats for k in stops[EpochHook]}) < len(tops)  # the comparison can tell them apart
+    assert min(stops[EpochHook].values()) >= 3  # not before the third complete trial
+
+
+def test_heartbeats_keep_a_stack_alive_while_it_trains_and_stop_when_it_ends(tmp_path):
+    import optuna
+
+    from regsweep.config import TrainConfig
+    from regsweep.sweep.space import SearchSpace
+    from regsweep.sweep.study import Heartbeats, SweepSettings, load_study
+
+    settings = SweepSettings(base=TrainConfig(), space=SearchSpace(), trials=2, study_name="beats",
+                             storage=f"sqlite:///{tmp_path / 'optuna.db'}", experiment_name="beats", heartbeat=1)
+    study = load_study(settings)
+    watch = optuna.storages.RDBStorage(settings.storage, heartbeat_interval=1, grace_period=2)
+    with Heartbeats(study) as heartbeats:
+        trials = [heartbeats.add(study.ask()) for _ in range(2)]
+        time.sleep(3.5)  # longer than the grace period: only the thread's beats keep them fresh
+        assert watch._get_stale_trial_ids(study._study_id) == []
+    time.sleep(3.5)  # the stack has ended without telling them, as a dead worker's would
+    assert sorted(watch._get_stale_trial_ids(study._study_id)) == sorted(t._trial_id for t in trials)
 
 
 @pytest.mark.slow

@@ -119,20 +119,19 @@ def log_study_plots(study: optuna.Study, parent_run_id: str) -> None:
     skipped = {}
     # Small studies draw these with warnings about too few trials (importances, contour); the plots say as
     # much themselves, and what could not be drawn at all is listed in study/skipped_plots.json.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"optuna\.(importance|visualization)")
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            for name, draw in plots.items():
-                try:
-                    ax = draw()
-                    fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-                    fig.set_size_inches(8, 6)
-                    client.log_figure(parent_run_id, fig, f"study/{name}")
-                    plt.close(fig)
-                except (ValueError, RuntimeError, ZeroDivisionError, IndexError) as exc:
-                    skipped[name] = f"{type(exc).__name__}: {exc}"  # e.g. importances need 2+ complete trials
+        for name, draw in plots.items():
+            try:
+                ax = draw()
+                fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+                fig.set_size_inches(8, 6)
+                client.log_figure(parent_run_id, fig, f"study/{name}")
+                plt.close(fig)
+            except (ValueError, RuntimeError, ZeroDivisionError, IndexError) as exc:
+                skipped[name] = f"{type(exc).__name__}: {exc}"  # e.g. importances need 2+ complete trials
     finally:
         optuna.logging.set_verbosity(verbosity)
     client.log_dict(parent_run_id, {"skipped_plots": skipped}, "study/skipped_plots.json")

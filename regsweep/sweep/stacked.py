@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import statistics
 import time
-import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
@@ -69,10 +68,8 @@ def run_stacked(settings: SweepSettings, study: optuna.Study, data, parent_run_i
             if n <= 0:
                 return
             completer = completer or resources.enter_context(Completer(data, settings.base, workers))
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Heartbeat of storage")  # Heartbeats records them
-                trials = [study.ask() for _ in range(n)]  # queued (retried) trials come first
-            with Heartbeats(trials):
+            with Heartbeats(study) as heartbeats:
+                trials = [heartbeats.add(study.ask()) for _ in range(n)]  # queued (retried) trials come first
                 train_trials(settings, data, trials, parent_run_id, experiment_id, completer)
 
 
@@ -190,18 +187,20 @@ class EpochHook:
     """fit_stack's on_epoch: after each epoch, a member's metrics are queued for its MLflow run, its validation
     accuracy is reported to its trial, and the pruner is asked about it.
 
-    The median pruner (and the no-op one) is asked against one read of the study an epoch, not one per
-    member. Optuna's `trial.should_prune()` reads the study again on every call, and its cache re-reads every
-    running trial, since another process may have changed it: with K members running, one epoch's questions
-    cost K^2 trial reads (`python benchmarks/stack.py --hooks 8,32`). The median pruner looks only at the
-    complete trials and at the member's own curve, and no trial of this process completes while a stack's
-    epoch is reported (the stack's trials are told when it ends), so one read an epoch gives it the same
-    answers. Hyperband's rungs count running trials too: it is asked per member.
+    The median pruner is asked against one read of the study an epoch, not one per member. Optuna's
+    `trial.should_prune()` reads the study again on every call, and its cache re-reads every running trial,
+    since another process may have changed it: with K members running, one epoch's questions cost K^2 trial
+    reads (`python benchmarks/stack.py --hooks 8,32`). The median pruner looks only at the complete trials and
+    at the member's own curve, and no trial of this process completes while a stack's epoch is reported (the
+    stack's trials are told when it ends), so one read an epoch gives it the same answers; a trial that another
+    worker completes meanwhile counts from the next epoch. Other pruners (Hyperband's rungs count running
+    trials too) are asked per member.
     """
 
     def __init__(self, settings: SweepSettings, members: list[tuple[StackedTrial, int]], client: MlflowClient):
         self.settings, self.members, self.client = settings, members, client
-        self.curves: dict[int, dict[int, float]] = {}  # trial number -> its reported curve, step -> val/acc
+        # Trial number -> its reported curve (step -> val/acc): what the storage holds, without reading it.
+        self.curves: dict[int, dict[int, float]] = {}
         self.complete: optuna.Study | None = None  # the study's complete trials, in memory, as of `self.read`
         self.known: set[int] = set()  # their numbers in the study (the copies are numbered anew)
         self.read = 0  # the epoch of the last read
@@ -227,12 +226,13 @@ class EpochHook:
         study = trial.study
         if isinstance(study.pruner, optuna.pruners.NopPruner):
             return False  # --pruner none: nothing to read
-        if self.settings.pruner == "hyperband":
+        if not isinstance(study.pruner, optuna.pruners.PercentilePruner):  # the median pruner is one
             return trial.should_prune()
         if self.complete is None:
             self.complete = optuna.create_study(direction=study.direction)  # in memory
         if self.read != epoch:  # a complete trial stays as it is: only those completed since are added
-            new = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.number not in self.known]
+            complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            new = [t for t in complete if t.number not in self.known]
             self.complete.add_trials(new)
             self.known.update(t.number for t in new)
             self.read = epoch

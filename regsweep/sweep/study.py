@@ -68,6 +68,8 @@ def open_storage(settings: SweepSettings, tracking_uri: str | None = None):
     on_stale = StaleTrialHandler(tracking_uri)
     # Heartbeats, retries and the matplotlib plots are marked experimental; they are what this module is for.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # study.ask warns that heartbeats are meant for study.optimize: a stacked sweep records them (Heartbeats).
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
     if url.startswith(("sqlite:", "postgresql", "mysql")):
         engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else {"pool_pre_ping": True}
         return optuna.storages.RDBStorage(
@@ -98,17 +100,24 @@ class Heartbeats:
 
     Optuna records a running trial's heartbeat only inside `study.optimize`. Without one, the trials of a
     stacked worker that dies on another host would stay RUNNING for good: `fail_stale_trials` finds only trials
-    whose heartbeat stopped (reap_dead_local_trials covers this host's dead workers). One thread records every
-    trial of the stack each interval, as Optuna's per-trial thread would, until the stack's trials are told.
-    A storage without heartbeats (journal:, or none configured) gets no thread.
+    whose heartbeat stopped (reap_dead_local_trials covers this host's dead workers). A trial's first heartbeat
+    is recorded as it is added, right after it is asked; then one thread records every trial each interval, as
+    Optuna's per-trial thread would, until the stack's trials are told. A storage without heartbeats
+    (journal:, or none configured) gets no thread.
     """
 
-    def __init__(self, trials: list[optuna.Trial]):
-        storage = trials[0].storage if trials else None
-        interval = getattr(storage, "get_heartbeat_interval", lambda: None)()
-        self.storage, self.interval, self.trials = storage, interval, trials
+    def __init__(self, study: optuna.Study):
+        self.storage = study._storage
+        self.interval = getattr(self.storage, "get_heartbeat_interval", lambda: None)()
+        self.trial_ids: list[int] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.beat, name="regsweep-heartbeats", daemon=True)
+
+    def add(self, trial: optuna.Trial) -> optuna.Trial:
+        if self.interval:
+            self.storage.record_heartbeat(trial._trial_id)
+            self.trial_ids.append(trial._trial_id)
+        return trial
 
     def __enter__(self) -> Heartbeats:
         if self.interval:
@@ -118,17 +127,15 @@ class Heartbeats:
     def __exit__(self, *exc) -> None:
         self.stop.set()
         if self.thread.is_alive():
-            self.thread.join()
+            self.thread.join(timeout=self.interval)  # a hung database call must not hold up a stop
 
     def beat(self) -> None:
-        while True:
+        while not self.stop.wait(self.interval):
             try:
-                for trial in self.trials:
-                    self.storage.record_heartbeat(trial._trial_id)
+                for trial_id in list(self.trial_ids):
+                    self.storage.record_heartbeat(trial_id)
             except Exception as exc:  # noqa: BLE001 - the training thread meets an outage itself and stops
                 logging.getLogger(__name__).warning("could not record the trials' heartbeat: %s", exc)
-            if self.stop.wait(self.interval):
-                return
 
 
 def queue_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, max_retry: int = MAX_RETRY) -> bool:
