@@ -134,8 +134,8 @@ class Heartbeats:
             try:
                 for trial_id in list(self.trial_ids):
                     self.storage.record_heartbeat(trial_id)
-            except Exception as exc:  # noqa: BLE001 - the training thread meets an outage itself and stops
-                logging.getLogger(__name__).warning("could not record the trials' heartbeat: %s", exc)
+            except Exception as exc:  # noqa: BLE001 - the training thread meets an outage itself and stops with
+                logging.getLogger(__name__).debug("could not record the trials' heartbeat: %s", exc)  # one line
 
 
 def queue_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, max_retry: int = MAX_RETRY) -> bool:
