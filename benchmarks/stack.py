@@ -159,7 +159,9 @@ def hooks(sizes: list[int], args) -> None:
     """The hook that runs after each epoch for every member of a stack (stacked.EpochHook: queue the member's
     metrics for MLflow, report to its trial, ask the median pruner) against the same hook asking Optuna's
     `trial.should_prune()` per member, the reference, and without asking any pruner (what logging and
-    reporting cost alone; members then train all epochs). Real SQLite stores for MLflow and Optuna, as
+    reporting cost alone; members then train all epochs). The hooks' time in the calling thread is what holds
+    up the next epoch; between epochs the benchmark sleeps, as a GPU epoch would leave the host idle, and
+    the writes queued for MLflow and Optuna proceed in their threads. Real SQLite stores for MLflow and Optuna, as
     `regsweep optimize` opens them, no training: each study holds a first stack's 32 complete trials, then
     K trials are asked and their members report made-up curves (the same in both) for the epochs."""
     import random
@@ -173,8 +175,8 @@ def hooks(sizes: list[int], args) -> None:
     from regsweep.sweep.study import SweepSettings, load_study
 
     class PerMember(EpochHook):
-        def should_prune(self, trial, epoch):
-            return trial.should_prune()
+        def reads_storage(self, study):  # as for Hyperband: report, then trial.should_prune()
+            return True
 
     def curve(seed: int) -> dict[int, float]:
         rng = random.Random(seed)
@@ -188,9 +190,9 @@ def hooks(sizes: list[int], args) -> None:
     client = MlflowClient()
     experiment = client.create_experiment("hooks")
     names = [f"metric_{i}" for i in range(40)]  # about what a real epoch logs: losses, accuracies, weight statistics
-    print(f"{args.epochs} epochs; each study holds 32 complete trials; 40 metrics a member-epoch; the median pruner "
-          "unless the row says none\n")
-    print("| members | pruner asked | ms per stack epoch | ms per member-epoch | then flushing MLflow's queue, s | members pruned |")
+    print(f"{args.epochs} epochs, {args.epoch_seconds} s apart; each study holds 32 complete trials; 40 metrics a "
+          "member-epoch; the median pruner unless the row says none\n")
+    print("| members | pruner asked | ms per stack epoch | ms per member-epoch | queued writes left at the end, s | members pruned |")
     print("|---|---|---|---|---|---|")
     ways = (("per member (Optuna's should_prune)", PerMember, "median"), ("one read an epoch", EpochHook, "median"),
             ("not asked (--pruner none): logging and reporting only", EpochHook, "none"))
@@ -208,16 +210,19 @@ def hooks(sizes: list[int], args) -> None:
                 run_id = client.create_run(experiment).info.run_id
                 members.append((StackedTrial(study.ask(), {}, run_ids=[run_id]), 0))
             hook, curves = hook_class(settings, members, client), [curve(1000 + i) for i in range(k)]
-            start, stopped, calls = time.perf_counter(), set(), 0
+            seconds, stopped, calls = 0.0, set(), 0
             for epoch in range(1, args.epochs + 1):
+                time.sleep(args.epoch_seconds)  # the epoch's training, on a GPU: queued writes proceed meanwhile
+                start = time.perf_counter()
                 for i in range(k):
                     if i not in stopped:
                         value, calls = curves[i][epoch], calls + 1
                         if hook(i, epoch, {"val/acc": value} | {n: value for n in names}):
                             stopped.add(i)
-            seconds = time.perf_counter() - start
+                seconds += time.perf_counter() - start
             flush = time.perf_counter()
-            mlflow.flush_async_logging()  # what the queued metrics cost a background thread meanwhile
+            hook.flush()  # what the queued writes cost background threads meanwhile: Optuna's reports,
+            mlflow.flush_async_logging()  # MLflow's metrics
             flush = time.perf_counter() - flush
             if pruner != "none":
                 rows[name] = sorted(stopped)
@@ -238,6 +243,8 @@ def main():
     parser.add_argument("--options", default="", help='more `regsweep optimize` options, e.g. "--deterministic false"')
     parser.add_argument("--shrink", default=None, help="e.g. 8,32: only idle against shrinking stacks, per size")
     parser.add_argument("--hooks", default=None, help="e.g. 8,32: only the per-epoch hooks (logging, pruning), per size")
+    parser.add_argument("--epoch-seconds", type=float, default=1.0,
+                        help="with --hooks: the time between two epochs' hooks, standing in for training")
     args = parser.parse_args()
     if args.hooks:
         args.epochs = args.epochs or 15

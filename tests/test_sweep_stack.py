@@ -215,8 +215,8 @@ def test_the_median_pruner_asked_once_an_epoch_stops_the_members_optunas_should_
     from regsweep.sweep.study import SweepSettings, load_study
 
     class PerMember(EpochHook):
-        def should_prune(self, trial, epoch):
-            return trial.should_prune()
+        def reads_storage(self, study):  # as for Hyperband: report, then trial.should_prune()
+            return True
 
     epochs, client = 4, MlflowClient()
 
@@ -252,6 +252,9 @@ def test_the_median_pruner_asked_once_an_epoch_stops_the_members_optunas_should_
                         stopped[k] = epoch
         stops[hook_class] = stopped
         assert all(not e.pruned or e.pruned.startswith("pruned by median pruner at epoch") for e in entries)
+        hook.flush()  # queued reports (EpochHook) in the storage: every one, as reported
+        stored = {t.number: t.intermediate_values for t in study.get_trials() if t.state.name == "RUNNING"}
+        assert stored == hook.curves and sum(map(len, stored.values())) >= len(tops) * 2
     assert stops[EpochHook] == stops[PerMember]
     assert 0 < len({k // repeats for k in stops[EpochHook]}) < len(tops)  # the comparison can tell them apart
     assert min(stops[EpochHook].values()) >= 3  # not before the third complete trial

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
@@ -137,6 +138,8 @@ def train_trials(settings: SweepSettings, data, trials: list[optuna.Trial], pare
 
     try:
         results = fit_stack(cfgs, data, on_epoch, on_leave=on_leave)
+        with storage_errors(settings.storage):
+            on_epoch.flush()  # every report in the study before its trial is told
         mlflow.flush_async_logging()  # every epoch in the store before a worker ends the run
         where = device_tags(settings.base)  # here, where the GPU is open already
         errors = completer.complete([(cfg, result, entry.run_ids[r], where)
@@ -150,6 +153,7 @@ def train_trials(settings: SweepSettings, data, trials: list[optuna.Trial], pare
         reason = "interrupted (Ctrl-C or SIGTERM)" if kind == "interrupted" else f"{type(exc).__name__}: {exc}"
         tracking_down = isinstance(exc, Outage) and exc.tracking  # then MLflow calls would only wait
         storage_down = isinstance(exc, Outage) and not exc.tracking  # then Optuna cannot record anything
+        on_epoch.close(wait=not storage_down)  # no report lands after its trial is failed
         for entry in entries if not storage_down else []:
             if kind is not None:
                 fail_for_retry(entry.trial, reason, kind, tell=True)
@@ -195,6 +199,12 @@ class EpochHook:
     stack's trials are told when it ends), so one read an epoch gives it the same answers; a trial that another
     worker completes meanwhile counts from the next epoch. Other pruners (Hyperband's rungs count running
     trials too) are asked per member.
+
+    With the median pruner (or none), the reports themselves are queued too, as the metrics are for MLflow:
+    one thread writes them in order (`trial.report` is a storage transaction per member and epoch, the larger
+    part of what is left), while the stack trains its next epoch; the pruner reads the member's curve from
+    `curves`, not from the storage. `flush` waits for them before the stack's trials are told; a report that
+    failed raises at the next epoch's hook or at `flush`.
     """
 
     def __init__(self, settings: SweepSettings, members: list[tuple[StackedTrial, int]], client: MlflowClient):
@@ -204,6 +214,8 @@ class EpochHook:
         self.complete: optuna.Study | None = None  # the study's complete trials, in memory, as of `self.read`
         self.known: set[int] = set()  # their numbers in the study (the copies are numbered anew)
         self.read = 0  # the epoch of the last read
+        self.queue = ThreadPoolExecutor(max_workers=1, thread_name_prefix="regsweep-reports")  # one: in order
+        self.pending: list[Future] = []
 
     def __call__(self, k: int, epoch: int, metrics: dict[str, float]) -> str | None:
         entry, r = self.members[k]
@@ -214,7 +226,11 @@ class EpochHook:
             return entry.pruned  # another seed of this trial was pruned
         step = r * self.settings.base.epochs + epoch
         with storage_errors(self.settings.storage):  # unreachable: the stack stops, its trials are queued again
-            entry.trial.report(metrics["val/acc"], step)
+            self.raise_failed()
+            if self.reads_storage(entry.trial.study):
+                entry.trial.report(metrics["val/acc"], step)  # the pruner reads it back at once
+            else:
+                self.pending.append(self.queue.submit(entry.trial.report, metrics["val/acc"], step))
             self.curves.setdefault(entry.trial.number, {})[step] = metrics["val/acc"]
             prune = epoch >= FIRST_PRUNABLE_EPOCH and self.should_prune(entry.trial, epoch)
         if prune:
@@ -222,11 +238,15 @@ class EpochHook:
             return entry.pruned
         return None
 
+    def reads_storage(self, study: optuna.Study) -> bool:
+        """Whether the pruner is asked through the storage: any but the median (percentile) one or none."""
+        return not isinstance(study.pruner, (optuna.pruners.PercentilePruner, optuna.pruners.NopPruner))
+
     def should_prune(self, trial: optuna.Trial, epoch: int) -> bool:
         study = trial.study
         if isinstance(study.pruner, optuna.pruners.NopPruner):
             return False  # --pruner none: nothing to read
-        if not isinstance(study.pruner, optuna.pruners.PercentilePruner):  # the median pruner is one
+        if self.reads_storage(study):
             return trial.should_prune()
         if self.complete is None:
             self.complete = optuna.create_study(direction=study.direction)  # in memory
@@ -239,6 +259,24 @@ class EpochHook:
         # The trial as the pruner would read it from the storage: running, with the values reported so far.
         mine = optuna.trial.create_trial(state=TrialState.RUNNING, intermediate_values=self.curves[trial.number])
         return study.pruner.prune(self.complete, mine)
+
+    def raise_failed(self) -> None:
+        """A queued report that failed (the storage went away, say) stops the stack at the next epoch."""
+        for future in [f for f in self.pending if f.done()]:
+            future.result()
+            self.pending.remove(future)
+
+    def flush(self) -> None:
+        """Every queued report in the storage; raises the first that failed."""
+        for future in self.pending:
+            future.result()
+        self.pending.clear()
+        self.queue.shutdown()
+
+    def close(self, wait: bool) -> None:
+        """Stop the queue of a stack that failed, dropping the reports not begun (its trials are failed); wait
+        for the one being written unless the storage is down."""
+        self.queue.shutdown(wait=wait, cancel_futures=True)
 
 
 def end_run(client: MlflowClient, run_id: str, reason: str, status: str) -> None:
