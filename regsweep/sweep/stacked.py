@@ -126,7 +126,6 @@ def train_trials(settings: SweepSettings, data, trials: list[optuna.Trial], pare
         return
     members = [(e, r) for e in entries for r in range(settings.repeats)]
     cfgs = [member_config(settings, e.penalties, r) for e, r in members]
-    epochs = settings.base.epochs
 
     on_epoch = EpochHook(settings, members, client)
 
