@@ -291,3 +291,31 @@ def test_default_space_trains_both_off_only_once(tracking_uri, tmp_path):
     configs = [(t.params.get("l1", 0.0), t.params.get("l2", 0.0)) for t in study.trials]
     assert len(configs) == 4 and configs.count((0.0, 0.0)) == 1 and len(set(configs)) == 4
     assert study.metric_names == ["best_val_acc"]
+
+
+def test_two_commands_racing_to_create_a_study_keep_one_parent_run(tracking_uri, tmp_path):
+    """Two commands that start the same study at the same moment each create a parent run before either has
+    recorded one in the study: both must end up with the earliest, and the other is deleted. A parent of an
+    earlier study of the same name, from before any such race, is not taken over."""
+    from regsweep.config import TrainConfig
+    from regsweep.sweep.runs import find_or_create_parent, parent_tags
+    from regsweep.sweep.space import SearchSpace
+    from regsweep.sweep.study import SweepSettings, load_study
+
+    settings = SweepSettings(base=TrainConfig(), space=SearchSpace(), trials=2, study_name="race",
+                             storage=f"sqlite:///{tmp_path / 'optuna.db'}", experiment_name="race")
+    client = MlflowClient()
+    experiment_id = client.create_experiment("race")
+    now = int(time.time() * 1000)
+    old = client.create_run(experiment_id, start_time=now - 3_600_000, tags=parent_tags(settings))  # a past study
+    other = client.create_run(experiment_id, start_time=now - 500, tags=parent_tags(settings))  # the other command
+    elsewhere = client.create_run(experiment_id, start_time=now - 400,  # another storage's study of that name
+                                  tags=parent_tags(SweepSettings(**{**settings.__dict__, "storage": "sqlite:///x.db"})))
+    study = load_study(settings)
+    assert "mlflow_parent_run_id" not in study.user_attrs  # the other command has not recorded its parent yet
+
+    assert find_or_create_parent(settings, study, experiment_id) == other.info.run_id
+    assert study.user_attrs["mlflow_parent_run_id"] == other.info.run_id
+    active = {r.info.run_id for r in client.search_runs([experiment_id])}
+    assert active == {old.info.run_id, other.info.run_id, elsewhere.info.run_id}  # this command's own: deleted
+    assert find_or_create_parent(settings, load_study(settings), experiment_id) == other.info.run_id  # a resume

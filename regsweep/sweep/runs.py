@@ -19,6 +19,7 @@ from .space import effective_penalties
 from .study import SweepSettings, redact
 
 STUDY_TAG = "regsweep.study"
+RACE_WINDOW_MS = 60_000  # commands racing to create a study's parent run start within this of each other
 
 
 def parent_tags(settings: SweepSettings) -> dict[str, str]:
@@ -39,14 +40,24 @@ def find_or_create_parent(settings: SweepSettings, study: optuna.Study, experime
             return run_id
         except mlflow.exceptions.MlflowException:
             pass  # the tracking store was reset; make a new parent
-    run = client.create_run(experiment_id, run_name=f"study {settings.study_name}", tags=parent_tags(settings))
+    tags = parent_tags(settings)
+    run = client.create_run(experiment_id, run_name=f"study {settings.study_name}", tags=tags)
     # The settings every trial shares, as params; the trial count is a tag because a rerun may raise it.
     fixed = {k: v for k, v in settings.base.as_params().items() if k not in ("l1", "l2")}
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in fixed.items()])
-    study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
-    winner = study.user_attrs["mlflow_parent_run_id"]  # read back from the storage
-    if winner != run.info.run_id:  # another process created the parent at the same moment: use theirs
+    # Commands started on the same study at the same moment (several hosts) each got here. The user attribute
+    # cannot settle it (the last write wins), so every one keeps the earliest parent: whichever created its
+    # run later sees the earlier one, so they all agree (as long as the hosts' clocks agree more closely than
+    # the time between two such creations). Parents of earlier studies of the same name (a deleted storage)
+    # are older than any such race and are left alone.
+    since = run.info.start_time - RACE_WINDOW_MS
+    rivals = [r for r in client.search_runs([experiment_id], filter_string=(
+        f"tags.`regsweep.kind` = 'study' and attributes.start_time >= {since}"), max_results=1000)
+        if all(r.data.tags.get(k) == tags[k] for k in (STUDY_TAG, "optuna.storage"))]
+    winner = min([run, *rivals], key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
+    if winner != run.info.run_id:
         client.delete_run(run.info.run_id)
+    study.set_user_attr("mlflow_parent_run_id", winner)
     return winner
 
 
