@@ -7,7 +7,7 @@ Each row is a fresh study in a temporary store, run as a subprocess and timed fr
     python benchmarks/stack.py --small                           # CPU: 4 trials, 1 epoch, 2,000 images
     python benchmarks/stack.py --small --rows 4-median:12,4:12 --epochs 6   # CPU: pruning in stacks
     python benchmarks/stack.py --throughput 1,8,32               # GPU: step throughput per stack size
-    python benchmarks/stack.py --shrink 8,32                     # GPU: stopped members idle, or the stack shrinks
+    python benchmarks/stack.py --shrink 8,32                     # GPU: stopped slots idle, shrink or refill
     python benchmarks/stack.py --small --shrink 4                # the same on the CPU, 2,000 images, 6 epochs
     python benchmarks/stack.py --hooks 8,32                      # the per-epoch hooks alone: logging, pruning
     python benchmarks/stack.py --rows 32,1:4 --options "--deterministic false"
@@ -17,8 +17,8 @@ A row is STACK[-PRUNER][:TRIALS], or "grid": the notebooks' 4 scenarios x 5 seed
 l2=0,0.0005" --repeats 5 --stack auto`: one stack of 20 members on CUDA, one by one on the CPU; trials
 count configurations). "configs/h" is finished trials per hour of wall time; "training share" is
 the stacks' training-step time over the wall time; "stopped slots" the share of the stacks' slot-epochs
-(members x the stack's epochs) after members stopped (pruned, diverged): what their slots would idle
-through, were the stacks not to shrink to the members still training; "epoch hooks share" the time spent
+(members x the stack's epochs) in which no member trained: what those slots would idle through, were the
+stacks not to shrink to the members still training; "epoch hooks share" the time spent
 after each epoch queueing every member's metrics for MLflow and reporting to Optuna (and asking its
 pruner); the rest is start-up, evaluation, completing the runs (figures, tables) and the study's bookkeeping.
 """
@@ -62,25 +62,25 @@ def run_row(row: str, args) -> dict:
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("bench").experiment_id], max_results=1000)
     trial_runs = [r for r in runs if "optuna.trial_number" in r.data.tags and "l1" in r.data.params]
-    # Every member of a stack logs the stack's epoch time under the epoch's step; one by one, a run is its own
+    # Every member of a stack logs the stack's epoch time, each under its own epoch number (a member that took
+    # a freed slot counts from 1 again): the stack's epochs are its distinct times. One by one, a run is its own
     # stack.
-    epoch_seconds: dict[tuple[str, int], float] = {}
+    epoch_seconds: dict[str, set[float]] = {}
     for r in trial_runs:
         which = r.data.tags.get("regsweep.stack", r.info.run_id)
-        for m in client.get_metric_history(r.info.run_id, "speed/epoch_seconds"):
-            epoch_seconds[(which, m.step)] = m.value
-    training = sum(epoch_seconds.values())
+        epoch_seconds.setdefault(which, set()).update(
+            m.value for m in client.get_metric_history(r.info.run_id, "speed/epoch_seconds"))
+    training = sum(map(sum, epoch_seconds.values()))
     # The per-epoch hooks (queueing each member's metrics, Optuna's report and pruning) run one after
     # another in the training process: their sum over runs is wall time.
     hooks = sum(r.data.metrics.get("total_hook_seconds", 0.0) for r in runs)
-    # A stack trains until its longest member stops: that many epochs for each of its slots, the stopped
-    # members' share of them idle, unless the stack shrinks (training.fit_stack).
-    stacks: dict[str, list[float]] = {}
-    for r in trial_runs:
-        if "regsweep.stack" in r.data.tags:
-            stacks.setdefault(r.data.tags["regsweep.stack"], []).append(r.data.metrics.get("epochs_trained", 0.0))
-    slot_epochs = sum(len(e) * max(e) for e in stacks.values())
-    stopped = 1 - sum(map(sum, stacks.values())) / slot_epochs if slot_epochs else 0.0
+    # A stack has its members' slots for each of its epochs; the epochs that no member trained in a slot would
+    # idle there, unless the stack shrinks or the slot takes another trial (training.fit_stack).
+    slot_epochs = sum(int(r.data.tags["regsweep.stack_members"]) * len(epoch_seconds[r.data.tags["regsweep.stack"]])
+                      for r in {r.data.tags["regsweep.stack"]: r for r in trial_runs
+                                if "regsweep.stack" in r.data.tags}.values())
+    trained = sum(r.data.metrics.get("epochs_trained", 0.0) for r in trial_runs if "regsweep.stack" in r.data.tags)
+    stopped = 1 - trained / slot_epochs if slot_epochs else 0.0
     best = max((t.value for t in study.trials if t.state.name == "COMPLETE"), default=float("nan"))
     return {"row": row, "stack": "grid 4x5, auto" if space else stack, "pruner": pruner or "none", "trials": len(done),
             "pruned": sum(t.state.name == "PRUNED" for t in done), "wall": wall,
@@ -117,11 +117,15 @@ def throughput(sizes: list[int], epochs: int = 2) -> None:
 
 
 def shrink(sizes: list[int], args) -> None:
-    """A stack whose members stop part-way (as pruned ones do), trained with their slots left idle and with
-    the stack shrinking to the members still training (fit_stack's `compact`): half the members stop
-    after epoch 2, a quarter more after epoch 4. Same data and configurations in both: in float64 the two
-    give identical members (tests/test_stack.py); in float32 a smaller stack's convolutions round
-    differently, and training amplifies that, so the mean best validation accuracy agrees within noise."""
+    """What becomes of the slots of members that stop part-way (as pruned ones do), for 2K configurations at
+    stack size K, as a sweep trains them: two stacks of K whose stopped slots idle; two stacks of K that
+    shrink to the members still training (fit_stack's `compact`); one stack of K whose freed slots take the
+    next configuration (fit_stack's `refill`), shrinking once none is left. Half the configurations stop
+    after epoch 2, a quarter more after epoch 4. Same data and configurations throughout: in float64 idle and
+    shrinking give identical members, and a refilled member trains as a fresh model on the stack's batches
+    (tests/test_stack.py); in float32 the mean best validation accuracy agrees within noise."""
+    from itertools import islice
+
     from regsweep.config import TrainConfig
     from regsweep.data import load_for
     from regsweep.training import fit_stack
@@ -129,30 +133,37 @@ def shrink(sizes: list[int], args) -> None:
     cfg = TrainConfig(l1=1e-4, l2=1e-4, epochs=args.epochs, **args.shrink_options)
     data = load_for(cfg)
 
-    def stop_epoch(k: int) -> int:
-        return 2 if k % 2 else 4 if k % 4 == 2 else cfg.epochs
+    def stop_epoch(i: int) -> int:
+        return 2 if i % 2 else 4 if i % 4 == 2 else cfg.epochs
 
-    def hook(k, epoch, metrics):
-        return "stopped by the benchmark" if epoch == stop_epoch(k) < cfg.epochs else None
+    def hook_from(first: int):
+        """The hook of a stack whose member k is configuration first + k."""
+        return lambda k, epoch, metrics: ("stopped by the benchmark"
+                                          if epoch == stop_epoch(first + k) < cfg.epochs else None)
 
-    print(f"{cfg.resolved_device()}, {len(data.train):,} training images, {cfg.epochs} epochs; half the members "
-          "stop after epoch 2, a quarter more after epoch 4\n")
-    print("| members | member-epochs trained | stopped slots | training s | vs idle | mean best val acc |")
-    print("|---|---|---|---|---|---|")
+    print(f"{cfg.resolved_device()}, {len(data.train):,} training images, {cfg.epochs} epochs; half the "
+          "configurations stop after epoch 2, a quarter more after epoch 4\n")
+    print("| members | configurations | member-epochs trained | freed slots | training s | vs idle | "
+          "mean best val acc |")
+    print("|---|---|---|---|---|---|---|")
     for k in sizes:
-        cfgs = [cfg.replace(seed=1 + i, l1=1e-4 * (i % 4)) for i in range(k)]
+        cfgs = [cfg.replace(seed=1 + i, l1=1e-4 * (i % 4)) for i in range(2 * k)]
         fit_stack(cfgs[:1], data)  # warm-up: first CUDA context, cuDNN's choices
         seconds, best = {}, {}
-        for compact in (False, True):
+        for way in ("idle", "leave the stack", "take the next configuration"):
             start = time.perf_counter()
-            results = fit_stack(cfgs, data, hook, compact=compact)
-            seconds[compact] = time.perf_counter() - start
-            best[compact] = [r.summary["best_val_acc"] for r in results]
-        trained = sum(min(stop_epoch(i), cfg.epochs) for i in range(k))
-        for compact in (False, True):
-            print(f"| {k} | {trained} of {k * cfg.epochs} | {'leave the stack' if compact else 'idle'} | "
-                  f"{seconds[compact]:.1f} | {seconds[False] / seconds[compact]:.2f}x | "
-                  f"{100 * sum(best[compact]) / k:.2f}% |", flush=True)
+            if way == "take the next configuration":
+                queue = iter(cfgs[k:])
+                results = fit_stack(cfgs[:k], data, hook_from(0), refill=lambda free: list(islice(queue, free)))
+            else:
+                results = [r for first in (0, k)
+                           for r in fit_stack(cfgs[first:first + k], data, hook_from(first), compact=way != "idle")]
+            seconds[way] = time.perf_counter() - start
+            best[way] = [r.summary["best_val_acc"] for r in results]
+        trained = sum(stop_epoch(i) for i in range(2 * k))
+        for way in seconds:
+            print(f"| {k} | {2 * k} | {trained} of {2 * k * cfg.epochs} | {way} | {seconds[way]:.1f} | "
+                  f"{seconds['idle'] / seconds[way]:.2f}x | {100 * sum(best[way]) / len(best[way]):.2f}% |", flush=True)
 
 
 def hooks(sizes: list[int], args) -> None:
@@ -241,7 +252,7 @@ def main():
     parser.add_argument("--small", action="store_true", help="CPU size: 4 trials, 1 epoch, 2,000 images")
     parser.add_argument("--throughput", default=None, help="e.g. 1,8,32: only the step throughput per stack size")
     parser.add_argument("--options", default="", help='more `regsweep optimize` options, e.g. "--deterministic false"')
-    parser.add_argument("--shrink", default=None, help="e.g. 8,32: only idle against shrinking stacks, per size")
+    parser.add_argument("--shrink", default=None, help="e.g. 8,32: only idle, shrinking and refilled slots, per size")
     parser.add_argument("--hooks", default=None, help="e.g. 8,32: only the per-epoch hooks (logging, pruning), per size")
     parser.add_argument("--epoch-seconds", type=float, default=1.0,
                         help="with --hooks: the time between two epochs' hooks, standing in for training")

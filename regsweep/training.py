@@ -125,13 +125,60 @@ class Coefficients:
         return cls(vector([c.l1 for c in cfgs]), vector([c.l2 for c in cfgs]), vector([1.0] * len(cfgs)))
 
 
+@dataclass
+class Schedules:
+    """Each member's learning rate at its own step, for a stack whose members start at different times (a freed
+    slot refilled with a new member: fit_stack's `refill`).
+
+    torch's optimizers hold one learning rate per parameter tensor, and every tensor of a stack holds all its
+    members. So the optimizer steps at lr 1 and each member's block of that update is then scaled by the
+    member's own rate. This is exact for SGD (L2 is in the loss, there is no weight decay): its update is lr
+    times a direction that does not depend on lr, as the momentum buffer sums gradients. The rates are those
+    of the configured torch scheduler, read off once per step of a member's training into `table`; a member
+    reads it at its own step count. Device tensors: a captured step reads and advances them at every replay.
+    """
+    table: torch.Tensor  # float64: the learning rate of a member's i-th step, i <= epochs x steps per epoch
+    started: torch.Tensor  # per member: the stack's step count at its first step
+    clock: torch.Tensor  # 0-d: the steps the stack has taken
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, steps_per_epoch: int, members: int, device: torch.device) -> Schedules:
+        stand_in = torch.optim.SGD([torch.zeros(1)], lr=cfg.lr)  # the scheduler only reads and writes its lr
+        scheduler = build_scheduler(cfg, stand_in, steps_per_epoch)
+        stand_in.step()  # no gradient, no change: only so that the scheduler sees a step before its own
+        rates = [stand_in.param_groups[0]["lr"]]
+        for _ in range(cfg.epochs * steps_per_epoch):  # to the rate after the last step, as training's scheduler
+            scheduler.step()
+            rates.append(stand_in.param_groups[0]["lr"])
+        return cls(torch.tensor(rates, dtype=torch.float64, device=device),
+                   torch.zeros(members, dtype=torch.long, device=device), torch.zeros((), dtype=torch.long, device=device))
+
+    def rates(self) -> torch.Tensor:
+        """Each member's learning rate for its next step."""
+        return self.table[(self.clock - self.started).clamp(0, len(self.table) - 1)]
+
+    @torch.no_grad()
+    def scale(self, params: list[torch.Tensor], before: list[torch.Tensor]) -> None:
+        """Scale each member's block of the step just taken at lr 1 (`params` less `before`) by its rate."""
+        rates = self.rates().to(params[0].dtype).view(-1, 1)
+        for p, old in zip(params, before):
+            update = p.view(len(rates), -1)
+            update.copy_(torch.lerp(old.view(len(rates), -1), update, rates))
+        self.clock.add_(1)
+
+    def take(self, keep: list[int]) -> Schedules:
+        """The schedules of the members at positions `keep` (Setup.compact)."""
+        return Schedules(self.table, self.started[keep].clone(), self.clock.clone())
+
+
 def member_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of each member over the batch: B x K x 10 logits -> K losses."""
     return F.cross_entropy(logits.transpose(1, 2), y[:, None].expand(-1, logits.shape[1]), reduction="none").mean(0)
 
 
 def make_step(step_model: nn.Module, optimizer: torch.optim.Optimizer, split: Split, cfg: TrainConfig,
-              penalised: list[torch.Tensor], generator: torch.Generator, coef: Coefficients) -> Step:
+              penalised: list[torch.Tensor], generator: torch.Generator, coef: Coefficients,
+              schedules: Schedules | None = None) -> Step:
     """The training step, from a batch's indices to each member's (cross-entropy, number correct) as device
     tensors.
 
@@ -141,6 +188,7 @@ def make_step(step_model: nn.Module, optimizer: torch.optim.Optimizer, split: Sp
     trained alone.
     """
     members = len(coef.l1)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
 
     def step(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = split.x[idx], split.y[idx]
@@ -153,7 +201,10 @@ def make_step(step_model: nn.Module, optimizer: torch.optim.Optimizer, split: Sp
         loss = (coef.active * (data_loss + coef.l1 * sum_abs + coef.l2 * sum_sq)).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        before = [p.detach().clone() for p in params] if schedules is not None else []
         optimizer.step()
+        if schedules is not None:
+            schedules.scale(params, before)
         return data_loss.detach(), (logits.argmax(2) == y[:, None]).sum(0)
 
     return step
@@ -312,7 +363,8 @@ class Setup:
     steps_per_epoch: int
     mode: str
     coef: Coefficients
-    cfgs: list[TrainConfig]
+    cfgs: list[TrainConfig]  # the member at each position
+    schedules: Schedules | None = None  # per-member learning rates, when slots can be refilled
 
     @property
     def members(self) -> int:
@@ -327,6 +379,29 @@ class Setup:
         self.model.train()
         return train_epoch(self.step, self.scheduler, self.data.train, self.batch_size, self.order_generator,
                            progress)
+
+    def rates(self) -> list[float]:
+        """Each member's learning rate for its next step (what an epoch's metrics log)."""
+        if self.schedules is not None:
+            return self.schedules.rates().tolist()
+        return [float(self.optimizer.param_groups[0]["lr"])] * self.members
+
+    @torch.no_grad()
+    def refill(self, pos: int, cfg: TrainConfig) -> None:
+        """The slot at `pos` takes a new member `cfg`: weights and buffers as `new_model(cfg)` initialises them,
+        no optimizer state (SGD's momentum then starts from the first gradient, as a new optimizer's does), its
+        own coefficients, and its schedule from its first step. All in place, so a captured step replays on."""
+        fresh = new_model(cfg).state_dict()
+        for name, t in self.model.state_dict().items():
+            if t.dim() > 0:  # not num_batches_tracked: one count for the stack, unused by its norms
+                t.view(self.members, -1)[pos] = fresh[name].reshape(-1)
+        for state in self.optimizer.state.values():
+            for v in state.values():
+                if torch.is_tensor(v) and v.dim() > 0:
+                    v.view(self.members, -1)[pos] = 0.0
+        self.coef.l1[pos], self.coef.l2[pos], self.coef.active[pos] = cfg.l1, cfg.l2, 1.0
+        self.schedules.started[pos] = self.schedules.clock
+        self.cfgs[pos] = cfg
 
     @torch.no_grad()
     def retire(self, k: int) -> None:
@@ -343,7 +418,7 @@ class Setup:
     def compact(self, keep: list[int]) -> Setup:
         """The same training with only the members at positions `keep`: a stack whose members stop shrinks, so
         that their slots stop costing steps. Weights, batch-norm statistics, optimizer state, the schedule's
-        position and both generators carry over, so each kept member trains on exactly as it would have in
+        position and both generators carry over (with per-member schedules, each one's position in its own), so each kept member trains on exactly as it would have in
         the larger stack (tests/test_stack.py; with dropout, the masks are drawn for the smaller stack: other
         draws from the same distribution). A captured step is recorded anew for the smaller network."""
         members, cfgs = self.members, [self.cfgs[k] for k in keep]
@@ -354,12 +429,14 @@ class Setup:
 
         model = build_model(cfg, members=len(keep)).to(device, next(self.model.parameters()).dtype)
         model.load_state_dict({name: take(t) for name, t in self.model.state_dict().items()})
-        optimizer = build_optimizer(cfg, model.parameters(), device)
+        schedules = None if self.schedules is None else self.schedules.take(keep)
+        stepping = stepping_config(cfg, schedules is not None)
+        optimizer = build_optimizer(stepping, model.parameters(), device)
         for old, new in zip(self.model.parameters(), model.parameters()):
             if old in self.optimizer.state:
                 optimizer.state[new] = {key: take(v) if torch.is_tensor(v) else v
                                         for key, v in self.optimizer.state[old].items()}
-        scheduler = build_scheduler(cfg, optimizer, self.steps_per_epoch)
+        scheduler = build_scheduler(stepping, optimizer, self.steps_per_epoch)
         scheduler.load_state_dict(self.scheduler.state_dict())  # where the schedule is, not where it starts
         for group, old in zip(optimizer.param_groups, self.optimizer.param_groups):
             if torch.is_tensor(group["lr"]):
@@ -368,23 +445,33 @@ class Setup:
                 group["lr"] = old["lr"]
         penalised = list(penalised_parameters(model, cfg.penalize).values())
         coef = Coefficients(take(self.coef.l1), take(self.coef.l2), take(self.coef.active))
-        step = make_step(model, optimizer, self.data.train, cfg, penalised, self.augment_generator, coef)
+        step = make_step(model, optimizer, self.data.train, cfg, penalised, self.augment_generator, coef, schedules)
         mode = self.effective_mode
         if mode == "cuda-graph":
             step = CudaGraphStep(step, self.augment_generator)
         return Setup(self.data, model, optimizer, scheduler, penalised, step, self.order_generator,
-                     self.augment_generator, self.batch_size, self.steps_per_epoch, mode, coef, cfgs)
+                     self.augment_generator, self.batch_size, self.steps_per_epoch, mode, coef, cfgs, schedules)
 
 
-def setup(cfgs: TrainConfig | list[TrainConfig], data: MnistSplits, model: nn.Module | None = None) -> Setup:
+def stepping_config(cfg: TrainConfig, own_schedules: bool) -> TrainConfig:
+    """What the optimizer and its torch scheduler are built from: `cfg`, or with per-member schedules lr 1 and no
+    schedule (Schedules applies each member's rate after the step)."""
+    return cfg.replace(lr=1.0, scheduler="none") if own_schedules else cfg
+
+
+def setup(cfgs: TrainConfig | list[TrainConfig], data: MnistSplits, model: nn.Module | None = None,
+          own_schedules: bool = False) -> Setup:
     """Move data and model to the device once and build the optimizer, schedule and step around them.
 
     With several configurations, they train as the members of one stacked network (models.py) on the same
-    batches; the first one's seed sets the batch order and augmentation.
+    batches; the first one's seed sets the batch order and augmentation. `own_schedules`: each member follows
+    the learning-rate schedule from its own first step (Schedules), so that a slot can be refilled (SGD only).
     """
     cfgs = [cfgs] if isinstance(cfgs, TrainConfig) else list(cfgs)
     check_stackable(cfgs)
     cfg = cfgs[0]
+    if own_schedules and cfg.optimizer != "sgd":
+        raise ValueError(f"per-member schedules need SGD, whose update scales with lr; not {cfg.optimizer}")
     device = torch.device(cfg.resolved_device())
     configure_device(device, cfg.deterministic)
     data = data.to(device)
@@ -394,20 +481,21 @@ def setup(cfgs: TrainConfig | list[TrainConfig], data: MnistSplits, model: nn.Mo
     order_gen = torch.Generator(device).manual_seed(cfg.seed)
     augment_gen = torch.Generator(device).manual_seed(cfg.seed + 1)
     penalised = list(penalised_parameters(model, cfg.penalize).values())
-    optimizer = build_optimizer(cfg, model.parameters(), device)
     batch_size = min(cfg.batch_size, len(data.train))
     steps_per_epoch = len(data.train) // batch_size
-    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
+    schedules = Schedules.of(cfg, steps_per_epoch, len(cfgs), device) if own_schedules else None
+    optimizer = build_optimizer(stepping_config(cfg, own_schedules), model.parameters(), device)
+    scheduler = build_scheduler(stepping_config(cfg, own_schedules), optimizer, steps_per_epoch)
     mode = step_mode(cfg, device)
     coef = Coefficients.of(cfgs, device)
     # Compiling fuses the small convs' norm/activation kernels (docs/benchmarks.md: ~30% per step on CPU).
     # Evaluation runs the eager model (same parameters) to avoid a second compilation.
     step_model = torch.compile(model) if mode == "compiled" else model
-    step = make_step(step_model, optimizer, data.train, cfg, penalised, augment_gen, coef)
+    step = make_step(step_model, optimizer, data.train, cfg, penalised, augment_gen, coef, schedules)
     if mode == "cuda-graph":
         step = CudaGraphStep(step, augment_gen)
     return Setup(data, model, optimizer, scheduler, penalised, step, order_gen, augment_gen, batch_size,
-                 steps_per_epoch, mode, coef, cfgs)
+                 steps_per_epoch, mode, coef, cfgs, schedules)
 
 
 def fit(cfg: TrainConfig, data: MnistSplits, on_epoch: Callable[[int, dict], str | None] | None = None,
@@ -427,32 +515,67 @@ def fit(cfg: TrainConfig, data: MnistSplits, on_epoch: Callable[[int, dict], str
     return result
 
 
+@dataclass
+class Member:
+    """fit_stack's record of one member: its result so far and where it stands."""
+    cfg: TrainConfig
+    result: FitResult
+    joined: int  # the stack's epochs before this member's first: its own epoch is the stack's less this
+    start: float  # perf_counter at its first epoch
+    running: bool = True
+    retired: bool = False  # its slot zeroed (Setup.retire)
+    left: bool = False  # its result final and handed to on_leave
+    best_val_acc: float = -1.0
+    best_val_loss: float = math.inf
+    since_best_loss: int = 0
+    hook_seconds: float = 0.0  # in on_epoch: logging and pruning, what the caller adds to each epoch
+
+
 def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
               on_epoch: Callable[[int, int, dict], str | None] | None = None,
               show_progress: bool = False, model: nn.Module | None = None, compact: bool = True,
-              on_leave: Callable[[int, FitResult], None] | None = None) -> list[FitResult]:
+              on_leave: Callable[[int, FitResult], None] | None = None,
+              refill: Callable[[int], list[TrainConfig]] | None = None) -> list[FitResult]:
     """Train the configurations `cfgs` together as one stacked network: one FitResult per member, each what
     `fit` would return for it alone on the same batches.
 
-    `on_epoch(member, epoch, metrics)` runs after each epoch for every member still training; a non-empty
-    string it returns stops that member with that reason. A member whose loss stops being finite stops with a
-    "diverged: ..." reason and `diverged` set. With `compact`, the stack then shrinks to the members still
-    training (Setup.compact; not for a compiled step, which would compile again), else the stopped member's
-    slot idles, computing zeros. A member that leaves is done: `on_leave(member, result)` gets its final result
-    then, while the others train on. Training ends when every member has stopped or the epochs are done.
+    `on_epoch(member, epoch, metrics)` runs after each of a member's epochs while it trains; a non-empty string
+    it returns stops that member with that reason. A member whose loss stops being finite stops with a
+    "diverged: ..." reason and `diverged` set. A member that has trained its epochs is done.
+
+    A stopped or done member's slot is, in this order of preference:
+    - refilled: `refill(free_slots)` returns up to that many new configurations, which start in freed slots
+      from their own initialisation, optimizer state and schedule (Setup.refill; they are members
+      len(cfgs), len(cfgs) + 1, ... in the results), on the stack's batches from there on. SGD only.
+    - with `compact`, dropped: the stack shrinks to the members still training (Setup.compact; not for a
+      compiled step, which would compile again).
+    - else left idle, computing zeros.
+    A member that leaves a slot is done: `on_leave(member, result)` gets its final result then, while the
+    others train on. Training ends when no member trains and no slot was refilled.
     """
-    run = setup(cfgs, data, model)
-    data, model = run.data, run.model
-    cfg = cfgs[0]
-    results = [FitResult(model=model) for _ in cfgs]
-    slots = list(range(len(cfgs)))  # the member at each position of the (possibly shrunk) stack
-    running, retired = [True] * len(cfgs), [False] * len(cfgs)
-    best_val_acc, best_val_loss = [-1.0] * len(cfgs), [math.inf] * len(cfgs)
-    since_best_loss = [0] * len(cfgs)
-    hook_seconds = [0.0] * len(cfgs)  # in on_epoch: logging and pruning, what the caller adds to each epoch
-    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    run = setup(cfgs, data, model, own_schedules=refill is not None)
+    data, cfg = run.data, cfgs[0]
     start = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+    stack = [Member(c, FitResult(model=run.model), 0, start) for c in cfgs]  # grows as slots are refilled
+    slots = list(range(len(cfgs)))  # the member at each position of the (possibly shrunk) stack
+    best_state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+
+    def leave(pos: int) -> None:
+        """The member at `pos` gets its own model with its best weights, its test predictions and summary."""
+        k, members = slots[pos], run.members
+        m = stack[k]
+        finish(m.result, m.cfg, best_state, pos, members)
+        m.result.test_pred = predict(m.result.model.to(data.test.x.device), data.test,
+                                     precision=cfg.precision).argmax(1).cpu()
+        m.result.model.cpu()
+        close(m.result, time.perf_counter() - m.start, m.hook_seconds, run.effective_mode)
+        m.left = True
+        if on_leave is not None:
+            on_leave(k, m.result)
+
+    epoch = 0  # the stack's: with refilled slots, members are at different epochs of their own
+    while True:
+        epoch += 1
         members, model = run.members, run.model
         t0 = time.perf_counter()
         with tqdm(total=run.steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", disable=not show_progress,
@@ -469,68 +592,77 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
             names, stats = weight_stats_tensor(model, members)
             # The epoch's one device-to-host transfer: every member's numbers at once, weight statistics too.
             rows = torch.cat([torch.stack([c.float() for c in columns], 1), stats], 1).tolist()
+        rates = run.rates()
         improved = [False] * members
         for pos, values in enumerate(rows):
-            k = slots[pos]
-            if not running[k]:
+            m = stack[slots[pos]]
+            if not m.running:
                 continue
+            own_epoch = epoch - m.joined
             train_loss, val_loss, val_acc = values[0], values[2], values[3]
-            member_cfg, result = cfgs[k], results[k]
             if not math.isfinite(train_loss):
-                result.stop_reason = (f"diverged: training loss is {train_loss} (l1={member_cfg.l1}, "
-                                      f"l2={member_cfg.l2}, lr={member_cfg.lr})")
-                result.diverged, running[k], retired[k] = True, False, True
-                run.retire(pos)
+                m.result.stop_reason = (f"diverged: training loss is {train_loss} (l1={m.cfg.l1}, "
+                                        f"l2={m.cfg.l2}, lr={m.cfg.lr})")
+                m.result.diverged, m.running = True, False
                 continue
-            metrics = epoch_metrics(values, names, member_cfg, float(run.optimizer.param_groups[0]["lr"]),
-                                    seconds, train["images"])
-            result.history.append(metrics)
-            if val_acc > best_val_acc[k]:
-                best_val_acc[k], improved[pos] = val_acc, True
-            if val_loss < best_val_loss[k]:
-                best_val_loss[k], since_best_loss[k] = val_loss, 0
+            metrics = epoch_metrics(values, names, m.cfg, rates[pos], seconds, train["images"])
+            m.result.history.append(metrics)
+            if val_acc > m.best_val_acc:
+                m.best_val_acc, improved[pos] = val_acc, True
+            if val_loss < m.best_val_loss:
+                m.best_val_loss, m.since_best_loss = val_loss, 0
             else:
-                since_best_loss[k] += 1
+                m.since_best_loss += 1
             hook_start = time.perf_counter()
-            stop = on_epoch(k, epoch, metrics) if on_epoch is not None else None
-            hook_seconds[k] += time.perf_counter() - hook_start
-            if not stop and member_cfg.patience and since_best_loss[k] >= member_cfg.patience:
-                stop = f"early stopping: val/loss did not improve for {member_cfg.patience} epochs"
+            stop = on_epoch(slots[pos], own_epoch, metrics) if on_epoch is not None else None
+            m.hook_seconds += time.perf_counter() - hook_start
+            if not stop and m.cfg.patience and m.since_best_loss >= m.cfg.patience:
+                stop = f"early stopping: val/loss did not improve for {m.cfg.patience} epochs"
             if stop:
-                result.stop_reason, running[k] = stop, False
+                m.result.stop_reason, m.running = stop, False
+            elif own_epoch == m.cfg.epochs:
+                m.running = False  # done
         keep_best(best_state, model.state_dict(), improved)
-        stopped = [pos for pos, k in enumerate(slots) if not running[k] and not retired[k]]
-        for pos in stopped:
-            run.retire(pos)  # pruned or early-stopped: no more of its gradient
-            retired[slots[pos]] = True
-        keep = [pos for pos, k in enumerate(slots) if running[k]]
-        if not keep:
-            break
-        if compact and run.mode != "compiled" and len(keep) < members and epoch < cfg.epochs:
-            for pos in sorted(set(range(members)) - set(keep)):  # their best weights leave the stack now
-                k = slots[pos]
-                finish(results[k], cfgs[k], best_state, pos, members)
-                results[k].test_pred = predict(results[k].model.to(data.test.x.device), data.test,
-                                               precision=cfg.precision).argmax(1).cpu()
-                results[k].model.cpu()
-                close(results[k], time.perf_counter() - start, hook_seconds[k], run.effective_mode)
-                if on_leave is not None:
-                    on_leave(k, results[k])
+        free = [pos for pos, k in enumerate(slots) if not stack[k].running]
+        for pos in free:
+            if not stack[slots[pos]].retired:
+                run.retire(pos)  # no more of its gradient, nor anything it diverged to
+                stack[slots[pos]].retired = True
+        # Stopped members leave now where their slots may be refilled or dropped (before `refill`, which may want
+        # their results), else with the rest at the end.
+        if refill is not None or (compact and run.mode != "compiled" and len(free) < members):
+            for pos in free:
+                if not stack[slots[pos]].left:
+                    leave(pos)
+        new = refill(len(free)) if refill is not None and free else []
+        if len(free) == members and not new:
+            break  # nothing trains on
+        dropped = free[len(new):] if compact and run.mode != "compiled" else []
+        for pos, new_cfg in zip(free, new):
+            run.refill(pos, new_cfg)
+            slots[pos] = len(stack)
+            stack.append(Member(new_cfg, FitResult(model=run.model), epoch, time.perf_counter()))
+            keep_best(best_state, run.model.state_dict(), [p == pos for p in range(members)])  # its start
+        if dropped:
+            keep = [pos for pos in range(members) if pos not in dropped]
             best_state = {name: member_blocks(t, members, keep) for name, t in best_state.items()}
             run, slots = run.compact(keep), [slots[pos] for pos in keep]
 
-    total = time.perf_counter() - start
     members, model = run.members, run.model
     model.load_state_dict(best_state)
     test_pred = predict(model, data.test, precision=cfg.precision).view(len(data.test), members, 10).argmax(2).cpu()
+    end = time.perf_counter()
     for pos, k in enumerate(slots):
+        m = stack[k]
+        if m.left:
+            continue
         if members == 1:
-            results[k].model = model.cpu()
+            m.result.model = model.cpu()
         else:
-            finish(results[k], cfgs[k], best_state, pos, members)
-        results[k].test_pred = test_pred[:, pos]
-        close(results[k], total, hook_seconds[k], run.effective_mode)
-    return results
+            finish(m.result, m.cfg, best_state, pos, members)
+        m.result.test_pred = test_pred[:, pos]
+        close(m.result, end - m.start, m.hook_seconds, run.effective_mode)
+    return [m.result for m in stack]
 
 
 def close(result: FitResult, seconds: float, hook_seconds: float, mode: str) -> None:

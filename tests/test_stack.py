@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from regsweep.data import MnistSplits, Split
-from regsweep.training import fit, fit_stack, member_state, new_stack, setup
+from regsweep.regularization import weight_stats
+from regsweep.training import evaluate, fit, fit_stack, member_state, new_stack, setup
 
 
 def double(data: MnistSplits) -> MnistSplits:
@@ -142,3 +143,53 @@ def test_a_stack_that_shrinks_trains_its_other_members_on_exactly_as_before(tiny
             if not name.endswith("num_batches_tracked"):  # one count for a whole stack, unused by its norms
                 torch.testing.assert_close(b.model.state_dict()[name], t, rtol=1e-9, atol=1e-12)
     assert shrunk[1].summary["total_train_seconds"] <= shrunk[2].summary["total_train_seconds"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_refilled_slot_trains_its_new_member_as_a_fresh_model_on_the_stacks_batches(tiny_data, tiny_cfg, device):
+    """Member 0 is stopped after epoch 1 and a new member takes its slot: it trains from its own seed's
+    weights, with no momentum and the schedule from its first step, on the stack's batches and rotations from
+    the stack's epoch 2 on; member 1 beside it trains as it would alone (float64; on CUDA the captured step
+    replays on through the refill)."""
+    base = tiny_cfg.replace(device=device, epochs=2)
+    first, second, newcomer = base, base.replace(l1=1e-3), base.replace(l2=5e-4, seed=7)
+    splits = (tiny_data.train, tiny_data.val, tiny_data.test)  # 256 images each, 8 steps an epoch
+    data = double(MnistSplits(*(Split(s.x[:256], s.y[:256]) for s in splits), source=tiny_data.source))
+    asked, left = [], []
+
+    def refill(free):
+        asked.append(free)
+        return [newcomer] if len(asked) == 1 else []
+
+    results = fit_stack([first, second], data, lambda k, epoch, metrics: "pruned by test" if k == 0 else None,
+                        model=new_stack([first, second]).double(), refill=refill,
+                        on_leave=lambda k, result: left.append(k))
+    assert len(results) == 3 and asked == [1, 1, 1] and left == [0, 1, 2]
+    assert [len(r.history) for r in results] == [1, 2, 2] and results[0].stop_reason == "pruned by test"
+
+    # The newcomer alone: its own weights, the generators where the stack's were after its epoch 1.
+    warm = setup([first], data, new_stack([first]).double())
+    warm.epoch()
+    alone = setup([newcomer.replace(seed=first.seed)], data, new_stack([newcomer]).double())
+    alone.order_generator.set_state(warm.order_generator.get_state())
+    alone.augment_generator.set_state(warm.augment_generator.get_state())
+    for got in results[2].history:
+        train = alone.epoch()
+        val = evaluate(alone.model, data.val)
+        want = {"train/loss": (train["loss_sum"] / train["images"]).item(), "val/loss": val["loss"].item(),
+                "val/acc": val["acc"].item(), "lr": alone.rates()[0],
+                "weights/all/mean_abs": weight_stats(alone.model)["weights/all/mean_abs"]}
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
+
+    beside = fit(second, data, model=new_stack([second]).double())
+    for got, want in zip(results[1].history, beside.history):
+        for key in ("train/loss", "val/acc", "val/loss", "lr", "weights/all/mean_abs"):
+            assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-7), key
+    assert torch.equal(results[1].test_pred, beside.test_pred)
+
+
+def test_refilling_needs_sgd(tiny_data, tiny_cfg):
+    cfg = tiny_cfg.replace(device="cpu", optimizer="adam")
+    with pytest.raises(ValueError, match="need SGD"):
+        fit_stack([cfg, cfg.replace(l1=1e-3)], tiny_data, refill=lambda free: [])

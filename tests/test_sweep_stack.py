@@ -113,6 +113,24 @@ def test_a_stacked_sweep_resumes_and_tops_up(tracking_uri, tmp_path):
     assert "3 complete" in out.output
 
 
+def test_slots_freed_by_finished_trials_take_the_next_trials_in_the_same_stack(tracking_uri, tmp_path):
+    """4 trials, a stack of 2: the slots of the first two take the last two once they have trained (one stack
+    trains all four), and those are asked only after the first two are told, so the sampler knows them."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optimize("--trials", "4", "--epochs", "2", "--pruner", "none", "--stack", "2", "--storage", storage)
+    trials = load(storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+    assert min(t.datetime_start for t in trials[2:]) >= max(t.datetime_complete for t in trials[:2])
+    (parent,), children = study_runs()
+    assert len(children) == 4 and {r.info.status for r in children} == {"FINISHED"}
+    assert {r.data.tags["regsweep.stack"] for r in children} == {"0"}  # one stack
+    for run in children:
+        assert len(MlflowClient().get_metric_history(run.info.run_id, "val/acc")) == 2
+        lrs = [m.value for m in MlflowClient().get_metric_history(run.info.run_id, "lr")]
+        assert lrs == pytest.approx([m.value for m in MlflowClient().get_metric_history(children[0].info.run_id, "lr")])
+    assert parent.data.metrics["trials_complete"] == 4
+
+
 def test_stack_bad_input_and_clipping(tracking_uri, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     for bad in ("0", "-1", "many"):

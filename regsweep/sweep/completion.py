@@ -141,6 +141,10 @@ class Completer:
             except BrokenProcessPool:  # `complete` does it here
                 pass
 
+    def ready(self, run_ids: list[str]) -> bool:
+        """Whether the workers have finished with these runs (those not handed to one are completed by `complete`)."""
+        return all(self.pending[run_id].done() for run_id in run_ids if run_id in self.pending)
+
     def complete(self, jobs: list[tuple[TrainConfig, FitResult, str, dict[str, str]]]) -> list[Exception | None]:
         """Complete every (config, result, run_id, tags), those `start`ed already included; returns, per job, the
         error it raised or None. An error fails that run only (mlflow_run ends it FAILED); Ctrl-C and outages
@@ -154,7 +158,8 @@ class Completer:
             wait([f for f in futures if f is not None])
             # Not submitted: a worker had died already, the pool was broken.
             outcomes = [f.exception() if f is not None else BrokenProcessPool("not submitted") for f in futures]
-            self.pending = {}
+            for job in jobs:
+                self.pending.pop(job[2], None)
             # A worker that died breaks the pool; one stopped alone returns its KeyboardInterrupt.
             here = [i for i, exc in enumerate(outcomes)
                     if isinstance(exc, BrokenProcessPool) or (exc is not None and not isinstance(exc, Exception))]

@@ -4,10 +4,11 @@
 With repeats, every seed of a trial is a member too, so a 4-configuration x 5-seed grid is one stack of
 20. All members of a stack see the same batches and rotations (drawn from the first member's seed; a
 member's own seed sets its initialisation): the comparison between them is paired. A pruned member's
-trial ends PRUNED with its curve and reason, and the stack shrinks to the members still training
-(training.fit_stack). The members' runs are completed by worker processes side by side on CUDA
-(completion.py), a member's as soon as it leaves the stack, the others' once the stack has trained; then
-each trial is told.
+trial ends PRUNED with its curve and reason. Its slot, like that of a member that has trained its epochs,
+takes the next asked trial while the stack trains on (with SGD; training.fit_stack's refill), or once the
+study wants no more, the stack shrinks to the members still training. The members' runs are completed by
+worker processes side by side on CUDA (completion.py), a member's as soon as it leaves the stack; each trial
+is told once its runs are complete.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import Callable
 
 import mlflow
 import optuna
@@ -43,7 +45,9 @@ class StackedTrial:
     penalties: dict[str, float]
     trial_run_id: str | None = None  # with repeats: the trial's own run, parent of the seed runs
     run_ids: list[str] = field(default_factory=list)  # one per seed
+    members: list[int] = field(default_factory=list)  # its seeds' numbers in the stack (fit_stack's order)
     pruned: str = ""  # the reason, once the pruner stopped it
+    told: bool = False  # its outcome is in the study
 
 
 def stack_size(requested: int | None, trials: int, device: str) -> int:
@@ -55,7 +59,8 @@ def stack_size(requested: int | None, trials: int, device: str) -> int:
 
 def run_stacked(settings: SweepSettings, study: optuna.Study, data, parent_run_id: str, experiment_id: str) -> None:
     """Take trials `settings.stack` at a time until the study has `settings.trials` finished ones (or, with a
-    timeout, until a stack ends after it)."""
+    timeout, until a stack ends after it). With SGD, a slot that a member frees takes the next trial while the
+    stack trains on (training.fit_stack's refill), so one stack usually runs the whole sweep."""
     deadline = time.monotonic() + settings.timeout if settings.timeout else None
     workers = worker_count(settings.completion_workers, settings.stack * settings.repeats,
                            settings.base.resolved_device(), settings.workers)
@@ -63,15 +68,30 @@ def run_stacked(settings: SweepSettings, study: optuna.Study, data, parent_run_i
         completer = None  # started with the first stack: a study with nothing left to train spawns nothing
         while deadline is None or time.monotonic() < deadline:
             optuna.storages.fail_stale_trials(study)  # another worker's dead trials, as study.optimize does
-            room = settings.trials - count_finished(study, include_running=True)
-            waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-            n = min(settings.stack, max(room, waiting))
+            n = min(settings.stack, wanted(settings, study))
             if n <= 0:
                 return
             completer = completer or resources.enter_context(Completer(data, settings.base, workers))
             with Heartbeats(study) as heartbeats:
+
+                def ask(most: int) -> list[optuna.Trial]:
+                    """Up to `most` trials for freed slots, while the study wants more and time is left."""
+                    if deadline is not None and time.monotonic() >= deadline:
+                        return []
+                    optuna.storages.fail_stale_trials(study)
+                    return [heartbeats.add(study.ask()) for _ in range(min(most, wanted(settings, study)))]
+
                 trials = [heartbeats.add(study.ask()) for _ in range(n)]  # queued (retried) trials come first
-                train_trials(settings, data, trials, parent_run_id, experiment_id, completer)
+                # Refilling needs per-member schedules (SGD only) and costs a little per step: only if it may happen.
+                refill = settings.base.optimizer == "sgd" and (deadline is not None or wanted(settings, study) > 0)
+                train_trials(settings, data, trials, parent_run_id, experiment_id, completer, heartbeats,
+                             ask if refill else None)
+
+
+def wanted(settings: SweepSettings, study: optuna.Study) -> int:
+    """How many more trials to ask: up to `settings.trials` finished or running ones, or the queued (retried) ones."""
+    room = settings.trials - count_finished(study, include_running=True)
+    return max(room, len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))))
 
 
 def open_runs(settings: SweepSettings, data, trial: optuna.Trial, parent_run_id: str, experiment_id: str,
@@ -115,75 +135,120 @@ def member_config(settings: SweepSettings, penalties: dict[str, float], repeat: 
 
 
 def train_trials(settings: SweepSettings, data, trials: list[optuna.Trial], parent_run_id: str,
-                 experiment_id: str, completer: Completer) -> None:
-    """Train the asked trials as one stack, complete every member's run, tell every trial its outcome."""
+                 experiment_id: str, completer: Completer, heartbeats: Heartbeats,
+                 ask: Callable[[int], list[optuna.Trial]] | None = None) -> None:
+    """Train the asked trials as one stack, complete every member's run, tell every trial its outcome. With
+    `ask`, the slots that members free take the trials it gives. A trial is told as soon as its members are done
+    and their runs complete, so that the pruner and the sampler count it while the stack trains on."""
     client = MlflowClient()
     n_params = count_parameters(new_model(settings.base))  # the same for every member: l1, l2, seed differ
     stack = (trials[0].number, len(trials) * settings.repeats)
-    entries = [open_runs(settings, data, t, parent_run_id, experiment_id, client, stack, n_params) for t in trials]
-    entries = [e for e in entries if e is not None]  # reused results are told already
-    if not entries:
-        return
-    members = [(e, r) for e in entries for r in range(settings.repeats)]
-    cfgs = [member_config(settings, e.penalties, r) for e, r in members]
+    entries: list[StackedTrial] = []
+    members: list[tuple[StackedTrial, int]] = []  # fit_stack's members in its order: (trial, seed index)
+    cfgs: list[TrainConfig] = []
+    done: dict[int, FitResult] = {}  # the final results, by member
 
-    on_epoch = EpochHook(settings, members, client)
+    def add(asked: list[optuna.Trial]) -> list[TrainConfig]:
+        """Open the asked trials' runs; their seeds are the next members (reused results are told already)."""
+        new = []
+        for trial in asked:
+            entry = open_runs(settings, data, trial, parent_run_id, experiment_id, client, stack, n_params)
+            if entry is not None:
+                entries.append(entry)
+                for r in range(settings.repeats):
+                    entry.members.append(len(members))
+                    members.append((entry, r))
+                    new.append(member_config(settings, entry.penalties, r))
+        cfgs.extend(new)
+        return new
+
+    def job(k: int) -> tuple[TrainConfig, FitResult, str, dict[str, str]]:
+        entry, r = members[k]
+        return cfgs[k], done[k], entry.run_ids[r], device_tags(settings.base)  # here, where the GPU is open
 
     def on_leave(k: int, result: FitResult) -> None:
         # A member that stopped early is done: with workers, its run is completed while the stack trains on.
-        entry, r = members[k]
+        done[k] = result
         mlflow.flush_async_logging()  # its epochs in the store before a worker ends the run
-        completer.start((cfgs[k], result, entry.run_ids[r], device_tags(settings.base)))
+        completer.start(job(k))
 
-    try:
-        results = fit_stack(cfgs, data, on_epoch, on_leave=on_leave)
+    def settle(final: bool) -> None:
+        """Tell the trials whose members are done and whose runs are complete (`final`: every trial left,
+        waiting for its runs). A run that could not be completed fails its trial and then stops the sweep, as
+        one by one."""
+        ready = [e for e in entries if not e.told and all(k in done for k in e.members)
+                 and (final or completer.ready(e.run_ids))]
+        if not ready:
+            return
         with storage_errors(settings.storage):
             on_epoch.flush()  # every report in the study before its trial is told
+        ks = [k for e in ready for k in e.members]
+        errors = dict(zip(ks, completer.complete([job(k) for k in ks])))
+        failed = None
+        for entry in ready:
+            error = next((errors[k] for k in entry.members if errors[k] is not None), None)
+            failed = failed or error
+            if error is None:
+                tell(entry, [done[k] for k in entry.members], client)
+            else:
+                fail(entry, errors, client)
+            heartbeats.discard(entry.trial)
+        on_epoch.study_changed()
+        if failed is not None:
+            raise failed
+
+    def refill(free: int) -> list[TrainConfig]:
+        settle(final=False)  # first, so that the sampler and the pruner count what is complete
+        return add(ask(free // settings.repeats))
+
+    add(trials)
+    if not entries:
+        return
+    on_epoch = EpochHook(settings, members, client)
+    try:
+        results = fit_stack(list(cfgs), data, on_epoch, on_leave=on_leave, refill=refill if ask else None)
+        for k, result in enumerate(results):
+            done.setdefault(k, result)
         mlflow.flush_async_logging()  # every epoch in the store before a worker ends the run
-        where = device_tags(settings.base)  # here, where the GPU is open already
-        errors = completer.complete([(cfg, result, entry.run_ids[r], where)
-                                     for (entry, r), cfg, result in zip(members, cfgs, results)])
+        settle(final=True)
+        on_epoch.close(wait=True)
     except BaseException as exc:
-        # As one by one (Objective): an interrupted or outage-stopped stack queues every trial again; any
-        # other error fails them. Their runs end KILLED or FAILED with the reason, once no worker is still
-        # completing one of them.
+        # As one by one (Objective): an interrupted or outage-stopped stack queues every trial not yet told
+        # again; any other error fails them. Their runs end KILLED or FAILED with the reason, once no worker is
+        # still completing one of them.
         kind = ("interrupted" if isinstance(exc, KeyboardInterrupt)
                 else "outage" if isinstance(exc, Outage) else None)
         reason = "interrupted (Ctrl-C or SIGTERM)" if kind == "interrupted" else f"{type(exc).__name__}: {exc}"
         tracking_down = isinstance(exc, Outage) and exc.tracking  # then MLflow calls would only wait
         storage_down = isinstance(exc, Outage) and not exc.tracking  # then Optuna cannot record anything
         on_epoch.close(wait=not storage_down)  # no report lands after its trial is failed
-        for entry in entries if not storage_down else []:
+        untold = [e for e in entries if not e.told]
+        for entry in untold if not storage_down else []:
             if kind is not None:
                 fail_for_retry(entry.trial, reason, kind, tell=True)
             else:
                 tell_study(entry.trial, state=TrialState.FAIL)
         completer.stop(tracking_down)  # the study first: this may wait for runs being completed
-        for entry in entries if not tracking_down else []:
+        for entry in untold if not tracking_down else []:
             for run_id in ([entry.trial_run_id] if entry.trial_run_id else []) + entry.run_ids:
                 end_run(client, run_id, reason, "FAILED" if kind is None else "KILLED")
         if not tracking_down:
             mlflow.flush_async_logging()
         raise
-    by_trial: dict[int, list[FitResult]] = {}
-    failed: dict[int, Exception] = {}
-    for (entry, r), result, error in zip(members, results, errors):
-        by_trial.setdefault(entry.trial.number, []).append(result)
-        if error is not None:  # a worker that died leaves its run RUNNING: end it here either way
-            end_run(client, entry.run_ids[r], f"completing the run failed: {type(error).__name__}: {error}",
-                    "FAILED")
-            failed.setdefault(entry.trial.number, error)
-    for entry in entries:
-        if entry.trial.number not in failed:
-            tell(entry, by_trial[entry.trial.number], client)
-            continue
-        tell_study(entry.trial, state=TrialState.FAIL)
-        for run_id in ([entry.trial_run_id] if entry.trial_run_id else []) + entry.run_ids:
-            client.set_tag(run_id, "optuna.state", "FAIL")
-        if entry.trial_run_id:
-            end_run(client, entry.trial_run_id, "a seed's run could not be completed", "FAILED")
-    if failed:  # as one by one: an error that is not about the trial's result stops the sweep
-        raise next(iter(failed.values()))
+
+
+def fail(entry: StackedTrial, errors: dict[int, Exception | None], client: MlflowClient) -> None:
+    """A trial whose runs could not all be completed: FAIL, and each run that failed ended FAILED (a worker that
+    died leaves its run RUNNING)."""
+    tell_study(entry.trial, state=TrialState.FAIL)
+    entry.told = True
+    for k, run_id in zip(entry.members, entry.run_ids):
+        if errors[k] is not None:
+            end_run(client, run_id, f"completing the run failed: {type(errors[k]).__name__}: {errors[k]}", "FAILED")
+    for run_id in ([entry.trial_run_id] if entry.trial_run_id else []) + entry.run_ids:
+        client.set_tag(run_id, "optuna.state", "FAIL")
+    if entry.trial_run_id:
+        end_run(client, entry.trial_run_id, "a seed's run could not be completed", "FAILED")
 
 
 class EpochHook:
@@ -194,10 +259,10 @@ class EpochHook:
     `trial.should_prune()` reads the study again on every call, and its cache re-reads every running trial,
     since another process may have changed it: with K members running, one epoch's questions cost K^2 trial
     reads (`python benchmarks/stack.py --hooks 8,32`). The median pruner looks only at the complete trials and
-    at the member's own curve, and no trial of this process completes while a stack's epoch is reported (the
-    stack's trials are told when it ends), so one read an epoch gives it the same answers; a trial that another
-    worker completes meanwhile counts from the next epoch. Other pruners (Hyperband's rungs count running
-    trials too) are asked per member.
+    at the member's own curve, and this process tells trials only between epochs (train_trials' settle), after
+    which the study is read again, so one read an epoch gives it the same answers; a trial that another worker
+    completes meanwhile counts from a later epoch. A new epoch shows as a member asked a second time since the
+    last read. Other pruners (Hyperband's rungs count running trials too) are asked per member.
 
     With the median pruner (or none), the reports themselves are queued too, as the metrics are for MLflow:
     one thread writes them in order (`trial.report` is a storage transaction per member and epoch, the larger
@@ -210,9 +275,10 @@ class EpochHook:
         self.settings, self.members, self.client = settings, members, client
         # Trial number -> its reported curve (step -> val/acc): what the storage holds, without reading it.
         self.curves: dict[int, dict[int, float]] = {}
-        self.complete: optuna.Study | None = None  # the study's complete trials, in memory, as of `self.read`
+        self.complete: optuna.Study | None = None  # the study's complete trials, in memory, as of the last read
         self.known: set[int] = set()  # their numbers in the study (the copies are numbered anew)
-        self.read = 0  # the epoch of the last read
+        self.asked: set[int] = set()  # the members asked since the last read: one asked again is a new epoch
+        self.stale = True  # trials were told since the last read
         self.queue = ThreadPoolExecutor(max_workers=1, thread_name_prefix="regsweep-reports")  # one: in order
         self.pending: list[Future] = []
 
@@ -231,7 +297,7 @@ class EpochHook:
             else:
                 self.pending.append(self.queue.submit(entry.trial.report, metrics["val/acc"], step))
             self.curves.setdefault(entry.trial.number, {})[step] = metrics["val/acc"]
-            prune = epoch >= FIRST_PRUNABLE_EPOCH and self.should_prune(entry.trial, epoch)
+            prune = epoch >= FIRST_PRUNABLE_EPOCH and self.should_prune(k, entry.trial)
         if prune:
             entry.pruned = f"pruned by {self.settings.pruner} pruner at epoch {epoch}: val/acc {metrics['val/acc']:.4f}"
             return entry.pruned
@@ -241,7 +307,7 @@ class EpochHook:
         """Whether the pruner is asked through the storage: any but the median (percentile) one or none."""
         return not isinstance(study.pruner, (optuna.pruners.PercentilePruner, optuna.pruners.NopPruner))
 
-    def should_prune(self, trial: optuna.Trial, epoch: int) -> bool:
+    def should_prune(self, k: int, trial: optuna.Trial) -> bool:
         study = trial.study
         if isinstance(study.pruner, optuna.pruners.NopPruner):
             return False  # --pruner none: nothing to read
@@ -249,12 +315,13 @@ class EpochHook:
             return trial.should_prune()
         if self.complete is None:
             self.complete = optuna.create_study(direction=study.direction)  # in memory
-        if self.read != epoch:  # a complete trial stays as it is: only those completed since are added
+        if self.stale or k in self.asked:  # a complete trial stays as it is: only those completed since are added
             complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             new = [t for t in complete if t.number not in self.known]
             self.complete.add_trials(new)
             self.known.update(t.number for t in new)
-            self.read = epoch
+            self.asked, self.stale = set(), False
+        self.asked.add(k)
         # The trial as the pruner would read it from the storage: running, with the values reported so far.
         mine = optuna.trial.create_trial(state=TrialState.RUNNING, intermediate_values=self.curves[trial.number])
         return study.pruner.prune(self.complete, mine)
@@ -270,11 +337,14 @@ class EpochHook:
         for future in self.pending:
             future.result()
         self.pending.clear()
-        self.queue.shutdown()
+
+    def study_changed(self) -> None:
+        """Trials were told: the next question reads the study again."""
+        self.stale = True
 
     def close(self, wait: bool) -> None:
-        """Stop the queue of a stack that failed, dropping the reports not begun (its trials are failed); wait
-        for the one being written unless the storage is down."""
+        """Stop the queue. For a stack that failed, the reports not begun are dropped (its trials are failed), and
+        the one being written is waited for unless the storage is down."""
         self.queue.shutdown(wait=wait, cancel_futures=True)
 
 
@@ -307,6 +377,7 @@ def tell(entry: StackedTrial, results: list[FitResult], client: MlflowClient) ->
         tell_study(entry.trial, state=TrialState.PRUNED)
     else:
         tell_study(entry.trial, statistics.mean(best_vals))
+    entry.told = True
     for run_id in ([entry.trial_run_id] if entry.trial_run_id else []) + entry.run_ids:
         client.set_tag(run_id, "optuna.state", state)
         if reason:

@@ -102,7 +102,7 @@ class Heartbeats:
     stacked worker that dies on another host would stay RUNNING for good: `fail_stale_trials` finds only trials
     whose heartbeat stopped (reap_dead_local_trials covers this host's dead workers). A trial's first heartbeat
     is recorded as it is added, right after it is asked; then one thread records every trial each interval, as
-    Optuna's per-trial thread would, until the stack's trials are told. A storage without heartbeats
+    Optuna's per-trial thread would, until it is told (`discard`). A storage without heartbeats
     (journal:, or none configured) gets no thread.
     """
 
@@ -118,6 +118,11 @@ class Heartbeats:
             self.storage.record_heartbeat(trial._trial_id)
             self.trial_ids.append(trial._trial_id)
         return trial
+
+    def discard(self, trial: optuna.Trial) -> None:
+        """A trial that was told: no more heartbeats."""
+        if trial._trial_id in self.trial_ids:
+            self.trial_ids.remove(trial._trial_id)
 
     def __enter__(self) -> Heartbeats:
         if self.interval:
