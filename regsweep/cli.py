@@ -223,6 +223,10 @@ def train_one(fields: dict, experiment_name: str | None, tracking_timeout: float
               help="With --stack > 1: processes that complete the members' runs (figures, tables, model) side "
                    "by side once a stack has trained; 0 = in the training process. Default: one per member up "
                    "to the spare cores on CUDA, 0 on the CPU (where training needs the cores).")
+@click.option("--refill/--no-refill", default=None,
+              help="With --stack > 1: a slot that a pruned or finished member frees takes the next trial, so "
+                   "the stack keeps its size (SGD only); else the stack shrinks to the members still training. "
+                   "Default: on CUDA, where a full stack costs less per member; not on the CPU, where it costs more.")
 @click.option("--heartbeat", type=click.IntRange(min=1), default=60, show_default=True,
               help="Seconds between a running trial's liveness records (RDB storages); a trial silent for "
                    "twice this is failed and retried.")
@@ -232,8 +236,8 @@ def train_one(fields: dict, experiment_name: str | None, tracking_timeout: float
 @config_options(exclude=("l1", "l2"), log_model=False)
 @click.pass_context
 def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_range, l1_zero, l2_zero, grid,
-             repeats, timeout, workers, stack, completion_workers, heartbeat, experiment_name, tracking_timeout,
-             **fields):
+             repeats, timeout, workers, stack, completion_workers, refill, heartbeat, experiment_name,
+             tracking_timeout, **fields):
     """Search L1/L2 with Optuna; one MLflow parent run per study and one child run per trial.
 
     The objective is the trial's best validation accuracy (mean over --repeats seeds), reported every epoch
@@ -258,6 +262,9 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
             trials = space.grid_size()
         if stack != "auto" and not (stack.isdigit() and int(stack) >= 1):
             raise ConfigError(f"--stack must be auto or a whole number >= 1, got {stack!r}")
+        if refill and base.optimizer != "sgd":
+            raise ConfigError(f"--refill needs --optimizer sgd: each member's learning rate scales SGD's update, "
+                              f"not {base.optimizer}'s")
         members = stack_size(None if stack == "auto" else int(stack), trials, base.resolved_device())
         if stack != "auto" and members < int(stack):
             click.echo(f"note: --stack {stack} is more than the {trials} trials; stacking {members}", err=True)
@@ -265,7 +272,8 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
                                  storage=storage, experiment_name=experiment_name, sampler=sampler,
                                  pruner=pruner, seed=base.seed, repeats=repeats, timeout=timeout,
                                  heartbeat=heartbeat, workers=workers, stack=members,
-                                 completion_workers=completion_workers, tracking_timeout=tracking_timeout)
+                                 completion_workers=completion_workers, refill=refill,
+                                 tracking_timeout=tracking_timeout)
         check_available(base.resolved_data_dir(), base.download)
         check_resumable(settings)  # a bad URL, an unreachable database or a clashing space fails here
         check_tracking_uri()

@@ -117,7 +117,7 @@ def test_slots_freed_by_finished_trials_take_the_next_trials_in_the_same_stack(t
     """4 trials, a stack of 2: the slots of the first two take the last two once they have trained (one stack
     trains all four), and those are asked only after the first two are told, so the sampler knows them."""
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    optimize("--trials", "4", "--epochs", "2", "--pruner", "none", "--stack", "2", "--storage", storage)
+    optimize("--trials", "4", "--epochs", "2", "--pruner", "none", "--stack", "2", "--refill", "--storage", storage)
     trials = load(storage).trials
     assert [t.state.name for t in trials] == ["COMPLETE"] * 4
     assert min(t.datetime_start for t in trials[2:]) >= max(t.datetime_complete for t in trials[:2])
@@ -136,6 +136,8 @@ def test_stack_bad_input_and_clipping(tracking_uri, tmp_path):
     for bad in ("0", "-1", "many"):
         out = optimize("--trials", "2", "--stack", bad, "--storage", storage, expect=2)
         assert out.output.startswith("Error: --stack must be auto or a whole number") and len(out.output.splitlines()) == 1
+    out = optimize("--trials", "2", "--stack", "2", "--refill", "--optimizer", "adam", "--storage", storage, expect=2)
+    assert out.output.startswith("Error: --refill needs --optimizer sgd") and len(out.output.splitlines()) == 1
     assert MlflowClient().search_experiments(filter_string="name = 'regsweep'") == []
     out = optimize("--trials", "2", "--epochs", "1", "--pruner", "none", "--stack", "5", "--storage", storage)
     assert "--stack 5 is more than the 2 trials; stacking 2" in out.output

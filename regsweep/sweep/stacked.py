@@ -5,8 +5,8 @@ With repeats, every seed of a trial is a member too, so a 4-configuration x 5-se
 20. All members of a stack see the same batches and rotations (drawn from the first member's seed; a
 member's own seed sets its initialisation): the comparison between them is paired. A pruned member's
 trial ends PRUNED with its curve and reason. Its slot, like that of a member that has trained its epochs,
-takes the next asked trial while the stack trains on (with SGD; training.fit_stack's refill), or once the
-study wants no more, the stack shrinks to the members still training. The members' runs are completed by
+takes the next asked trial while the stack trains on (on CUDA, with SGD: `refills`; training.fit_stack's
+refill); else, or once the study wants no more, the stack shrinks to the members still training. The members' runs are completed by
 worker processes side by side on CUDA (completion.py), a member's as soon as it leaves the stack; each trial
 is told once its runs are complete.
 """
@@ -59,8 +59,8 @@ def stack_size(requested: int | None, trials: int, device: str) -> int:
 
 def run_stacked(settings: SweepSettings, study: optuna.Study, data, parent_run_id: str, experiment_id: str) -> None:
     """Take trials `settings.stack` at a time until the study has `settings.trials` finished ones (or, with a
-    timeout, until a stack ends after it). With SGD, a slot that a member frees takes the next trial while the
-    stack trains on (training.fit_stack's refill), so one stack usually runs the whole sweep."""
+    timeout, until a stack ends after it). Where it `refills`, a slot that a member frees takes the next trial
+    while the stack trains on (training.fit_stack's refill), so one stack usually runs the whole sweep."""
     deadline = time.monotonic() + settings.timeout if settings.timeout else None
     workers = worker_count(settings.completion_workers, settings.stack * settings.repeats,
                            settings.base.resolved_device(), settings.workers)
@@ -82,10 +82,20 @@ def run_stacked(settings: SweepSettings, study: optuna.Study, data, parent_run_i
                     return [heartbeats.add(study.ask()) for _ in range(min(most, wanted(settings, study)))]
 
                 trials = [heartbeats.add(study.ask()) for _ in range(n)]  # queued (retried) trials come first
-                # Refilling needs per-member schedules (SGD only) and costs a little per step: only if it may happen.
-                refill = settings.base.optimizer == "sgd" and (deadline is not None or wanted(settings, study) > 0)
+                # Refilling costs a little per step (per-member schedules): only where it may happen.
+                refill = refills(settings) and (deadline is not None or wanted(settings, study) > 0)
                 train_trials(settings, data, trials, parent_run_id, experiment_id, completer, heartbeats,
                              ask if refill else None)
+
+
+def refills(settings: SweepSettings) -> bool:
+    """--refill, or by default on CUDA. There a fuller stack costs less per member (8 members train at 3.1x one
+    model's rate, 32 at 5x: docs/benchmarks.md), so a freed slot is better refilled than dropped. On the CPU
+    a step's cost grows with its members, a little more than in proportion, and shrinking won
+    (`python benchmarks/stack.py --small --shrink 4`). SGD only (training.Schedules)."""
+    if settings.base.optimizer != "sgd":
+        return False
+    return settings.refill if settings.refill is not None else settings.base.resolved_device() == "cuda"
 
 
 def wanted(settings: SweepSettings, study: optuna.Study) -> int:

@@ -54,6 +54,7 @@ class SweepSettings:
     workers: int = 1
     stack: int = 1  # trials trained at once as one stacked network (stacked.py)
     completion_workers: int | None = None  # processes completing a stack's runs; None: completion.worker_count
+    refill: bool | None = None  # freed slots take the next trial; None: stacked.refills decides
     tracking_timeout: float = 120.0  # seconds the MLflow tracking server may be silent before a worker stops
 
 
