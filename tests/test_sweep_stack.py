@@ -131,6 +131,27 @@ def test_slots_freed_by_finished_trials_take_the_next_trials_in_the_same_stack(t
     assert parent.data.metrics["trials_complete"] == 4
 
 
+def test_a_pruned_members_slot_takes_the_next_trial_which_is_pruned_at_its_own_epoch_2(tracking_uri, tmp_path):
+    """3 complete trials, then 4 with a crushing L1 in a refilled stack of 2: each pruned trial is told at
+    once and its slot takes the next, whose epochs count from its own first (pruned at its epoch 2)."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    common = ["--epochs", "3", "--pruner", "median", "--storage", storage, "--no-l1-zero", "--l2-range", "1e-6",
+              "1e-5", "--no-l2-zero"]
+    optimize("--l1-range", "1e-6", "1e-5", "--trials", "3", "--stack", "3", *common)
+    optimize("--l1-range", "0.3", "0.5", "--trials", "7", "--stack", "2", "--refill", *common)
+    trials = load(storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3 + ["PRUNED"] * 4
+    assert all(t.intermediate_values.keys() == {1, 2} for t in trials[3:])
+    assert min(t.datetime_start for t in trials[5:]) >= min(t.datetime_complete for t in trials[3:5])
+    _, children = study_runs()
+    pruned = [r for r in children if float(r.data.params["l1"]) >= 0.3]
+    assert len(pruned) == 4 and {r.data.tags["regsweep.stack"] for r in pruned} == {"3"}  # one stack
+    for run in pruned:
+        assert run.info.status == "FINISHED" and run.data.tags["optuna.state"] == "PRUNED"
+        assert run.data.tags["regsweep.stop_reason"].startswith("pruned by median pruner at epoch 2")
+        assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val/acc")] == [1, 2]
+
+
 def test_stack_bad_input_and_clipping(tracking_uri, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     for bad in ("0", "-1", "many"):

@@ -177,10 +177,11 @@ def train_trials(settings: SweepSettings, data, trials: list[optuna.Trial], pare
         return cfgs[k], done[k], entry.run_ids[r], device_tags(settings.base)  # here, where the GPU is open
 
     def on_leave(k: int, result: FitResult) -> None:
-        # A member that stopped early is done: with workers, its run is completed while the stack trains on.
+        # A member that left the stack is done: with workers, its run is completed while the stack trains on.
         done[k] = result
         mlflow.flush_async_logging()  # its epochs in the store before a worker ends the run
         completer.start(job(k))
+        settle(final=False)
 
     def settle(final: bool) -> None:
         """Tell the trials whose members are done and whose runs are complete (`final`: every trial left,
