@@ -151,7 +151,8 @@ class Schedules:
             scheduler.step()
             rates.append(stand_in.param_groups[0]["lr"])
         return cls(torch.tensor(rates, dtype=torch.float64, device=device),
-                   torch.zeros(members, dtype=torch.long, device=device), torch.zeros((), dtype=torch.long, device=device))
+                   torch.zeros(members, dtype=torch.long, device=device),
+                   torch.zeros((), dtype=torch.long, device=device))
 
     def rates(self) -> torch.Tensor:
         """Each member's learning rate for its next step."""
@@ -418,9 +419,10 @@ class Setup:
     def compact(self, keep: list[int]) -> Setup:
         """The same training with only the members at positions `keep`: a stack whose members stop shrinks, so
         that their slots stop costing steps. Weights, batch-norm statistics, optimizer state, the schedule's
-        position and both generators carry over (with per-member schedules, each one's position in its own), so each kept member trains on exactly as it would have in
-        the larger stack (tests/test_stack.py; with dropout, the masks are drawn for the smaller stack: other
-        draws from the same distribution). A captured step is recorded anew for the smaller network."""
+        position (with per-member schedules, each one's) and both generators carry over, so each kept member
+        trains on exactly as it would have in the larger stack (tests/test_stack.py; with dropout, the masks
+        are drawn for the smaller stack: other draws from the same distribution). A captured step is recorded
+        anew for the smaller network."""
         members, cfgs = self.members, [self.cfgs[k] for k in keep]
         cfg, device = cfgs[0], self.coef.l1.device
 

@@ -6,9 +6,9 @@ With repeats, every seed of a trial is a member too, so a 4-configuration x 5-se
 member's own seed sets its initialisation): the comparison between them is paired. A pruned member's
 trial ends PRUNED with its curve and reason. Its slot, like that of a member that has trained its epochs,
 takes the next asked trial while the stack trains on (on CUDA, with SGD: `refills`; training.fit_stack's
-refill); else, or once the study wants no more, the stack shrinks to the members still training. The members' runs are completed by
-worker processes side by side on CUDA (completion.py), a member's as soon as it leaves the stack; each trial
-is told once its runs are complete.
+refill); else, or once the study wants no more, the stack shrinks to the members still training. The
+members' runs are completed by worker processes side by side on CUDA (completion.py), each as soon as its
+member leaves the stack; each trial is told once its runs are complete.
 """
 
 from __future__ import annotations
