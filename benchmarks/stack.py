@@ -154,7 +154,7 @@ def shrink(sizes: list[int], args) -> None:
             start = time.perf_counter()
             if way == "take the next configuration":
                 queue = iter(cfgs[k:])
-                results = fit_stack(cfgs[:k], data, hook_from(0), refill=lambda free: list(islice(queue, free)))
+                results = fit_stack(cfgs[:k], data, hook_from(0), refill=lambda free: list(islice(queue, free)) or None)
             else:
                 results = [r for first in (0, k)
                            for r in fit_stack(cfgs[first:first + k], data, hook_from(first), compact=way != "idle")]

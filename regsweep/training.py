@@ -537,7 +537,7 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
               on_epoch: Callable[[int, int, dict], str | None] | None = None,
               show_progress: bool = False, model: nn.Module | None = None, compact: bool = True,
               on_leave: Callable[[int, FitResult], None] | None = None,
-              refill: Callable[[int], list[TrainConfig]] | None = None) -> list[FitResult]:
+              refill: Callable[[int], list[TrainConfig] | None] | None = None) -> list[FitResult]:
     """Train the configurations `cfgs` together as one stacked network: one FitResult per member, each what
     `fit` would return for it alone on the same batches.
 
@@ -548,9 +548,10 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
     A stopped or done member's slot is, in this order of preference:
     - refilled: `refill(free_slots)` returns up to that many new configurations, which start in freed slots
       from their own initialisation, optimizer state and schedule (Setup.refill; they are members
-      len(cfgs), len(cfgs) + 1, ... in the results), on the stack's batches from there on. SGD only.
-    - with `compact`, dropped: the stack shrinks to the members still training (Setup.compact; not for a
-      compiled step, which would compile again).
+      len(cfgs), len(cfgs) + 1, ... in the results), on the stack's batches from there on. SGD only. The
+      slots it does not fill idle until a later call fills them, unless it returns None: no more will come.
+    - with `compact`, once no more configurations will come, dropped: the stack shrinks to the members still
+      training (Setup.compact; not for a compiled step, which would compile again).
     - else left idle, computing zeros.
     A member that leaves a slot is done: `on_leave(member, result)` gets its final result then, while the
     others train on. Training ends when no member trains and no slot was refilled.
@@ -636,11 +637,11 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
             for pos in free:
                 if not stack[slots[pos]].left:
                     leave(pos)
-        new = refill(len(free)) if refill is not None and free else []
+        new = refill(len(free)) if refill is not None and free else None  # None: no more will come
         if len(free) == members and not new:
             break  # nothing trains on
-        dropped = free[len(new):] if compact and run.mode != "compiled" else []
-        for pos, new_cfg in zip(free, new):
+        dropped = free if new is None and compact and run.mode != "compiled" else []
+        for pos, new_cfg in zip(free, new or []):
             run.refill(pos, new_cfg)
             slots[pos] = len(stack)
             stack.append(Member(new_cfg, FitResult(model=run.model), epoch, time.perf_counter()))

@@ -159,7 +159,7 @@ def test_a_refilled_slot_trains_its_new_member_as_a_fresh_model_on_the_stacks_ba
 
     def refill(free):
         asked.append(free)
-        return [newcomer] if len(asked) == 1 else []
+        return [newcomer] if len(asked) == 1 else None  # then no more: member 1's slot is dropped
 
     results = fit_stack([first, second], data, lambda k, epoch, metrics: "pruned by test" if k == 0 else None,
                         model=new_stack([first, second]).double(), refill=refill,

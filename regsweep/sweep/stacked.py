@@ -74,12 +74,13 @@ def run_stacked(settings: SweepSettings, study: optuna.Study, data, parent_run_i
             completer = completer or resources.enter_context(Completer(data, settings.base, workers))
             with Heartbeats(study) as heartbeats:
 
-                def ask(most: int) -> list[optuna.Trial]:
-                    """Up to `most` trials for freed slots, while the study wants more and time is left."""
+                def ask(most: int) -> list[optuna.Trial] | None:
+                    """Up to `most` trials for freed slots; None once the study wants no more or time is up."""
                     if deadline is not None and time.monotonic() >= deadline:
-                        return []
+                        return None
                     optuna.storages.fail_stale_trials(study)
-                    return [heartbeats.add(study.ask()) for _ in range(min(most, wanted(settings, study)))]
+                    more = wanted(settings, study)
+                    return [heartbeats.add(study.ask()) for _ in range(min(most, more))] if more > 0 else None
 
                 trials = [heartbeats.add(study.ask()) for _ in range(n)]  # queued (retried) trials come first
                 # Refilling costs a little per step (per-member schedules): only where it may happen.
@@ -146,7 +147,7 @@ def member_config(settings: SweepSettings, penalties: dict[str, float], repeat: 
 
 def train_trials(settings: SweepSettings, data, trials: list[optuna.Trial], parent_run_id: str,
                  experiment_id: str, completer: Completer, heartbeats: Heartbeats,
-                 ask: Callable[[int], list[optuna.Trial]] | None = None) -> None:
+                 ask: Callable[[int], list[optuna.Trial] | None] | None = None) -> None:
     """Train the asked trials as one stack, complete every member's run, tell every trial its outcome. With
     `ask`, the slots that members free take the trials it gives. A trial is told as soon as its members are done
     and their runs complete, so that the pruner and the sampler count it while the stack trains on."""
@@ -157,6 +158,7 @@ def train_trials(settings: SweepSettings, data, trials: list[optuna.Trial], pare
     members: list[tuple[StackedTrial, int]] = []  # fit_stack's members in its order: (trial, seed index)
     cfgs: list[TrainConfig] = []
     done: dict[int, FitResult] = {}  # the final results, by member
+    failures: list[Exception] = []  # from runs that could not be completed: raised once the stack has trained
 
     def add(asked: list[optuna.Trial]) -> list[TrainConfig]:
         """Open the asked trials' runs; their seeds are the next members (reused results are told already)."""
@@ -185,8 +187,8 @@ def train_trials(settings: SweepSettings, data, trials: list[optuna.Trial], pare
 
     def settle(final: bool) -> None:
         """Tell the trials whose members are done and whose runs are complete (`final`: every trial left,
-        waiting for its runs). A run that could not be completed fails its trial and then stops the sweep, as
-        one by one."""
+        waiting for its runs). A run that could not be completed fails its trial; the sweep then asks no more
+        and stops with the error once the stack has trained, as one by one."""
         ready = [e for e in entries if not e.told and all(k in done for k in e.members)
                  and (final or completer.ready(e.run_ids))]
         if not ready:
@@ -195,22 +197,26 @@ def train_trials(settings: SweepSettings, data, trials: list[optuna.Trial], pare
             on_epoch.flush()  # every report in the study before its trial is told
         ks = [k for e in ready for k in e.members]
         errors = dict(zip(ks, completer.complete([job(k) for k in ks])))
-        failed = None
         for entry in ready:
             error = next((errors[k] for k in entry.members if errors[k] is not None), None)
-            failed = failed or error
-            if error is None:
-                tell(entry, [done[k] for k in entry.members], client)
-            else:
-                fail(entry, errors, client)
+            with storage_errors(settings.storage):
+                if error is None:
+                    tell(entry, [done[k] for k in entry.members], client)
+                else:
+                    fail(entry, errors, client)
+                    failures.append(error)
             heartbeats.discard(entry.trial)
         on_epoch.study_changed()
-        if failed is not None:
-            raise failed
 
-    def refill(free: int) -> list[TrainConfig]:
+    def refill(free: int) -> list[TrainConfig] | None:
         settle(final=False)  # first, so that the sampler and the pruner count what is complete
-        return add(ask(free // settings.repeats))
+        if failures:
+            return None
+        with storage_errors(settings.storage):
+            asked = ask(free // settings.repeats)  # with repeats, a trial waits for as many free slots
+        new = None if asked is None else add(asked)
+        on_epoch.study_changed()  # reused results were told
+        return new
 
     add(trials)
     if not entries:
@@ -223,6 +229,8 @@ def train_trials(settings: SweepSettings, data, trials: list[optuna.Trial], pare
         mlflow.flush_async_logging()  # every epoch in the store before a worker ends the run
         settle(final=True)
         on_epoch.close(wait=True)
+        if failures:
+            raise failures[0]
     except BaseException as exc:
         # As one by one (Objective): an interrupted or outage-stopped stack queues every trial not yet told
         # again; any other error fails them. Their runs end KILLED or FAILED with the reason, once no worker is
