@@ -132,8 +132,9 @@ class Schedules:
 
     torch's optimizers hold one learning rate per parameter tensor, and every tensor of a stack holds all its
     members. So the optimizer steps at lr 1 and each member's block of that update is then scaled by the
-    member's own rate. This is exact for SGD (L2 is in the loss, there is no weight decay): its update is lr
-    times a direction that does not depend on lr, as the momentum buffer sums gradients. The rates are those
+    member's own rate. For SGD (L2 is in the loss, there is no weight decay) this is the same update up to
+    rounding (a unit or two in the last place of a weight): its update is lr times a direction that does not
+    depend on lr, as the momentum buffer sums gradients. The rates are those
     of the configured torch scheduler, read off once per step of a member's training into `table`; a member
     reads it at its own step count. Device tensors: a captured step reads and advances them at every replay.
     """
@@ -392,7 +393,11 @@ class Setup:
         """The slot at `pos` takes a new member `cfg`: weights and buffers as `new_model(cfg)` initialises them,
         no optimizer state (SGD's momentum then starts from the first gradient, as a new optimizer's does), its
         own coefficients, and its schedule from its first step. All in place, so a captured step replays on."""
-        fresh = new_model(cfg).state_dict()
+        # As new_model(cfg) initialises it, with only the CPU's generator seeded and then restored: reseeding the
+        # global generators mid-training would restart the other members' dropout masks.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(cfg.seed)
+            fresh = build_model(cfg).state_dict()
         for name, t in self.model.state_dict().items():
             if t.dim() > 0:  # not num_batches_tracked: one count for the stack, unused by its norms
                 t.view(self.members, -1)[pos] = fresh[name].reshape(-1)

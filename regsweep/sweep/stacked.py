@@ -159,12 +159,15 @@ def train_trials(settings: SweepSettings, data, trials: list[optuna.Trial], pare
     cfgs: list[TrainConfig] = []
     done: dict[int, FitResult] = {}  # the final results, by member
     failures: list[Exception] = []  # from runs that could not be completed: raised once the stack has trained
+    unopened: list[optuna.Trial] = []  # asked, runs not yet opened: if the stack fails now, told with it
 
     def add(asked: list[optuna.Trial]) -> list[TrainConfig]:
         """Open the asked trials' runs; their seeds are the next members (reused results are told already)."""
         new = []
+        unopened.extend(asked)
         for trial in asked:
             entry = open_runs(settings, data, trial, parent_run_id, experiment_id, client, stack, n_params)
+            unopened.remove(trial)
             if entry is not None:
                 entries.append(entry)
                 for r in range(settings.repeats):
@@ -218,16 +221,15 @@ def train_trials(settings: SweepSettings, data, trials: list[optuna.Trial], pare
         on_epoch.study_changed()  # reused results were told
         return new
 
-    add(trials)
-    if not entries:
-        return
     on_epoch = EpochHook(settings, members, client)
     try:
-        results = fit_stack(list(cfgs), data, on_epoch, on_leave=on_leave, refill=refill if ask else None)
-        for k, result in enumerate(results):
-            done.setdefault(k, result)
-        mlflow.flush_async_logging()  # every epoch in the store before a worker ends the run
-        settle(final=True)
+        add(trials)
+        if entries:  # else every trial reused a finished twin's result and is told already
+            results = fit_stack(list(cfgs), data, on_epoch, on_leave=on_leave, refill=refill if ask else None)
+            for k, result in enumerate(results):
+                done.setdefault(k, result)
+            mlflow.flush_async_logging()  # every epoch in the store before a worker ends the run
+            settle(final=True)
         on_epoch.close(wait=True)
         if failures:
             raise failures[0]
@@ -242,11 +244,11 @@ def train_trials(settings: SweepSettings, data, trials: list[optuna.Trial], pare
         storage_down = isinstance(exc, Outage) and not exc.tracking  # then Optuna cannot record anything
         on_epoch.close(wait=not storage_down)  # no report lands after its trial is failed
         untold = [e for e in entries if not e.told]
-        for entry in untold if not storage_down else []:
+        for trial in [e.trial for e in untold] + unopened if not storage_down else []:
             if kind is not None:
-                fail_for_retry(entry.trial, reason, kind, tell=True)
+                fail_for_retry(trial, reason, kind, tell=True)
             else:
-                tell_study(entry.trial, state=TrialState.FAIL)
+                tell_study(trial, state=TrialState.FAIL)
         completer.stop(tracking_down)  # the study first: this may wait for runs being completed
         for entry in untold if not tracking_down else []:
             for run_id in ([entry.trial_run_id] if entry.trial_run_id else []) + entry.run_ids:
