@@ -393,6 +393,7 @@ class Setup:
         """The slot at `pos` takes a new member `cfg`: weights and buffers as `new_model(cfg)` initialises them,
         no optimizer state (SGD's momentum then starts from the first gradient, as a new optimizer's does), its
         own coefficients, and its schedule from its first step. All in place, so a captured step replays on."""
+        self.retire(pos)  # its optimizer state zeroed (a new optimizer's), its weights written below
         # As new_model(cfg) initialises it, with only the CPU's generator seeded and then restored: reseeding the
         # global generators mid-training would restart the other members' dropout masks.
         with torch.random.fork_rng(devices=[]):
@@ -401,10 +402,6 @@ class Setup:
         for name, t in self.model.state_dict().items():
             if t.dim() > 0:  # not num_batches_tracked: one count for the stack, unused by its norms
                 t.view(self.members, -1)[pos] = fresh[name].reshape(-1)
-        for state in self.optimizer.state.values():
-            for v in state.values():
-                if torch.is_tensor(v) and v.dim() > 0:
-                    v.view(self.members, -1)[pos] = 0.0
         self.coef.l1[pos], self.coef.l2[pos], self.coef.active[pos] = cfg.l1, cfg.l2, 1.0
         self.schedules.started[pos] = self.schedules.clock
         self.cfgs[pos] = cfg
@@ -657,13 +654,13 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
             run, slots = run.compact(keep), [slots[pos] for pos in keep]
 
     members, model = run.members, run.model
+    staying = [(pos, stack[k]) for pos, k in enumerate(slots) if not stack[k].left]
+    if not staying:  # every member left with its own predictions (a refilled stack's last epoch)
+        return [m.result for m in stack]
     model.load_state_dict(best_state)
     test_pred = predict(model, data.test, precision=cfg.precision).view(len(data.test), members, 10).argmax(2).cpu()
     end = time.perf_counter()
-    for pos, k in enumerate(slots):
-        m = stack[k]
-        if m.left:
-            continue
+    for pos, m in staying:
         if members == 1:
             m.result.model = model.cpu()
         else:
