@@ -90,8 +90,9 @@ def run_stacked(settings: SweepSettings, study: optuna.Study, data, parent_run_i
 
 
 def refills(settings: SweepSettings) -> bool:
-    """--refill, or by default on CUDA. There a fuller stack costs less per member (8 members train at 3.1x one
-    model's rate, 32 at 5x: docs/benchmarks.md), so a freed slot is better refilled than dropped. On the CPU
+    """--refill, or by default on CUDA. There a fuller stack costs less per member (on the H100, 8 members train
+    at 1.6x one model's model-images/s, 32 at 1.8x: `python benchmarks/stack.py --throughput 1,8,32`,
+    docs/benchmarks.md), so a freed slot is better refilled than dropped. On the CPU
     a step's cost grows with its members, a little more than in proportion, and shrinking won
     (`python benchmarks/stack.py --small --shrink 4`). SGD only (training.Schedules)."""
     if settings.base.optimizer != "sgd":
