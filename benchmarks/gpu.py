@@ -8,15 +8,17 @@ Rows, all on the same default CNN, batch 128, L1 and L2 on, after an untimed war
   regsweep eager: data resident on the GPU, one rotation call per batch, the step launched op by op.
   regsweep graph: the same step captured once as a CUDA graph and replayed (what `regsweep train` runs).
 
-Then what a fresh process pays to import the training stack and `mlflow.pytorch` (and whether Lightning, which
-`mlflow.pytorch` imports when it is installed, is), and `regsweep train` with its defaults on full MNIST (15 epochs, MLflow logging to a temporary SQLite store,
-figures and model) as a user runs it, twice (the first pays one-off start-up costs), with its wall time, and
-the same training through `fit()` without MLflow, to show what logging costs.
+Then what a fresh process pays to import the training stack and `mlflow.pytorch` (which imports Lightning
+where it is installed, unless regsweep hides it), and `regsweep train` with its defaults on full MNIST (15
+epochs, MLflow logging to a temporary SQLite store, figures and model) as a user runs it, twice (the first
+pays one-off start-up costs), with its wall time, and the same training through `fit()` without MLflow, to
+show what logging costs.
 
     python benchmarks/gpu.py                   # about 3 minutes on one H100
     python benchmarks/gpu.py --skip-train      # throughput rows only
+    python benchmarks/gpu.py --startup         # the import table only, on any machine
 
-Without CUDA it says so and exits 0.
+Without CUDA it says so and exits 0 (after the import table, with --startup).
 """
 
 from __future__ import annotations
@@ -65,19 +67,34 @@ def throughput(args) -> None:
         print(f"| {name} | {rate:,.0f} | {rate / one:.1f}x | {rate / four:.1f}x | {rounds} |", flush=True)
 
 
-def startup_costs() -> None:
-    """What a fresh `regsweep train` pays before and after its epochs, in fresh processes: importing the
-    training stack, and `mlflow.pytorch` for logging the model. mlflow.pytorch also imports Lightning when it
-    is installed (for its autologging callback), which regsweep neither needs nor installs."""
+# What each row times, in a fresh process after the row's set-up (which is not timed).
+STARTUP = {
+    "import torch": ("", "import torch"),
+    "import mlflow": ("", "import mlflow"),
+    "import regsweep.tracking (torch, MLflow, the training stack)": ("", "import regsweep.tracking"),
+    "then `import mlflow.pytorch`, as MLflow does it": ("import regsweep.tracking", "import mlflow.pytorch"),
+    "then `regsweep.tracking.pytorch_flavour()`, as regsweep does it": (
+        "import regsweep.tracking", "regsweep.tracking.pytorch_flavour()"),
+}
+
+
+def startup_costs(rounds: int) -> None:
+    """What a fresh `regsweep train` pays to import its stack, and what logging the model adds: importing
+    `mlflow.pytorch`, which imports Lightning where it is installed (for an autologging callback regsweep does
+    not use) unless regsweep's `pytorch_flavour()` hides it."""
     import importlib.util
 
     lightning = [m for m in ("lightning", "pytorch_lightning") if importlib.util.find_spec(m)]
-    print(f"\nImports in a fresh process (Lightning installed here: {', '.join(lightning) or 'no'}):\n")
-    print("| import | s |\n|---|---|")
-    for module in ("regsweep.training", "regsweep.tracking", "mlflow.pytorch"):
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", f"import {module}"], check=True)
-        print(f"| {module} | {time.perf_counter() - start:.1f} |", flush=True)
+    print(f"\nImports in a fresh process, median of {rounds} (Lightning installed here: "
+          f"{', '.join(lightning) or 'no'}):\n")
+    print("| import | s | rounds |\n|---|---|---|")
+    for name, (setup, timed) in STARTUP.items():
+        code = (f"import time; {setup}; t = time.perf_counter(); {timed}; "
+                "print(time.perf_counter() - t)").replace("; ;", ";").lstrip("; ")
+        seconds = [float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                                        text=True).stdout) for _ in range(rounds)]
+        print(f"| {name} | {statistics.median(seconds):.2f} | {', '.join(f'{x:.2f}' for x in seconds)} |",
+              flush=True)
 
 
 def complete_train(args) -> None:
@@ -123,14 +140,19 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--startup", action="store_true",
+                        help="only the import table, which runs without CUDA too")
     args = parser.parse_args()
+    if args.startup:
+        startup_costs(args.rounds)
+        return
     if not torch.cuda.is_available():
         print("No CUDA device here: nothing to measure (benchmarks/throughput.py measures the CPU).")
         return
     prepare_vendored(Path(TrainConfig().resolved_data_dir()))  # the usual pipeline reads MNIST/raw directly
     throughput(args)
     if not args.skip_train:
-        startup_costs()
+        startup_costs(args.rounds)
         complete_train(args)
 
 

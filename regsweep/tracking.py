@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import re
 import shlex
 import signal
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -304,6 +306,27 @@ def log_outcome(cfg: TrainConfig, result: FitResult, data: MnistSplits) -> None:
         log_model(model, data)
 
 
+def pytorch_flavour():
+    """`mlflow.pytorch`, imported without Lightning.
+
+    Where pytorch-lightning is installed, importing `mlflow.pytorch` imports it too (with torchmetrics and
+    whatever they pull in), only to offer a checkpoint callback for Lightning's autologging, which regsweep
+    does not use: seconds of a run whose epochs take half a second each (`python benchmarks/gpu.py
+    --startup`). `mlflow.pytorch` already goes on without the callback when that import fails, so Lightning
+    is hidden for this one import (a None in sys.modules makes `import` raise ImportError), unless something
+    in the process has imported it already.
+    """
+    hidden = [name for name in ("pytorch_lightning", "lightning") if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None
+    try:
+        return importlib.import_module("mlflow.pytorch")
+    finally:
+        for name in hidden:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
+
+
 def log_model(model, data: MnistSplits) -> None:
     import torch
     from mlflow.models import infer_signature
@@ -316,7 +339,7 @@ def log_model(model, data: MnistSplits) -> None:
     # as a serving request would reload the saved model (seconds; on a GPU machine it also tries CUDA on
     # a CPU export and warns), so that is skipped. Requirements are stated, not inferred (inference
     # re-imports the model in a subprocess); the model's class lives in this package, via code_paths.
-    mlflow.pytorch.log_model(
+    pytorch_flavour().log_model(
         model, name="model", signature=signature, input_example=example, validate_serving_input=False,
         code_paths=[str(Path(__file__).resolve().parent)],
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],

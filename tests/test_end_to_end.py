@@ -112,6 +112,20 @@ def test_divergence_fails_the_run_with_a_clear_reason(tracking_uri, tiny_data, t
     assert run.info.status == "FAILED" and "DivergedError" in run.data.tags["regsweep.error"]
 
 
+def test_logging_the_model_does_not_import_lightning_even_where_it_is_installed(tmp_path):
+    """mlflow.pytorch imports pytorch-lightning when it can; regsweep's import of it hides Lightning."""
+    fake = tmp_path / "pytorch_lightning"
+    fake.mkdir()
+    marker = tmp_path / "imported"
+    (fake / "__init__.py").write_text(f"open({str(marker)!r}, 'a').write('x')\n")
+    code = ("import sys; from regsweep.tracking import pytorch_flavour; flavour = pytorch_flavour(); "
+            "assert callable(flavour.log_model) and 'pytorch_lightning' not in sys.modules; "
+            "import pytorch_lightning")  # still importable by anyone who wants it afterwards
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    assert marker.read_text() == "x"  # once: by the explicit import, not by mlflow.pytorch's
+
+
 @pytest.mark.slow
 def test_sigterm_marks_the_run_killed(tracking_uri):
     args = ["--epochs", "200", "--max-train-samples", "1024", "--max-eval-samples", "256", "--compile", "false",

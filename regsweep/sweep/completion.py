@@ -18,7 +18,6 @@ sweep waits for those in hand or, with the tracking store down, kills the worker
 
 from __future__ import annotations
 
-import importlib
 import logging
 import multiprocessing
 import os
@@ -34,7 +33,7 @@ import mlflow
 from ..config import TrainConfig
 from ..data import MnistSplits, load_for
 from ..models import count_parameters
-from ..tracking import log_config, log_outcome, mlflow_run
+from ..tracking import log_config, log_outcome, mlflow_run, pytorch_flavour
 from ..training import DivergedError, FitResult
 
 
@@ -79,7 +78,7 @@ def _start_worker(tracking_uri: str, cfg: TrainConfig, stopping) -> None:
     torch.set_num_threads(1)  # the workers share the cores among themselves
     mlflow.set_tracking_uri(tracking_uri)
     _data, _stopping = load_for(cfg), stopping
-    importlib.import_module("mlflow.pytorch")  # the slowest import, done before the first run arrives
+    pytorch_flavour()  # the slowest import, done before the first run arrives
 
 
 def _complete_in_worker(cfg: TrainConfig, result: FitResult, run_id: str, tags: dict[str, str]) -> None:
