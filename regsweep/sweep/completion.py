@@ -5,8 +5,8 @@ last epoch) costs a few seconds of one CPU core: matplotlib draws four figures, 
 torch.export. A 32-member stack trains its epochs on a GPU in seconds, so completing its runs one after
 another in the training process took longer than the training itself (docs/benchmarks.md). With workers,
 each run is completed by one of several processes. They are spawned when the sweep starts, so that their
-imports (mlflow.pytorch, matplotlib) and their loading of the data (the same splits, from the same files)
-happen while the first stack trains. (Not the sweep's tensors through shared memory: containers often give
+imports (matplotlib, and mlflow.pytorch where models are logged) and their loading of the data (the same
+splits, from the same files) happen while the first stack trains. (Not the sweep's tensors through shared memory: containers often give
 /dev/shm less room than MNIST's 200 MB.) Without workers (the default on the CPU, see `worker_count`), the
 training process completes the runs one by one.
 
@@ -78,7 +78,8 @@ def _start_worker(tracking_uri: str, cfg: TrainConfig, stopping) -> None:
     torch.set_num_threads(1)  # the workers share the cores among themselves
     mlflow.set_tracking_uri(tracking_uri)
     _data, _stopping = load_for(cfg), stopping
-    pytorch_flavour()  # the slowest import, done before the first run arrives
+    if cfg.log_model:  # the slowest import, done before the first run arrives (sweeps log no model by default)
+        pytorch_flavour()
 
 
 def _complete_in_worker(cfg: TrainConfig, result: FitResult, run_id: str, tags: dict[str, str]) -> None:
