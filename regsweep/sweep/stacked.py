@@ -49,6 +49,10 @@ class StackedTrial:
     pruned: str = ""  # the reason, once the pruner stopped it
     told: bool = False  # its outcome is in the study
 
+    @property
+    def all_run_ids(self) -> list[str]:
+        return ([self.trial_run_id] if self.trial_run_id else []) + self.run_ids
+
 
 def stack_size(requested: int | None, trials: int, device: str) -> int:
     """--stack: as asked (at most the trial count), or auto: 32 on CUDA, where stacking pays (docs/benchmarks.md),
@@ -85,8 +89,8 @@ def run_stacked(settings: SweepSettings, study: optuna.Study, data, parent_run_i
                 trials = [heartbeats.add(study.ask()) for _ in range(n)]  # queued (retried) trials come first
                 # Refilling costs a little per step (per-member schedules): only where it may happen.
                 refill = refills(settings) and (deadline is not None or wanted(settings, study) > 0)
-                train_trials(settings, data, trials, parent_run_id, experiment_id, completer, heartbeats,
-                             ask if refill else None)
+                TrialStack(settings, data, parent_run_id, experiment_id, completer, heartbeats,
+                           ask if refill else None).train(trials)
 
 
 def refills(settings: SweepSettings) -> bool:
@@ -138,7 +142,7 @@ def open_runs(settings: SweepSettings, data, trial: optuna.Trial, parent_run_id:
         params = {**cfg.as_params(), "n_params": n_params, **data.sizes()}
         client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
         entry.run_ids.append(run.info.run_id)
-    trial.set_user_attr("mlflow_run_ids", ([entry.trial_run_id] if entry.trial_run_id else []) + entry.run_ids)
+    trial.set_user_attr("mlflow_run_ids", entry.all_run_ids)
     return entry
 
 
@@ -146,117 +150,133 @@ def member_config(settings: SweepSettings, penalties: dict[str, float], repeat: 
     return settings.base.replace(**penalties, seed=settings.base.seed + repeat)
 
 
-def train_trials(settings: SweepSettings, data, trials: list[optuna.Trial], parent_run_id: str,
-                 experiment_id: str, completer: Completer, heartbeats: Heartbeats,
-                 ask: Callable[[int], list[optuna.Trial] | None] | None = None) -> None:
-    """Train the asked trials as one stack, complete every member's run, tell every trial its outcome. With
-    `ask`, the slots that members free take the trials it gives. A trial is told as soon as its members are done
-    and their runs complete, so that the pruner and the sampler count it while the stack trains on."""
-    client = MlflowClient()
-    n_params = count_parameters(new_model(settings.base))  # the same for every member: l1, l2, seed differ
-    stack = (trials[0].number, len(trials) * settings.repeats)
-    entries: list[StackedTrial] = []
-    members: list[tuple[StackedTrial, int]] = []  # fit_stack's members in its order: (trial, seed index)
-    cfgs: list[TrainConfig] = []
-    done: dict[int, FitResult] = {}  # the final results, by member
-    failures: list[Exception] = []  # from runs that could not be completed: raised once the stack has trained
-    unopened: list[optuna.Trial] = []  # asked, runs not yet opened: if the stack fails now, told with it
+class TrialStack:
+    """Asked trials trained as one stack (training.fit_stack): their runs opened, each member's run completed as
+    it leaves the stack, each trial told once its runs are complete (so that the pruner and the sampler count it
+    while the stack trains on) and, with `ask`, the slots that members free given the trials it returns."""
 
-    def add(asked: list[optuna.Trial]) -> list[TrainConfig]:
+    def __init__(self, settings: SweepSettings, data, parent_run_id: str, experiment_id: str,
+                 completer: Completer, heartbeats: Heartbeats,
+                 ask: Callable[[int], list[optuna.Trial] | None] | None = None):
+        self.settings, self.data, self.parent_run_id, self.experiment_id = settings, data, parent_run_id, experiment_id
+        self.completer, self.heartbeats, self.ask = completer, heartbeats, ask
+        self.client = MlflowClient()
+        self.n_params = count_parameters(new_model(settings.base))  # the same for every member: l1, l2, seed differ
+        self.stack = (0, 0)  # (first trial number, members at the start): the runs' stack tags
+        self.entries: list[StackedTrial] = []
+        self.members: list[tuple[StackedTrial, int]] = []  # fit_stack's members in its order: (trial, seed index)
+        self.cfgs: list[TrainConfig] = []
+        self.done: dict[int, FitResult] = {}  # the final results, by member
+        self.failures: list[Exception] = []  # from runs that could not be completed: raised once the stack trained
+        self.unopened: list[optuna.Trial] = []  # asked, runs not yet opened: if the stack fails now, told with it
+        self.on_epoch = EpochHook(settings, self.members, self.client)
+
+    def train(self, trials: list[optuna.Trial]) -> None:
+        """Train the trials, complete every member's run and tell every trial its outcome."""
+        self.stack = (trials[0].number, len(trials) * self.settings.repeats)
+        try:
+            self.add(trials)
+            if self.entries:  # else every trial reused a finished twin's result and is told already
+                results = fit_stack(list(self.cfgs), self.data, self.on_epoch, on_leave=self.on_leave,
+                                    refill=self.refill if self.ask else None)
+                for k, result in enumerate(results):
+                    self.done.setdefault(k, result)
+                mlflow.flush_async_logging()  # every epoch in the store before a worker ends the run
+                self.settle(final=True)
+            self.on_epoch.close(wait=True)
+            if self.failures:
+                raise self.failures[0]
+        except BaseException as exc:
+            self.abandon(exc)
+            raise
+
+    def add(self, asked: list[optuna.Trial]) -> list[TrainConfig]:
         """Open the asked trials' runs; their seeds are the next members (reused results are told already)."""
         new = []
-        unopened.extend(asked)
+        self.unopened.extend(asked)
         for trial in asked:
-            entry = open_runs(settings, data, trial, parent_run_id, experiment_id, client, stack, n_params)
-            unopened.remove(trial)
+            entry = open_runs(self.settings, self.data, trial, self.parent_run_id, self.experiment_id, self.client,
+                              self.stack, self.n_params)
+            self.unopened.remove(trial)
             if entry is not None:
-                entries.append(entry)
-                for r in range(settings.repeats):
-                    entry.members.append(len(members))
-                    members.append((entry, r))
-                    new.append(member_config(settings, entry.penalties, r))
-        cfgs.extend(new)
+                self.entries.append(entry)
+                for r in range(self.settings.repeats):
+                    entry.members.append(len(self.members))
+                    self.members.append((entry, r))
+                    new.append(member_config(self.settings, entry.penalties, r))
+        self.cfgs.extend(new)
         return new
 
-    def job(k: int) -> tuple[TrainConfig, FitResult, str, dict[str, str]]:
-        entry, r = members[k]
-        return cfgs[k], done[k], entry.run_ids[r], device_tags(settings.base)  # here, where the GPU is open
+    def job(self, k: int) -> tuple[TrainConfig, FitResult, str, dict[str, str]]:
+        """What completing member k's run takes (its device tags read here, where the GPU is open)."""
+        entry, r = self.members[k]
+        return self.cfgs[k], self.done[k], entry.run_ids[r], device_tags(self.settings.base)
 
-    def on_leave(k: int, result: FitResult) -> None:
-        # A member that left the stack is done: with workers, its run is completed while the stack trains on.
-        done[k] = result
+    def on_leave(self, k: int, result: FitResult) -> None:
+        """fit_stack's on_leave: a member that left the stack is done; with workers, its run is completed while
+        the stack trains on."""
+        self.done[k] = result
         mlflow.flush_async_logging()  # its epochs in the store before a worker ends the run
-        completer.start(job(k))
-        settle(final=False)
+        self.completer.start(self.job(k))
+        self.settle(final=False)
 
-    def settle(final: bool) -> None:
+    def settle(self, final: bool) -> None:
         """Tell the trials whose members are done and whose runs are complete (`final`: every trial left,
         waiting for its runs). A run that could not be completed fails its trial; the sweep then asks no more
         and stops with the error once the stack has trained, as one by one."""
-        ready = [e for e in entries if not e.told and all(k in done for k in e.members)
-                 and (final or completer.ready(e.run_ids))]
+        ready = [e for e in self.entries if not e.told and all(k in self.done for k in e.members)
+                 and (final or self.completer.ready(e.run_ids))]
         if not ready:
             return
-        with storage_errors(settings.storage):
-            on_epoch.flush()  # every report in the study before its trial is told
+        with storage_errors(self.settings.storage):
+            self.on_epoch.flush()  # every report in the study before its trial is told
         ks = [k for e in ready for k in e.members]
-        errors = dict(zip(ks, completer.complete([job(k) for k in ks])))
+        errors = dict(zip(ks, self.completer.complete([self.job(k) for k in ks])))
         for entry in ready:
             error = next((errors[k] for k in entry.members if errors[k] is not None), None)
-            with storage_errors(settings.storage):
+            with storage_errors(self.settings.storage):
                 if error is None:
-                    tell(entry, [done[k] for k in entry.members], client)
+                    tell(entry, [self.done[k] for k in entry.members], self.client)
                 else:
-                    fail(entry, errors, client)
-                    failures.append(error)
-            heartbeats.discard(entry.trial)
-        on_epoch.study_changed()
+                    fail(entry, errors, self.client)
+                    self.failures.append(error)
+            self.heartbeats.discard(entry.trial)
+        self.on_epoch.study_changed()
 
-    def refill(free: int) -> list[TrainConfig] | None:
-        settle(final=False)  # first, so that the sampler and the pruner count what is complete
-        if failures:
+    def refill(self, free: int) -> list[TrainConfig] | None:
+        """fit_stack's refill: the configurations of the next asked trials for `free` slots; None when no more
+        will come."""
+        self.settle(final=False)  # first, so that the sampler and the pruner count what is complete
+        if self.failures:
             return None
-        with storage_errors(settings.storage):
-            asked = ask(free // settings.repeats)  # with repeats, a trial waits for as many free slots
-        new = None if asked is None else add(asked)
-        on_epoch.study_changed()  # reused results were told
+        with storage_errors(self.settings.storage):
+            asked = self.ask(free // self.settings.repeats)  # with repeats, a trial waits for as many free slots
+        new = None if asked is None else self.add(asked)
+        self.on_epoch.study_changed()  # reused results were told
         return new
 
-    on_epoch = EpochHook(settings, members, client)
-    try:
-        add(trials)
-        if entries:  # else every trial reused a finished twin's result and is told already
-            results = fit_stack(list(cfgs), data, on_epoch, on_leave=on_leave, refill=refill if ask else None)
-            for k, result in enumerate(results):
-                done.setdefault(k, result)
-            mlflow.flush_async_logging()  # every epoch in the store before a worker ends the run
-            settle(final=True)
-        on_epoch.close(wait=True)
-        if failures:
-            raise failures[0]
-    except BaseException as exc:
-        # As one by one (Objective): an interrupted or outage-stopped stack queues every trial not yet told
-        # again; any other error fails them. Their runs end KILLED or FAILED with the reason, once no worker is
-        # still completing one of them.
+    def abandon(self, exc: BaseException) -> None:
+        """As one by one (Objective): an interrupted or outage-stopped stack queues every trial not yet told again;
+        any other error fails them. Their runs end KILLED or FAILED with the reason, once no worker is still
+        completing one of them."""
         kind = ("interrupted" if isinstance(exc, KeyboardInterrupt)
                 else "outage" if isinstance(exc, Outage) else None)
         reason = "interrupted (Ctrl-C or SIGTERM)" if kind == "interrupted" else f"{type(exc).__name__}: {exc}"
         tracking_down = isinstance(exc, Outage) and exc.tracking  # then MLflow calls would only wait
         storage_down = isinstance(exc, Outage) and not exc.tracking  # then Optuna cannot record anything
-        on_epoch.close(wait=not storage_down)  # no report lands after its trial is failed
-        untold = [e for e in entries if not e.told]
-        for trial in [e.trial for e in untold] + unopened if not storage_down else []:
+        self.on_epoch.close(wait=not storage_down)  # no report lands after its trial is failed
+        untold = [e for e in self.entries if not e.told]
+        for trial in [e.trial for e in untold] + self.unopened if not storage_down else []:
             if kind is not None:
                 fail_for_retry(trial, reason, kind, tell=True)
             else:
                 tell_study(trial, state=TrialState.FAIL)
-        completer.stop(tracking_down)  # the study first: this may wait for runs being completed
+        self.completer.stop(tracking_down)  # the study first: this may wait for runs being completed
         for entry in untold if not tracking_down else []:
-            for run_id in ([entry.trial_run_id] if entry.trial_run_id else []) + entry.run_ids:
-                end_run(client, run_id, reason, "FAILED" if kind is None else "KILLED")
+            for run_id in entry.all_run_ids:
+                end_run(self.client, run_id, reason, "FAILED" if kind is None else "KILLED")
         if not tracking_down:
             mlflow.flush_async_logging()
-        raise
 
 
 def fail(entry: StackedTrial, errors: dict[int, Exception | None], client: MlflowClient) -> None:
@@ -267,7 +287,7 @@ def fail(entry: StackedTrial, errors: dict[int, Exception | None], client: Mlflo
     for k, run_id in zip(entry.members, entry.run_ids):
         if errors[k] is not None:
             end_run(client, run_id, f"completing the run failed: {type(errors[k]).__name__}: {errors[k]}", "FAILED")
-    for run_id in ([entry.trial_run_id] if entry.trial_run_id else []) + entry.run_ids:
+    for run_id in entry.all_run_ids:
         client.set_tag(run_id, "optuna.state", "FAIL")
     if entry.trial_run_id:
         end_run(client, entry.trial_run_id, "a seed's run could not be completed", "FAILED")
@@ -281,7 +301,7 @@ class EpochHook:
     `trial.should_prune()` reads the study again on every call, and its cache re-reads every running trial,
     since another process may have changed it: with K members running, one epoch's questions cost K^2 trial
     reads (`python benchmarks/stack.py --hooks 8,32`). The median pruner looks only at the complete trials and
-    at the member's own curve, and this process tells trials only between epochs (train_trials' settle), after
+    at the member's own curve, and this process tells trials only between epochs (TrialStack.settle), after
     which the study is read again, so one read an epoch gives it the same answers; a trial that another worker
     completes meanwhile counts from a later epoch. A new epoch shows as a member asked a second time since the
     last read. Other pruners (Hyperband's rungs count running trials too) are asked per member.
@@ -400,7 +420,7 @@ def tell(entry: StackedTrial, results: list[FitResult], client: MlflowClient) ->
     else:
         tell_study(entry.trial, statistics.mean(best_vals))
     entry.told = True
-    for run_id in ([entry.trial_run_id] if entry.trial_run_id else []) + entry.run_ids:
+    for run_id in entry.all_run_ids:
         client.set_tag(run_id, "optuna.state", state)
         if reason:
             client.set_tag(run_id, "regsweep.stop_reason", reason[:5000])
