@@ -106,3 +106,20 @@ def test_readme_documents_every_option():
         for param in cli.commands[command].params:
             for flag in param.opts:
                 assert f"`{flag}" in readme, f"README does not document {command} {flag}"
+
+
+def test_the_mlproject_entry_point_passes_every_setting():
+    """`mlflow run . -P name=value` accepts what `regsweep train` does: each TrainConfig field is a parameter,
+    passed on as the option of the same name."""
+    import dataclasses
+
+    import yaml
+
+    from regsweep.config import TrainConfig
+
+    from .conftest import REPO
+    main = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]["main"]
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(main["parameters"]) == fields
+    for name in fields:
+        assert f"--{name.replace('_', '-')} {{{name}}}" in main["command"], name

@@ -65,8 +65,6 @@ def trial_run_name(trial_number: int, penalties: dict[str, float]) -> str:
     return f"trial {trial_number:03d} l1={fmt_coef(penalties['l1'])} l2={fmt_coef(penalties['l2'])}"
 
 
-
-
 def summarise_repeats(client: MlflowClient, run_id: str, best_vals: list[float], state: str) -> None:
     """The trial-level run of a repeated configuration: mean, spread and a 95% t-interval over seeds."""
     from scipy import stats
