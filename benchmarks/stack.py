@@ -89,7 +89,7 @@ def run_row(row: str, args) -> dict:
 
 def throughput(sizes: list[int], epochs: int = 2) -> None:
     """Training-step throughput of one stack per size, with cuDNN deterministic (regsweep's setting) and
-    with cuDNN free to pick its fastest algorithms; an epoch each, after a warm-up epoch."""
+    with cuDNN free to pick its fastest algorithms: the mean epoch of `epochs`, after a warm-up epoch."""
     import torch
 
     from regsweep.config import TrainConfig

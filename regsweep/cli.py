@@ -221,11 +221,12 @@ def train_one(fields: dict, experiment_name: str | None, tracking_timeout: float
                    "number, or auto = 32 on CUDA, 1 on the CPU; at most --trials.")
 @click.option("--completion-workers", type=click.IntRange(min=0), default=None,
               help="With --stack > 1: processes that complete the members' runs (figures, tables, model) side "
-                   "by side once a stack has trained; 0 = in the training process. Default: one per member up "
-                   "to the spare cores on CUDA, 0 on the CPU (where training needs the cores).")
+                   "by side, each as its member leaves the stack; 0 = in the training process. Default: one per "
+                   "member up to the spare cores on CUDA, 0 on the CPU (where training needs the cores).")
 @click.option("--refill/--no-refill", default=None,
               help="With --stack > 1: a slot that a pruned or finished member frees takes the next trial, so "
-                   "the stack keeps its size (SGD only); else the stack shrinks to the members still training. "
+                   "the stack keeps its size (SGD only); else the stack shrinks to the members still training "
+                   "(a compiled step's stack keeps their slots, idle). "
                    "Default: on CUDA, where a full stack costs less per member; not on the CPU, where it costs more.")
 @click.option("--heartbeat", type=click.IntRange(min=1), default=60, show_default=True,
               help="Seconds between a running trial's liveness records (RDB storages); a trial silent for "

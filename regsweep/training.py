@@ -492,7 +492,7 @@ def setup(cfgs: TrainConfig | list[TrainConfig], data: MnistSplits, model: nn.Mo
     scheduler = build_scheduler(stepping_config(cfg, own_schedules), optimizer, steps_per_epoch)
     mode = step_mode(cfg, device)
     coef = Coefficients.of(cfgs, device)
-    # Compiling fuses the small convs' norm/activation kernels (docs/benchmarks.md: ~30% per step on CPU).
+    # Compiling fuses the small convs' norm/activation kernels (docs/benchmarks.md: 10-35% per step on the CPU).
     # Evaluation runs the eager model (same parameters) to avoid a second compilation.
     step_model = torch.compile(model) if mode == "compiled" else model
     step = make_step(step_model, optimizer, data.train, cfg, penalised, augment_gen, coef, schedules)

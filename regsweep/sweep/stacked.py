@@ -280,8 +280,8 @@ class TrialStack:
 
 
 def fail(entry: StackedTrial, errors: dict[int, Exception | None], client: MlflowClient) -> None:
-    """A trial whose runs could not all be completed: FAIL, and each run that failed ended FAILED (a worker that
-    died leaves its run RUNNING)."""
+    """A trial whose runs could not all be completed: FAIL, and each run whose completion failed ended FAILED with
+    the reason (the completion may have failed before it could end the run itself)."""
     tell_study(entry.trial, state=TrialState.FAIL)
     entry.told = True
     for k, run_id in zip(entry.members, entry.run_ids):
