@@ -9,6 +9,7 @@ Each row is a fresh study in a temporary store, run as a subprocess and timed fr
     python benchmarks/stack.py --throughput 1,8,32               # GPU: step throughput per stack size
     python benchmarks/stack.py --shrink 8,32                     # GPU: stopped slots idle, shrink or refill
     python benchmarks/stack.py --small --shrink 4                # the same on the CPU, 2,000 images, 6 epochs
+    python benchmarks/stack.py --small --shrink 4 --compiled     # ... with the CPU's default compiled step
     python benchmarks/stack.py --hooks 8,32                      # the per-epoch hooks alone: logging, pruning
     python benchmarks/stack.py --rows 32,1:4 --options "--deterministic false"
     python benchmarks/stack.py --rows grid                       # the notebooks' 4 x 5 grid, one stack
@@ -123,7 +124,8 @@ def shrink(sizes: list[int], args) -> None:
     next configuration (fit_stack's `refill`), shrinking once none is left. Half the configurations stop
     after epoch 2, a quarter more after epoch 4. Same data and configurations throughout: in float64 idle and
     shrinking give identical members, and a refilled member trains as a fresh model on the stack's batches
-    (tests/test_stack.py); in float32 the mean best validation accuracy agrees within noise."""
+    (tests/test_stack.py); in float32 the mean best validation accuracy agrees within noise. A compiled step
+    (`args.compiled`) keeps its stack's shape, so its stopped slots idle either way: no shrinking row."""
     from itertools import islice
 
     from regsweep.config import TrainConfig
@@ -141,8 +143,9 @@ def shrink(sizes: list[int], args) -> None:
         return lambda k, epoch, metrics: ("stopped by the benchmark"
                                           if epoch == stop_epoch(first + k) < cfg.epochs else None)
 
-    print(f"{cfg.resolved_device()}, {len(data.train):,} training images, {cfg.epochs} epochs; half the "
-          "configurations stop after epoch 2, a quarter more after epoch 4\n")
+    print(f"{cfg.resolved_device()}, {len(data.train):,} training images, {cfg.epochs} epochs, step "
+          f"{'compiled' if cfg.compile else 'eager'}; half the configurations stop after epoch 2, a quarter more "
+          "after epoch 4\n")
     print("| members | configurations | member-epochs trained | freed slots | training s | vs idle | "
           "mean best val acc |")
     print("|---|---|---|---|---|---|---|")
@@ -150,7 +153,9 @@ def shrink(sizes: list[int], args) -> None:
         cfgs = [cfg.replace(seed=1 + i, l1=1e-4 * (i % 4)) for i in range(2 * k)]
         fit_stack(cfgs[:1], data)  # warm-up: first CUDA context, cuDNN's choices
         seconds, best = {}, {}
-        for way in ("idle", "leave the stack", "take the next configuration"):
+        ways = ("idle", "take the next configuration") if cfg.compile else (
+            "idle", "leave the stack", "take the next configuration")
+        for way in ways:
             start = time.perf_counter()
             if way == "take the next configuration":
                 queue = iter(cfgs[k:])
@@ -253,6 +258,8 @@ def main():
     parser.add_argument("--throughput", default=None, help="e.g. 1,8,32: only the step throughput per stack size")
     parser.add_argument("--options", default="", help='more `regsweep optimize` options, e.g. "--deterministic false"')
     parser.add_argument("--shrink", default=None, help="e.g. 8,32: only idle, shrinking and refilled slots, per size")
+    parser.add_argument("--compiled", action="store_true",
+                        help="with --shrink --small: the step compiled (the CPU's default), not eager")
     parser.add_argument("--hooks", default=None, help="e.g. 8,32: only the per-epoch hooks (logging, pruning), per size")
     parser.add_argument("--epoch-seconds", type=float, default=1.0,
                         help="with --hooks: the time between two epochs' hooks, standing in for training")
@@ -263,7 +270,8 @@ def main():
         return
     if args.shrink:
         args.epochs = args.epochs or (6 if args.small else 15)
-        args.shrink_options = dict(max_train_samples=2000, max_eval_samples=1000, compile=False) if args.small else {}
+        args.shrink_options = dict(max_train_samples=2000, max_eval_samples=1000,
+                                   compile=args.compiled) if args.small else {}
         shrink([int(k) for k in args.shrink.split(",")], args)
         return
     if args.throughput:

@@ -227,7 +227,8 @@ def train_one(fields: dict, experiment_name: str | None, tracking_timeout: float
               help="With --stack > 1: a slot that a pruned or finished member frees takes the next trial, so "
                    "the stack keeps its size (SGD only); else the stack shrinks to the members still training "
                    "(a compiled step's stack keeps their slots, idle). "
-                   "Default: on CUDA, where a full stack costs less per member; not on the CPU, where it costs more.")
+                   "Default: on CUDA, where a full stack costs less per member, and with a compiled step (the "
+                   "CPU's default), whose freed slots would idle; off with an eager CPU step (--compile false).")
 @click.option("--heartbeat", type=click.IntRange(min=1), default=60, show_default=True,
               help="Seconds between a running trial's liveness records (RDB storages); a trial silent for "
                    "twice this is failed and retried.")

@@ -152,6 +152,24 @@ def test_a_pruned_members_slot_takes_the_next_trial_which_is_pruned_at_its_own_e
         assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val/acc")] == [1, 2]
 
 
+def test_freed_slots_are_refilled_by_default_on_cuda_and_where_the_stack_is_compiled():
+    """A compiled stack cannot shrink (it would compile again): without refilling its freed slots would idle."""
+    from regsweep.config import TrainConfig
+    from regsweep.sweep.space import SearchSpace
+    from regsweep.sweep.stacked import refills
+    from regsweep.sweep.study import SweepSettings
+
+    def refilled(refill=None, **base) -> bool:
+        return refills(SweepSettings(base=TrainConfig(**{"device": "cpu", **base}), space=SearchSpace(), trials=4,
+                                     study_name="s", storage="sqlite://", experiment_name="e", refill=refill))
+
+    assert refilled()  # the CPU's default step is compiled
+    assert not refilled(compile=False)  # an eager CPU stack shrinks instead
+    assert refilled(device="cuda", compile=False)
+    assert refilled(True, compile=False) and not refilled(False)
+    assert not refilled(optimizer="adam")  # per-member schedules need SGD
+
+
 def test_stack_bad_input_and_clipping(tracking_uri, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     for bad in ("0", "-1", "many"):

@@ -5,8 +5,9 @@ With repeats, every seed of a trial is a member too, so a 4-configuration x 5-se
 20. All members of a stack see the same batches and rotations (drawn from the first member's seed; a
 member's own seed sets its initialisation): the comparison between them is paired. A pruned member's
 trial ends PRUNED with its curve and reason. Its slot, like that of a member that has trained its epochs,
-takes the next asked trial while the stack trains on (on CUDA, with SGD: `refills`; training.fit_stack's
-refill); else, or once the study wants no more, the stack shrinks to the members still training. The
+takes the next asked trial while the stack trains on (on CUDA or with a compiled step, with SGD: `refills`;
+training.fit_stack's refill); else, or once the study wants no more, the stack shrinks to the members still
+training (a compiled stack keeps its shape, with idle slots). The
 members' runs are completed by worker processes side by side on CUDA (completion.py), each as soon as its
 member leaves the stack; each trial is told once its runs are complete.
 """
@@ -94,14 +95,18 @@ def run_stacked(settings: SweepSettings, study: optuna.Study, data, parent_run_i
 
 
 def refills(settings: SweepSettings) -> bool:
-    """--refill, or by default on CUDA. There a fuller stack costs less per member (on the H100, 8 members train
-    at 1.6x one model's model-images/s, 32 at 1.8x: `python benchmarks/stack.py --throughput 1,8,32`,
-    docs/benchmarks.md), so a freed slot is better refilled than dropped. On the CPU
-    a step's cost grows with its members, a little more than in proportion, and shrinking won
-    (`python benchmarks/stack.py --small --shrink 4`). SGD only (training.Schedules)."""
+    """--refill, or by default on CUDA and wherever the step is compiled. On CUDA a fuller stack costs less per
+    member (on the H100, 8 members train at 1.6x one model's model-images/s, 32 at 1.8x: `python
+    benchmarks/stack.py --throughput 1,8,32`, docs/benchmarks.md), so a freed slot is better refilled than
+    dropped. A compiled step (the CPU's default) keeps its stack's shape, so a freed slot not refilled idles:
+    refilling trained the same configurations 1.9-2.4x as fast (`python benchmarks/stack.py --small --shrink 4
+    --compiled`). With an eager CPU step a step's cost grows with its members, a little more than in
+    proportion, and shrinking won (`--small --shrink 4`). SGD only (training.Schedules)."""
     if settings.base.optimizer != "sgd":
         return False
-    return settings.refill if settings.refill is not None else settings.base.resolved_device() == "cuda"
+    if settings.refill is not None:
+        return settings.refill
+    return settings.base.resolved_device() == "cuda" or settings.base.compile
 
 
 def wanted(settings: SweepSettings, study: optuna.Study) -> int:
