@@ -18,7 +18,7 @@ show what logging costs.
     python benchmarks/gpu.py --skip-train      # throughput rows only
     python benchmarks/gpu.py --startup         # the import table only, on any machine
 
-Without CUDA it says so and exits 0 (after the import table, with --startup).
+Without CUDA it says so and exits 0; `--startup` runs anywhere.
 """
 
 from __future__ import annotations

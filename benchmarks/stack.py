@@ -128,12 +128,15 @@ def shrink(sizes: list[int], args) -> None:
     (`args.compiled`) keeps its stack's shape, so its stopped slots idle either way: no shrinking row."""
     from itertools import islice
 
+    import torch
+
     from regsweep.config import TrainConfig
     from regsweep.data import load_for
-    from regsweep.training import fit_stack
+    from regsweep.training import fit_stack, step_mode
 
     cfg = TrainConfig(l1=1e-4, l2=1e-4, epochs=args.epochs, **args.shrink_options)
     data = load_for(cfg)
+    mode = step_mode(cfg, torch.device(cfg.resolved_device()))
 
     def stop_epoch(i: int) -> int:
         return 2 if i % 2 else 4 if i % 4 == 2 else cfg.epochs
@@ -143,9 +146,8 @@ def shrink(sizes: list[int], args) -> None:
         return lambda k, epoch, metrics: ("stopped by the benchmark"
                                           if epoch == stop_epoch(first + k) < cfg.epochs else None)
 
-    print(f"{cfg.resolved_device()}, {len(data.train):,} training images, {cfg.epochs} epochs, step "
-          f"{'compiled' if cfg.compile else 'eager'}; half the configurations stop after epoch 2, a quarter more "
-          "after epoch 4\n")
+    print(f"{cfg.resolved_device()}, {len(data.train):,} training images, {cfg.epochs} epochs, step {mode}; half "
+          "the configurations stop after epoch 2, a quarter more after epoch 4\n")
     print("| members | configurations | member-epochs trained | freed slots | training s | vs idle | "
           "mean best val acc |")
     print("|---|---|---|---|---|---|---|")
@@ -153,7 +155,7 @@ def shrink(sizes: list[int], args) -> None:
         cfgs = [cfg.replace(seed=1 + i, l1=1e-4 * (i % 4)) for i in range(2 * k)]
         fit_stack(cfgs[:1], data)  # warm-up: first CUDA context, cuDNN's choices
         seconds, best = {}, {}
-        ways = ("idle", "take the next configuration") if cfg.compile else (
+        ways = ("idle", "take the next configuration") if mode == "compiled" else (
             "idle", "leave the stack", "take the next configuration")
         for way in ways:
             start = time.perf_counter()

@@ -6,9 +6,9 @@ torch.export. A 32-member stack trains its epochs on a GPU in seconds, so comple
 another in the training process took longer than the training itself (docs/benchmarks.md). With workers,
 each run is completed by one of several processes. They are spawned when the sweep starts, so that their
 imports (matplotlib, and mlflow.pytorch where models are logged) and their loading of the data (the same
-splits, from the same files) happen while the first stack trains. (Not the sweep's tensors through shared memory: containers often give
-/dev/shm less room than MNIST's 200 MB.) Without workers (the default on the CPU, see `worker_count`), the
-training process completes the runs one by one.
+splits, from the same files) happen while the first stack trains. (Not the sweep's tensors through shared
+memory: containers often give /dev/shm less room than MNIST's 200 MB.) Without workers (the default on the
+CPU, see `worker_count`), the training process completes the runs one by one.
 
 The training process keeps the study: it tells each trial its outcome once the trial's runs are complete,
 and on Ctrl-C, SIGTERM or an outage it ends the runs itself, once no worker is completing one (so that no

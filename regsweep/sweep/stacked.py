@@ -7,9 +7,9 @@ member's own seed sets its initialisation): the comparison between them is paire
 trial ends PRUNED with its curve and reason. Its slot, like that of a member that has trained its epochs,
 takes the next asked trial while the stack trains on (on CUDA or with a compiled step, with SGD: `refills`;
 training.fit_stack's refill); else, or once the study wants no more, the stack shrinks to the members still
-training (a compiled stack keeps its shape, with idle slots). The
-members' runs are completed by worker processes side by side on CUDA (completion.py), each as soon as its
-member leaves the stack; each trial is told once its runs are complete.
+training (a compiled stack keeps its shape, with idle slots). The members' runs are completed by worker
+processes side by side on CUDA (completion.py), each as soon as its member leaves the stack; each trial is
+told once its runs are complete.
 """
 
 from __future__ import annotations
