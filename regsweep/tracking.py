@@ -316,6 +316,8 @@ def pytorch_flavour():
     is hidden for this one import (a None in sys.modules makes `import` raise ImportError), unless something
     in the process has imported it already.
     """
+    if "mlflow.pytorch" in sys.modules:  # imported already (mlflow's lazy attribute is not put there)
+        return sys.modules["mlflow.pytorch"]
     hidden = [name for name in ("pytorch_lightning", "lightning") if name not in sys.modules]
     for name in hidden:
         sys.modules[name] = None
