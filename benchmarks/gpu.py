@@ -89,8 +89,8 @@ def startup_costs(rounds: int) -> None:
           f"{', '.join(lightning) or 'no'}):\n")
     print("| import | s | rounds |\n|---|---|---|")
     for name, (setup, timed) in STARTUP.items():
-        code = (f"import time; {setup}; t = time.perf_counter(); {timed}; "
-                "print(time.perf_counter() - t)").replace("; ;", ";").lstrip("; ")
+        code = "; ".join(filter(None, ["import time", setup, "t = time.perf_counter()", timed,
+                                       "print(time.perf_counter() - t)"]))
         seconds = [float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                                         text=True).stdout) for _ in range(rounds)]
         print(f"| {name} | {statistics.median(seconds):.2f} | {', '.join(f'{x:.2f}' for x in seconds)} |",
