@@ -6,7 +6,9 @@ Each row is a fresh study in a temporary store, run as a subprocess and timed fr
     python benchmarks/stack.py --rows 1:8,32 --trials 32         # --stack 1 on 8 trials only (rate per hour)
     python benchmarks/stack.py --small                           # CPU: 4 trials, 1 epoch, 2,000 images
     python benchmarks/stack.py --small --rows 4-median:12,4:12 --epochs 6   # CPU: pruning in stacks
-    python benchmarks/stack.py --throughput 1,8,32               # GPU: step throughput per stack size
+    python benchmarks/stack.py --throughput 1,8,32               # GPU: step throughput per stack size and
+                                                                 # setting (cuDNN, TF32, bf16, compiled, ...)
+    python benchmarks/stack.py --throughput 32 --variants default,fastest   # only those two settings
     python benchmarks/stack.py --shrink 8,32                     # GPU: stopped slots idle, shrink or refill
     python benchmarks/stack.py --small --shrink 4                # the same on the CPU, 2,000 images, 6 epochs
     python benchmarks/stack.py --small --shrink 4 --compiled     # ... with the CPU's default compiled step
@@ -88,33 +90,82 @@ def run_row(row: str, args) -> dict:
             "per_hour": 3600 * len(done) / wall, "best": best, "training": training, "hooks": hooks, "stopped": stopped}
 
 
-def throughput(sizes: list[int], epochs: int = 2) -> None:
-    """Training-step throughput of one stack per size, with cuDNN deterministic (regsweep's setting) and
-    with cuDNN free to pick its fastest algorithms: the mean epoch of `epochs`, after a warm-up epoch."""
+# What a stack's training step can run under, one --throughput row each: regsweep's default, then one lever at
+# a time that PyTorch offers (cuDNN's choice of algorithm, TF32, memory format, precision, a compiled model inside
+# the captured step), and the per-member learning rates that refilled stacks step with.
+VARIANTS = {
+    "default": "deterministic cuDNN, TF32 off (regsweep's default)",
+    "tf32": "the same, TF32 convolutions",
+    "timed": "deterministic algorithms, chosen by timing (cudnn.benchmark)",
+    "channels-last": "deterministic, channels-last weights",
+    "bf16": "deterministic, bf16 autocast",
+    "compiled": "deterministic, model compiled inside the captured step",
+    "schedules": "deterministic, per-member learning rates (refilled stacks)",
+    "fastest": "cuDNN's fastest algorithms (--deterministic false)",
+    "fastest-tf32": "the same, TF32 convolutions",
+}
+
+
+def variant_setup(variant: str, cfgs: list, data):
+    """A stack of `cfgs` set up as regsweep does, then changed as `variant` says (VARIANTS)."""
+    import torch
+
+    from regsweep.training import CudaGraphStep, make_step, new_stack, setup
+
+    if variant == "bf16":
+        cfgs = [c.replace(precision="bf16") for c in cfgs]
+    model = new_stack(cfgs)
+    if variant == "channels-last":
+        model = model.to(memory_format=torch.channels_last)
+    run = setup(cfgs, data, model=model, own_schedules=variant == "schedules")
+    # setup() has set regsweep's own cuDNN/TF32 flags; the variant changes them before the first step.
+    torch.backends.cudnn.deterministic = not variant.startswith("fastest")
+    torch.backends.cudnn.benchmark = variant == "timed" or variant.startswith("fastest")
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = variant.endswith("tf32")
+    if variant == "compiled":
+        step = make_step(torch.compile(run.model), run.optimizer, run.data.train, cfgs[0], run.penalised,
+                         run.augment_generator, run.coef)
+        run.step = CudaGraphStep(step, run.augment_generator) if run.mode == "cuda-graph" else step
+    return run
+
+
+def throughput(sizes: list[int], variants: list[str], epochs: int = 2, small: bool = False) -> None:
+    """Training-step throughput of one stack per size and variant: the mean epoch of `epochs`, after a warm-up
+    epoch (which captures the step and, for "compiled", compiles it)."""
     import torch
 
     from regsweep.config import TrainConfig
-    from regsweep.data import load_mnist
-    from regsweep.training import setup
+    from regsweep.data import load_for
 
-    cfg = TrainConfig(l1=1e-4, l2=1e-4, epochs=epochs + 1)
-    data = load_mnist(cfg.resolved_data_dir())
-    print("| members | cuDNN | epoch s | model-images/s |")
-    print("|---|---|---|---|")
+    options = dict(max_train_samples=2000, max_eval_samples=1000) if small else {}
+    cfg = TrainConfig(l1=1e-4, l2=1e-4, epochs=epochs + 1, **options)
+    data = load_for(cfg)
+    cuda = torch.cuda.is_available()
+    where = torch.cuda.get_device_name() if cuda else "CPU (cuDNN and TF32 rows change nothing here)"
+    print(f"{where}, torch {torch.__version__}; {len(data.train):,} training images, batch {cfg.batch_size}, "
+          f"mean of {epochs} epochs after a warm-up epoch\n")
+    print("| members | step | epoch s | model-images/s | vs default |")
+    print("|---|---|---|---|---|")
     for k in sizes:
-        for deterministic in (True, False):
-            run = setup([cfg.replace(seed=1 + i) for i in range(k)], data)
-            torch.backends.cudnn.deterministic = deterministic  # setup() sets True; this row may lift it
-            torch.backends.cudnn.benchmark = not deterministic
+        base = None
+        for variant in variants:
+            run = variant_setup(variant, [cfg.replace(seed=1 + i) for i in range(k)], data)
             run.epoch()
-            torch.cuda.synchronize()
+            if cuda:
+                torch.cuda.synchronize()
             start = time.perf_counter()
             for _ in range(epochs):
                 images = run.epoch()["images"]
-            torch.cuda.synchronize()
+            if cuda:
+                torch.cuda.synchronize()
             seconds = (time.perf_counter() - start) / epochs
-            print(f"| {k} | {'deterministic' if deterministic else 'benchmark'} | {seconds:.2f} | "
-                  f"{k * images / seconds:,.0f} |", flush=True)
+            rate = k * images / seconds
+            base = base or rate
+            mode = getattr(run.step, "mode", run.mode)
+            note = "" if mode in ("cuda-graph", "eager", "compiled") else f" ({mode})"
+            print(f"| {k} | {VARIANTS[variant]}{note} | {seconds:.2f} | {rate:,.0f} | {rate / base:.2f}x |",
+                  flush=True)
+            del run
 
 
 def shrink(sizes: list[int], args) -> None:
@@ -258,6 +309,9 @@ def main():
     parser.add_argument("--epochs", type=int, default=None, help="default 15 (1 with --small)")
     parser.add_argument("--small", action="store_true", help="CPU size: 4 trials, 1 epoch, 2,000 images")
     parser.add_argument("--throughput", default=None, help="e.g. 1,8,32: only the step throughput per stack size")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"with --throughput, which steps to time (of {', '.join(VARIANTS)}; the first is the "
+                             "reference)")
     parser.add_argument("--options", default="", help='more `regsweep optimize` options, e.g. "--deterministic false"')
     parser.add_argument("--shrink", default=None, help="e.g. 8,32: only idle, shrinking and refilled slots, per size")
     parser.add_argument("--compiled", action="store_true",
@@ -277,7 +331,7 @@ def main():
         shrink([int(k) for k in args.shrink.split(",")], args)
         return
     if args.throughput:
-        throughput([int(k) for k in args.throughput.split(",")])
+        throughput([int(k) for k in args.throughput.split(",")], args.variants.split(","), small=args.small)
         return
     args.extra = args.options.split()
     if args.small:
