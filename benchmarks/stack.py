@@ -110,7 +110,8 @@ def variant_setup(variant: str, cfgs: list, data):
     """A stack of `cfgs` set up as regsweep does, then changed as `variant` says (VARIANTS)."""
     import torch
 
-    from regsweep.training import CudaGraphStep, make_step, new_stack, setup
+    from regsweep.step import CudaGraphStep, make_step
+    from regsweep.training import new_stack, setup
 
     if variant == "bf16":
         cfgs = [c.replace(precision="bf16") for c in cfgs]
@@ -183,7 +184,8 @@ def shrink(sizes: list[int], args) -> None:
 
     from regsweep.config import TrainConfig
     from regsweep.data import load_for
-    from regsweep.training import fit_stack, step_mode
+    from regsweep.step import step_mode
+    from regsweep.training import fit_stack
 
     cfg = TrainConfig(l1=1e-4, l2=1e-4, epochs=args.epochs, **args.shrink_options)
     data = load_for(cfg)

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from regsweep.config import TrainConfig
 from regsweep.data import rotate_batch
 from regsweep.regularization import penalised_parameters, regularisation_loss
-from regsweep.training import build_optimizer, new_model
+from regsweep.step import build_optimizer
+from regsweep.training import new_model
 
 VARIANTS = ("eager", "regsweep", "whole-step", "compiled-opt", "fused-sgd", "max-of-views", "simd-256",
             "channels-last", "max-autotune")

@@ -33,7 +33,8 @@ from torchvision import datasets, transforms
 from regsweep.config import TrainConfig
 from regsweep.data import MNIST_MEAN, MNIST_STD, load_mnist, prepare_vendored
 from regsweep.models import build_model
-from regsweep.training import build_optimizer, fit, setup
+from regsweep.step import build_optimizer
+from regsweep.training import fit, setup
 
 L1, L2 = 1e-3, 5e-4  # both penalties on, so their cost is part of what is measured
 

@@ -65,8 +65,8 @@ class TrainConfig:
     precision: str = "fp32"  # bf16 = autocast to bfloat16 for the forward pass
     compile: bool = True  # torch.compile the model: faster CPU steps after a one-off compilation
     device: str = "auto"  # auto = CUDA when available, else CPU
-    cuda_graph: bool = True  # on CUDA, replay the whole training step as one captured graph (training.py)
-    deterministic: bool = True  # on CUDA, deterministic cuDNN algorithms: same seed, same result (training.py)
+    cuda_graph: bool = True  # on CUDA, replay the whole training step as one captured graph (step.py)
+    deterministic: bool = True  # on CUDA, deterministic cuDNN algorithms: same seed, same result (step.py)
 
     # --- data ---
     seed: int = 1  # model init, batch order and augmentation; the validation split does not depend on it

@@ -1,4 +1,5 @@
-"""Train one configuration and return numbers: per-epoch metrics, the best-validation weights and a summary.
+"""Train one configuration, or several stacked as one network, and return numbers: per-epoch metrics, the
+best-validation weights and a summary. (The step each batch takes, and how it runs on each device: step.py.)
 
 Nothing here prints or logs. `fit` calls `on_epoch(epoch, metrics)` after every epoch; MLflow logging and
 Optuna pruning hook in there (tracking.py, sweep/objective.py). Model selection uses the validation split only; the
@@ -9,19 +10,19 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from .config import TrainConfig
-from .data import MnistSplits, Split, batches, rotate_batch, shuffled_batches
+from .data import MnistSplits, Split, batches, shuffled_batches
 from .models import build_model
 from .regularization import member_sums, penalised_parameters, weight_stats_tensor
+from .step import (Coefficients, CudaGraphStep, Schedules, Step, as_loss_dtype, autocast, build_optimizer,
+                   build_scheduler, configure_device, make_step, member_losses, step_mode, stepping_config)
 
 
 class DivergedError(RuntimeError):
@@ -37,41 +38,6 @@ class FitResult:
     step_mode: str = "eager"  # how the training step ran: cuda-graph, compiled, eager, or "eager: <why>"
     test_pred: torch.Tensor | None = None  # predicted test labels of the best-validation weights (CPU)
     diverged: bool = False  # the training loss stopped being finite (stop_reason says when)
-
-
-def autocast(precision: str, device_type: str = "cpu"):
-    return torch.autocast(device_type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-
-
-def as_loss_dtype(logits: torch.Tensor) -> torch.Tensor:
-    """Losses in at least float32: bf16 logits are widened, float64 ones (the equivalence tests) kept."""
-    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
-
-
-def build_optimizer(cfg: TrainConfig, params, device: torch.device | None = None) -> torch.optim.Optimizer:
-    """On CUDA the learning rate lives in a device tensor and the update is one fused kernel: a captured step
-    (CudaGraphStep) then reads the value the scheduler writes there before each replay."""
-    if device is not None and device.type == "cuda":
-        lr = torch.tensor(cfg.lr, device=device)
-        if cfg.optimizer == "adam":
-            return torch.optim.Adam(params, lr=lr, fused=True, capturable=True)
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=True, fused=True)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-
-
-def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
-    """Stepped once per batch, so every schedule is expressed in batches."""
-    if cfg.scheduler == "onecycle":
-        # Momentum stays at cfg.momentum: cycling it would bake a different constant into every captured
-        # step (the fused kernels take momentum as a number), and a schedule must act the same on every device.
-        return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
-            pct_start=0.2, cycle_momentum=False)  # short warm-up: 15 epochs leave little room
-    if cfg.scheduler == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size * steps_per_epoch, gamma=0.1)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
 @torch.no_grad()
@@ -105,163 +71,6 @@ def per_class_metrics(cm: torch.Tensor) -> list[dict[str, float]]:
     f1 = torch.nan_to_num(2 * precision * recall / (precision + recall))
     return [{"class": c, "precision": precision[c].item(), "recall": recall[c].item(), "f1": f1[c].item(),
              "support": int(cm[c].sum().item())} for c in range(cm.shape[0])]
-
-
-Step = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-@dataclass
-class Coefficients:
-    """What differs between the members of a stack, as device tensors a captured step reads at each replay:
-    each member's L1 and L2 coefficient, and whether it still trains (0 once it stopped)."""
-    l1: torch.Tensor
-    l2: torch.Tensor
-    active: torch.Tensor
-
-    @classmethod
-    def of(cls, cfgs: list[TrainConfig], device: torch.device) -> Coefficients:
-        def vector(values):
-            return torch.tensor(values, dtype=torch.float32, device=device)
-        return cls(vector([c.l1 for c in cfgs]), vector([c.l2 for c in cfgs]), vector([1.0] * len(cfgs)))
-
-
-@dataclass
-class Schedules:
-    """Each member's learning rate at its own step, for a stack whose members start at different times (a freed
-    slot refilled with a new member: fit_stack's `refill`).
-
-    torch's optimizers hold one learning rate per parameter tensor, and every tensor of a stack holds all its
-    members. So the optimizer steps at lr 1 and each member's block of that update is then scaled by the
-    member's own rate. For SGD (L2 is in the loss, there is no weight decay) this is the same update up to
-    rounding (a unit or two in the last place of a weight): its update is lr times a direction that does not
-    depend on lr, as the momentum buffer sums gradients. The rates are those
-    of the configured torch scheduler, read off once per step of a member's training into `table`; a member
-    reads it at its own step count. Device tensors: a captured step reads and advances them at every replay.
-    """
-    table: torch.Tensor  # float64: the learning rate of a member's i-th step, i <= epochs x steps per epoch
-    started: torch.Tensor  # per member: the stack's step count at its first step
-    clock: torch.Tensor  # 0-d: the steps the stack has taken
-
-    @classmethod
-    def of(cls, cfg: TrainConfig, steps_per_epoch: int, members: int, device: torch.device) -> Schedules:
-        stand_in = torch.optim.SGD([torch.zeros(1)], lr=cfg.lr)  # the scheduler only reads and writes its lr
-        scheduler = build_scheduler(cfg, stand_in, steps_per_epoch)
-        stand_in.step()  # no gradient, no change: only so that the scheduler sees a step before its own
-        rates = [stand_in.param_groups[0]["lr"]]
-        for _ in range(cfg.epochs * steps_per_epoch):  # to the rate after the last step, as training's scheduler
-            scheduler.step()
-            rates.append(stand_in.param_groups[0]["lr"])
-        return cls(torch.tensor(rates, dtype=torch.float64, device=device),
-                   torch.zeros(members, dtype=torch.long, device=device),
-                   torch.zeros((), dtype=torch.long, device=device))
-
-    def rates(self) -> torch.Tensor:
-        """Each member's learning rate for its next step."""
-        return self.table[(self.clock - self.started).clamp(0, len(self.table) - 1)]
-
-    @torch.no_grad()
-    def scale(self, params: list[torch.Tensor], before: list[torch.Tensor]) -> None:
-        """Scale each member's block of the step just taken at lr 1 (`params` less `before`) by its rate."""
-        rates = self.rates().to(params[0].dtype).view(-1, 1)
-        for p, old in zip(params, before):
-            update = p.view(len(rates), -1)
-            update.copy_(torch.lerp(old.view(len(rates), -1), update, rates))
-        self.clock.add_(1)
-
-    def take(self, keep: list[int]) -> Schedules:
-        """The schedules of the members at positions `keep` (Setup.compact)."""
-        return Schedules(self.table, self.started[keep].clone(), self.clock.clone())
-
-
-def member_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of each member over the batch: B x K x 10 logits -> K losses."""
-    return F.cross_entropy(logits.transpose(1, 2), y[:, None].expand(-1, logits.shape[1]), reduction="none").mean(0)
-
-
-def make_step(step_model: nn.Module, optimizer: torch.optim.Optimizer, split: Split, cfg: TrainConfig,
-              penalised: list[torch.Tensor], generator: torch.Generator, coef: Coefficients,
-              schedules: Schedules | None = None) -> Step:
-    """The training step, from a batch's indices to each member's (cross-entropy, number correct) as device
-    tensors.
-
-    Everything a step does is in here, gathering the batch included, so that CudaGraphStep can record it
-    whole; the CPU and a non-captured GPU run call it as it is. The loss is the sum of the members' losses:
-    member k's weights appear only in its own term, so each member gets exactly the gradient it would get
-    trained alone.
-    """
-    members = len(coef.l1)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-
-    def step(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = split.x[idx], split.y[idx]
-        if cfg.augment:
-            x = rotate_batch(x, cfg.rotate, generator)
-        with autocast(cfg.precision, x.device.type):
-            logits = as_loss_dtype(step_model(x)).view(len(y), members, 10)
-        data_loss = member_losses(logits, y)
-        sum_abs, sum_sq = member_sums(penalised, members)
-        loss = (coef.active * (data_loss + coef.l1 * sum_abs + coef.l2 * sum_sq)).sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        before = [p.detach().clone() for p in params] if schedules is not None else []
-        optimizer.step()
-        if schedules is not None:
-            schedules.scale(params, before)
-        return data_loss.detach(), (logits.argmax(2) == y[:, None]).sum(0)
-
-    return step
-
-
-class CudaGraphStep:
-    """A step recorded once as a CUDA graph and replayed for every later batch.
-
-    A step of this 10k-parameter network is a few hundred tiny kernels; launching them one by one from
-    Python, not arithmetic, bounds its speed on a GPU. Replaying the recorded graph launches them all at
-    once (PyTorch's CUDA-graphs notes, "whole network capture"). What changes between batches lives in
-    tensors the graph reads: the batch indices (copied into `idx` before each replay), the learning rate
-    (the scheduler writes the optimizer's lr tensor), the members' coefficients and active flags, and the
-    random state of `generator` (registered with the graph, so each replay draws new rotations; batch order
-    comes from another generator, used outside the graph). The first `warmup` calls run eagerly on a side
-    stream, as capture requires (lazy initialisation, optimizer state); they are ordinary training steps.
-
-    A step that cannot be recorded (an operation that waits on the host, say, from a model added later) fails
-    at capture, before any of it has run: the step then runs eagerly from there on, and `mode` says why.
-    """
-
-    def __init__(self, step: Step, generator: torch.Generator, warmup: int = 3):
-        self.step, self.generator, self.warmup = step, generator, warmup
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.calls = 0
-        self.mode = "cuda-graph"  # or "eager: ..." once capture has failed
-
-    def __call__(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.mode != "cuda-graph":
-            return self.step(idx)
-        if self.graph is None and self.calls < self.warmup:
-            self.calls += 1
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                out = self.step(idx)
-            torch.cuda.current_stream().wait_stream(side)
-            return out
-        if self.graph is None:
-            self.idx = idx.clone()
-            graph = torch.cuda.CUDAGraph()
-            graph.register_generator_state(self.generator)
-            try:
-                with torch.cuda.graph(graph):
-                    self.out = self.step(self.idx)
-            except RuntimeError as exc:  # recording only: nothing of this step has run yet
-                torch.cuda.synchronize()
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                self.mode = f"eager: CUDA graph capture failed ({first[:200]})"
-                return self.step(idx)
-            self.graph = graph
-        else:
-            self.idx.copy_(idx)  # same shape: train_epoch only feeds full batches
-        self.graph.replay()  # after capture too: capturing records the step without running it
-        return self.out
 
 
 def train_epoch(step: Step, scheduler, split: Split, batch_size: int, generator: torch.Generator,
@@ -327,27 +136,6 @@ def check_stackable(cfgs: list[TrainConfig]) -> None:
         differing = [f for f, v in shared.items() if getattr(cfg, f) != v]
         if differing:
             raise ValueError(f"stacked members may differ only in l1, l2 and seed, not in {differing}")
-
-
-def configure_device(device: torch.device, deterministic: bool = True) -> None:
-    """Same seed, same device, same result. On CUDA: cuDNN picks its algorithms deterministically instead of
-    by timing them (benchmark mode could pick a different one each run), and TF32 is off so that float32
-    means float32 (TF32 would also break the stacked-vs-separate equivalence checks). TF32 costs nothing
-    here: the network's 8-16-channel layers are far too small for tensor cores to matter. Deterministic
-    algorithms do cost speed, most for stacks' grouped convolutions (docs/benchmarks.md: 2.3x at 32
-    members), so `deterministic=False` trades reproducibility for it."""
-    if device.type == "cuda":
-        torch.backends.cudnn.deterministic = deterministic
-        torch.backends.cudnn.benchmark = not deterministic
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-
-
-def step_mode(cfg: TrainConfig, device: torch.device) -> str:
-    """How the training step runs: 'cuda-graph', 'compiled' or 'eager'."""
-    if device.type == "cuda" and cfg.cuda_graph:
-        return "cuda-graph"
-    return "compiled" if cfg.compile else "eager"
 
 
 @dataclass
@@ -455,12 +243,6 @@ class Setup:
             step = CudaGraphStep(step, self.augment_generator)
         return Setup(self.data, model, optimizer, scheduler, penalised, step, self.order_generator,
                      self.augment_generator, self.batch_size, self.steps_per_epoch, mode, coef, cfgs, schedules)
-
-
-def stepping_config(cfg: TrainConfig, own_schedules: bool) -> TrainConfig:
-    """What the optimizer and its torch scheduler are built from: `cfg`, or with per-member schedules lr 1 and no
-    schedule (Schedules applies each member's rate after the step)."""
-    return cfg.replace(lr=1.0, scheduler="none") if own_schedules else cfg
 
 
 def setup(cfgs: TrainConfig | list[TrainConfig], data: MnistSplits, model: nn.Module | None = None,

@@ -9,7 +9,8 @@ from click.testing import CliRunner
 
 from regsweep.cli import cli
 from regsweep.config import ConfigError, TrainConfig
-from regsweep.training import CudaGraphStep, fit, setup
+from regsweep.step import CudaGraphStep
+from regsweep.training import fit, setup
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device on this machine")
@@ -56,7 +57,7 @@ def steps(cfg: TrainConfig, data, n: int):
                                      dict(model="mlp", norm="bn", dropout=0.0)])
 def test_captured_step_equals_the_eager_step(tiny_data, tiny_cfg, variant):
     """The graph replays exactly the step the eager loop runs: same weights after warm-up, capture and
-    replays (TF32 is off, cuDNN deterministic; see training.configure_device)."""
+    replays (TF32 is off, cuDNN deterministic; see step.configure_device)."""
     cfg = tiny_cfg.replace(device="cuda", l1=1e-3, l2=5e-4, **variant)
     graph_weights, graph_losses = steps(cfg, tiny_data, 8)
     eager_weights, eager_losses = steps(cfg.replace(cuda_graph=False), tiny_data, 8)

@@ -101,7 +101,7 @@ def refills(settings: SweepSettings) -> bool:
     dropped. A compiled step (the CPU's default) keeps its stack's shape, so a freed slot not refilled idles:
     refilling trained the same configurations 1.9-2.4x as fast (`python benchmarks/stack.py --small --shrink 4
     --compiled`). With an eager CPU step a step's cost grows with its members, a little more than in
-    proportion, and shrinking won (`--small --shrink 4`). SGD only (training.Schedules)."""
+    proportion, and shrinking won (`--small --shrink 4`). SGD only (step.Schedules)."""
     if settings.base.optimizer != "sgd":
         return False
     if settings.refill is not None:
