@@ -83,12 +83,14 @@ class Schedules:
     slot refilled with a new member: fit_stack's `refill`).
 
     torch's optimizers hold one learning rate per parameter tensor, and every tensor of a stack holds all its
-    members. So the optimizer steps at lr 1 and each member's block of that update is then scaled by the
-    member's own rate. For SGD (L2 is in the loss, there is no weight decay) this is the same update up to
-    rounding (a unit or two in the last place of a weight): its update is lr times a direction that does not
-    depend on lr, as the momentum buffer sums gradients. The rates are those
-    of the configured torch scheduler, read off once per step of a member's training into `table`; a member
-    reads it at its own step count. Device tensors: a captured step reads and advances them at every replay.
+    members. So the optimizer steps at lr 1 and each member's rate enters through its loss and its momentum.
+    SGD's step at rate r_t is r_t (g_t + m buf_t), where buf_t = m buf_t-1 + g_t sums past gradients (L2 is in
+    the loss: no weight decay). Member k's loss scaled by r_t scales its gradients, and so g_t, by r_t (no other
+    member's loss reaches its weights); its momentum buffer scaled by r_t / r_t-1 before the step keeps the
+    buffer at r_t buf_t. The step at lr 1 is then the step at r_t, up to rounding (a unit or two in the last
+    place), at the cost of one multiplication per momentum buffer. The rates are those of the configured torch
+    scheduler, read off once per step of a member's training into `table`; a member reads it at its own step
+    count. Device tensors: a captured step reads and advances them at every replay.
     """
     table: torch.Tensor  # float64: the learning rate of a member's i-th step, i <= epochs x steps per epoch
     started: torch.Tensor  # per member: the stack's step count at its first step
@@ -107,18 +109,30 @@ class Schedules:
                    torch.zeros(members, dtype=torch.long, device=device),
                    torch.zeros((), dtype=torch.long, device=device))
 
+    def own_steps(self) -> torch.Tensor:
+        """The steps each member has taken (an index into `table`)."""
+        return (self.clock - self.started).clamp(0, len(self.table) - 1)
+
     def rates(self) -> torch.Tensor:
         """Each member's learning rate for its next step."""
-        return self.table[(self.clock - self.started).clamp(0, len(self.table) - 1)]
+        return self.table[self.own_steps()]
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each member's rate for its next step, and its ratio to the member's rate at its previous step (1 at
+        its first: its momentum buffer is zero, or not there yet)."""
+        own = self.own_steps()
+        return self.table[own], self.table[own] / self.table[(own - 1).clamp(min=0)]
 
     @torch.no_grad()
-    def scale(self, params: list[torch.Tensor], before: list[torch.Tensor]) -> None:
-        """Scale each member's block of the step just taken at lr 1 (`params` less `before`) by its rate."""
-        rates = self.rates().to(params[0].dtype).view(-1, 1)
-        for p, old in zip(params, before):
-            update = p.view(len(rates), -1)
-            update.copy_(torch.lerp(old.view(len(rates), -1), update, rates))
-        self.clock.add_(1)
+    def rescale_momentum(self, optimizer: torch.optim.Optimizer, ratio: torch.Tensor) -> None:
+        """Scale each member's block of every momentum buffer by its ratio."""
+        buffers = [optimizer.state.get(p, {}).get("momentum_buffer") for group in optimizer.param_groups
+                   for p in group["params"]]
+        buffers = [b for b in buffers if b is not None]  # none before the first step, nor without momentum
+        if buffers:
+            column = ratio.to(buffers[0].dtype).view(-1, 1)  # the parameters' dtype, as every buffer's
+            for buffer in buffers:
+                buffer.view(len(ratio), -1).mul_(column)
 
     def take(self, keep: list[int]) -> Schedules:
         """The schedules of the members at positions `keep` (Setup.compact)."""
@@ -142,7 +156,6 @@ def make_step(step_model: nn.Module, optimizer: torch.optim.Optimizer, split: Sp
     trained alone.
     """
     members = len(coef.l1)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
 
     def step(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = split.x[idx], split.y[idx]
@@ -152,13 +165,17 @@ def make_step(step_model: nn.Module, optimizer: torch.optim.Optimizer, split: Sp
             logits = as_loss_dtype(step_model(x)).view(len(y), members, 10)
         data_loss = member_losses(logits, y)
         sum_abs, sum_sq = member_sums(penalised, members)
-        loss = (coef.active * (data_loss + coef.l1 * sum_abs + coef.l2 * sum_sq)).sum()
+        weight = coef.active
+        if schedules is not None:  # each member's own learning rate (Schedules)
+            rate, ratio = schedules.factors()
+            weight = weight * rate.to(data_loss.dtype)
+        loss = (weight * (data_loss + coef.l1 * sum_abs + coef.l2 * sum_sq)).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        before = [p.detach().clone() for p in params] if schedules is not None else []
-        optimizer.step()
         if schedules is not None:
-            schedules.scale(params, before)
+            schedules.rescale_momentum(optimizer, ratio)
+            schedules.clock.add_(1)
+        optimizer.step()
         return data_loss.detach(), (logits.argmax(2) == y[:, None]).sum(0)
 
     return step
@@ -239,5 +256,5 @@ def step_mode(cfg: TrainConfig, device: torch.device) -> str:
 
 def stepping_config(cfg: TrainConfig, own_schedules: bool) -> TrainConfig:
     """What the optimizer and its torch scheduler are built from: `cfg`, or with per-member schedules lr 1 and no
-    schedule (Schedules applies each member's rate after the step)."""
+    schedule (Schedules brings each member's rate in through its loss and momentum)."""
     return cfg.replace(lr=1.0, scheduler="none") if own_schedules else cfg
