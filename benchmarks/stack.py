@@ -145,7 +145,7 @@ def throughput(sizes: list[int], variants: list[str], epochs: int = 2, small: bo
     where = torch.cuda.get_device_name() if cuda else "CPU (cuDNN and TF32 rows change nothing here)"
     print(f"{where}, torch {torch.__version__}; {len(data.train):,} training images, batch {cfg.batch_size}, "
           f"mean of {epochs} epochs after a warm-up epoch\n")
-    print("| members | step | epoch s | model-images/s | vs default |")
+    print("| members | step | epoch s | model-images/s | vs first row |")
     print("|---|---|---|---|---|")
     for k in sizes:
         base = None
