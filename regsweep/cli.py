@@ -41,7 +41,8 @@ HELP = {
     "augment": "Random rotation of training batches (true/false).",
     "rotate": "Maximum rotation in degrees for --augment.",
     "precision": "fp32, or bf16 autocast.",
-    "compile": "torch.compile the model (true/false): faster epochs after a one-off compile.",
+    "compile": "torch.compile the model (true/false): faster epochs after a one-off compile; not used when "
+               "the step is captured (--cuda-graph on CUDA).",
     "device": "auto = CUDA when available, else cpu; cuda without a CUDA device is an error.",
     "cuda_graph": "On CUDA, capture the whole training step once as a CUDA graph and replay it (true/false).",
     "deterministic": "On CUDA, deterministic cuDNN: the same seed gives the same result (true); false lets "
