@@ -32,7 +32,7 @@ HELP = {
     "epochs": "Training epochs (an upper bound when early stopping is on).",
     "batch_size": "Training batch size.",
     "lr": "Learning rate (the peak for onecycle).",
-    "momentum": "SGD (Nesterov) momentum.",
+    "momentum": "SGD (Nesterov) momentum, in [0, 1) (0 = plain SGD).",
     "optimizer": "sgd (Nesterov momentum) or adam.",
     "scheduler": "Learning-rate schedule, stepped per batch: none, step (x0.1 every --step-size epochs), "
                  "onecycle.",

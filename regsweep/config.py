@@ -55,7 +55,7 @@ class TrainConfig:
     epochs: int = 15
     batch_size: int = 128
     lr: float = 0.1  # peak learning rate for onecycle, initial for step/none
-    momentum: float = 0.9  # SGD only
+    momentum: float = 0.9  # SGD only: Nesterov momentum, 0 = plain SGD
     optimizer: str = "sgd"
     scheduler: str = "onecycle"
     step_size: int = 6  # epochs between x0.1 decays with scheduler=step
@@ -127,6 +127,8 @@ class TrainConfig:
             raise ConfigError("lr must be > 0")
         if self.dropout >= 1:
             raise ConfigError(f"dropout must be < 1, got {self.dropout}")
+        if self.momentum >= 1:
+            raise ConfigError(f"momentum must be < 1, got {self.momentum}")
         choices = {
             "model": MODELS, "norm": NORMS, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS,
             "activation": ACTIVATIONS, "init": INITS, "precision": PRECISIONS, "penalize": PENALIZE,

@@ -40,10 +40,11 @@ def build_optimizer(cfg: TrainConfig, params, device: torch.device | None = None
         lr = torch.tensor(cfg.lr, device=device)
         if cfg.optimizer == "adam":
             return torch.optim.Adam(params, lr=lr, fused=True, capturable=True)
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=True, fused=True)
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, fused=True)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    # Nesterov needs momentum: momentum 0 is plain SGD.
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
 
 
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):

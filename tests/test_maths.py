@@ -149,6 +149,7 @@ def test_summary_selects_on_validation_and_reports_test_there():
     ({"l2": float("nan")}, "l2 must be a finite number"),
     ({"l1": float("inf")}, "l1 must be a finite number"),
     ({"epochs": 0}, "epochs must be an integer >= 1"),
+    ({"momentum": 1.0}, "momentum must be < 1"),
     ({"model": "resnet"}, "unknown model 'resnet'"),
     ({"norm": "ln"}, "unknown norm 'ln'"),
     ({"optimizer": "rmsprop"}, "unknown optimizer"),
