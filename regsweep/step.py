@@ -122,7 +122,8 @@ class Schedules:
         """Each member's rate for its next step, and its ratio to the member's rate at its previous step (1 at
         its first: its momentum buffer is zero, or not there yet)."""
         own = self.own_steps()
-        return self.table[own], self.table[own] / self.table[(own - 1).clamp(min=0)]
+        rate = self.table[own]
+        return rate, rate / self.table[(own - 1).clamp(min=0)]
 
     @torch.no_grad()
     def rescale_momentum(self, optimizer: torch.optim.Optimizer, ratio: torch.Tensor) -> None:
