@@ -13,6 +13,7 @@ Each row is a fresh study in a temporary store, run as a subprocess and timed fr
     python benchmarks/stack.py --small --shrink 4                # the same on the CPU, 2,000 images, 6 epochs
     python benchmarks/stack.py --small --shrink 4 --compiled     # ... with the CPU's default compiled step
     python benchmarks/stack.py --hooks 8,32                      # the per-epoch hooks alone: logging, pruning
+    python benchmarks/stack.py --flushes                         # what one flush of MLflow's queue waits
     python benchmarks/stack.py --rows 32,1:4 --options "--deterministic false"
     python benchmarks/stack.py --rows grid                       # the notebooks' 4 x 5 grid, one stack
 
@@ -304,6 +305,47 @@ def hooks(sizes: list[int], args) -> None:
             sys.exit(1)
 
 
+def flushes(args) -> None:
+    """What flushing MLflow's logging queue holds up. The sweep flushes whenever a member leaves its stack
+    (its epochs in the store before its run is completed) while the other members wait, and once a stack
+    ends; ending a run that logged asynchronously waits the same way. MLflow's own logging loop against the
+    buffered one regsweep sets (tracking.prompt_flushes), in turn, in one process, against a real SQLite
+    store: each epoch queues 40 metrics, lasts `--epoch-seconds` times 0.5-1.5 (the same draws for both),
+    and ends with two members leaving: two flushes in a row."""
+    import random
+    import statistics
+
+    import mlflow
+
+    from regsweep.tracking import prompt_flushes
+
+    store = tempfile.mkdtemp()
+    mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
+    mlflow.set_experiment("flushes")
+    names = [f"metric_{i}" for i in range(40)]
+    rng = random.Random(0)
+    epochs = [rng.uniform(0.5, 1.5) * args.epoch_seconds for _ in range(args.epochs)]
+    print(f"{args.epochs} epochs of {min(epochs):.2f}-{max(epochs):.2f} s, two flushes after each\n")
+    print("| logging loop | flushes | ms per flush, median | max | s held in all |\n|---|---|---|---|---|")
+    for name in ("MLflow's default", "buffered (regsweep's setting)"):
+        os.environ.pop("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", None)
+        if name.startswith("buffered"):
+            prompt_flushes()
+        seconds = []
+        with mlflow.start_run():
+            mlflow.log_metrics({"warm-up": 0.0}, synchronous=False)
+            mlflow.flush_async_logging()  # the logging thread starts anew, reading the setting
+            for epoch, length in enumerate(epochs, 1):
+                mlflow.log_metrics({n: 0.5 for n in names}, step=epoch, synchronous=False)
+                time.sleep(length)  # the epoch's training: the queued metrics are written meanwhile
+                for _ in range(2):
+                    start = time.perf_counter()
+                    mlflow.flush_async_logging()
+                    seconds.append(time.perf_counter() - start)
+        print(f"| {name} | {len(seconds)} | {1000 * statistics.median(seconds):.0f} | {1000 * max(seconds):.0f} | "
+              f"{sum(seconds):.1f} |", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default=None, help='default "1:8,8,32,32-median" ("1,4" with --small)')
@@ -320,8 +362,13 @@ def main():
                         help="with --shrink --small: the step compiled (the CPU's default), not eager")
     parser.add_argument("--hooks", default=None, help="e.g. 8,32: only the per-epoch hooks (logging, pruning), per size")
     parser.add_argument("--epoch-seconds", type=float, default=1.0,
-                        help="with --hooks: the time between two epochs' hooks, standing in for training")
+                        help="with --hooks or --flushes: the time between two epochs, standing in for training")
+    parser.add_argument("--flushes", action="store_true", help="only what one flush of MLflow's logging queue waits")
     args = parser.parse_args()
+    if args.flushes:
+        args.epochs = args.epochs or 15
+        flushes(args)
+        return
     if args.hooks:
         args.epochs = args.epochs or 15
         hooks([int(k) for k in args.hooks.split(",")], args)

@@ -160,12 +160,14 @@ def train_one(fields: dict, experiment_name: str | None, tracking_timeout: float
 
     from .data import DataError, load_for
     from .outage import TrackingOutage, end_orphaned_runs, tracking_watch
-    from .tracking import TrackingError, check_tracking_uri, run_training, use_experiment, viewing_hint
+    from .tracking import (TrackingError, check_tracking_uri, prompt_flushes, run_training, use_experiment,
+                           viewing_hint)
 
     try:
         cfg = build_config(fields)
         data = load_for(cfg)
         check_tracking_uri()
+        prompt_flushes()
     except (UsageFailure, DataError, TrackingError) as exc:
         mark_project_run_failed(str(exc))
         raise UsageFailure(str(exc).removeprefix("Error: ")) from None
@@ -251,7 +253,7 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
     """
     from .data import DataError, check_available
     from .sweep import SearchSpace, SweepSettings, check_resumable, optimize as run_study, parse_grid, stack_size
-    from .tracking import TrackingError, check_tracking_uri, viewing_hint
+    from .tracking import TrackingError, check_tracking_uri, prompt_flushes, viewing_hint
 
     try:
         base = build_config(fields)
@@ -280,6 +282,7 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
         check_available(base.resolved_data_dir(), base.download)
         check_resumable(settings)  # a bad URL, an unreachable database or a clashing space fails here
         check_tracking_uri()
+        prompt_flushes()
     except ConfigError as exc:
         raise UsageFailure(str(exc)) from None
     except (UsageFailure, DataError, TrackingError) as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from click.testing import CliRunner
+from mlflow.environment_variables import MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS
 from mlflow.tracking import MlflowClient
 
 from regsweep.cli import cli
@@ -78,9 +79,12 @@ def test_corrupted_data_file_is_named_with_the_fix(tmp_path, tracking_uri):
     assert result.exit_code == 2 and "missing" in result.output and "train-images-idx3-ubyte.gz" in result.output
 
 
-def test_train_creates_one_named_run_in_the_chosen_experiment(tracking_uri):
+def test_train_creates_one_named_run_in_the_chosen_experiment(tracking_uri, monkeypatch):
+    monkeypatch.delenv("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", raising=False)  # restored after the test
     result = CliRunner().invoke(cli, ["train", *tiny_args(), "--l1", "0.001", "--experiment-name", "cli-test",
                                       "--log-images", "false"])
+    # Flushes of the metrics queue wait on an event, not on MLflow's one-second poll (tracking.prompt_flushes).
+    assert MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS.get() == 1
     assert result.exit_code == 0, result.output
     assert "best val acc" in result.output
     (run,) = all_runs(tracking_uri)
