@@ -14,6 +14,7 @@ Then, unless --skip-accuracy: regsweep fp32 vs bf16 accuracy over a few seeds, t
 
     python benchmarks/throughput.py                # ~12 minutes on 2 cores
     python benchmarks/throughput.py --images 4096 --rounds 1 --skip-accuracy   # quick look
+    python benchmarks/throughput.py --evaluation 1,4,8      # evaluation only: images a batch, stacks of K
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
 from regsweep.config import TrainConfig
-from regsweep.data import MNIST_MEAN, MNIST_STD, load_mnist, prepare_vendored
+from regsweep.data import MNIST_MEAN, MNIST_STD, Split, load_mnist, prepare_vendored
 from regsweep.models import build_model
 from regsweep.step import build_optimizer
-from regsweep.training import fit, setup
+from regsweep.training import eval_batch_size, fit, new_stack, predict, setup
 
 L1, L2 = 1e-3, 5e-4  # both penalties on, so their cost is part of what is measured
 
@@ -131,6 +132,35 @@ def profile_step(cfg: TrainConfig, steps: int = 20) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=110))
 
 
+def evaluation(member_counts: list[int], rounds: int) -> None:
+    """Evaluation (training.predict on the 10,000 test images) of the default CNN stacked K times, at the batch
+    regsweep picks (training.eval_batch_size) and at other sizes, 1,000 images a batch the reference; the
+    sizes interleaved over `rounds`, medians. Evaluation runs twice an epoch (validation and test splits)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    data = load_mnist(TrainConfig().resolved_data_dir(), max_train_samples=1)
+    split = Split(data.test.x.to(device), data.test.y.to(device))
+    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{name}, torch {torch.__version__}; {len(split):,} test images, median of {rounds} rounds\n")
+    print("| members | images a batch | µs per model-image | vs 1,000 a batch |\n|---|---|---|---|")
+    for k in member_counts:
+        model = new_stack([TrainConfig(seed=seed) for seed in range(k)]).to(device)
+        chosen = eval_batch_size(k, device)
+        sizes = sorted({chosen, 1000, max(16, chosen // 4), 4 * chosen} - {0})
+        seconds = {size: [] for size in sizes}
+        for size in sizes:
+            predict(model, split, batch_size=size)  # warm-up
+        for _ in range(rounds):
+            for size in sizes:
+                start = time.perf_counter()
+                predict(model, split, batch_size=size)
+                synchronize(device)
+                seconds[size].append(time.perf_counter() - start)
+        per = {size: 1e6 * statistics.median(t) / (len(split) * k) for size, t in seconds.items()}
+        for size in sizes:
+            mark = " (regsweep's)" if size == chosen else ""
+            print(f"| {k} | {size:,}{mark} | {per[size]:.0f} | {per[1000] / per[size]:.2f}x |", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=16384, help="images timed per pipeline and round")
@@ -139,7 +169,12 @@ def main():
     parser.add_argument("--accuracy-epochs", type=int, default=4)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="also print where a compiled step spends time")
+    parser.add_argument("--evaluation", default=None, metavar="K,...",
+                        help="only evaluation's speed per batch size, for stacks of these sizes (e.g. 1,4,8)")
     args = parser.parse_args()
+    if args.evaluation:
+        evaluation([int(k) for k in args.evaluation.split(",")], args.rounds)
+        return
     prepare_vendored(Path(TrainConfig().resolved_data_dir()))  # the reference reads MNIST/raw directly
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.images} images per pass, "

@@ -40,10 +40,21 @@ class FitResult:
     diverged: bool = False  # the training loss stopped being finite (stop_reason says when)
 
 
+EVAL_IMAGES_CPU = 512  # model-images (images x members) per evaluation batch on the CPU: see eval_batch_size
+
+
+def eval_batch_size(members: int, device: str) -> int:
+    """Images per evaluation batch: 1,000 on a GPU; on the CPU about EVAL_IMAGES_CPU model-images, so that a
+    batch's activations stay in the caches. At 1,000 images a batch, a 4-member stack took 2-3x as long per
+    image as at 128 (`python benchmarks/throughput.py --evaluation`, docs/benchmarks.md)."""
+    return 1000 if device == "cuda" else max(16, EVAL_IMAGES_CPU // members)
+
+
 @torch.no_grad()
-def predict(model: nn.Module, split: Split, batch_size: int = 1000, precision: str = "fp32") -> torch.Tensor:
-    """Logits for a whole split, in evaluation mode, on the split's device."""
+def predict(model: nn.Module, split: Split, batch_size: int | None = None, precision: str = "fp32") -> torch.Tensor:
+    """Logits for a whole split, in evaluation mode, on the split's device (`batch_size`: eval_batch_size)."""
     model.eval()
+    batch_size = batch_size or eval_batch_size(model.members, split.x.device.type)
     with autocast(precision, split.x.device.type):
         return torch.cat([as_loss_dtype(model(x)) for x, _ in batches(split, batch_size)])
 

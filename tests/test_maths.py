@@ -14,7 +14,8 @@ from regsweep.data import MNIST_MEAN, MNIST_STD, batches, normalise, rotate_batc
 from regsweep.models import MLP, GhostBatchNorm, SqueezeExpandCNN, build_model, count_parameters
 from regsweep.regularization import (
     l1_penalty, l2_penalty, penalised_parameters, regularisation_loss, weight_stats)
-from regsweep.training import confusion_matrix, per_class_metrics, summarise
+from regsweep.training import (
+    confusion_matrix, eval_batch_size, new_stack, per_class_metrics, predict, summarise)
 
 
 def test_penalties_match_hand_computation():
@@ -109,6 +110,16 @@ def test_batches_cover_the_split_once_as_slices():
     assert [len(y) for _, y in ordered] == [4, 4, 2]
     shuffled = torch.cat([y for _, y in batches(split, 4, torch.Generator().manual_seed(0))])
     assert sorted(shuffled.tolist()) == list(range(10)) and shuffled.tolist() != list(range(10))
+
+
+def test_evaluation_batches_shrink_with_the_stack_on_the_cpu_and_give_the_same_logits():
+    assert [eval_batch_size(k, "cpu") for k in (1, 4, 32, 128)] == [512, 128, 16, 16]
+    assert eval_batch_size(32, "cuda") == 1000
+    stack = new_stack([TrainConfig(seed=seed) for seed in range(4)])
+    split = Split(torch.randn(300, 1, 28, 28), torch.zeros(300, dtype=torch.long))
+    batched = predict(stack, split)  # 128 images a batch: three batches, the last one short
+    assert batched.shape == (300, 4, 10)
+    torch.testing.assert_close(batched, predict(stack, split, batch_size=300), rtol=1e-5, atol=1e-5)
 
 
 def test_rotation_keeps_background_and_zero_angle_is_identity():
