@@ -61,11 +61,11 @@ def predict(model: nn.Module, split: Split, batch_size: int | None = None, preci
 
 def evaluate(model: nn.Module, split: Split, precision: str = "fp32") -> dict[str, torch.Tensor]:
     """Each member's loss and accuracy as device vectors (length 1 for a single model): the caller reads all
-    of an epoch's numbers in one transfer."""
+    of an epoch's numbers in one transfer. Also the predicted labels, images x members, on the device."""
     logits = predict(model, split, precision=precision)
     logits = logits.view(len(split), -1, 10)
-    return {"loss": member_losses(logits, split.y),
-            "acc": (logits.argmax(2) == split.y[:, None]).float().mean(0)}
+    pred = logits.argmax(2)
+    return {"loss": member_losses(logits, split.y), "acc": (pred == split.y[:, None]).float().mean(0), "pred": pred}
 
 
 def confusion_matrix(y_true: torch.Tensor, y_pred: torch.Tensor, n_classes: int = 10) -> torch.Tensor:
@@ -323,6 +323,7 @@ class Member:
     retired: bool = False  # its slot zeroed (Setup.retire)
     left: bool = False  # its result final and handed to on_leave
     best_val_acc: float = -1.0
+    best_test_pred: torch.Tensor | None = None  # at its best validation epoch, on the device
     best_val_loss: float = math.inf
     since_best_loss: int = 0
     hook_seconds: float = 0.0  # in on_epoch: logging and pruning, what the caller adds to each epoch
@@ -363,10 +364,7 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
         k, members = slots[pos], run.members
         m = stack[k]
         finish(m.result, m.cfg, best_state, pos, members)
-        m.result.test_pred = predict(m.result.model.to(data.test.x.device), data.test,
-                                     precision=cfg.precision).argmax(1).cpu()
-        m.result.model.cpu()
-        close(m.result, time.perf_counter() - m.start, m.hook_seconds, run.effective_mode)
+        close(m, time.perf_counter(), run.effective_mode)
         m.left = True
         if on_leave is not None:
             on_leave(k, m.result)
@@ -407,6 +405,8 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
             m.result.history.append(metrics)
             if val_acc > m.best_val_acc:
                 m.best_val_acc, improved[pos] = val_acc, True
+                # The test predictions behind this epoch's test accuracy: those of the weights kept below.
+                m.best_test_pred = test["pred"][:, pos].clone()
             if val_loss < m.best_val_loss:
                 m.best_val_loss, m.since_best_loss = val_loss, 0
             else:
@@ -451,23 +451,25 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
     if not staying:  # every member left with its own predictions (a refilled stack's last epoch)
         return [m.result for m in stack]
     model.load_state_dict(best_state)
-    test_pred = predict(model, data.test, precision=cfg.precision).view(len(data.test), members, 10).argmax(2).cpu()
     end = time.perf_counter()
     for pos, m in staying:
         if members == 1:
             m.result.model = model.cpu()
         else:
             finish(m.result, m.cfg, best_state, pos, members)
-        m.result.test_pred = test_pred[:, pos]
-        close(m.result, end - m.start, m.hook_seconds, run.effective_mode)
+        close(m, end, run.effective_mode)
     return [m.result for m in stack]
 
 
-def close(result: FitResult, seconds: float, hook_seconds: float, mode: str) -> None:
-    """A member's result once it is done: how its step ran and, if it trained an epoch, its summary."""
+def close(m: Member, end: float, mode: str) -> None:
+    """A member's result once it is done (`end`: perf_counter then): how its step ran, its test predictions
+    and, if it trained an epoch, its summary."""
+    result = m.result
     result.step_mode = mode
+    result.test_pred = m.best_test_pred.cpu() if m.best_test_pred is not None else None
+    m.best_test_pred = None  # off the device: a refilled stack goes through many members
     if result.history:
-        result.summary = summarise(result.history, seconds) | {"total_hook_seconds": hook_seconds}
+        result.summary = summarise(result.history, end - m.start) | {"total_hook_seconds": m.hook_seconds}
 
 
 def finish(result: FitResult, cfg: TrainConfig, best_state: dict[str, torch.Tensor], pos: int, members: int) -> None:

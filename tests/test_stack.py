@@ -79,6 +79,8 @@ def test_stacked_fit_equals_separate_fits_on_the_same_batches(tiny_data, tiny_cf
                 assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-7), key
         assert member.summary["best_val_epoch"] == alone.summary["best_val_epoch"]
         assert torch.equal(member.test_pred, alone.test_pred)
+        # The logged predictions are those behind the logged test accuracy of the selected epoch.
+        assert (member.test_pred == data.test.y).float().mean().item() == member.summary["test_acc_at_best_val"]
         for name, t in alone.model.state_dict().items():
             torch.testing.assert_close(member.model.state_dict()[name].double(), t.double(), rtol=1e-6, atol=1e-7)
 
