@@ -245,6 +245,9 @@ def hooks(sizes: list[int], args) -> None:
     from regsweep.sweep.space import SearchSpace
     from regsweep.sweep.stacked import EpochHook, StackedTrial
     from regsweep.sweep.study import SweepSettings, load_study
+    from regsweep.tracking import prompt_flushes
+
+    prompt_flushes()  # as `regsweep optimize` sets MLflow's logging queue up
 
     class PerMember(EpochHook):
         def reads_storage(self, study):  # as for Hyperband: report, then trial.should_prune()
