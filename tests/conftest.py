@@ -21,9 +21,13 @@ TINY = dict(epochs=2, max_train_samples=1024, max_eval_samples=512, batch_size=3
 def tracking_uri(tmp_path, monkeypatch) -> str:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    # Unset for the test and restored after it, also where the test sets them (mlflow.set_experiment exports
+    # the experiment's id; delenv alone records nothing to restore for a variable that was not set).
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    # What regsweep's CLI sets (tracking.prompt_flushes), for tests that call the library too.
+    monkeypatch.setenv("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", "1")
     monkeypatch.chdir(tmp_path)  # anything MLflow writes relative to the cwd lands in the temp dir
     import mlflow
     mlflow.set_tracking_uri(uri)
