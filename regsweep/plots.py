@@ -52,9 +52,11 @@ def training_curves(history: list[dict[str, float]]) -> Figure:
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss (without penalty)")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs, not 1.2 of one
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.subplots_adjust(left=0.075, right=0.985, bottom=0.14, top=0.91, wspace=0.17)
+    # Room on the left for six-character ticks (a loss stuck at ln 10 gets "2.3026"-style labels).
+    fig.subplots_adjust(left=0.09, right=0.985, bottom=0.14, top=0.91, wspace=0.2)
     return fig
 
 
