@@ -71,8 +71,9 @@ def prompt_flushes() -> None:
     MLflow's logging thread waits for new metrics with a one-second timeout and sees a flush only when that
     runs out, so each flush idled for most of a second (`python benchmarks/stack.py --flushes`). The sweep
     flushes whenever a member leaves its stack, while the others wait. With a buffering interval set, the
-    thread waits on the event a flush sets instead, and writes what queued up meanwhile in one batch per
-    run. Worker processes inherit the setting; a value the user set is kept."""
+    thread waits on the event a flush sets instead, and writes what queued up meanwhile (MLflow merges only
+    consecutive batches of one run, so a stack still sends one request per member and epoch). Worker processes
+    inherit the setting; a value the user set is kept."""
     os.environ.setdefault("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", "1")
 
 

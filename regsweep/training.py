@@ -36,7 +36,8 @@ class FitResult:
     summary: dict[str, float] = field(default_factory=dict)
     stop_reason: str = ""  # why training ended before cfg.epochs (early stopping, pruning); empty if it did not
     step_mode: str = "eager"  # how the training step ran: cuda-graph, compiled, eager, or "eager: <why>"
-    test_pred: torch.Tensor | None = None  # predicted test labels of the best-validation weights (CPU)
+    test_pred: torch.Tensor | None = None  # predicted test labels of the best-validation weights (CPU); None
+    # for a member that diverged in its first epoch
     diverged: bool = False  # the training loss stopped being finite (stop_reason says when)
 
 
