@@ -225,6 +225,9 @@ class CudaGraphStep:
                     self.out = self.step(self.idx)
             except RuntimeError as exc:  # recording only: nothing of this step has run yet
                 torch.cuda.synchronize()
+                # The failed capture never reached its end, which takes `generator` out of capture mode;
+                # a fresh copy of its state (same seed and offset) lets it draw outside a graph again.
+                self.generator.graphsafe_set_state(self.generator.clone_state())
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 self.mode = f"eager: CUDA graph capture failed ({first[:200]})"
                 return self.step(idx)
