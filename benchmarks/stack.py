@@ -95,15 +95,15 @@ def run_row(row: str, args) -> dict:
 # a time that PyTorch offers (cuDNN's choice of algorithm, TF32, memory format, precision, a compiled model inside
 # the captured step), and the per-member learning rates that refilled stacks step with.
 VARIANTS = {
-    "default": "deterministic cuDNN, TF32 off (regsweep's default)",
-    "tf32": "the same, TF32 convolutions",
+    "default": "deterministic cuDNN, TF32 convolutions (regsweep's default)",
+    "fp32": "the same, TF32 off (--tf32 false)",
     "timed": "deterministic algorithms, chosen by timing (cudnn.benchmark)",
     "channels-last": "deterministic, channels-last weights",
     "bf16": "deterministic, bf16 autocast",
     "compiled": "deterministic, model compiled inside the captured step",
     "schedules": "deterministic, per-member learning rates (refilled stacks)",
     "fastest": "cuDNN's fastest algorithms (--deterministic false)",
-    "fastest-tf32": "the same, TF32 convolutions",
+    "fastest-fp32": "the same, TF32 off",
 }
 
 
@@ -123,7 +123,7 @@ def variant_setup(variant: str, cfgs: list, data):
     # setup() has set regsweep's own cuDNN/TF32 flags; the variant changes them before the first step.
     torch.backends.cudnn.deterministic = not variant.startswith("fastest")
     torch.backends.cudnn.benchmark = variant == "timed" or variant.startswith("fastest")
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = variant.endswith("tf32")
+    torch.backends.cudnn.allow_tf32 = not variant.endswith("fp32")
     if variant == "compiled":
         step = make_step(torch.compile(run.model), run.optimizer, run.data.train, cfgs[0], run.penalised,
                          run.augment_generator, run.coef)

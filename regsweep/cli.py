@@ -46,7 +46,9 @@ HELP = {
     "device": "auto = CUDA when available, else cpu; cuda without a CUDA device is an error.",
     "cuda_graph": "On CUDA, capture the whole training step once as a CUDA graph and replay it (true/false).",
     "deterministic": "On CUDA, deterministic cuDNN: the same seed gives the same result (true); false lets "
-                     "cuDNN pick its fastest algorithms (2.3x faster 32-member stacks, runs differ slightly).",
+                     "cuDNN pick its fastest algorithms (runs then differ slightly).",
+    "tf32": "On CUDA, convolutions in TF32, still deterministic (true, PyTorch's default; 2.4x faster 32-member "
+            "stacks); false keeps float32 throughout.",
     "seed": "Seed for initialisation, batch order and augmentation (the validation split is fixed).",
     "val_size": "Training images held out as the validation set used for model selection.",
     "max_train_samples": "Use only this many training images (0 = all); for quick runs.",

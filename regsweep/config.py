@@ -67,6 +67,7 @@ class TrainConfig:
     device: str = "auto"  # auto = CUDA when available, else CPU
     cuda_graph: bool = True  # on CUDA, replay the whole training step as one captured graph (step.py)
     deterministic: bool = True  # on CUDA, deterministic cuDNN algorithms: same seed, same result (step.py)
+    tf32: bool = True  # on CUDA, cuDNN convolutions in TF32 (PyTorch's default; step.py says why)
 
     # --- data ---
     seed: int = 1  # model init, batch order and augmentation; the validation split does not depend on it

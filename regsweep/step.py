@@ -238,18 +238,20 @@ class CudaGraphStep:
         return self.out
 
 
-def configure_device(device: torch.device, deterministic: bool = True) -> None:
+def configure_device(device: torch.device, deterministic: bool = True, tf32: bool = True) -> None:
     """Same seed, same device, same result. On CUDA: cuDNN picks its algorithms deterministically instead of
-    by timing them (benchmark mode could pick a different one each run), and TF32 is off so that float32
-    means float32 (TF32 would also break the stacked-vs-separate equivalence checks); whether it would pay at a
-    stack's width is what the TF32 rows of `benchmarks/stack.py --throughput` measure. Deterministic
-    algorithms do cost speed, most for stacks' grouped convolutions (docs/benchmarks.md: 2.3x at 32
-    members), so `deterministic=False` trades reproducibility for it."""
+    by timing them (benchmark mode could pick a different one each run). Deterministic algorithms cost
+    speed, most for a stack's grouped convolutions, so `deterministic=False` trades reproducibility for it.
+    TF32 convolutions (PyTorch's default, which `tf32` keeps) round the inputs of each multiply to 10 bits
+    of mantissa but stay deterministic; they buy back more than cuDNN's non-deterministic algorithms do
+    (docs/benchmarks.md: at 32 members, 2.4x against 2.3x). Matrix products (the MLP) stay float32, as
+    PyTorch's default has them. The equivalence tests, which compare a stack with separate models to 1e-7,
+    switch TF32 off."""
     if device.type == "cuda":
         torch.backends.cudnn.deterministic = deterministic
         torch.backends.cudnn.benchmark = not deterministic
         torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = tf32
 
 
 def step_mode(cfg: TrainConfig, device: torch.device) -> str:

@@ -271,7 +271,7 @@ def setup(cfgs: TrainConfig | list[TrainConfig], data: MnistSplits, model: nn.Mo
     if own_schedules and cfg.optimizer != "sgd":
         raise ValueError(f"per-member schedules need SGD, whose update scales with lr; not {cfg.optimizer}")
     device = torch.device(cfg.resolved_device())
-    configure_device(device, cfg.deterministic)
+    configure_device(device, cfg.deterministic, cfg.tf32)
     data = data.to(device)
     model = (model if model is not None else new_stack(cfgs)).to(device)
     # Batch order and augmentation draw from separate generators: the augmentation one is advanced by

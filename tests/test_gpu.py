@@ -57,8 +57,8 @@ def steps(cfg: TrainConfig, data, n: int):
                                      dict(model="mlp", norm="bn", dropout=0.0)])
 def test_captured_step_equals_the_eager_step(tiny_data, tiny_cfg, variant):
     """The graph replays exactly the step the eager loop runs: same weights after warm-up, capture and
-    replays (TF32 is off, cuDNN deterministic; see step.configure_device)."""
-    cfg = tiny_cfg.replace(device="cuda", l1=1e-3, l2=5e-4, **variant)
+    replays (TF32 off, cuDNN deterministic; see step.configure_device)."""
+    cfg = tiny_cfg.replace(device="cuda", tf32=False, l1=1e-3, l2=5e-4, **variant)
     graph_weights, graph_losses = steps(cfg, tiny_data, 8)
     eager_weights, eager_losses = steps(cfg.replace(cuda_graph=False), tiny_data, 8)
     assert graph_losses == pytest.approx(eager_losses, rel=1e-5, abs=1e-6)

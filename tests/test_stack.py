@@ -48,8 +48,8 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason
 @pytest.mark.parametrize("variant", VARIANTS.values(), ids=VARIANTS.keys())
 def test_k_stacked_members_equal_k_separate_models(tiny_data, tiny_cfg, variant, device):
     """Weights, gradients and batch-norm statistics after a few steps on the same batches, member by member
-    (on CUDA: TF32 off and deterministic cuDNN, as step.configure_device sets them; the captured step)."""
-    base = tiny_cfg.replace(device=device, augment=False, batch_size=32, **variant)
+    (on CUDA: TF32 off and deterministic cuDNN, set through step.configure_device; the captured step)."""
+    base = tiny_cfg.replace(device=device, tf32=False, augment=False, batch_size=32, **variant)
     cfgs = [base.replace(**m) for m in MEMBERS]
     batches = [b.to(device) for b in torch.randperm(len(tiny_data.train),
                                                     generator=torch.Generator().manual_seed(0)).split(32)[:5]]

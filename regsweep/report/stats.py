@@ -23,7 +23,7 @@ NO_VERDICT = "one seed: no verdict"
 # Params that say how or where a run was executed, or that follow from other settings; they do not make a
 # different configuration. (device: a GPU and a CPU run of one configuration differ by float rounding only.)
 NOT_SETTINGS = ("seed", "data_dir", "download", "log_model", "log_images", "threads", "compile", "device",
-                "cuda_graph", "deterministic", "n_params", "n_train", "n_val", "n_test")
+                "cuda_graph", "deterministic", "tf32", "n_params", "n_train", "n_val", "n_test")
 # Params every regsweep training run logs; a run without them is not one.
 REQUIRED_PARAMS = ("l1", "l2", "seed", "model")
 # Runs regsweep itself creates that are not training runs: study parents, report runs, and the trial runs
