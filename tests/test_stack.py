@@ -137,8 +137,11 @@ def test_a_stack_that_shrinks_trains_its_other_members_on_exactly_as_before(tiny
     for k, (a, b) in enumerate(zip(idle, shrunk)):
         assert len(a.history) == len(b.history) == {1: 1, 3: 1, 0: 2, 2: 3}[k]
         for got, want in zip(b.history, a.history):
-            for key in ("train/loss", "val/acc", "val/loss", "lr", "penalty/sum_sq_w", "weights/all/mean_abs"):
+            for key in ("train/loss", "val/acc", "val/loss", "lr", "penalty/sum_sq_w"):
                 assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), (k, key)
+            # Weight statistics are float32 (for logging), and on CUDA their sums run in an order that
+            # depends on the stack's width: equal to float32 rounding.
+            assert got["weights/all/mean_abs"] == pytest.approx(want["weights/all/mean_abs"], rel=1e-6), k
         assert b.summary["best_val_epoch"] == a.summary["best_val_epoch"]
         assert torch.equal(b.test_pred, a.test_pred), k
         for name, t in a.model.state_dict().items():
@@ -179,7 +182,7 @@ def test_a_refilled_slot_trains_its_new_member_as_a_fresh_model_on_the_stacks_ba
     alone.augment_generator.set_state(warm.augment_generator.get_state())
     for got in results[2].history:
         train = alone.epoch()
-        val = evaluate(alone.model, data.val)
+        val = evaluate(alone.model, alone.data.val)  # the split on the stack's device
         want = {"train/loss": (train["loss_sum"] / train["images"]).item(), "val/loss": val["loss"].item(),
                 "val/acc": val["acc"].item(), "lr": alone.rates()[0],
                 "weights/all/mean_abs": weight_stats(alone.model)["weights/all/mean_abs"]}
