@@ -254,7 +254,8 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
     the study's plots.
     """
     from .data import DataError, check_available
-    from .sweep import SearchSpace, SweepSettings, check_resumable, optimize as run_study, parse_grid, stack_size
+    from .sweep import (SearchSpace, SweepSettings, WorkerFailure, check_resumable, optimize as run_study, parse_grid,
+                        stack_size)
     from .tracking import TrackingError, check_tracking_uri, prompt_flushes, viewing_hint
 
     try:
@@ -306,6 +307,11 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
             consequence = (f"{which} is failed and queued again on the next start (the storage could not be "
                            "told now), and runs again.")
         stop_for_outage(exc, consequence)
+    except WorkerFailure as exc:  # exit 1; the parent run ended FAILED or KILLED
+        from .outage import command_line
+
+        raise click.ClickException(f"{exc}; its trial is failed and queued again, the other workers finished "
+                                   f"theirs. Run again with: {command_line()}") from None
     counts = summary["counts"]
     click.echo(f"study {settings.study_name}: {counts['complete']} complete, {counts['pruned']} pruned, "
                f"{counts['fail']} failed; parent run {summary['parent_run_id']}")

@@ -218,6 +218,48 @@ def test_sigkilled_worker_trial_is_failed_its_run_killed_and_retried_on_resume(t
         assert run.info.status != "RUNNING"
 
 
+@pytest.mark.slow
+def test_a_killed_worker_process_ends_the_sweep_killed_with_exit_1_and_resume_reruns_its_trial(tracking_uri,
+                                                                                              tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    args = [sys.executable, "-m", "regsweep", "optimize", *SMALL, "--epochs", "12", "--trials", "2",
+            "--workers", "2", "--storage", storage, "--pruner", "none", "--sampler", "random"]
+    proc = subprocess.Popen(args, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client, deadline, victim = MlflowClient(), time.time() + 180, None
+    while time.time() < deadline and victim is None:
+        time.sleep(0.5)
+        exp = client.get_experiment_by_name("regsweep")
+        for run in client.search_runs([exp.experiment_id]) if exp else []:
+            if "optuna.trial_number" in run.data.tags and client.get_metric_history(run.info.run_id, "val/acc"):
+                victim = run
+                break
+    assert victim is not None, "no trial started training"
+    worker_pid = int(victim.data.tags["regsweep.worker"].rsplit(":", 1)[1])
+    assert worker_pid != proc.pid  # a worker process, not the driver
+    os.kill(worker_pid, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=180)
+
+    assert proc.returncode == 1, stderr
+    assert "was killed by SIGKILL" in stderr and "Run again with: regsweep optimize" in stderr
+    (parent,), _ = study_runs()
+    assert parent.info.status == "KILLED" and "killed by SIGKILL" in parent.data.tags["regsweep.stop_reason"]
+    killed = client.get_run(victim.info.run_id)
+    assert killed.info.status == "KILLED" and "worker died" in killed.data.tags["regsweep.stop_reason"]
+    study = load(storage)
+    states = sorted(t.state.name for t in study.trials)
+    assert states == ["COMPLETE", "FAIL", "WAITING"]  # the other worker finished; the dead one's trial queued
+    (failed,) = [t for t in study.trials if t.state.name == "FAIL"]
+    assert failed.number == int(victim.data.tags["optuna.trial_number"])
+
+    optimize("--epochs", "12", "--trials", "2", "--storage", storage, "--pruner", "none", "--sampler", "random")
+    study = load(storage)
+    assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "COMPLETE", "FAIL"]
+    assert any(t.params == failed.params and t.state.name == "COMPLETE" for t in study.trials)
+    (parent,), children = study_runs()
+    assert parent.info.status == "FINISHED" and all(c.info.status != "RUNNING" for c in children)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--l1-range", "0.01", "0.001"], "--l1-range needs 0 < LOW <= HIGH"),
     (["--l2-range", "-1", "0.1"], "--l2-range needs 0 < LOW <= HIGH"),

@@ -10,13 +10,13 @@ The stages, one module each:
   driver.py     `optimize`: resume or create, run the workers, finish
 """
 
-from .driver import optimize, run_worker, threads_per_worker
+from .driver import WorkerFailure, optimize, run_worker, threads_per_worker
 from .objective import Objective
 from .runs import STUDY_TAG, finish_study, trial_run_name
 from .stacked import stack_size
 from .space import SearchSpace, effective_penalties, parse_grid, suggest_penalties
 from .study import FINISHED, SweepSettings, check_resumable, load_study, open_storage
 
-__all__ = ["FINISHED", "STUDY_TAG", "Objective", "SearchSpace", "SweepSettings", "check_resumable",
-           "effective_penalties", "finish_study", "load_study", "open_storage", "optimize", "parse_grid",
+__all__ = ["FINISHED", "STUDY_TAG", "Objective", "SearchSpace", "SweepSettings", "WorkerFailure",
+           "check_resumable", "effective_penalties", "finish_study", "load_study", "open_storage", "optimize", "parse_grid",
            "run_worker", "stack_size", "suggest_penalties", "threads_per_worker", "trial_run_name"]

@@ -22,6 +22,30 @@ from .study import (FINISHED, StaleTrialHandler, SweepSettings, count_finished, 
 WORKER_EXIT = {TrackingOutage: EXIT_OUTAGE, StorageOutage: EXIT_OUTAGE + 1}
 
 
+class WorkerFailure(Exception):
+    """A worker process crashed or was killed. The others finish their trials first; the dead worker's trial
+    is failed and queued again, and the sweep ends FAILED (crashed) or KILLED (signalled), to be resumed."""
+
+    def __init__(self, exitcodes: list[int | None]):
+        self.killed = any(code is not None and code < 0 for code in exitcodes)
+        dead = [f"worker {i} {describe_exit(code)}" for i, code in enumerate(exitcodes) if code != 0]
+        super().__init__(", ".join(dead))
+
+
+def describe_exit(code: int | None) -> str:
+    """A process's exit code in words: multiprocessing gives -N for a process ended by signal N."""
+    import signal
+
+    if code is None:
+        return "did not exit"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
 def run_worker(settings: SweepSettings, parent_run_id: str, experiment_id: str, tracking_uri: str,
                worker_index: int = 0, threads: int = 0) -> None:
     """One worker: load data once, then take trials until the study has `trials` finished ones."""
@@ -128,8 +152,11 @@ def optimize(settings: SweepSettings) -> dict:
                     proc.start()
                 for proc in procs:
                     proc.join()
-                raise_worker_outage(settings, tracking_uri, [proc.exitcode for proc in procs])
+                exitcodes = [proc.exitcode for proc in procs]
+                raise_worker_outage(settings, tracking_uri, exitcodes)
                 reap_dead_local_trials(study, handler)  # a worker that crashed leaves its trial RUNNING
+                if any(exitcodes):
+                    raise WorkerFailure(exitcodes)
     except KeyboardInterrupt:
         status = "KILLED"
         for proc in procs:  # each worker ends its own trial's run KILLED on SIGTERM
@@ -138,6 +165,11 @@ def optimize(settings: SweepSettings) -> dict:
         raise
     except Outage as exc:
         status, outage = "KILLED", exc
+        raise
+    except WorkerFailure as exc:
+        status = "KILLED" if exc.killed else "FAILED"
+        client.set_tag(parent_run_id, "regsweep.stop_reason", f"{exc}; its trial is queued again: resume with "
+                       "the same command")
         raise
     except BaseException:
         status = "FAILED"
