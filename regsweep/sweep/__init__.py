@@ -18,5 +18,5 @@ from .space import SearchSpace, effective_penalties, parse_grid, suggest_penalti
 from .study import FINISHED, SweepSettings, check_resumable, load_study, open_storage
 
 __all__ = ["FINISHED", "STUDY_TAG", "Objective", "SearchSpace", "SweepSettings", "WorkerFailure",
-           "check_resumable", "effective_penalties", "finish_study", "load_study", "open_storage", "optimize", "parse_grid",
-           "run_worker", "stack_size", "suggest_penalties", "threads_per_worker", "trial_run_name"]
+           "check_resumable", "effective_penalties", "finish_study", "load_study", "open_storage", "optimize",
+           "parse_grid", "run_worker", "stack_size", "suggest_penalties", "threads_per_worker", "trial_run_name"]
