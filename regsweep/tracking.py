@@ -215,6 +215,7 @@ def mlflow_run(cfg: TrainConfig, *, run_id: str | None = None, experiment_id: st
                                run_name=None if run_id else cfg.run_name,
                                parent_run_id=parent_run_id, nested=parent_run_id is not None)
         run_id = run.info.run_id
+        status, note, end = RunStatus.FINISHED, None, True
         try:
             prepare_experiment(run.info.experiment_id)  # also the one `mlflow run` or the default chose
             tags = tags or {}
@@ -227,20 +228,34 @@ def mlflow_run(cfg: TrainConfig, *, run_id: str | None = None, experiment_id: st
         except Outage as exc:
             # The tracking store down: nothing can be written (the next command ends the run KILLED).
             # Another store down (the sweep's Optuna storage): say so on the run, which stops KILLED.
-            if not exc.tracking:
-                mlflow.set_tag("regsweep.stop_reason", f"{exc}; the trial runs again on resume"[:5000])
-                mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+            end = not exc.tracking
+            status, note = RunStatus.KILLED, ("regsweep.stop_reason", f"{exc}; the trial runs again on resume")
             raise
         except KeyboardInterrupt:
-            mlflow.set_tag("regsweep.stop_reason", "interrupted (Ctrl-C or SIGTERM)")
-            mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+            status, note = RunStatus.KILLED, ("regsweep.stop_reason", "interrupted (Ctrl-C or SIGTERM)")
             raise
         except BaseException as exc:
-            MlflowClient().set_tag(run_id, "regsweep.error", f"{type(exc).__name__}: {exc}"[:5000])
-            mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+            status, note = RunStatus.FAILED, ("regsweep.error", f"{type(exc).__name__}: {exc}")
             raise
-        else:
-            mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+        finally:
+            if end:
+                end_active_run(run_id, RunStatus.to_string(status), note)
+
+
+def end_active_run(run_id: str, status: str, note: tuple[str, str] | None = None) -> None:
+    """End the active run `run_id` as `status`, first tagging it with `note` (key, why). The run ends even
+    where the store refuses the note or the last queued metrics: a run left RUNNING would also stay on
+    MLflow's stack of active runs, and the sweep's next trial would nest under it."""
+    if note is not None:
+        try:
+            MlflowClient().set_tag(run_id, note[0], note[1][:5000])
+        except Exception as exc:  # noqa: BLE001 - the run's status matters more than the note
+            warnings.warn(f"could not tag run {run_id} with {note[0]}: {exc}", stacklevel=2)
+    try:
+        mlflow.end_run(status)  # takes the run off the stack first, then flushes and ends it
+    except Exception:
+        MlflowClient().set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+        raise
 
 
 def device_tags(cfg: TrainConfig) -> dict[str, str]:

@@ -95,6 +95,26 @@ def test_exception_marks_run_failed_with_the_reason(tracking_uri, tiny_data, tin
     assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val/acc")] == [1]
 
 
+def test_a_run_ends_failed_and_leaves_no_active_run_even_where_the_store_refuses_its_error_tag(
+        tracking_uri, tiny_data, tiny_cfg):
+    import sqlite3
+
+    db = sqlite3.connect(tracking_uri.removeprefix("sqlite:///"))
+    db.execute("CREATE TRIGGER refuse_error_tag BEFORE INSERT ON tags WHEN NEW.key = 'regsweep.error' "
+               "BEGIN SELECT RAISE(ABORT, 'tag refused'); END")
+    db.commit()
+    db.close()
+
+    def explode(epoch, metrics):
+        raise RuntimeError("boom at epoch 1")
+
+    with pytest.warns(UserWarning, match="could not tag run"), pytest.raises(RuntimeError, match="boom"):
+        run_training(tiny_cfg.replace(log_images=False), tiny_data, on_epoch=explode)
+    (run,) = MlflowClient().search_runs(["0"])
+    assert run.info.status == "FAILED" and "regsweep.error" not in run.data.tags
+    assert mlflow.active_run() is None  # the next run of a sweep process does not nest under it
+
+
 def test_on_epoch_can_stop_training_and_the_reason_is_kept(tracking_uri, tiny_data, tiny_cfg):
     run_id, result = run_training(tiny_cfg.replace(epochs=3, log_images=False), tiny_data,
                                   on_epoch=lambda epoch, _: "pruned by test" if epoch == 2 else None)
