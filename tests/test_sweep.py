@@ -152,23 +152,30 @@ def test_divergent_trial_is_pruned_with_its_reason_and_the_sweep_goes_on(trackin
         assert run.info.status == "FAILED" and run.data.tags["optuna.state"] == "PRUNED"
 
 
-def start_and_kill_mid_trial(tracking_uri: str, storage: str, sig: int, *more: str):
-    """Start a long sweep in a subprocess, wait until a trial has logged an epoch, send `sig`."""
-    args = [sys.executable, "-m", "regsweep", "optimize", *SMALL, "--epochs", "30", "--trials", "2",
-            "--storage", storage, "--pruner", "none", *more]
-    proc = subprocess.Popen(args, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def start_until_a_trial_trains(tracking_uri: str, args: list[str]):
+    """Start a sweep in a subprocess; return it and the first trial run that has logged an epoch."""
+    proc = subprocess.Popen([sys.executable, "-m", "regsweep", "optimize", *args],
+                            env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     client = MlflowClient()
     deadline, victim = time.time() + 180, None
     while time.time() < deadline and victim is None:
-        time.sleep(1)
+        time.sleep(0.5)
         exp = client.get_experiment_by_name("regsweep")
         for run in client.search_runs([exp.experiment_id]) if exp else []:
             if "optuna.trial_number" in run.data.tags and client.get_metric_history(run.info.run_id, "val/acc"):
                 victim = run
+                break
     assert victim is not None, "no trial started training"
+    return proc, victim
+
+
+def start_and_kill_mid_trial(tracking_uri: str, storage: str, sig: int, *more: str):
+    """Start a long sweep in a subprocess, wait until a trial has logged an epoch, send `sig`."""
+    proc, victim = start_until_a_trial_trains(tracking_uri, [*SMALL, "--epochs", "30", "--trials", "2",
+                                                             "--storage", storage, "--pruner", "none", *more])
     proc.send_signal(sig)
-    proc.wait(timeout=60)
+    proc.communicate(timeout=60)
     return victim
 
 
@@ -222,19 +229,10 @@ def test_sigkilled_worker_trial_is_failed_its_run_killed_and_retried_on_resume(t
 def test_a_killed_worker_process_ends_the_sweep_killed_with_exit_1_and_resume_reruns_its_trial(tracking_uri,
                                                                                               tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    args = [sys.executable, "-m", "regsweep", "optimize", *SMALL, "--epochs", "12", "--trials", "2",
-            "--workers", "2", "--storage", storage, "--pruner", "none", "--sampler", "random"]
-    proc = subprocess.Popen(args, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    client, deadline, victim = MlflowClient(), time.time() + 180, None
-    while time.time() < deadline and victim is None:
-        time.sleep(0.5)
-        exp = client.get_experiment_by_name("regsweep")
-        for run in client.search_runs([exp.experiment_id]) if exp else []:
-            if "optuna.trial_number" in run.data.tags and client.get_metric_history(run.info.run_id, "val/acc"):
-                victim = run
-                break
-    assert victim is not None, "no trial started training"
+    proc, victim = start_until_a_trial_trains(tracking_uri, [
+        *SMALL, "--epochs", "12", "--trials", "2", "--workers", "2", "--storage", storage, "--pruner", "none",
+        "--sampler", "random"])
+    client = MlflowClient()
     worker_pid = int(victim.data.tags["regsweep.worker"].rsplit(":", 1)[1])
     assert worker_pid != proc.pid  # a worker process, not the driver
     os.kill(worker_pid, signal.SIGKILL)
