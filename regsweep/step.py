@@ -183,6 +183,12 @@ def make_step(step_model: nn.Module, optimizer: torch.optim.Optimizer, split: Sp
     return step
 
 
+# Eager steps before a CUDA graph is captured. They create what the graph must find in place rather than record:
+# the optimizer's state (made at its first step: SGD's momentum buffers, Adam's moments) and the libraries' lazily
+# created handles and workspaces. Three, as in PyTorch's CUDA-graphs notes ("whole network capture").
+CAPTURE_WARMUP_CALLS = 3
+
+
 class CudaGraphStep:
     """A step recorded once as a CUDA graph and replayed for every later batch.
 
@@ -193,23 +199,26 @@ class CudaGraphStep:
     (the scheduler writes the optimizer's lr tensor), the members' coefficients and active flags, and the
     random state of `generator` (registered with the graph, so each replay draws new rotations; batch order
     comes from another generator, used outside the graph). The first `warmup` calls run eagerly on a side
-    stream, as capture requires (lazy initialisation, optimizer state); they are ordinary training steps.
+    stream, as capture requires (CAPTURE_WARMUP_CALLS says why); they are ordinary training steps.
 
     A step that cannot be recorded (an operation that waits on the host, say, from a model added later) fails
     at capture, before any of it has run: the step then runs eagerly from there on, and `mode` says why.
     """
 
-    def __init__(self, step: Step, generator: torch.Generator, warmup: int = 3):
+    def __init__(self, step: Step, generator: torch.Generator, warmup: int = CAPTURE_WARMUP_CALLS):
         self.step, self.generator, self.warmup = step, generator, warmup
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.calls = 0
+        self.warmup_calls = 0  # eager calls so far, before capture
+        # Set at capture: a replay reads its batch indices from `idx` and writes its results into `out`.
+        self.idx: torch.Tensor | None = None
+        self.out: tuple[torch.Tensor, torch.Tensor] | None = None
         self.mode = "cuda-graph"  # or "eager: ..." once capture has failed
 
     def __call__(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mode != "cuda-graph":
             return self.step(idx)
-        if self.graph is None and self.calls < self.warmup:
-            self.calls += 1
+        if self.graph is None and self.warmup_calls < self.warmup:
+            self.warmup_calls += 1
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
