@@ -23,6 +23,8 @@ from .config import TrainConfig
 from .data import Split, rotate_batch
 from .regularization import member_sums
 
+CLASSES = 10  # MNIST's ten digits: the width of each member's logits
+
 
 def autocast(precision: str, device_type: str = "cpu"):
     return torch.autocast(device_type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
@@ -142,7 +144,7 @@ class Schedules:
 
 
 def member_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of each member over the batch: B x K x 10 logits -> K losses."""
+    """Mean cross-entropy of each member over the batch: B x K x CLASSES logits -> K losses."""
     return F.cross_entropy(logits.transpose(1, 2), y[:, None].expand(-1, logits.shape[1]), reduction="none").mean(0)
 
 
@@ -164,7 +166,7 @@ def make_step(step_model: nn.Module, optimizer: torch.optim.Optimizer, split: Sp
         if cfg.augment:
             x = rotate_batch(x, cfg.rotate, generator)
         with autocast(cfg.precision, x.device.type):
-            logits = as_loss_dtype(step_model(x)).view(len(y), members, 10)
+            logits = as_loss_dtype(step_model(x)).view(len(y), members, CLASSES)
         data_loss = member_losses(logits, y)
         sum_abs, sum_sq = member_sums(penalised, members)
         weight = coef.active
