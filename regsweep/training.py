@@ -21,7 +21,7 @@ from .config import TrainConfig
 from .data import MnistSplits, Split, batches, shuffled_batches
 from .models import build_model
 from .regularization import member_sums, penalised_parameters, weight_stats_tensor
-from .step import (Coefficients, CudaGraphStep, Schedules, Step, as_loss_dtype, autocast, build_optimizer,
+from .step import (CLASSES, Coefficients, CudaGraphStep, Schedules, Step, as_loss_dtype, autocast, build_optimizer,
                    build_scheduler, configure_device, make_step, member_losses, step_mode, stepping_config)
 
 
@@ -64,12 +64,12 @@ def evaluate(model: nn.Module, split: Split, precision: str = "fp32") -> dict[st
     """Each member's loss and accuracy as device vectors (length 1 for a single model): the caller reads all
     of an epoch's numbers in one transfer. Also the predicted labels, images x members, on the device."""
     logits = predict(model, split, precision=precision)
-    logits = logits.view(len(split), -1, 10)
+    logits = logits.view(len(split), -1, CLASSES)
     pred = logits.argmax(2)
     return {"loss": member_losses(logits, split.y), "acc": (pred == split.y[:, None]).float().mean(0), "pred": pred}
 
 
-def confusion_matrix(y_true: torch.Tensor, y_pred: torch.Tensor, n_classes: int = 10) -> torch.Tensor:
+def confusion_matrix(y_true: torch.Tensor, y_pred: torch.Tensor, n_classes: int = CLASSES) -> torch.Tensor:
     """Rows are true classes, columns predicted."""
     return torch.bincount(y_true * n_classes + y_pred, minlength=n_classes ** 2).reshape(n_classes, n_classes)
 
