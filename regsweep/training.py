@@ -282,8 +282,9 @@ def setup(cfgs: TrainConfig | list[TrainConfig], data: MnistSplits, model: nn.Mo
     batch_size = min(cfg.batch_size, len(data.train))
     steps_per_epoch = len(data.train) // batch_size
     schedules = Schedules.of(cfg, steps_per_epoch, len(cfgs), device) if own_schedules else None
-    optimizer = build_optimizer(stepping_config(cfg, own_schedules), model.parameters(), device)
-    scheduler = build_scheduler(stepping_config(cfg, own_schedules), optimizer, steps_per_epoch)
+    stepping = stepping_config(cfg, own_schedules)
+    optimizer = build_optimizer(stepping, model.parameters(), device)
+    scheduler = build_scheduler(stepping, optimizer, steps_per_epoch)
     mode = step_mode(cfg, device)
     coef = Coefficients.of(cfgs, device)
     # Compiling fuses the small convs' norm/activation kernels (docs/benchmarks.md: 10-35% per step on the CPU).
