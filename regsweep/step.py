@@ -139,7 +139,7 @@ class Schedules:
                 buffer.view(len(ratio), -1).mul_(column)
 
     def take(self, keep: list[int]) -> Schedules:
-        """The schedules of the members at positions `keep` (Setup.compact)."""
+        """The schedules of the members at positions `keep` (Trainer.compact)."""
         return Schedules(self.table, self.started[keep].clone(), self.clock.clone())
 
 

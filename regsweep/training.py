@@ -151,8 +151,9 @@ def check_stackable(cfgs: list[TrainConfig]) -> None:
 
 
 @dataclass
-class Setup:
-    """Everything a training run of one or more stacked members holds between epochs, on its device."""
+class Trainer:
+    """A training run of one or more stacked members: what it holds between epochs, on its device, and what it
+    does with it (train an epoch; refill, retire or drop a member's slot). `setup` builds one."""
     data: MnistSplits
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -218,7 +219,7 @@ class Setup:
                 t.view(self.members, -1)[k] = 0.0
 
     @torch.no_grad()
-    def compact(self, keep: list[int]) -> Setup:
+    def compact(self, keep: list[int]) -> Trainer:
         """The same training with only the members at positions `keep`: a stack whose members stop shrinks, so
         that their slots stop costing steps. Weights, batch-norm statistics, optimizer state, the schedule's
         position (with per-member schedules, each one's) and both generators carry over, so each kept member
@@ -253,12 +254,12 @@ class Setup:
         mode = self.effective_mode
         if mode == "cuda-graph":
             step = CudaGraphStep(step, self.augment_generator)
-        return Setup(self.data, model, optimizer, scheduler, penalised, step, self.order_generator,
-                     self.augment_generator, self.batch_size, self.steps_per_epoch, mode, coef, cfgs, schedules)
+        return Trainer(self.data, model, optimizer, scheduler, penalised, step, self.order_generator,
+                       self.augment_generator, self.batch_size, self.steps_per_epoch, mode, coef, cfgs, schedules)
 
 
 def setup(cfgs: TrainConfig | list[TrainConfig], data: MnistSplits, model: nn.Module | None = None,
-          own_schedules: bool = False) -> Setup:
+          own_schedules: bool = False) -> Trainer:
     """Move data and model to the device once and build the optimizer, schedule and step around them.
 
     With several configurations, they train as the members of one stacked network (models.py) on the same
@@ -293,8 +294,8 @@ def setup(cfgs: TrainConfig | list[TrainConfig], data: MnistSplits, model: nn.Mo
     step = make_step(step_model, optimizer, data.train, cfg, penalised, augment_gen, coef, schedules)
     if mode == "cuda-graph":
         step = CudaGraphStep(step, augment_gen)
-    return Setup(data, model, optimizer, scheduler, penalised, step, order_gen, augment_gen, batch_size,
-                 steps_per_epoch, mode, coef, cfgs, schedules)
+    return Trainer(data, model, optimizer, scheduler, penalised, step, order_gen, augment_gen, batch_size,
+                   steps_per_epoch, mode, coef, cfgs, schedules)
 
 
 def fit(cfg: TrainConfig, data: MnistSplits, on_epoch: Callable[[int, dict], str | None] | None = None,
@@ -322,7 +323,7 @@ class Member:
     joined: int  # the stack's epochs before this member's first: its own epoch is the stack's less this
     start: float  # perf_counter at its first epoch
     running: bool = True
-    retired: bool = False  # its slot zeroed (Setup.retire)
+    retired: bool = False  # its slot zeroed (Trainer.retire)
     left: bool = False  # its result final and handed to on_leave
     best_val_acc: float = -1.0
     best_test_pred: torch.Tensor | None = None  # at its best validation epoch, on the device
@@ -345,28 +346,28 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
 
     A stopped or done member's slot is, in this order of preference:
     - refilled: `refill(free_slots)` returns up to that many new configurations, which start in freed slots
-      from their own initialisation, optimizer state and schedule (Setup.refill; they are members
+      from their own initialisation, optimizer state and schedule (Trainer.refill; they are members
       len(cfgs), len(cfgs) + 1, ... in the results), on the stack's batches from there on. SGD only. The
       slots it does not fill idle until a later call fills them, unless it returns None: no more will come.
     - with `compact`, once no more configurations will come, dropped: the stack shrinks to the members still
-      training (Setup.compact; not for a compiled step, which would compile again).
+      training (Trainer.compact; not for a compiled step, which would compile again).
     - else left idle, computing zeros.
     A member that leaves a slot is done: `on_leave(member, result)` gets its final result then, while the
     others train on. Training ends when no member trains and no slot was refilled.
     """
-    run = setup(cfgs, data, model, own_schedules=refill is not None)
-    data, cfg = run.data, cfgs[0]
+    trainer = setup(cfgs, data, model, own_schedules=refill is not None)
+    data, cfg = trainer.data, cfgs[0]
     start = time.perf_counter()
-    stack = [Member(c, FitResult(model=run.model), 0, start) for c in cfgs]  # grows as slots are refilled
+    stack = [Member(c, FitResult(model=trainer.model), 0, start) for c in cfgs]  # grows as slots are refilled
     slots = list(range(len(cfgs)))  # the member at each position of the (possibly shrunk) stack
-    best_state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+    best_state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
     def leave(pos: int) -> None:
         """The member at `pos` gets its own model with its best weights, its test predictions and summary."""
-        k, members = slots[pos], run.members
+        k, members = slots[pos], trainer.members
         m = stack[k]
         finish(m.result, m.cfg, best_state, pos, members)
-        close(m, time.perf_counter(), run.effective_mode)
+        close(m, time.perf_counter(), trainer.effective_mode)
         m.left = True
         if on_leave is not None:
             on_leave(k, m.result)
@@ -374,23 +375,23 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
     epoch = 0  # the stack's: with refilled slots, members are at different epochs of their own
     while True:
         epoch += 1
-        members, model = run.members, run.model
+        members, model = trainer.members, trainer.model
         t0 = time.perf_counter()
-        with tqdm(total=run.steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", disable=not show_progress,
+        with tqdm(total=trainer.steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", disable=not show_progress,
                   leave=False, unit="batch") as progress:
-            train = run.epoch(progress)
+            train = trainer.epoch(progress)
         if data.train.x.is_cuda:
             torch.cuda.synchronize()  # once an epoch, so that the epoch's time is its training time
         seconds = time.perf_counter() - t0
         val, test = evaluate(model, data.val, cfg.precision), evaluate(model, data.test, cfg.precision)
         with torch.no_grad():
-            sum_abs, sum_sq = member_sums(run.penalised, members)
+            sum_abs, sum_sq = member_sums(trainer.penalised, members)
             columns = [train["loss_sum"] / train["images"], train["correct"] / train["images"], val["loss"],
                        val["acc"], test["loss"], test["acc"], sum_abs, sum_sq]
             names, stats = weight_stats_tensor(model, members)
             # The epoch's one device-to-host transfer: every member's numbers at once, weight statistics too.
             rows = torch.cat([torch.stack([c.float() for c in columns], 1), stats], 1).tolist()
-        rates = run.rates()
+        rates = trainer.rates()
         improved = [False] * members
         for pos, values in enumerate(rows):
             m = stack[slots[pos]]
@@ -426,29 +427,29 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
         free = [pos for pos, k in enumerate(slots) if not stack[k].running]
         for pos in free:
             if not stack[slots[pos]].retired:
-                run.retire(pos)  # no more of its gradient, nor anything it diverged to
+                trainer.retire(pos)  # no more of its gradient, nor anything it diverged to
                 stack[slots[pos]].retired = True
         # Stopped members leave now where their slots may be refilled or dropped (before `refill`, which may want
         # their results), else with the rest at the end.
-        if refill is not None or (compact and run.mode != "compiled" and len(free) < members):
+        if refill is not None or (compact and trainer.mode != "compiled" and len(free) < members):
             for pos in free:
                 if not stack[slots[pos]].left:
                     leave(pos)
         new = refill(len(free)) if refill is not None and free else None  # None: no more will come
         if len(free) == members and not new:
             break  # nothing trains on
-        dropped = free if new is None and compact and run.mode != "compiled" else []
+        dropped = free if new is None and compact and trainer.mode != "compiled" else []
         for pos, new_cfg in zip(free, new or []):
-            run.refill(pos, new_cfg)
+            trainer.refill(pos, new_cfg)
             slots[pos] = len(stack)
-            stack.append(Member(new_cfg, FitResult(model=run.model), epoch, time.perf_counter()))
-            keep_best(best_state, run.model.state_dict(), [p == pos for p in range(members)])  # its start
+            stack.append(Member(new_cfg, FitResult(model=trainer.model), epoch, time.perf_counter()))
+            keep_best(best_state, trainer.model.state_dict(), [p == pos for p in range(members)])  # its start
         if dropped:
             keep = [pos for pos in range(members) if pos not in dropped]
             best_state = {name: member_blocks(t, members, keep) for name, t in best_state.items()}
-            run, slots = run.compact(keep), [slots[pos] for pos in keep]
+            trainer, slots = trainer.compact(keep), [slots[pos] for pos in keep]
 
-    members, model = run.members, run.model
+    members, model = trainer.members, trainer.model
     staying = [(pos, stack[k]) for pos, k in enumerate(slots) if not stack[k].left]
     if not staying:  # every member left with its own predictions (a refilled stack's last epoch)
         return [m.result for m in stack]
@@ -459,7 +460,7 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
             m.result.model = model.cpu()
         else:
             finish(m.result, m.cfg, best_state, pos, members)
-        close(m, end, run.effective_mode)
+        close(m, end, trainer.effective_mode)
     return [m.result for m in stack]
 
 
