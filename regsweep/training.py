@@ -316,7 +316,7 @@ def fit(cfg: TrainConfig, data: MnistSplits, on_epoch: Callable[[int, dict], str
 
 
 @dataclass
-class Member:
+class MemberRecord:
     """fit_stack's record of one member: its result so far and where it stands."""
     cfg: TrainConfig
     result: FitResult
@@ -358,19 +358,21 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
     trainer = setup(cfgs, data, model, own_schedules=refill is not None)
     data, cfg = trainer.data, cfgs[0]
     start = time.perf_counter()
-    stack = [Member(c, FitResult(model=trainer.model), 0, start) for c in cfgs]  # grows as slots are refilled
-    slots = list(range(len(cfgs)))  # the member at each position of the (possibly shrunk) stack
-    best_state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    # One record per member, in the order of the results; grows as slots are refilled.
+    records = [MemberRecord(c, FitResult(model=trainer.model), 0, start) for c in cfgs]
+    slots = list(range(len(cfgs)))  # index in records of the member at each position of the (possibly shrunk) stack
+    best_state = {name: t.detach().clone() for name, t in trainer.model.state_dict().items()}
 
     def leave(pos: int) -> None:
-        """The member at `pos` gets its own model with its best weights, its test predictions and summary."""
-        k, members = slots[pos], trainer.members
-        m = stack[k]
-        finish(m.result, m.cfg, best_state, pos, members)
-        close(m, time.perf_counter(), trainer.effective_mode)
-        m.left = True
+        """The member at `pos` is done: its result made final (its own model with its best weights, its test
+        predictions, its summary) and handed to on_leave."""
+        k = slots[pos]
+        rec = records[k]
+        rec.result.model = member_model(rec.cfg, best_state, pos, trainer.members)
+        finalise_result(rec, time.perf_counter(), trainer.effective_mode)
+        rec.left = True
         if on_leave is not None:
-            on_leave(k, m.result)
+            on_leave(k, rec.result)
 
     epoch = 0  # the stack's: with refilled slots, members are at different epochs of their own
     while True:
@@ -394,46 +396,46 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
         rates = trainer.rates()
         improved = [False] * members
         for pos, values in enumerate(rows):
-            m = stack[slots[pos]]
-            if not m.running:
+            rec = records[slots[pos]]
+            if not rec.running:
                 continue
-            own_epoch = epoch - m.joined
+            own_epoch = epoch - rec.joined
             train_loss, val_loss, val_acc = values[0], values[2], values[3]
             if not math.isfinite(train_loss):
-                m.result.stop_reason = (f"diverged: training loss is {train_loss} (l1={m.cfg.l1}, "
-                                        f"l2={m.cfg.l2}, lr={m.cfg.lr})")
-                m.result.diverged, m.running = True, False
+                rec.result.stop_reason = (f"diverged: training loss is {train_loss} (l1={rec.cfg.l1}, "
+                                          f"l2={rec.cfg.l2}, lr={rec.cfg.lr})")
+                rec.result.diverged, rec.running = True, False
                 continue
-            metrics = epoch_metrics(values, names, m.cfg, rates[pos], seconds, train["images"])
-            m.result.history.append(metrics)
-            if val_acc > m.best_val_acc:
-                m.best_val_acc, improved[pos] = val_acc, True
+            metrics = epoch_metrics(values, names, rec.cfg, rates[pos], seconds, train["images"])
+            rec.result.history.append(metrics)
+            if val_acc > rec.best_val_acc:
+                rec.best_val_acc, improved[pos] = val_acc, True
                 # The test predictions behind this epoch's test accuracy: those of the weights kept below.
-                m.best_test_pred = test["pred"][:, pos].clone()
-            if val_loss < m.best_val_loss:
-                m.best_val_loss, m.since_best_loss = val_loss, 0
+                rec.best_test_pred = test["pred"][:, pos].clone()
+            if val_loss < rec.best_val_loss:
+                rec.best_val_loss, rec.since_best_loss = val_loss, 0
             else:
-                m.since_best_loss += 1
+                rec.since_best_loss += 1
             hook_start = time.perf_counter()
             stop = on_epoch(slots[pos], own_epoch, metrics) if on_epoch is not None else None
-            m.hook_seconds += time.perf_counter() - hook_start
-            if not stop and m.cfg.patience and m.since_best_loss >= m.cfg.patience:
-                stop = f"early stopping: val/loss did not improve for {m.cfg.patience} epochs"
+            rec.hook_seconds += time.perf_counter() - hook_start
+            if not stop and rec.cfg.patience and rec.since_best_loss >= rec.cfg.patience:
+                stop = f"early stopping: val/loss did not improve for {rec.cfg.patience} epochs"
             if stop:
-                m.result.stop_reason, m.running = stop, False
-            elif own_epoch == m.cfg.epochs:
-                m.running = False  # done
+                rec.result.stop_reason, rec.running = stop, False
+            elif own_epoch == rec.cfg.epochs:
+                rec.running = False  # done
         keep_best(best_state, model.state_dict(), improved)
-        free = [pos for pos, k in enumerate(slots) if not stack[k].running]
+        free = [pos for pos, k in enumerate(slots) if not records[k].running]
         for pos in free:
-            if not stack[slots[pos]].retired:
+            if not records[slots[pos]].retired:
                 trainer.retire(pos)  # no more of its gradient, nor anything it diverged to
-                stack[slots[pos]].retired = True
+                records[slots[pos]].retired = True
         # Stopped members leave now where their slots may be refilled or dropped (before `refill`, which may want
         # their results), else with the rest at the end.
         if refill is not None or (compact and trainer.mode != "compiled" and len(free) < members):
             for pos in free:
-                if not stack[slots[pos]].left:
+                if not records[slots[pos]].left:
                     leave(pos)
         new = refill(len(free)) if refill is not None and free else None  # None: no more will come
         if len(free) == members and not new:
@@ -441,8 +443,8 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
         dropped = free if new is None and compact and trainer.mode != "compiled" else []
         for pos, new_cfg in zip(free, new or []):
             trainer.refill(pos, new_cfg)
-            slots[pos] = len(stack)
-            stack.append(Member(new_cfg, FitResult(model=trainer.model), epoch, time.perf_counter()))
+            slots[pos] = len(records)
+            records.append(MemberRecord(new_cfg, FitResult(model=trainer.model), epoch, time.perf_counter()))
             keep_best(best_state, trainer.model.state_dict(), [p == pos for p in range(members)])  # its start
         if dropped:
             keep = [pos for pos in range(members) if pos not in dropped]
@@ -450,36 +452,35 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
             trainer, slots = trainer.compact(keep), [slots[pos] for pos in keep]
 
     members, model = trainer.members, trainer.model
-    staying = [(pos, stack[k]) for pos, k in enumerate(slots) if not stack[k].left]
+    staying = [(pos, records[k]) for pos, k in enumerate(slots) if not records[k].left]
     if not staying:  # every member left with its own predictions (a refilled stack's last epoch)
-        return [m.result for m in stack]
+        return [rec.result for rec in records]
     model.load_state_dict(best_state)
     end = time.perf_counter()
-    for pos, m in staying:
-        if members == 1:
-            m.result.model = model.cpu()
-        else:
-            finish(m.result, m.cfg, best_state, pos, members)
-        close(m, end, trainer.effective_mode)
-    return [m.result for m in stack]
+    for pos, rec in staying:
+        # A lone member keeps the network it trained in, back on the CPU (in `fit`, the caller's `model`, if given).
+        rec.result.model = model.cpu() if members == 1 else member_model(rec.cfg, best_state, pos, members)
+        finalise_result(rec, end, trainer.effective_mode)
+    return [rec.result for rec in records]
 
 
-def close(m: Member, end: float, mode: str) -> None:
-    """A member's result once it is done (`end`: perf_counter then): how its step ran, its test predictions
-    and, if it trained an epoch, its summary."""
-    result = m.result
+def finalise_result(rec: MemberRecord, end: float, mode: str) -> None:
+    """Complete a done member's result, all but its model (`end`: perf_counter then): how its step ran, its test
+    predictions and, if it trained an epoch, its summary."""
+    result = rec.result
     result.step_mode = mode
-    result.test_pred = m.best_test_pred.cpu() if m.best_test_pred is not None else None
-    m.best_test_pred = None  # off the device: a refilled stack goes through many members
+    result.test_pred = rec.best_test_pred.cpu() if rec.best_test_pred is not None else None
+    rec.best_test_pred = None  # off the device: a refilled stack goes through many members
     if result.history:
-        result.summary = summarise(result.history, end - m.start) | {"total_hook_seconds": m.hook_seconds}
+        result.summary = summarise(result.history, end - rec.start) | {"total_hook_seconds": rec.hook_seconds}
 
 
-def finish(result: FitResult, cfg: TrainConfig, best_state: dict[str, torch.Tensor], pos: int, members: int) -> None:
-    """Give `result` its own model, on the CPU, holding the best-validation weights of the member at `pos`."""
+def member_model(cfg: TrainConfig, best_state: dict[str, torch.Tensor], pos: int, members: int) -> nn.Module:
+    """The member at `pos` as a model of its own, on the CPU, holding its best-validation weights."""
     state = {name: t.cpu() for name, t in member_state(best_state, pos, members).items()}  # its blocks only
-    result.model = build_model(cfg).to(next(t.dtype for t in state.values() if t.is_floating_point()))
-    result.model.load_state_dict(state)
+    model = build_model(cfg).to(next(t.dtype for t in state.values() if t.is_floating_point()))
+    model.load_state_dict(state)
+    return model
 
 
 COLUMNS = ("train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc", "penalty/sum_abs_w",
