@@ -331,6 +331,20 @@ class MemberRecord:
     since_best_loss: int = 0
     hook_seconds: float = 0.0  # in on_epoch: logging and pruning, what the caller adds to each epoch
 
+    def track_best(self, val_acc: float, val_loss: float, test_pred: torch.Tensor) -> bool:
+        """Note an epoch's validation numbers (`test_pred`: the epoch's test predictions, on the device); True when
+        its accuracy is the best yet, so that fit_stack keeps its weights."""
+        improved = val_acc > self.best_val_acc
+        if improved:
+            self.best_val_acc = val_acc
+            # The test predictions behind this epoch's test accuracy: those of the weights kept.
+            self.best_test_pred = test_pred.clone()
+        if val_loss < self.best_val_loss:
+            self.best_val_loss, self.since_best_loss = val_loss, 0
+        else:
+            self.since_best_loss += 1
+        return improved
+
 
 def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
               on_epoch: Callable[[int, int, dict], str | None] | None = None,
@@ -374,6 +388,7 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
         if on_leave is not None:
             on_leave(k, rec.result)
 
+    shrinks = compact and trainer.mode != "compiled"  # a compiled step would compile again for a smaller stack
     epoch = 0  # the stack's: with refilled slots, members are at different epochs of their own
     while True:
         epoch += 1
@@ -385,14 +400,7 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
         if data.train.x.is_cuda:
             torch.cuda.synchronize()  # once an epoch, so that the epoch's time is its training time
         seconds = time.perf_counter() - t0
-        val, test = evaluate(model, data.val, cfg.precision), evaluate(model, data.test, cfg.precision)
-        with torch.no_grad():
-            sum_abs, sum_sq = member_sums(trainer.penalised, members)
-            columns = [train["loss_sum"] / train["images"], train["correct"] / train["images"], val["loss"],
-                       val["acc"], test["loss"], test["acc"], sum_abs, sum_sq]
-            names, stats = weight_stats_tensor(model, members)
-            # The epoch's one device-to-host transfer: every member's numbers at once, weight statistics too.
-            rows = torch.cat([torch.stack([c.float() for c in columns], 1), stats], 1).tolist()
+        rows, stat_names, test_pred = epoch_rows(trainer, train, cfg.precision)
         rates = trainer.rates()
         improved = [False] * members
         for pos, values in enumerate(rows):
@@ -400,22 +408,15 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
             if not rec.running:
                 continue
             own_epoch = epoch - rec.joined
-            train_loss, val_loss, val_acc = values[0], values[2], values[3]
+            train_loss, val_loss, val_acc = values[0], values[2], values[3]  # COLUMNS' order
             if not math.isfinite(train_loss):
                 rec.result.stop_reason = (f"diverged: training loss is {train_loss} (l1={rec.cfg.l1}, "
                                           f"l2={rec.cfg.l2}, lr={rec.cfg.lr})")
                 rec.result.diverged, rec.running = True, False
                 continue
-            metrics = epoch_metrics(values, names, rec.cfg, rates[pos], seconds, train["images"])
+            metrics = epoch_metrics(values, stat_names, rec.cfg, rates[pos], seconds, train["images"])
             rec.result.history.append(metrics)
-            if val_acc > rec.best_val_acc:
-                rec.best_val_acc, improved[pos] = val_acc, True
-                # The test predictions behind this epoch's test accuracy: those of the weights kept below.
-                rec.best_test_pred = test["pred"][:, pos].clone()
-            if val_loss < rec.best_val_loss:
-                rec.best_val_loss, rec.since_best_loss = val_loss, 0
-            else:
-                rec.since_best_loss += 1
+            improved[pos] = rec.track_best(val_acc, val_loss, test_pred[:, pos])
             hook_start = time.perf_counter()
             stop = on_epoch(slots[pos], own_epoch, metrics) if on_epoch is not None else None
             rec.hook_seconds += time.perf_counter() - hook_start
@@ -433,14 +434,14 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
                 records[slots[pos]].retired = True
         # Stopped members leave now where their slots may be refilled or dropped (before `refill`, which may want
         # their results), else with the rest at the end.
-        if refill is not None or (compact and trainer.mode != "compiled" and len(free) < members):
+        if refill is not None or (shrinks and len(free) < members):
             for pos in free:
                 if not records[slots[pos]].left:
                     leave(pos)
         new = refill(len(free)) if refill is not None and free else None  # None: no more will come
         if len(free) == members and not new:
             break  # nothing trains on
-        dropped = free if new is None and compact and trainer.mode != "compiled" else []
+        dropped = free if new is None and shrinks else []
         for pos, new_cfg in zip(free, new or []):
             trainer.refill(pos, new_cfg)
             slots[pos] = len(records)
@@ -484,7 +485,24 @@ def member_model(cfg: TrainConfig, best_state: dict[str, torch.Tensor], pos: int
 
 
 COLUMNS = ("train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc", "penalty/sum_abs_w",
-           "penalty/sum_sq_w")  # the order of an epoch's first columns in fit_stack, weight statistics after
+           "penalty/sum_sq_w")  # the order of the first columns of epoch_rows, weight statistics after
+
+
+def epoch_rows(trainer: Trainer, train: dict[str, torch.Tensor | int],
+               precision: str) -> tuple[list[list[float]], list[str], torch.Tensor]:
+    """Every slot's numbers for the epoch just trained (`train`: what Trainer.epoch returned) as one row each:
+    COLUMNS, then the weight statistics the second value names. Also the test predictions, images x members,
+    left on the device for the members whose best epoch this is."""
+    model, members = trainer.model, trainer.members
+    val, test = evaluate(model, trainer.data.val, precision), evaluate(model, trainer.data.test, precision)
+    with torch.no_grad():
+        sum_abs, sum_sq = member_sums(trainer.penalised, members)
+        columns = [train["loss_sum"] / train["images"], train["correct"] / train["images"], val["loss"],
+                   val["acc"], test["loss"], test["acc"], sum_abs, sum_sq]
+        names, stats = weight_stats_tensor(model, members)
+        # The epoch's one device-to-host transfer: every member's numbers at once, weight statistics too.
+        rows = torch.cat([torch.stack([c.float() for c in columns], 1), stats], 1).tolist()
+    return rows, names, test["pred"]
 
 
 def epoch_metrics(values: list[float], stat_names: list[str], cfg: TrainConfig, lr: float, seconds: float,
