@@ -271,16 +271,17 @@ class TrialStack:
         storage_down = isinstance(exc, Outage) and not exc.tracking  # then Optuna cannot record anything
         self.on_epoch.close(wait=not storage_down)  # no report lands after its trial is failed
         untold = [e for e in self.entries if not e.told]
-        for trial in [e.trial for e in untold] + self.unopened if not storage_down else []:
-            if kind is not None:
-                fail_for_retry(trial, reason, kind, tell=True)
-            else:
-                tell_study(trial, state=TrialState.FAIL)
+        if not storage_down:
+            for trial in [e.trial for e in untold] + self.unopened:
+                if kind is not None:
+                    fail_for_retry(trial, reason, kind, tell=True)
+                else:
+                    tell_study(trial, state=TrialState.FAIL)
         self.completer.stop(tracking_down)  # the study first: this may wait for runs being completed
-        for entry in untold if not tracking_down else []:
-            for run_id in entry.all_run_ids:
-                end_run(self.client, run_id, reason, "FAILED" if kind is None else "KILLED")
         if not tracking_down:
+            for entry in untold:
+                for run_id in entry.all_run_ids:
+                    end_run(self.client, run_id, reason, "FAILED" if kind is None else "KILLED")
             mlflow.flush_async_logging()
 
 
