@@ -212,7 +212,7 @@ class TrialStack:
         self.cfgs.extend(new)
         return new
 
-    def job(self, k: int) -> tuple[TrainConfig, FitResult, str, dict[str, str]]:
+    def completion_job(self, k: int) -> tuple[TrainConfig, FitResult, str, dict[str, str]]:
         """What completing member k's run takes (its device tags read here, where the GPU is open)."""
         entry, r = self.members[k]
         return self.cfgs[k], self.done[k], entry.run_ids[r], device_tags(self.settings.base)
@@ -222,7 +222,7 @@ class TrialStack:
         the stack trains on."""
         self.done[k] = result
         mlflow.flush_async_logging()  # its epochs in the store before a worker ends the run
-        self.completer.start(self.job(k))
+        self.completer.start(self.completion_job(k))
         self.settle(final=False)
 
     def settle(self, final: bool) -> None:
@@ -236,14 +236,14 @@ class TrialStack:
         with storage_errors(self.settings.storage):
             self.on_epoch.flush()  # every report in the study before its trial is told
         ks = [k for e in ready for k in e.members]
-        errors = dict(zip(ks, self.completer.complete([self.job(k) for k in ks])))
+        errors = dict(zip(ks, self.completer.complete([self.completion_job(k) for k in ks])))
         for entry in ready:
             error = next((errors[k] for k in entry.members if errors[k] is not None), None)
             with storage_errors(self.settings.storage):
                 if error is None:
-                    tell(entry, [self.done[k] for k in entry.members], self.client)
+                    tell_outcome(entry, [self.done[k] for k in entry.members], self.client)
                 else:
-                    fail(entry, errors, self.client)
+                    fail_trial(entry, errors, self.client)
                     self.failures.append(error)
             self.heartbeats.discard(entry.trial)
         self.on_epoch.study_changed()
@@ -285,7 +285,7 @@ class TrialStack:
             mlflow.flush_async_logging()
 
 
-def fail(entry: StackedTrial, errors: dict[int, Exception | None], client: MlflowClient) -> None:
+def fail_trial(entry: StackedTrial, errors: dict[int, Exception | None], client: MlflowClient) -> None:
     """A trial whose runs could not all be completed: FAIL, and each run whose completion failed ended FAILED with
     the reason (the completion may have failed before it could end the run itself)."""
     tell_study(entry.trial, state=TrialState.FAIL)
@@ -416,7 +416,10 @@ def tell_study(trial: optuna.Trial, value: float | None = None, state: TrialStat
             raise
 
 
-def tell(entry: StackedTrial, results: list[FitResult], client: MlflowClient) -> None:
+def tell_outcome(entry: StackedTrial, results: list[FitResult], client: MlflowClient) -> None:
+    """A trial whose runs are complete: PRUNED if a seed diverged or the pruner stopped it, else COMPLETE with its
+    seeds' mean best validation accuracy. Its runs are tagged with that state (and the reason); with repeats, its
+    trial run gets the seeds' summary and ends."""
     diverged = next((r.stop_reason for r in results if r.diverged), "")
     reason = diverged or entry.pruned
     state = "PRUNED" if reason else "COMPLETE"
