@@ -164,7 +164,7 @@ class Trainer:
     augment_generator: torch.Generator
     batch_size: int
     steps_per_epoch: int
-    mode: str
+    mode: str  # how the step was built to run (step_mode); effective_mode says how it runs now
     coef: Coefficients
     cfgs: list[TrainConfig]  # the member at each position
     schedules: Schedules | None = None  # per-member learning rates, when slots can be refilled
@@ -179,6 +179,7 @@ class Trainer:
         return getattr(self.step, "mode", self.mode)
 
     def epoch(self, progress: tqdm | None = None) -> dict[str, torch.Tensor | int]:
+        """One pass over the training split, in training mode (train_epoch)."""
         self.model.train()
         return train_epoch(self.step, self.scheduler, self.data.train, self.batch_size, self.order_generator,
                            progress)
@@ -208,15 +209,15 @@ class Trainer:
         self.cfgs[pos] = cfg
 
     @torch.no_grad()
-    def retire(self, k: int) -> None:
-        """Stop member k: its loss no longer counts, and its weights, buffers and optimizer state are zeroed
-        so that nothing it diverged to (inf, NaN) stays in the network."""
-        self.coef.active[k] = 0.0
+    def retire(self, pos: int) -> None:
+        """Stop the member at `pos`: its loss no longer counts, and its weights, buffers and optimizer state are
+        zeroed so that nothing it diverged to (inf, NaN) stays in the network."""
+        self.coef.active[pos] = 0.0
         tensors = list(self.model.state_dict().values())
         tensors += [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
         for t in tensors:
             if t.dim() > 0 and t.shape[0] % self.members == 0:
-                t.view(self.members, -1)[k] = 0.0
+                t.view(self.members, -1)[pos] = 0.0
 
     @torch.no_grad()
     def compact(self, keep: list[int]) -> Trainer:
@@ -243,6 +244,8 @@ class Trainer:
                                         for key, v in self.optimizer.state[old].items()}
         scheduler = build_scheduler(stepping, optimizer, self.steps_per_epoch)
         scheduler.load_state_dict(self.scheduler.state_dict())  # where the schedule is, not where it starts
+        # Loading the scheduler's state leaves the rate the new scheduler set at its start in the optimizer: the
+        # old optimizer holds the rate it is at.
         for group, old in zip(optimizer.param_groups, self.optimizer.param_groups):
             if torch.is_tensor(group["lr"]):
                 group["lr"].copy_(old["lr"])
