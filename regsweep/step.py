@@ -23,6 +23,8 @@ from .config import TrainConfig
 from .data import Split, rotate_batch
 from .regularization import member_sums
 
+CLASSES = 10  # MNIST's ten digits: the width of each member's logits
+
 
 def autocast(precision: str, device_type: str = "cpu"):
     return torch.autocast(device_type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
@@ -137,12 +139,12 @@ class Schedules:
                 buffer.view(len(ratio), -1).mul_(column)
 
     def take(self, keep: list[int]) -> Schedules:
-        """The schedules of the members at positions `keep` (Setup.compact)."""
+        """The schedules of the members at positions `keep` (Trainer.compact)."""
         return Schedules(self.table, self.started[keep].clone(), self.clock.clone())
 
 
 def member_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of each member over the batch: B x K x 10 logits -> K losses."""
+    """Mean cross-entropy of each member over the batch: B x K x CLASSES logits -> K losses."""
     return F.cross_entropy(logits.transpose(1, 2), y[:, None].expand(-1, logits.shape[1]), reduction="none").mean(0)
 
 
@@ -164,7 +166,7 @@ def make_step(step_model: nn.Module, optimizer: torch.optim.Optimizer, split: Sp
         if cfg.augment:
             x = rotate_batch(x, cfg.rotate, generator)
         with autocast(cfg.precision, x.device.type):
-            logits = as_loss_dtype(step_model(x)).view(len(y), members, 10)
+            logits = as_loss_dtype(step_model(x)).view(len(y), members, CLASSES)
         data_loss = member_losses(logits, y)
         sum_abs, sum_sq = member_sums(penalised, members)
         weight = coef.active
@@ -183,6 +185,12 @@ def make_step(step_model: nn.Module, optimizer: torch.optim.Optimizer, split: Sp
     return step
 
 
+# Eager steps before a CUDA graph is captured. They create what the graph must find in place rather than record:
+# the optimizer's state (made at its first step: SGD's momentum buffers, Adam's moments) and the libraries' lazily
+# created handles and workspaces. Three, as in PyTorch's CUDA-graphs notes ("whole network capture").
+CAPTURE_WARMUP_CALLS = 3
+
+
 class CudaGraphStep:
     """A step recorded once as a CUDA graph and replayed for every later batch.
 
@@ -193,23 +201,26 @@ class CudaGraphStep:
     (the scheduler writes the optimizer's lr tensor), the members' coefficients and active flags, and the
     random state of `generator` (registered with the graph, so each replay draws new rotations; batch order
     comes from another generator, used outside the graph). The first `warmup` calls run eagerly on a side
-    stream, as capture requires (lazy initialisation, optimizer state); they are ordinary training steps.
+    stream, as capture requires (CAPTURE_WARMUP_CALLS says why); they are ordinary training steps.
 
     A step that cannot be recorded (an operation that waits on the host, say, from a model added later) fails
     at capture, before any of it has run: the step then runs eagerly from there on, and `mode` says why.
     """
 
-    def __init__(self, step: Step, generator: torch.Generator, warmup: int = 3):
+    def __init__(self, step: Step, generator: torch.Generator, warmup: int = CAPTURE_WARMUP_CALLS):
         self.step, self.generator, self.warmup = step, generator, warmup
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.calls = 0
+        self.warmup_calls = 0  # eager calls so far, before capture
+        # Set at capture: a replay reads its batch indices from `idx` and writes its results into `out`.
+        self.idx: torch.Tensor | None = None
+        self.out: tuple[torch.Tensor, torch.Tensor] | None = None
         self.mode = "cuda-graph"  # or "eager: ..." once capture has failed
 
     def __call__(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mode != "cuda-graph":
             return self.step(idx)
-        if self.graph is None and self.calls < self.warmup:
-            self.calls += 1
+        if self.graph is None and self.warmup_calls < self.warmup:
+            self.warmup_calls += 1
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):

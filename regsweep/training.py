@@ -21,7 +21,7 @@ from .config import TrainConfig
 from .data import MnistSplits, Split, batches, shuffled_batches
 from .models import build_model
 from .regularization import member_sums, penalised_parameters, weight_stats_tensor
-from .step import (Coefficients, CudaGraphStep, Schedules, Step, as_loss_dtype, autocast, build_optimizer,
+from .step import (CLASSES, Coefficients, CudaGraphStep, Schedules, Step, as_loss_dtype, autocast, build_optimizer,
                    build_scheduler, configure_device, make_step, member_losses, step_mode, stepping_config)
 
 
@@ -64,12 +64,12 @@ def evaluate(model: nn.Module, split: Split, precision: str = "fp32") -> dict[st
     """Each member's loss and accuracy as device vectors (length 1 for a single model): the caller reads all
     of an epoch's numbers in one transfer. Also the predicted labels, images x members, on the device."""
     logits = predict(model, split, precision=precision)
-    logits = logits.view(len(split), -1, 10)
+    logits = logits.view(len(split), -1, CLASSES)
     pred = logits.argmax(2)
     return {"loss": member_losses(logits, split.y), "acc": (pred == split.y[:, None]).float().mean(0), "pred": pred}
 
 
-def confusion_matrix(y_true: torch.Tensor, y_pred: torch.Tensor, n_classes: int = 10) -> torch.Tensor:
+def confusion_matrix(y_true: torch.Tensor, y_pred: torch.Tensor, n_classes: int = CLASSES) -> torch.Tensor:
     """Rows are true classes, columns predicted."""
     return torch.bincount(y_true * n_classes + y_pred, minlength=n_classes ** 2).reshape(n_classes, n_classes)
 
@@ -151,8 +151,9 @@ def check_stackable(cfgs: list[TrainConfig]) -> None:
 
 
 @dataclass
-class Setup:
-    """Everything a training run of one or more stacked members holds between epochs, on its device."""
+class Trainer:
+    """A training run of one or more stacked members: what it holds between epochs, on its device, and what it
+    does with it (train an epoch; refill, retire or drop a member's slot). `setup` builds one."""
     data: MnistSplits
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -163,7 +164,7 @@ class Setup:
     augment_generator: torch.Generator
     batch_size: int
     steps_per_epoch: int
-    mode: str
+    mode: str  # how the step was built to run (step_mode); effective_mode says how it runs now
     coef: Coefficients
     cfgs: list[TrainConfig]  # the member at each position
     schedules: Schedules | None = None  # per-member learning rates, when slots can be refilled
@@ -178,6 +179,7 @@ class Setup:
         return getattr(self.step, "mode", self.mode)
 
     def epoch(self, progress: tqdm | None = None) -> dict[str, torch.Tensor | int]:
+        """One pass over the training split, in training mode (train_epoch)."""
         self.model.train()
         return train_epoch(self.step, self.scheduler, self.data.train, self.batch_size, self.order_generator,
                            progress)
@@ -207,18 +209,18 @@ class Setup:
         self.cfgs[pos] = cfg
 
     @torch.no_grad()
-    def retire(self, k: int) -> None:
-        """Stop member k: its loss no longer counts, and its weights, buffers and optimizer state are zeroed
-        so that nothing it diverged to (inf, NaN) stays in the network."""
-        self.coef.active[k] = 0.0
+    def retire(self, pos: int) -> None:
+        """Stop the member at `pos`: its loss no longer counts, and its weights, buffers and optimizer state are
+        zeroed so that nothing it diverged to (inf, NaN) stays in the network."""
+        self.coef.active[pos] = 0.0
         tensors = list(self.model.state_dict().values())
         tensors += [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
         for t in tensors:
             if t.dim() > 0 and t.shape[0] % self.members == 0:
-                t.view(self.members, -1)[k] = 0.0
+                t.view(self.members, -1)[pos] = 0.0
 
     @torch.no_grad()
-    def compact(self, keep: list[int]) -> Setup:
+    def compact(self, keep: list[int]) -> Trainer:
         """The same training with only the members at positions `keep`: a stack whose members stop shrinks, so
         that their slots stop costing steps. Weights, batch-norm statistics, optimizer state, the schedule's
         position (with per-member schedules, each one's) and both generators carry over, so each kept member
@@ -242,6 +244,8 @@ class Setup:
                                         for key, v in self.optimizer.state[old].items()}
         scheduler = build_scheduler(stepping, optimizer, self.steps_per_epoch)
         scheduler.load_state_dict(self.scheduler.state_dict())  # where the schedule is, not where it starts
+        # Loading the scheduler's state leaves the rate the new scheduler set at its start in the optimizer: the
+        # old optimizer holds the rate it is at.
         for group, old in zip(optimizer.param_groups, self.optimizer.param_groups):
             if torch.is_tensor(group["lr"]):
                 group["lr"].copy_(old["lr"])
@@ -253,12 +257,12 @@ class Setup:
         mode = self.effective_mode
         if mode == "cuda-graph":
             step = CudaGraphStep(step, self.augment_generator)
-        return Setup(self.data, model, optimizer, scheduler, penalised, step, self.order_generator,
-                     self.augment_generator, self.batch_size, self.steps_per_epoch, mode, coef, cfgs, schedules)
+        return Trainer(self.data, model, optimizer, scheduler, penalised, step, self.order_generator,
+                       self.augment_generator, self.batch_size, self.steps_per_epoch, mode, coef, cfgs, schedules)
 
 
 def setup(cfgs: TrainConfig | list[TrainConfig], data: MnistSplits, model: nn.Module | None = None,
-          own_schedules: bool = False) -> Setup:
+          own_schedules: bool = False) -> Trainer:
     """Move data and model to the device once and build the optimizer, schedule and step around them.
 
     With several configurations, they train as the members of one stacked network (models.py) on the same
@@ -282,8 +286,9 @@ def setup(cfgs: TrainConfig | list[TrainConfig], data: MnistSplits, model: nn.Mo
     batch_size = min(cfg.batch_size, len(data.train))
     steps_per_epoch = len(data.train) // batch_size
     schedules = Schedules.of(cfg, steps_per_epoch, len(cfgs), device) if own_schedules else None
-    optimizer = build_optimizer(stepping_config(cfg, own_schedules), model.parameters(), device)
-    scheduler = build_scheduler(stepping_config(cfg, own_schedules), optimizer, steps_per_epoch)
+    stepping = stepping_config(cfg, own_schedules)
+    optimizer = build_optimizer(stepping, model.parameters(), device)
+    scheduler = build_scheduler(stepping, optimizer, steps_per_epoch)
     mode = step_mode(cfg, device)
     coef = Coefficients.of(cfgs, device)
     # Compiling fuses the small convs' norm/activation kernels (docs/benchmarks.md: 10-35% per step on the CPU).
@@ -292,8 +297,8 @@ def setup(cfgs: TrainConfig | list[TrainConfig], data: MnistSplits, model: nn.Mo
     step = make_step(step_model, optimizer, data.train, cfg, penalised, augment_gen, coef, schedules)
     if mode == "cuda-graph":
         step = CudaGraphStep(step, augment_gen)
-    return Setup(data, model, optimizer, scheduler, penalised, step, order_gen, augment_gen, batch_size,
-                 steps_per_epoch, mode, coef, cfgs, schedules)
+    return Trainer(data, model, optimizer, scheduler, penalised, step, order_gen, augment_gen, batch_size,
+                   steps_per_epoch, mode, coef, cfgs, schedules)
 
 
 def fit(cfg: TrainConfig, data: MnistSplits, on_epoch: Callable[[int, dict], str | None] | None = None,
@@ -314,20 +319,34 @@ def fit(cfg: TrainConfig, data: MnistSplits, on_epoch: Callable[[int, dict], str
 
 
 @dataclass
-class Member:
+class MemberRecord:
     """fit_stack's record of one member: its result so far and where it stands."""
     cfg: TrainConfig
     result: FitResult
     joined: int  # the stack's epochs before this member's first: its own epoch is the stack's less this
     start: float  # perf_counter at its first epoch
     running: bool = True
-    retired: bool = False  # its slot zeroed (Setup.retire)
+    retired: bool = False  # its slot zeroed (Trainer.retire)
     left: bool = False  # its result final and handed to on_leave
     best_val_acc: float = -1.0
     best_test_pred: torch.Tensor | None = None  # at its best validation epoch, on the device
     best_val_loss: float = math.inf
     since_best_loss: int = 0
     hook_seconds: float = 0.0  # in on_epoch: logging and pruning, what the caller adds to each epoch
+
+    def track_best(self, val_acc: float, val_loss: float, test_pred: torch.Tensor) -> bool:
+        """Note an epoch's validation numbers (`test_pred`: the epoch's test predictions, on the device); True when
+        its accuracy is the best yet, so that fit_stack keeps its weights."""
+        improved = val_acc > self.best_val_acc
+        if improved:
+            self.best_val_acc = val_acc
+            # The test predictions behind this epoch's test accuracy: those of the weights kept.
+            self.best_test_pred = test_pred.clone()
+        if val_loss < self.best_val_loss:
+            self.best_val_loss, self.since_best_loss = val_loss, 0
+        else:
+            self.since_best_loss += 1
+        return improved
 
 
 def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
@@ -344,144 +363,149 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
 
     A stopped or done member's slot is, in this order of preference:
     - refilled: `refill(free_slots)` returns up to that many new configurations, which start in freed slots
-      from their own initialisation, optimizer state and schedule (Setup.refill; they are members
+      from their own initialisation, optimizer state and schedule (Trainer.refill; they are members
       len(cfgs), len(cfgs) + 1, ... in the results), on the stack's batches from there on. SGD only. The
       slots it does not fill idle until a later call fills them, unless it returns None: no more will come.
     - with `compact`, once no more configurations will come, dropped: the stack shrinks to the members still
-      training (Setup.compact; not for a compiled step, which would compile again).
+      training (Trainer.compact; not for a compiled step, which would compile again).
     - else left idle, computing zeros.
     A member that leaves a slot is done: `on_leave(member, result)` gets its final result then, while the
     others train on. Training ends when no member trains and no slot was refilled.
     """
-    run = setup(cfgs, data, model, own_schedules=refill is not None)
-    data, cfg = run.data, cfgs[0]
+    trainer = setup(cfgs, data, model, own_schedules=refill is not None)
+    data, cfg = trainer.data, cfgs[0]
     start = time.perf_counter()
-    stack = [Member(c, FitResult(model=run.model), 0, start) for c in cfgs]  # grows as slots are refilled
-    slots = list(range(len(cfgs)))  # the member at each position of the (possibly shrunk) stack
-    best_state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+    # One record per member, in the order of the results; grows as slots are refilled.
+    records = [MemberRecord(c, FitResult(model=trainer.model), 0, start) for c in cfgs]
+    slots = list(range(len(cfgs)))  # index in records of the member at each position of the (possibly shrunk) stack
+    best_state = {name: t.detach().clone() for name, t in trainer.model.state_dict().items()}
 
     def leave(pos: int) -> None:
-        """The member at `pos` gets its own model with its best weights, its test predictions and summary."""
-        k, members = slots[pos], run.members
-        m = stack[k]
-        finish(m.result, m.cfg, best_state, pos, members)
-        close(m, time.perf_counter(), run.effective_mode)
-        m.left = True
+        """The member at `pos` is done: its result made final (its own model with its best weights, its test
+        predictions, its summary) and handed to on_leave."""
+        k = slots[pos]
+        rec = records[k]
+        rec.result.model = member_model(rec.cfg, best_state, pos, trainer.members)
+        finalise_result(rec, time.perf_counter(), trainer.effective_mode)
+        rec.left = True
         if on_leave is not None:
-            on_leave(k, m.result)
+            on_leave(k, rec.result)
 
+    shrinks = compact and trainer.mode != "compiled"  # a compiled step would compile again for a smaller stack
     epoch = 0  # the stack's: with refilled slots, members are at different epochs of their own
     while True:
         epoch += 1
-        members, model = run.members, run.model
+        members, model = trainer.members, trainer.model
         t0 = time.perf_counter()
-        with tqdm(total=run.steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", disable=not show_progress,
+        with tqdm(total=trainer.steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", disable=not show_progress,
                   leave=False, unit="batch") as progress:
-            train = run.epoch(progress)
+            train = trainer.epoch(progress)
         if data.train.x.is_cuda:
             torch.cuda.synchronize()  # once an epoch, so that the epoch's time is its training time
         seconds = time.perf_counter() - t0
-        val, test = evaluate(model, data.val, cfg.precision), evaluate(model, data.test, cfg.precision)
-        with torch.no_grad():
-            sum_abs, sum_sq = member_sums(run.penalised, members)
-            columns = [train["loss_sum"] / train["images"], train["correct"] / train["images"], val["loss"],
-                       val["acc"], test["loss"], test["acc"], sum_abs, sum_sq]
-            names, stats = weight_stats_tensor(model, members)
-            # The epoch's one device-to-host transfer: every member's numbers at once, weight statistics too.
-            rows = torch.cat([torch.stack([c.float() for c in columns], 1), stats], 1).tolist()
-        rates = run.rates()
+        rows, stat_names, test_pred = epoch_rows(trainer, train, cfg.precision)
+        rates = trainer.rates()
         improved = [False] * members
         for pos, values in enumerate(rows):
-            m = stack[slots[pos]]
-            if not m.running:
+            rec = records[slots[pos]]
+            if not rec.running:
                 continue
-            own_epoch = epoch - m.joined
-            train_loss, val_loss, val_acc = values[0], values[2], values[3]
+            own_epoch = epoch - rec.joined
+            train_loss, val_loss, val_acc = values[0], values[2], values[3]  # COLUMNS' order
             if not math.isfinite(train_loss):
-                m.result.stop_reason = (f"diverged: training loss is {train_loss} (l1={m.cfg.l1}, "
-                                        f"l2={m.cfg.l2}, lr={m.cfg.lr})")
-                m.result.diverged, m.running = True, False
+                rec.result.stop_reason = (f"diverged: training loss is {train_loss} (l1={rec.cfg.l1}, "
+                                          f"l2={rec.cfg.l2}, lr={rec.cfg.lr})")
+                rec.result.diverged, rec.running = True, False
                 continue
-            metrics = epoch_metrics(values, names, m.cfg, rates[pos], seconds, train["images"])
-            m.result.history.append(metrics)
-            if val_acc > m.best_val_acc:
-                m.best_val_acc, improved[pos] = val_acc, True
-                # The test predictions behind this epoch's test accuracy: those of the weights kept below.
-                m.best_test_pred = test["pred"][:, pos].clone()
-            if val_loss < m.best_val_loss:
-                m.best_val_loss, m.since_best_loss = val_loss, 0
-            else:
-                m.since_best_loss += 1
+            metrics = epoch_metrics(values, stat_names, rec.cfg, rates[pos], seconds, train["images"])
+            rec.result.history.append(metrics)
+            improved[pos] = rec.track_best(val_acc, val_loss, test_pred[:, pos])
             hook_start = time.perf_counter()
             stop = on_epoch(slots[pos], own_epoch, metrics) if on_epoch is not None else None
-            m.hook_seconds += time.perf_counter() - hook_start
-            if not stop and m.cfg.patience and m.since_best_loss >= m.cfg.patience:
-                stop = f"early stopping: val/loss did not improve for {m.cfg.patience} epochs"
+            rec.hook_seconds += time.perf_counter() - hook_start
+            if not stop and rec.cfg.patience and rec.since_best_loss >= rec.cfg.patience:
+                stop = f"early stopping: val/loss did not improve for {rec.cfg.patience} epochs"
             if stop:
-                m.result.stop_reason, m.running = stop, False
-            elif own_epoch == m.cfg.epochs:
-                m.running = False  # done
+                rec.result.stop_reason, rec.running = stop, False
+            elif own_epoch == rec.cfg.epochs:
+                rec.running = False  # done
         keep_best(best_state, model.state_dict(), improved)
-        free = [pos for pos, k in enumerate(slots) if not stack[k].running]
+        free = [pos for pos, k in enumerate(slots) if not records[k].running]
         for pos in free:
-            if not stack[slots[pos]].retired:
-                run.retire(pos)  # no more of its gradient, nor anything it diverged to
-                stack[slots[pos]].retired = True
+            if not records[slots[pos]].retired:
+                trainer.retire(pos)  # no more of its gradient, nor anything it diverged to
+                records[slots[pos]].retired = True
         # Stopped members leave now where their slots may be refilled or dropped (before `refill`, which may want
         # their results), else with the rest at the end.
-        if refill is not None or (compact and run.mode != "compiled" and len(free) < members):
+        if refill is not None or (shrinks and len(free) < members):
             for pos in free:
-                if not stack[slots[pos]].left:
+                if not records[slots[pos]].left:
                     leave(pos)
         new = refill(len(free)) if refill is not None and free else None  # None: no more will come
         if len(free) == members and not new:
             break  # nothing trains on
-        dropped = free if new is None and compact and run.mode != "compiled" else []
+        dropped = free if new is None and shrinks else []
         for pos, new_cfg in zip(free, new or []):
-            run.refill(pos, new_cfg)
-            slots[pos] = len(stack)
-            stack.append(Member(new_cfg, FitResult(model=run.model), epoch, time.perf_counter()))
-            keep_best(best_state, run.model.state_dict(), [p == pos for p in range(members)])  # its start
+            trainer.refill(pos, new_cfg)
+            slots[pos] = len(records)
+            records.append(MemberRecord(new_cfg, FitResult(model=trainer.model), epoch, time.perf_counter()))
+            keep_best(best_state, trainer.model.state_dict(), [p == pos for p in range(members)])  # its start
         if dropped:
             keep = [pos for pos in range(members) if pos not in dropped]
             best_state = {name: member_blocks(t, members, keep) for name, t in best_state.items()}
-            run, slots = run.compact(keep), [slots[pos] for pos in keep]
+            trainer, slots = trainer.compact(keep), [slots[pos] for pos in keep]
 
-    members, model = run.members, run.model
-    staying = [(pos, stack[k]) for pos, k in enumerate(slots) if not stack[k].left]
+    members, model = trainer.members, trainer.model
+    staying = [(pos, records[k]) for pos, k in enumerate(slots) if not records[k].left]
     if not staying:  # every member left with its own predictions (a refilled stack's last epoch)
-        return [m.result for m in stack]
+        return [rec.result for rec in records]
     model.load_state_dict(best_state)
     end = time.perf_counter()
-    for pos, m in staying:
-        if members == 1:
-            m.result.model = model.cpu()
-        else:
-            finish(m.result, m.cfg, best_state, pos, members)
-        close(m, end, run.effective_mode)
-    return [m.result for m in stack]
+    for pos, rec in staying:
+        # A lone member keeps the network it trained in, back on the CPU (in `fit`, the caller's `model`, if given).
+        rec.result.model = model.cpu() if members == 1 else member_model(rec.cfg, best_state, pos, members)
+        finalise_result(rec, end, trainer.effective_mode)
+    return [rec.result for rec in records]
 
 
-def close(m: Member, end: float, mode: str) -> None:
-    """A member's result once it is done (`end`: perf_counter then): how its step ran, its test predictions
-    and, if it trained an epoch, its summary."""
-    result = m.result
+def finalise_result(rec: MemberRecord, end: float, mode: str) -> None:
+    """Complete a done member's result, all but its model (`end`: perf_counter then): how its step ran, its test
+    predictions and, if it trained an epoch, its summary."""
+    result = rec.result
     result.step_mode = mode
-    result.test_pred = m.best_test_pred.cpu() if m.best_test_pred is not None else None
-    m.best_test_pred = None  # off the device: a refilled stack goes through many members
+    result.test_pred = rec.best_test_pred.cpu() if rec.best_test_pred is not None else None
+    rec.best_test_pred = None  # off the device: a refilled stack goes through many members
     if result.history:
-        result.summary = summarise(result.history, end - m.start) | {"total_hook_seconds": m.hook_seconds}
+        result.summary = summarise(result.history, end - rec.start) | {"total_hook_seconds": rec.hook_seconds}
 
 
-def finish(result: FitResult, cfg: TrainConfig, best_state: dict[str, torch.Tensor], pos: int, members: int) -> None:
-    """Give `result` its own model, on the CPU, holding the best-validation weights of the member at `pos`."""
+def member_model(cfg: TrainConfig, best_state: dict[str, torch.Tensor], pos: int, members: int) -> nn.Module:
+    """The member at `pos` as a model of its own, on the CPU, holding its best-validation weights."""
     state = {name: t.cpu() for name, t in member_state(best_state, pos, members).items()}  # its blocks only
-    result.model = build_model(cfg).to(next(t.dtype for t in state.values() if t.is_floating_point()))
-    result.model.load_state_dict(state)
+    model = build_model(cfg).to(next(t.dtype for t in state.values() if t.is_floating_point()))
+    model.load_state_dict(state)
+    return model
 
 
 COLUMNS = ("train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc", "penalty/sum_abs_w",
-           "penalty/sum_sq_w")  # the order of an epoch's first columns in fit_stack, weight statistics after
+           "penalty/sum_sq_w")  # the order of the first columns of epoch_rows, weight statistics after
+
+
+def epoch_rows(trainer: Trainer, train: dict[str, torch.Tensor | int],
+               precision: str) -> tuple[list[list[float]], list[str], torch.Tensor]:
+    """Every slot's numbers for the epoch just trained (`train`: what Trainer.epoch returned) as one row each:
+    COLUMNS, then the weight statistics the second value names. Also the test predictions, images x members,
+    left on the device for the members whose best epoch this is."""
+    model, members = trainer.model, trainer.members
+    val, test = evaluate(model, trainer.data.val, precision), evaluate(model, trainer.data.test, precision)
+    with torch.no_grad():
+        sum_abs, sum_sq = member_sums(trainer.penalised, members)
+        columns = [train["loss_sum"] / train["images"], train["correct"] / train["images"], val["loss"],
+                   val["acc"], test["loss"], test["acc"], sum_abs, sum_sq]
+        names, stats = weight_stats_tensor(model, members)
+        # The epoch's one device-to-host transfer: every member's numbers at once, weight statistics too.
+        rows = torch.cat([torch.stack([c.float() for c in columns], 1), stats], 1).tolist()
+    return rows, names, test["pred"]
 
 
 def epoch_metrics(values: list[float], stat_names: list[str], cfg: TrainConfig, lr: float, seconds: float,

@@ -212,7 +212,7 @@ class TrialStack:
         self.cfgs.extend(new)
         return new
 
-    def job(self, k: int) -> tuple[TrainConfig, FitResult, str, dict[str, str]]:
+    def completion_job(self, k: int) -> tuple[TrainConfig, FitResult, str, dict[str, str]]:
         """What completing member k's run takes (its device tags read here, where the GPU is open)."""
         entry, r = self.members[k]
         return self.cfgs[k], self.done[k], entry.run_ids[r], device_tags(self.settings.base)
@@ -222,7 +222,7 @@ class TrialStack:
         the stack trains on."""
         self.done[k] = result
         mlflow.flush_async_logging()  # its epochs in the store before a worker ends the run
-        self.completer.start(self.job(k))
+        self.completer.start(self.completion_job(k))
         self.settle(final=False)
 
     def settle(self, final: bool) -> None:
@@ -236,14 +236,14 @@ class TrialStack:
         with storage_errors(self.settings.storage):
             self.on_epoch.flush()  # every report in the study before its trial is told
         ks = [k for e in ready for k in e.members]
-        errors = dict(zip(ks, self.completer.complete([self.job(k) for k in ks])))
+        errors = dict(zip(ks, self.completer.complete([self.completion_job(k) for k in ks])))
         for entry in ready:
             error = next((errors[k] for k in entry.members if errors[k] is not None), None)
             with storage_errors(self.settings.storage):
                 if error is None:
-                    tell(entry, [self.done[k] for k in entry.members], self.client)
+                    tell_outcome(entry, [self.done[k] for k in entry.members], self.client)
                 else:
-                    fail(entry, errors, self.client)
+                    fail_trial(entry, errors, self.client)
                     self.failures.append(error)
             self.heartbeats.discard(entry.trial)
         self.on_epoch.study_changed()
@@ -271,20 +271,21 @@ class TrialStack:
         storage_down = isinstance(exc, Outage) and not exc.tracking  # then Optuna cannot record anything
         self.on_epoch.close(wait=not storage_down)  # no report lands after its trial is failed
         untold = [e for e in self.entries if not e.told]
-        for trial in [e.trial for e in untold] + self.unopened if not storage_down else []:
-            if kind is not None:
-                fail_for_retry(trial, reason, kind, tell=True)
-            else:
-                tell_study(trial, state=TrialState.FAIL)
+        if not storage_down:
+            for trial in [e.trial for e in untold] + self.unopened:
+                if kind is not None:
+                    fail_for_retry(trial, reason, kind, tell=True)
+                else:
+                    tell_study(trial, state=TrialState.FAIL)
         self.completer.stop(tracking_down)  # the study first: this may wait for runs being completed
-        for entry in untold if not tracking_down else []:
-            for run_id in entry.all_run_ids:
-                end_run(self.client, run_id, reason, "FAILED" if kind is None else "KILLED")
         if not tracking_down:
+            for entry in untold:
+                for run_id in entry.all_run_ids:
+                    end_run(self.client, run_id, reason, "FAILED" if kind is None else "KILLED")
             mlflow.flush_async_logging()
 
 
-def fail(entry: StackedTrial, errors: dict[int, Exception | None], client: MlflowClient) -> None:
+def fail_trial(entry: StackedTrial, errors: dict[int, Exception | None], client: MlflowClient) -> None:
     """A trial whose runs could not all be completed: FAIL, and each run whose completion failed ended FAILED with
     the reason (the completion may have failed before it could end the run itself)."""
     tell_study(entry.trial, state=TrialState.FAIL)
@@ -415,7 +416,10 @@ def tell_study(trial: optuna.Trial, value: float | None = None, state: TrialStat
             raise
 
 
-def tell(entry: StackedTrial, results: list[FitResult], client: MlflowClient) -> None:
+def tell_outcome(entry: StackedTrial, results: list[FitResult], client: MlflowClient) -> None:
+    """A trial whose runs are complete: PRUNED if a seed diverged or the pruner stopped it, else COMPLETE with its
+    seeds' mean best validation accuracy. Its runs are tagged with that state (and the reason); with repeats, its
+    trial run gets the seeds' summary and ends."""
     diverged = next((r.stop_reason for r in results if r.diverged), "")
     reason = diverged or entry.pruned
     state = "PRUNED" if reason else "COMPLETE"
