@@ -397,8 +397,10 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
         epoch += 1
         members, model = trainer.members, trainer.model
         t0 = time.perf_counter()
-        with tqdm(total=trainer.steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", disable=not show_progress,
-                  leave=False, unit="batch") as progress:
+        # With refilled slots the stack trains past any one member's epochs: then no total is shown.
+        desc = f"epoch {epoch}/{cfg.epochs}" if refill is None else f"stack epoch {epoch}"
+        with tqdm(total=trainer.steps_per_epoch, desc=desc, disable=not show_progress, leave=False,
+                  unit="batch") as progress:
             train = trainer.epoch(progress)
         if data.train.x.is_cuda:
             torch.cuda.synchronize()  # once an epoch, so that the epoch's time is its training time
