@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bytecode import bytecode_line  # noqa: E402
 from throughput import L1, L2, reference_pipeline, regsweep_pipeline  # noqa: E402
 
 from regsweep.config import TrainConfig  # noqa: E402
@@ -85,6 +86,7 @@ def startup_costs(rounds: int) -> None:
     import importlib.util
 
     lightning = [m for m in ("lightning", "pytorch_lightning") if importlib.util.find_spec(m)]
+    print(f"\n{bytecode_line()}")
     print(f"\nImports in a fresh process, median of {rounds} (Lightning installed here: "
           f"{', '.join(lightning) or 'no'}):\n")
     print("| import | s | rounds |\n|---|---|---|")

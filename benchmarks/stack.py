@@ -394,7 +394,10 @@ def main():
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"{where}, torch {torch.__version__}; {args.trials} trials x {args.epochs} epochs unless the row "
           f"says otherwise; `regsweep optimize {args.options}` with MLflow logging (figures on, model off: "
-          "optimize's defaults)\n")
+          "optimize's defaults)")
+    from bytecode import bytecode_line  # beside this script
+
+    print(f"{bytecode_line()}\n")
     results = []
     header = ("| --stack | pruner | trials (pruned) | wall s | configs/h | vs --stack 1 | training share "
               "| stopped slots | epoch hooks share | best val acc |\n|---|---|---|---|---|---|---|---|---|---|")
