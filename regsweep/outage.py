@@ -22,6 +22,8 @@ from contextlib import contextmanager
 
 EXIT_OUTAGE = 75  # sysexits' EX_TEMPFAIL: nothing is wrong with the input; run the same command again later
 WORKER_TAG = "regsweep.worker"  # host:pid of the process training a run, so a later command can tell it is gone
+STOP_REASON_TAG = "regsweep.stop_reason"  # why a run stopped, in words
+TAG_LIMIT = 5000  # characters of a tag value written: MLflow 2's limit (3.x allows 8,000), so older servers take it
 MAX_TIMEOUT = 900  # seconds; beyond this MLflow's retry knobs cannot keep one request alive that long
 WATCH_SIGNAL = signal.SIGUSR1
 
@@ -182,7 +184,7 @@ def end_orphaned_runs(experiment_id: str, tracking_uri: str | None = None) -> li
         run_host, _, pid = worker.rpartition(":")
         if run_host != host or not pid.isdigit() or pid_alive(int(pid)):
             continue
-        client.set_tag(run.info.run_id, "regsweep.stop_reason",
+        client.set_tag(run.info.run_id, STOP_REASON_TAG,
                        f"its process ({worker}) ended while the run was RUNNING, most likely because the "
                        "tracking store was unreachable; ended KILLED by the next regsweep command")
         client.set_terminated(run.info.run_id, "KILLED")

@@ -34,7 +34,7 @@ from . import plots
 from .config import TrainConfig
 from .data import MnistSplits
 from .models import count_parameters
-from .outage import WORKER_TAG, Outage, worker_id
+from .outage import STOP_REASON_TAG, TAG_LIMIT, WORKER_TAG, Outage, worker_id
 from .regularization import weight_layers
 from .training import FitResult, confusion_matrix, fit, new_model, per_class_metrics
 
@@ -229,10 +229,10 @@ def mlflow_run(cfg: TrainConfig, *, run_id: str | None = None, experiment_id: st
             # The tracking store down: nothing can be written (the next command ends the run KILLED).
             # Another store down (the sweep's Optuna storage): say so on the run, which stops KILLED.
             end = not exc.tracking
-            status, note = RunStatus.KILLED, ("regsweep.stop_reason", f"{exc}; the trial runs again on resume")
+            status, note = RunStatus.KILLED, (STOP_REASON_TAG, f"{exc}; the trial runs again on resume")
             raise
         except KeyboardInterrupt:
-            status, note = RunStatus.KILLED, ("regsweep.stop_reason", "interrupted (Ctrl-C or SIGTERM)")
+            status, note = RunStatus.KILLED, (STOP_REASON_TAG, "interrupted (Ctrl-C or SIGTERM)")
             raise
         except BaseException as exc:
             status, note = RunStatus.FAILED, ("regsweep.error", f"{type(exc).__name__}: {exc}")
@@ -248,7 +248,7 @@ def end_active_run(run_id: str, status: str, note: tuple[str, str] | None = None
     MLflow's stack of active runs, and the sweep's next trial would nest under it."""
     if note is not None:
         try:
-            MlflowClient().set_tag(run_id, note[0], note[1][:5000])
+            MlflowClient().set_tag(run_id, note[0], note[1][:TAG_LIMIT])
         except Exception as exc:  # noqa: BLE001 - the run's status matters more than the note
             warnings.warn(f"could not tag run {run_id} with {note[0]}: {exc}", stacklevel=2)
     try:
@@ -308,7 +308,7 @@ def log_outcome(cfg: TrainConfig, result: FitResult, data: MnistSplits) -> None:
     macro_f1 = sum(row["f1"] for row in per_class) / len(per_class)
     mlflow.log_metrics({**result.summary, "test_macro_f1_at_best_val": macro_f1})
     if result.stop_reason:
-        mlflow.set_tag("regsweep.stop_reason", result.stop_reason)
+        mlflow.set_tag(STOP_REASON_TAG, result.stop_reason)
     mlflow.set_tag("regsweep.step", result.step_mode)
     s = result.summary
     # The run's description in the MLflow UI: the selection and the honest test number, in one line.

@@ -9,8 +9,8 @@ import optuna
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from ..outage import (EXIT_OUTAGE, WORKER_TAG, Outage, StorageOutage, TrackingOutage, end_orphaned_runs,
-                      tracking_watch, worker_id)
+from ..outage import (EXIT_OUTAGE, STOP_REASON_TAG, WORKER_TAG, Outage, StorageOutage, TrackingOutage,
+                      end_orphaned_runs, tracking_watch, worker_id)
 from ..tracking import terminal_status, use_experiment
 from .objective import Objective
 from .runs import STUDY_TAG, find_or_create_parent, finish_study
@@ -168,7 +168,7 @@ def optimize(settings: SweepSettings) -> dict:
         raise
     except WorkerFailure as exc:
         status = "KILLED" if exc.killed else "FAILED"
-        client.set_tag(parent_run_id, "regsweep.stop_reason", f"{exc}; its trial is queued again: resume with "
+        client.set_tag(parent_run_id, STOP_REASON_TAG, f"{exc}; its trial is queued again: resume with "
                        "the same command")
         raise
     except BaseException:
@@ -187,7 +187,7 @@ def optimize(settings: SweepSettings) -> dict:
             finally:  # whatever failed above, the parent run does not stay RUNNING
                 client.set_terminated(parent_run_id, status)
         elif not outage.tracking:  # MLflow answers: say on the parent why the sweep stopped
-            client.set_tag(parent_run_id, "regsweep.stop_reason", f"{outage}; resume with the same command")
+            client.set_tag(parent_run_id, STOP_REASON_TAG, f"{outage}; resume with the same command")
             client.set_terminated(parent_run_id, status)
     return summary | {"parent_run_id": parent_run_id, "experiment_id": experiment_id}
 

@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from ..config import TrainConfig
-from ..outage import Outage
+from ..outage import STOP_REASON_TAG, TAG_LIMIT, Outage
 from .runs import STUDY_TAG, summarise_repeats, trial_run_name
 from .space import FIRST_PRUNABLE_EPOCH, suggest_penalties
 from .study import FINISHED, SweepSettings, queue_retry, storage_errors
@@ -112,7 +112,7 @@ class Objective:
         run = client.create_run(self.experiment_id, run_name=trial_run_name(trial.number, penalties), tags={
             **tags, "mlflow.parentRunId": self.parent_run_id, "regime": cfg.regime, "optuna.state": twin.state.name,
             "regsweep.reused_run": source, "regsweep.reused_trial": str(twin.number),
-            "regsweep.stop_reason": note, "mlflow.note.content": note})
+            STOP_REASON_TAG: note, "mlflow.note.content": note})
         client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in cfg.as_params().items()])
         with storage_errors(settings.storage):
             trial.set_user_attr("mlflow_run_ids", [run.info.run_id])
@@ -185,7 +185,7 @@ class Objective:
                 for run_id in run_ids:
                     client.set_tag(run_id, "optuna.state", state)
                     if reason:
-                        client.set_tag(run_id, "regsweep.stop_reason", reason[:5000])
+                        client.set_tag(run_id, STOP_REASON_TAG, reason[:TAG_LIMIT])
                 if trial_run is not None:
                     summarise_repeats(client, trial_run.info.run_id, best_vals, state)
 

@@ -29,7 +29,7 @@ from optuna.trial import TrialState
 
 from ..config import TrainConfig
 from ..models import count_parameters
-from ..outage import Outage
+from ..outage import STOP_REASON_TAG, TAG_LIMIT, Outage
 from ..tracking import device_tags
 from ..training import FitResult, fit_stack, new_model
 from .completion import Completer, worker_count
@@ -400,7 +400,7 @@ def end_run(client: MlflowClient, run_id: str, reason: str, status: str) -> None
     """Best effort: in an outage the next start's reconciliation ends what this cannot."""
     try:
         client.set_tag(run_id, "optuna.state", "FAIL")
-        client.set_tag(run_id, "regsweep.stop_reason", reason[:5000])
+        client.set_tag(run_id, STOP_REASON_TAG, reason[:TAG_LIMIT])
         client.set_terminated(run_id, status)
     except Exception:  # noqa: BLE001 - see the docstring
         pass
@@ -432,7 +432,7 @@ def tell_outcome(entry: StackedTrial, results: list[FitResult], client: MlflowCl
     for run_id in entry.all_run_ids:
         client.set_tag(run_id, "optuna.state", state)
         if reason:
-            client.set_tag(run_id, "regsweep.stop_reason", reason[:5000])
+            client.set_tag(run_id, STOP_REASON_TAG, reason[:TAG_LIMIT])
     if entry.trial_run_id:
         summarise_repeats(client, entry.trial_run_id, best_vals, state)
 

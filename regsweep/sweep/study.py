@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from ..config import ConfigError, TrainConfig
-from ..outage import StorageOutage, pid_alive
+from ..outage import STOP_REASON_TAG, TAG_LIMIT, StorageOutage, pid_alive
 from .space import SearchSpace, make_pruner, make_sampler
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -180,7 +180,7 @@ def end_dead_run(run_id: str, reason: str, tracking_uri: str | None = None, stat
     run = client.get_run(run_id)
     if RunStatus.is_terminated(RunStatus.from_string(run.info.status)):
         return False
-    client.set_tag(run_id, "regsweep.stop_reason", reason[:5000])
+    client.set_tag(run_id, STOP_REASON_TAG, reason[:TAG_LIMIT])
     client.set_tag(run_id, "optuna.state", state)
     client.set_terminated(run_id, "KILLED")
     return True
