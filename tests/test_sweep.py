@@ -152,11 +152,13 @@ def test_divergent_trial_is_pruned_with_its_reason_and_the_sweep_goes_on(trackin
         assert run.info.status == "FAILED" and run.data.tags["optuna.state"] == "PRUNED"
 
 
-def start_until_a_trial_trains(tracking_uri: str, args: list[str]):
-    """Start a sweep in a subprocess; return it and the first trial run that has logged an epoch."""
+def start_until_a_trial_trains(tracking_uri: str, args: list[str], capture: bool = False):
+    """Start a sweep in a subprocess; return it and the first trial run that has logged an epoch. With
+    `capture`, its output is piped (read it with communicate, which also waits for whatever inherited it)."""
+    out = subprocess.PIPE if capture else subprocess.DEVNULL
     proc = subprocess.Popen([sys.executable, "-m", "regsweep", "optimize", *args],
-                            env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}, stdout=out, stderr=out,
+                            text=True)
     client = MlflowClient()
     deadline, victim = time.time() + 180, None
     while time.time() < deadline and victim is None:
@@ -175,7 +177,7 @@ def start_and_kill_mid_trial(tracking_uri: str, storage: str, sig: int, *more: s
     proc, victim = start_until_a_trial_trains(tracking_uri, [*SMALL, "--epochs", "30", "--trials", "2",
                                                              "--storage", storage, "--pruner", "none", *more])
     proc.send_signal(sig)
-    proc.communicate(timeout=60)
+    proc.wait(timeout=60)
     return victim
 
 
@@ -231,7 +233,7 @@ def test_a_killed_worker_process_ends_the_sweep_killed_with_exit_1_and_resume_re
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     proc, victim = start_until_a_trial_trains(tracking_uri, [
         *SMALL, "--epochs", "12", "--trials", "2", "--workers", "2", "--storage", storage, "--pruner", "none",
-        "--sampler", "random"])
+        "--sampler", "random"], capture=True)
     client = MlflowClient()
     worker_pid = int(victim.data.tags["regsweep.worker"].rsplit(":", 1)[1])
     assert worker_pid != proc.pid  # a worker process, not the driver
