@@ -310,8 +310,8 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
     except WorkerFailure as exc:  # exit 1; the parent run ended FAILED or KILLED
         from .outage import command_line
 
-        raise click.ClickException(f"{exc}; its trial is failed and queued again, the other workers finished "
-                                   f"theirs. Run again with: {command_line()}") from None
+        raise click.ClickException(f"{exc}; the other workers finished their trials. Run again with: "
+                                   f"{command_line()}") from None
     counts = summary["counts"]
     click.echo(f"study {settings.study_name}: {counts['complete']} complete, {counts['pruned']} pruned, "
                f"{counts['fail']} failed; parent run {summary['parent_run_id']}")

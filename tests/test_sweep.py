@@ -242,6 +242,7 @@ def test_a_killed_worker_process_ends_the_sweep_killed_with_exit_1_and_resume_re
 
     assert proc.returncode == 1, stderr
     assert "was killed by SIGKILL" in stderr and "Run again with: regsweep optimize" in stderr
+    assert f"trial {victim.data.tags['optuna.trial_number']}, left running, is failed and queued again" in stderr
     (parent,), _ = study_runs()
     assert parent.info.status == "KILLED" and "killed by SIGKILL" in parent.data.tags["regsweep.stop_reason"]
     killed = client.get_run(victim.info.run_id)

@@ -23,13 +23,16 @@ WORKER_EXIT = {TrackingOutage: EXIT_OUTAGE, StorageOutage: EXIT_OUTAGE + 1}
 
 
 class WorkerFailure(Exception):
-    """A worker process crashed or was killed. The others finish their trials first; the dead worker's trial
-    is failed and queued again, and the sweep ends FAILED (crashed) or KILLED (signalled), to be resumed."""
+    """A worker process crashed or was killed. The others finish their trials first; a trial the dead worker
+    left RUNNING is failed and queued again, and the sweep ends FAILED (crashed) or KILLED (signalled), to be
+    resumed. (A worker that stopped on an error of its own has already failed its trial and printed why.)"""
 
-    def __init__(self, exitcodes: list[int | None]):
+    def __init__(self, exitcodes: list[int | None], requeued: list[int]):
         self.killed = any(code is not None and code < 0 for code in exitcodes)
         dead = [f"worker {i} {describe_exit(code)}" for i, code in enumerate(exitcodes) if code != 0]
-        super().__init__(", ".join(dead))
+        left = (f"; trial {', '.join(map(str, requeued))}, left running, is failed and queued again" if requeued
+                else "")
+        super().__init__(", ".join(dead) + left)
 
 
 def describe_exit(code: int | None) -> str:
@@ -154,9 +157,9 @@ def optimize(settings: SweepSettings) -> dict:
                     proc.join()
                 exitcodes = [proc.exitcode for proc in procs]
                 raise_worker_outage(settings, tracking_uri, exitcodes)
-                reap_dead_local_trials(study, handler)  # a worker that crashed leaves its trial RUNNING
+                requeued = reap_dead_local_trials(study, handler)  # a worker that crashed leaves its trial RUNNING
                 if any(exitcodes):
-                    raise WorkerFailure(exitcodes)
+                    raise WorkerFailure(exitcodes, requeued)
     except KeyboardInterrupt:
         status = "KILLED"
         for proc in procs:  # each worker ends its own trial's run KILLED on SIGTERM
@@ -168,8 +171,7 @@ def optimize(settings: SweepSettings) -> dict:
         raise
     except WorkerFailure as exc:
         status = "KILLED" if exc.killed else "FAILED"
-        client.set_tag(parent_run_id, STOP_REASON_TAG, f"{exc}; its trial is queued again: resume with "
-                       "the same command")
+        client.set_tag(parent_run_id, STOP_REASON_TAG, f"{exc}; resume with the same command")
         raise
     except BaseException:
         status = "FAILED"
