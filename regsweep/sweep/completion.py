@@ -106,9 +106,9 @@ def worker_count(requested: int | None, members: int, device: str, sweep_workers
     """--completion-workers as asked (at most one per member), or by default: on CUDA one per member up to
     the cores this sweep worker may use and does not train on (cores / --workers, less one), where at least
     two are spare (with one, the training process completes the runs itself; one worker against that has not
-    been measured); on the CPU none. There training needs every core: workers spawned beside a training stack slowed a 4-member CPU
-    sweep from 21.5 s to 29.9 s (`python benchmarks/stack.py --small`, 2-core CPU; docs/benchmarks.md), and
-    completing the runs in place costs no more than spawning processes to do it."""
+    been measured); on the CPU none. There training needs every core: workers spawned beside a training stack
+    slowed a 4-member CPU sweep from 21.5 s to 29.9 s (`python benchmarks/stack.py --small`, 2-core CPU;
+    docs/benchmarks.md), and completing the runs in place costs no more than spawning processes to do it."""
     if requested is not None:
         return min(requested, members)
     spare = len(os.sched_getaffinity(0)) // max(1, sweep_workers) - 1
