@@ -102,8 +102,7 @@ def main():
         commands += [["train", *SMALL], ["optimize", "--trials", "8", "--stack", "4", *SMALL]]
     if not commands:
         parser.error("give a regsweep command or --small")
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bytecode import bytecode_line
+    from bytecode import bytecode_line  # beside this script
 
     print(bytecode_line())
     for command in commands:
