@@ -2,7 +2,8 @@
 
 The four IDX files ship gzip-compressed in `data/mnist/` with their SHA-256 sums. They are checked, unpacked
 into torchvision's layout (`<data_dir>/MNIST/raw/`) and read by `torchvision.datasets.MNIST`, which downloads
-nothing when the files are there. Any other `data_dir` goes through torchvision's own download path.
+nothing when the files are there; later loads read its tensors back from `<data_dir>/MNIST/processed/`. Any
+other `data_dir` goes through torchvision's own download path.
 """
 
 from __future__ import annotations
@@ -104,17 +105,58 @@ def check_available(data_dir: str | Path, download: bool = False) -> None:
 
 
 def load_raw(data_dir: str | Path, download: bool = False) -> tuple[torch.Tensor, ...]:
-    """uint8 images and int64 labels for the 60k training and 10k test sets."""
-    from torchvision.datasets import MNIST  # heavy import, kept out of `regsweep --help`
+    """uint8 images and int64 labels for the 60k training and 10k test sets.
 
+    Read by torchvision the first time, then from a tensor file beside the raw files: importing torchvision
+    (its models and ops come with any of its modules) costs a fresh process more than a second, every
+    training run, sweep worker and completion process pays it, and reading the tensors back takes
+    milliseconds. The file is rewritten whenever a raw file is newer than it.
+    """
     data_dir = Path(data_dir)
     check_available(data_dir, download)
+    cached = read_cache(data_dir)
+    if cached is not None:
+        return cached
+    from torchvision.datasets import MNIST  # heavy import, kept out of `regsweep --help`
+
     try:
         train = MNIST(str(data_dir), train=True, download=download)
         test = MNIST(str(data_dir), train=False, download=download)
     except (RuntimeError, OSError, ValueError) as exc:
         raise DataError(f"cannot read MNIST from {data_dir}: {exc}") from exc
-    return train.data, train.targets, test.data, test.targets
+    tensors = (train.data, train.targets, test.data, test.targets)
+    write_cache(data_dir, tensors)
+    return tensors
+
+
+def cache_path(data_dir: Path) -> Path:
+    return data_dir / "MNIST" / "processed" / "regsweep-tensors.pt"
+
+
+def read_cache(data_dir: Path) -> tuple[torch.Tensor, ...] | None:
+    """The cached tensors, or None where there are none or a raw file is newer (or unreadable)."""
+    path = cache_path(data_dir)
+    try:
+        written = path.stat().st_mtime
+        if any((data_dir / "MNIST" / "raw" / name).stat().st_mtime > written for name in FILES):
+            return None
+        tensors = torch.load(path, weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError):
+        return None  # a missing, stale or damaged cache is read afresh from the raw files
+    return tuple(tensors) if isinstance(tensors, (tuple, list)) and len(tensors) == 4 else None
+
+
+def write_cache(data_dir: Path, tensors: tuple[torch.Tensor, ...]) -> None:
+    """Best effort (a read-only data folder just goes without): written aside, then renamed, so that
+    parallel workers never read half a file."""
+    path = cache_path(data_dir)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(tuple(t.contiguous() for t in tensors), tmp)
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
 
 
 def normalise(images: torch.Tensor) -> torch.Tensor:

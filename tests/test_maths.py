@@ -104,6 +104,38 @@ def test_tiny_data_split_uses_real_mnist(tiny_data):
     assert set(tiny_data.train.y.tolist()) == set(range(10))
 
 
+def test_mnist_is_read_back_from_its_tensor_file_without_torchvision_and_reread_when_stale(tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from regsweep.config import default_data_dir
+    from regsweep.data import cache_path, load_raw
+
+    data = tmp_path / "data"
+    shutil.copytree(f"{default_data_dir()}/mnist", data / "mnist")
+    first = load_raw(data)  # through torchvision, which writes the tensor file
+    assert cache_path(data).is_file()
+    probe = ("import sys; from regsweep.data import load_raw; t = load_raw(sys.argv[1]); "
+             "print('torchvision' in sys.modules, [tuple(x.shape) for x in t], t[3][:5].tolist())")
+    out = subprocess.run([sys.executable, "-c", probe, str(data)], capture_output=True, text=True, check=True)
+    assert out.stdout.split("[", 1)[0].strip() == "False"  # a fresh process read the file, not torchvision
+    assert "(60000, 28, 28), (60000,), (10000, 28, 28), (10000,)" in out.stdout and "[7, 2, 1, 0, 4]" in out.stdout
+    again = load_raw(data)
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(first, again))
+    # A raw file newer than the tensor file (a re-unpacked download) is read afresh; so is a damaged file.
+    raw = data / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    labels = bytearray(raw.read_bytes())
+    labels[8] = (labels[8] + 1) % 10
+    raw.write_bytes(bytes(labels))
+    later = cache_path(data).stat().st_mtime + 5
+    os.utime(raw, (later, later))
+    assert load_raw(data)[3][0].item() == (first[3][0].item() + 1) % 10
+    cache_path(data).write_bytes(b"damaged")
+    assert torch.equal(load_raw(data)[0], first[0]) and cache_path(data).stat().st_size > 1_000_000
+
+
 def test_batches_cover_the_split_once_as_slices():
     split = Split(torch.arange(10.0).reshape(10, 1, 1, 1), torch.arange(10))
     ordered = list(batches(split, 4))
