@@ -194,7 +194,10 @@ class Trainer:
     def refill(self, pos: int, cfg: TrainConfig) -> None:
         """The slot at `pos` takes a new member `cfg`: weights and buffers as `new_model(cfg)` initialises them,
         no optimizer state (SGD's momentum then starts from the first gradient, as a new optimizer's does), its
-        own coefficients, and its schedule from its first step. All in place, so a captured step replays on."""
+        own coefficients, and its schedule from its first step. All in place, so a captured step replays on. Only
+        for a Trainer with per-member schedules (setup's own_schedules)."""
+        if self.schedules is None:
+            raise ValueError("refilling a slot needs per-member schedules: setup(..., own_schedules=True)")
         self.retire(pos)  # its optimizer state zeroed (a new optimizer's), its weights written below
         # As new_model(cfg) initialises it, with only the CPU's generator seeded and then restored: reseeding the
         # global generators mid-training would restart the other members' dropout masks.
@@ -253,10 +256,9 @@ class Trainer:
                 group["lr"] = old["lr"]
         penalised = list(penalised_parameters(model, cfg.penalize).values())
         coef = Coefficients(take(self.coef.l1), take(self.coef.l2), take(self.coef.active))
-        step = make_step(model, optimizer, self.data.train, cfg, penalised, self.augment_generator, coef, schedules)
-        mode = self.effective_mode
-        if mode == "cuda-graph":
-            step = CudaGraphStep(step, self.augment_generator)
+        mode = self.effective_mode  # a captured step that fell back to eager stays eager
+        step = build_step(mode, model, optimizer, self.data.train, cfg, penalised, self.augment_generator, coef,
+                          schedules)
         return Trainer(self.data, model, optimizer, scheduler, penalised, step, self.order_generator,
                        self.augment_generator, self.batch_size, self.steps_per_epoch, mode, coef, cfgs, schedules)
 
@@ -291,14 +293,21 @@ def setup(cfgs: TrainConfig | list[TrainConfig], data: MnistSplits, model: nn.Mo
     scheduler = build_scheduler(stepping, optimizer, steps_per_epoch)
     mode = step_mode(cfg, device)
     coef = Coefficients.of(cfgs, device)
+    step = build_step(mode, model, optimizer, data.train, cfg, penalised, augment_gen, coef, schedules)
+    return Trainer(data, model, optimizer, scheduler, penalised, step, order_gen, augment_gen, batch_size,
+                   steps_per_epoch, mode, coef, cfgs, schedules)
+
+
+def build_step(mode: str, model: nn.Module, optimizer: torch.optim.Optimizer, train: Split, cfg: TrainConfig,
+               penalised: list[torch.Tensor], augment_gen: torch.Generator, coef: Coefficients,
+               schedules: Schedules | None) -> Step:
+    """make_step around `model`, run the way `mode` (step_mode) names: compiled, captured as a CUDA graph, or
+    eager."""
     # Compiling fuses the small convs' norm/activation kernels (docs/benchmarks.md: 10-35% per step on the CPU).
     # Evaluation runs the eager model (same parameters) to avoid a second compilation.
     step_model = torch.compile(model) if mode == "compiled" else model
-    step = make_step(step_model, optimizer, data.train, cfg, penalised, augment_gen, coef, schedules)
-    if mode == "cuda-graph":
-        step = CudaGraphStep(step, augment_gen)
-    return Trainer(data, model, optimizer, scheduler, penalised, step, order_gen, augment_gen, batch_size,
-                   steps_per_epoch, mode, coef, cfgs, schedules)
+    step = make_step(step_model, optimizer, train, cfg, penalised, augment_gen, coef, schedules)
+    return CudaGraphStep(step, augment_gen) if mode == "cuda-graph" else step
 
 
 def fit(cfg: TrainConfig, data: MnistSplits, on_epoch: Callable[[int, dict], str | None] | None = None,
@@ -413,15 +422,14 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
             if not rec.running:
                 continue
             own_epoch = epoch - rec.joined
-            train_loss, val_loss, val_acc = values[0], values[2], values[3]  # COLUMNS' order
-            if not math.isfinite(train_loss):
-                rec.result.stop_reason = (f"diverged: training loss is {train_loss} (l1={rec.cfg.l1}, "
+            metrics = epoch_metrics(values, stat_names, rec.cfg, rates[pos], seconds, train["images"])
+            if not math.isfinite(metrics["train/loss"]):
+                rec.result.stop_reason = (f"diverged: training loss is {metrics['train/loss']} (l1={rec.cfg.l1}, "
                                           f"l2={rec.cfg.l2}, lr={rec.cfg.lr})")
                 rec.result.diverged, rec.running = True, False
                 continue
-            metrics = epoch_metrics(values, stat_names, rec.cfg, rates[pos], seconds, train["images"])
             rec.result.history.append(metrics)
-            improved[pos] = rec.track_best(val_acc, val_loss, test_pred[:, pos])
+            improved[pos] = rec.track_best(metrics["val/acc"], metrics["val/loss"], test_pred[:, pos])
             hook_start = time.perf_counter()
             stop = on_epoch(slots[pos], own_epoch, metrics) if on_epoch is not None else None
             rec.hook_seconds += time.perf_counter() - hook_start
