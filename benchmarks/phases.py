@@ -2,7 +2,7 @@
 
 Runs the command as a user would, in a fresh process in a temporary directory with its own SQLite stores,
 under cProfile, and adds up the time spent in each stage's functions (the outermost call of each, so a
-function calling itself counts once). An indented stage is part of the one above it. Imports are counted
+function calling itself counts once). An indented stage is part of the one above it (not all of it). Imports are counted
 wherever they happen, so they overlap the stages; and where a sweep refills its stacks (the default on a GPU
 and with a compiled step), the runs of members that leave are completed inside the training loop, so the
 training loop's row includes part of the completing row.
@@ -37,8 +37,10 @@ STAGES = [
     (0, "open the stores (tracking, Optuna study, parent run)",
      ["tracking.py:check_tracking_uri|use_experiment", "cli.py:run_experiment_id", "outage.py:end_orphaned_runs",
       "study.py:check_resumable|load_study", "runs.py:find_or_create_parent", "driver.py:reconcile"], []),
+    (1, "MLflow creating its tables (a new store only)", ["mlflow/store/db/utils.py:_initialize_tables"], []),
     (0, "load MNIST", ["data.py:load_for"], []),
     (0, "training loop (fit / fit_stack)", ["training.py:fit_stack"], []),
+    (1, "building the optimizer (torch.optim imports torch._dynamo on first use)", ["step.py:build_optimizer"], []),
     (1, "training steps", ["training.py:train_epoch"], []),
     (1, "evaluation", ["training.py:evaluate"], []),
     (1, "epoch hooks (queued metrics, Optuna reports, pruning)", ["tracking.py:log_epoch", "stacked.py:__call__"],
@@ -46,6 +48,9 @@ STAGES = [
     (0, "completing runs (summary, tables, figures, model)", ["completion.py:complete"], ["tracking.py:log_outcome"]),
     (1, "figures written (PNG)", ["fluent.py:log_figure"], []),
     (1, "model logged", ["tracking.py:log_model"], []),
+    (2, "MLflow exporting it (torch.export)", ["torch/export/__init__.py:export"], []),
+    (2, "MLflow checking its requirements against the installed packages",
+     ["mlflow/utils/requirements_utils.py:warn_dependency_requirement_mismatches"], []),
     (0, "Optuna: asking and telling", ["stacked.py:ask|tell_study"], []),
     (0, "finishing the study (best trial, plots)", ["runs.py:finish_study"], []),
     (0, "imports, wherever they happen", ["<frozen importlib._bootstrap>:_find_and_load"], []),
