@@ -100,6 +100,7 @@ VARIANTS = {
     "timed": "deterministic algorithms, chosen by timing (cudnn.benchmark)",
     "channels-last": "deterministic, channels-last weights",
     "bf16": "deterministic, bf16 autocast",
+    "channels-last-bf16": "deterministic, channels-last weights, bf16 autocast",
     "compiled": "deterministic, model compiled inside the captured step",
     "schedules": "deterministic, per-member learning rates (refilled stacks)",
     "fastest": "cuDNN's fastest algorithms (--deterministic false)",
@@ -114,10 +115,10 @@ def variant_setup(variant: str, cfgs: list, data):
     from regsweep.step import CudaGraphStep, make_step
     from regsweep.training import new_stack, setup
 
-    if variant == "bf16":
+    if variant.endswith("bf16"):
         cfgs = [c.replace(precision="bf16") for c in cfgs]
     model = new_stack(cfgs)
-    if variant == "channels-last":
+    if variant.startswith("channels-last"):
         model = model.to(memory_format=torch.channels_last)
     run = setup(cfgs, data, model=model, own_schedules=variant == "schedules")
     # setup() has set regsweep's own cuDNN/TF32 flags; the variant changes them before the first step.

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The GPU sections of docs/benchmarks.md, on a CUDA machine, in the order of what they decide: the CUDA tests,
+# one model's pipelines and a complete `regsweep train` (gpu.py), the stacked step's settings, whole sweeps and
+# where a sweep's time goes. Each part is bounded in time and its output kept in LOGS/<part>.log.
+#
+#     bash benchmarks/gpu_tables.sh                        # every part, logs in gpu-logs/ (about 13 minutes)
+#     bash benchmarks/gpu_tables.sh tests gpu throughput   # some parts
+#     LOGS=/elsewhere bash benchmarks/gpu_tables.sh sweeps
+#
+# Parts and their limits (s): tests 150, gpu 200, throughput 120, sweeps 300, phases 200.
+# The benchmarks print first how many library modules have no compiled bytecode: compiling them is part of
+# every fresh process's start-up (benchmarks/bytecode.py), so install packages the usual way, compiled.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+logs=${LOGS:-gpu-logs}
+mkdir -p "$logs"
+
+part() {
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (at most ${limit} s): $*"
+    local start=$SECONDS
+    timeout "$limit" "$@" 2>&1 | tee "$logs/$name.log"
+    echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s"
+}
+
+run_part() {
+    case $1 in
+        tests) part tests 150 python -m pytest -q -rs tests/test_gpu.py tests/test_stack.py ;;
+        gpu) part gpu 200 python benchmarks/gpu.py --rounds 1 ;;
+        throughput) part throughput 120 python benchmarks/stack.py --throughput 32 \
+            --variants default,channels-last,bf16,channels-last-bf16 ;;
+        sweeps) part sweeps 300 python benchmarks/stack.py --rows 32,grid ;;
+        phases) part phases 200 python benchmarks/phases.py optimize --trials 32 --epochs 15 --stack 32 ;;
+        *) echo "unknown part $1 (tests, gpu, throughput, sweeps, phases)" >&2; return 2 ;;
+    esac
+}
+
+python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
+    || { echo "no CUDA device: nothing to measure"; exit 0; }
+for name in "${@:-tests gpu throughput sweeps phases}"; do
+    for one in $name; do run_part "$one"; done
+done
