@@ -10,6 +10,7 @@ unreachable store). The next regsweep command against the experiment ends such r
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import signal
 import socket
@@ -26,6 +27,11 @@ STOP_REASON_TAG = "regsweep.stop_reason"  # why a run stopped, in words
 TAG_LIMIT = 5000  # characters of a tag value written: MLflow 2's limit (3.x allows 8,000), so older servers take it
 MAX_TIMEOUT = 900  # seconds; beyond this MLflow's retry knobs cannot keep one request alive that long
 WATCH_SIGNAL = signal.SIGUSR1
+
+
+def redact(url: str) -> str:
+    """A store's URL as messages, tags and printed hints show it: never with a password."""
+    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
 
 
 class Outage(BaseException):

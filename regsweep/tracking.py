@@ -13,7 +13,6 @@ import hashlib
 import importlib
 import json
 import os
-import re
 import shlex
 import signal
 import sys
@@ -34,7 +33,7 @@ from . import plots
 from .config import TrainConfig
 from .data import MnistSplits
 from .models import count_parameters
-from .outage import STOP_REASON_TAG, TAG_LIMIT, WORKER_TAG, Outage, worker_id
+from .outage import STOP_REASON_TAG, TAG_LIMIT, WORKER_TAG, Outage, redact, worker_id
 from .regularization import weight_layers
 from .training import FitResult, confusion_matrix, fit, new_model, per_class_metrics
 
@@ -171,7 +170,7 @@ def store_uri_for_ui(uri: str) -> str:
         return str(Path(uri.removeprefix("file:")).resolve())
     if uri.startswith("file://"):
         return uri
-    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", uri)
+    return redact(uri)
 
 
 def has_compare_view(experiment_id: str) -> bool:
@@ -207,13 +206,13 @@ def terminal_status():
 
 @contextmanager
 def mlflow_run(cfg: TrainConfig, *, run_id: str | None = None, experiment_id: str | None = None,
-               parent_run_id: str | None = None, tags: dict[str, str] | None = None):
+               tags: dict[str, str] | None = None):
     """Start a run, or resume `run_id` (or MLFLOW_RUN_ID, as `mlflow run` sets it), that ends FINISHED,
-    FAILED (exception) or KILLED (Ctrl-C, SIGTERM). A run created elsewhere keeps the name it was given."""
+    FAILED (exception) or KILLED (Ctrl-C, SIGTERM). A run created elsewhere (a sweep's trial, under its
+    parent) keeps the name and parent it was given."""
     with terminal_status():
         run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id,
-                               run_name=None if run_id else cfg.run_name,
-                               parent_run_id=parent_run_id, nested=parent_run_id is not None)
+                               run_name=None if run_id else cfg.run_name)
         run_id = run.info.run_id
         status, note, end = RunStatus.FINISHED, None, True
         try:
@@ -378,17 +377,16 @@ def log_model(model, data: MnistSplits) -> None:
 
 
 def run_training(cfg: TrainConfig, data: MnistSplits, *, run_id: str | None = None,
-                 experiment_id: str | None = None, parent_run_id: str | None = None,
-                 tags: dict[str, str] | None = None,
+                 experiment_id: str | None = None,
                  on_epoch: Callable[[int, dict], str | None] | None = None,
                  show_progress: bool = False) -> tuple[str, FitResult]:
     """Train `cfg` inside an MLflow run and log everything; returns (run_id, result).
 
-    `on_epoch` is called after the epoch's metrics are logged; a string it returns stops training
-    with that reason (the sweep uses this for pruning).
+    `run_id`: a run created beforehand to resume (a sweep creates each trial's run under its parent, with
+    its tags, then trains in it). `on_epoch` is called after the epoch's metrics are logged; a string it
+    returns stops training with that reason (the sweep uses this for pruning).
     """
-    with mlflow_run(cfg, run_id=run_id, experiment_id=experiment_id, parent_run_id=parent_run_id,
-                    tags=tags) as run:
+    with mlflow_run(cfg, run_id=run_id, experiment_id=experiment_id) as run:
         model = new_model(cfg)
         log_config(cfg, data, count_parameters(model))
 

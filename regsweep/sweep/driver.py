@@ -10,13 +10,13 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from ..outage import (EXIT_OUTAGE, STOP_REASON_TAG, WORKER_TAG, Outage, StorageOutage, TrackingOutage,
-                      end_orphaned_runs, tracking_watch, worker_id)
+                      end_orphaned_runs, redact, tracking_watch, worker_id)
 from ..tracking import terminal_status, use_experiment
 from .objective import Objective
 from .runs import STUDY_TAG, find_or_create_parent, finish_study
 from .stacked import run_stacked
 from .study import (FINISHED, StaleTrialHandler, SweepSettings, count_finished, end_dead_run, has_waiting,
-                    load_study, reap_dead_local_trials, redact, requeue_interrupted, storage_errors)
+                    load_study, reap_dead_local_trials, requeue_interrupted, storage_errors)
 
 # How a worker process tells the driver which store stopped answering.
 WORKER_EXIT = {TrackingOutage: EXIT_OUTAGE, StorageOutage: EXIT_OUTAGE + 1}

@@ -15,8 +15,9 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from ..config import fmt_coef
+from ..outage import redact
 from .space import effective_penalties
-from .study import SweepSettings, redact
+from .study import SweepSettings
 
 STUDY_TAG = "regsweep.study"
 RACE_WINDOW_MS = 60_000  # commands racing to create a study's parent run start within this of each other

@@ -9,7 +9,6 @@ KILLED.
 from __future__ import annotations
 
 import logging
-import re
 import socket
 import threading
 import warnings
@@ -22,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from ..config import ConfigError, TrainConfig
-from ..outage import STOP_REASON_TAG, TAG_LIMIT, StorageOutage, pid_alive
+from ..outage import STOP_REASON_TAG, TAG_LIMIT, StorageOutage, pid_alive, redact
 from .space import SearchSpace, make_pruner, make_sampler
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -56,11 +55,6 @@ class SweepSettings:
     completion_workers: int | None = None  # processes completing a stack's runs; None: completion.worker_count
     refill: bool | None = None  # freed slots take the next trial; None: stacked.refills decides
     tracking_timeout: float = 120.0  # seconds the MLflow tracking server may be silent before a worker stops
-
-
-def redact(url: str) -> str:
-    """Storage URLs go into MLflow tags: never with a password."""
-    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
 
 
 def open_storage(settings: SweepSettings, tracking_uri: str | None = None):
