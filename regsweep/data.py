@@ -194,15 +194,11 @@ def load_for(cfg) -> MnistSplits:
                       cfg.download)
 
 
-def batches(split: Split, batch_size: int, generator: torch.Generator | None = None):
-    """Yield (x, y) mini-batches as slices of the in-memory tensors, shuffled when a generator is given."""
-    n = len(split)
-    if generator is None:
-        for i in range(0, n, batch_size):
-            yield split.x[i:i + batch_size], split.y[i:i + batch_size]
-        return
-    for idx in shuffled_batches(n, batch_size, generator):
-        yield split.x[idx], split.y[idx]
+def batches(split: Split, batch_size: int):
+    """Yield (x, y) mini-batches in order, as slices of the in-memory tensors (evaluation; training draws
+    shuffled index batches with shuffled_batches and gathers them inside its step)."""
+    for i in range(0, len(split), batch_size):
+        yield split.x[i:i + batch_size], split.y[i:i + batch_size]
 
 
 def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:

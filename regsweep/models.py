@@ -56,7 +56,7 @@ class SqueezeExpandCNN(nn.Module):
     shift does that job); with norm=none the convs keep their biases.
     """
 
-    def __init__(self, norm: str = "bn", ghost_batch_size: int = 32, dropout: float = 0.05, members: int = 1):
+    def __init__(self, norm: str = "bn", ghost_batch_size: int = 32, dropout: float = 0.0, members: int = 1):
         super().__init__()
         bias, k = norm == "none", members
         self.members = k
@@ -118,7 +118,7 @@ class GroupedLinear(nn.Linear):
 class MLP(nn.Module):
     """784 -> hidden... -> 10 with a chosen activation, optional (ghost) batch norm and dropout."""
 
-    def __init__(self, hidden: tuple[int, ...] = (500, 250, 100), activation: str = "relu", norm: str = "none",
+    def __init__(self, hidden: tuple[int, ...] = (500, 250, 100), activation: str = "relu", norm: str = "bn",
                  ghost_batch_size: int = 32, dropout: float = 0.0, init: str = "default", members: int = 1):
         super().__init__()
         sizes = (784, *hidden)

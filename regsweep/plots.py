@@ -1,4 +1,5 @@
-"""Matplotlib figures for one run (tracking.py) and for comparisons across runs (report.py).
+"""Matplotlib figures for one run's artifacts (tracking.log_outcome). The comparisons across runs are drawn by
+report/figures.py.
 
 Every function takes plain data and returns a Figure; the caller decides where it goes. A sweep draws these
 for every trial, so their margins are fixed rather than measured by tight_layout, which measures every tick

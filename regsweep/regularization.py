@@ -1,7 +1,9 @@
 """L1 and L2 penalties as plain functions of a list of tensors, and the weight statistics that show their effect.
 
 The penalised set is stated once, by `penalised_parameters`: the weights of every Conv and Linear layer by
-default ("weights"), or every trainable tensor including biases and norm scales/shifts ("all").
+default ("weights"), or every trainable tensor including biases and norm scales/shifts ("all"). Training
+computes the penalties with `member_sums` (in step.make_step, for one model or a stack); `l1_penalty`,
+`l2_penalty` and `regularisation_loss` are the same sums for a single model, as one would write them by hand.
 """
 
 from __future__ import annotations

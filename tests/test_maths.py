@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from regsweep.config import ConfigError, TrainConfig, fmt_coef
-from regsweep.data import MNIST_MEAN, MNIST_STD, batches, normalise, rotate_batch, split_indices, Split
+from regsweep.data import (MNIST_MEAN, MNIST_STD, Split, batches, normalise, rotate_batch, shuffled_batches,
+                           split_indices)
 from regsweep.models import MLP, GhostBatchNorm, SqueezeExpandCNN, build_model, count_parameters
 from regsweep.regularization import (
     l1_penalty, l2_penalty, penalised_parameters, regularisation_loss, weight_stats)
@@ -143,7 +144,9 @@ def test_batches_cover_the_split_once_as_slices():
     split = Split(torch.arange(10.0).reshape(10, 1, 1, 1), torch.arange(10))
     ordered = list(batches(split, 4))
     assert [len(y) for _, y in ordered] == [4, 4, 2]
-    shuffled = torch.cat([y for _, y in batches(split, 4, torch.Generator().manual_seed(0))])
+    shuffled = shuffled_batches(len(split), 4, torch.Generator().manual_seed(0))
+    assert [len(idx) for idx in shuffled] == [4, 4, 2]
+    shuffled = torch.cat([split.y[idx] for idx in shuffled])
     assert sorted(shuffled.tolist()) == list(range(10)) and shuffled.tolist() != list(range(10))
 
 

@@ -77,7 +77,7 @@ def flip_pair(a: Analysis) -> tuple[str, str] | None:
     return a.baseline_of[a.best], a.best
 
 
-def test_images(n: int, labels: np.ndarray) -> np.ndarray | None:
+def vendored_test_images(n: int, labels: np.ndarray) -> np.ndarray | None:
     """The first `n` MNIST test images as uint8 (a run's test split is the first max_eval_samples of them), if
     the repository's copy is here and its labels agree with the ones the run logged. Read straight from the
     vendored IDX files: 10k images need neither the training set nor torchvision."""
@@ -132,7 +132,7 @@ def draw(a: Analysis, predictions: dict[str, dict[str, np.ndarray]], include_unf
                                                     f" in both {base} and {best}")
         else:
             p, q = predictions[by_seed[base][seeds[0]]], predictions[by_seed[best][seeds[0]]]
-            images = test_images(len(p["true"]), p["true"])
+            images = vendored_test_images(len(p["true"]), p["true"])
             a.figures["7_misclassification.png"] = figures.misclassification(
                 images, p["true"], p["pred"], q["pred"], base, best, seeds[0])
     if a.study_plots:

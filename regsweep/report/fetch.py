@@ -13,7 +13,7 @@ import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -60,7 +60,6 @@ class Fetched:
     experiment_id: str
     parent_run_id: str | None = None  # where the report is logged, when the selection is a sweep
     description: str = ""  # the selection, in words
-    extra: dict = field(default_factory=dict)
 
 
 def search(experiment_ids: list[str] | None, filter_string: str | None = None, **kwargs) -> pd.DataFrame:

@@ -26,8 +26,9 @@ NOT_SETTINGS = ("seed", "data_dir", "download", "log_model", "log_images", "thre
                 "cuda_graph", "deterministic", "tf32", "n_params", "n_train", "n_val", "n_test")
 # Params every regsweep training run logs; a run without them is not one.
 REQUIRED_PARAMS = ("l1", "l2", "seed", "model")
-# Runs regsweep itself creates that are not training runs: study parents, report runs, and the trial runs
-# that hold a configuration's seeds under `--repeats`.
+# Runs regsweep itself creates that are not training runs, by their regsweep.kind tag: study parents and
+# report runs. (The trial runs that hold a configuration's seeds under `--repeats` are the third kind; they
+# are told by their optuna.trial_number tag: classify_runs.)
 STRUCTURE_KINDS = ("study", "report")
 
 
