@@ -26,7 +26,10 @@ from .space import FIRST_PRUNABLE_EPOCH, suggest_penalties
 from .study import FINISHED, SweepSettings, queue_retry, storage_errors
 
 # Settings that say how a run executes or what it logs, not what it learns: two trials that differ only
-# in these are the same configuration.
+# in these are the same configuration, and a finished one's result is reused for the other. The device is
+# here (a study resumed on another machine reuses its results); the numerics switches (tf32, deterministic,
+# precision) are not, so a study resumed with other numerics trains anew. The report groups runs more
+# loosely (report/stats.py NOT_SETTINGS): for comparing, seeds and float rounding are noise it measures.
 RUN_ONLY = ("threads", "log_model", "log_images", "data_dir", "download", "compile", "device", "cuda_graph")
 
 
@@ -48,6 +51,55 @@ def finished_twin(trials: list[optuna.trial.FrozenTrial], key: str, number: int)
     return None
 
 
+def prepare_trial(settings: SweepSettings, trial: optuna.Trial):
+    """Suggest the trial's coefficients, record its worker and configuration, and find a finished twin.
+    Returns (penalties, twin or None, the tags its runs start with: a retry names the trial it repeats)."""
+    trials = trial.study.get_trials(deepcopy=False)
+    me = next(t for t in trials if t.number == trial.number)
+    # A queued trial (a retry, or enqueue_trial) has its switches decided already; they are kept.
+    decided = {**me.system_attrs.get("fixed_params", {}), **me.params}
+    baseline = configuration_key(settings, {"l1": 0.0, "l2": 0.0})
+    both_off_taken = "l2_on" not in decided and any(
+        t.user_attrs.get("config_key") == baseline and t.state in (*FINISHED, TrialState.RUNNING)
+        for t in trials if t.number != trial.number)
+    penalties = suggest_penalties(trial, settings.space, both_off_taken)
+    key = configuration_key(settings, penalties)
+    trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+    trial.set_user_attr("config_key", key)
+    tags = {"optuna.trial_number": str(trial.number), STUDY_TAG: settings.study_name, "optuna.state": "RUNNING"}
+    history = me.system_attrs.get("retry_history", [])
+    if history:
+        tags["optuna.retry_of_trial"] = str(history[-1])
+    return penalties, finished_twin(trials, key, trial.number), tags
+
+
+def reuse_twin(settings: SweepSettings, trial: optuna.Trial, twin: optuna.trial.FrozenTrial,
+               penalties: dict[str, float], tags: dict[str, str], parent_run_id: str, experiment_id: str) -> float:
+    """The same configuration as `twin`: its result, without training. The trial keeps one child run,
+    tagged with the run that trained it, with the configuration as params and no metrics of its own. Raises
+    TrialPruned where the twin was pruned."""
+    client = MlflowClient()
+    source = (twin.user_attrs.get("mlflow_run_ids") or [""])[0]
+    with storage_errors(settings.storage):
+        for step, value in sorted(twin.intermediate_values.items()):
+            trial.report(value, step)  # the same curve, for the pruner and the study plots
+        trial.set_user_attr("reused_trial", twin.number)
+    note = (f"same configuration as trial {twin.number} ({twin.state.name}): its result is reused, "
+            f"not trained again (run {source})")
+    cfg = settings.base.replace(**penalties)
+    run = client.create_run(experiment_id, run_name=trial_run_name(trial.number, penalties), tags={
+        **tags, "mlflow.parentRunId": parent_run_id, "regime": cfg.regime, "optuna.state": twin.state.name,
+        "regsweep.reused_run": source, "regsweep.reused_trial": str(twin.number),
+        STOP_REASON_TAG: note, "mlflow.note.content": note})
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in cfg.as_params().items()])
+    with storage_errors(settings.storage):
+        trial.set_user_attr("mlflow_run_ids", [run.info.run_id])
+    client.set_terminated(run.info.run_id, "FINISHED")
+    if twin.state == TrialState.PRUNED:
+        raise optuna.TrialPruned(note)
+    return twin.value
+
+
 class Objective:
     """suggest -> train (one child run per seed) -> report each epoch -> prune or return the mean."""
 
@@ -58,13 +110,10 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         try:
             with storage_errors(self.settings.storage):
-                penalties, key, twin, retry_of = self.prepare(trial)
-            tags = {"optuna.trial_number": str(trial.number), STUDY_TAG: self.settings.study_name,
-                    "optuna.state": "RUNNING"}
-            if retry_of is not None:
-                tags["optuna.retry_of_trial"] = str(retry_of)
+                penalties, twin, tags = prepare_trial(self.settings, trial)
             if twin is not None:
-                return self.reuse(trial, twin, penalties, tags)
+                return reuse_twin(self.settings, trial, twin, penalties, tags, self.parent_run_id,
+                                  self.experiment_id)
             return self.train(trial, penalties, tags)
         except Outage as exc:
             exc.trial_number = trial.number
@@ -77,49 +126,6 @@ class Objective:
             # Ctrl-C or SIGTERM: queue the same parameters, so that resuming the study re-runs this trial.
             fail_for_retry(trial, "interrupted (Ctrl-C or SIGTERM)", "interrupted", tell=False)
             raise
-
-    def prepare(self, trial: optuna.Trial):
-        """Suggest the coefficients; record the worker and the configuration; find a finished twin."""
-        settings = self.settings
-        trials = trial.study.get_trials(deepcopy=False)
-        me = next(t for t in trials if t.number == trial.number)
-        # A queued trial (a retry, or enqueue_trial) has its switches decided already; they are kept.
-        decided = {**me.system_attrs.get("fixed_params", {}), **me.params}
-        baseline = configuration_key(settings, {"l1": 0.0, "l2": 0.0})
-        both_off_taken = "l2_on" not in decided and any(
-            t.user_attrs.get("config_key") == baseline and t.state in (*FINISHED, TrialState.RUNNING)
-            for t in trials if t.number != trial.number)
-        penalties = suggest_penalties(trial, settings.space, both_off_taken)
-        key = configuration_key(settings, penalties)
-        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
-        trial.set_user_attr("config_key", key)
-        history = me.system_attrs.get("retry_history", [])
-        return penalties, key, finished_twin(trials, key, trial.number), (history[-1] if history else None)
-
-    def reuse(self, trial: optuna.Trial, twin: optuna.trial.FrozenTrial, penalties: dict[str, float],
-              tags: dict[str, str]) -> float:
-        """The same configuration as `twin`: its result, without training. The trial keeps one child run,
-        tagged with the run that trained it, with the configuration as params and no metrics of its own."""
-        settings, client = self.settings, MlflowClient()
-        source = (twin.user_attrs.get("mlflow_run_ids") or [""])[0]
-        with storage_errors(settings.storage):
-            for step, value in sorted(twin.intermediate_values.items()):
-                trial.report(value, step)  # the same curve, for the pruner and the study plots
-            trial.set_user_attr("reused_trial", twin.number)
-        note = (f"same configuration as trial {twin.number} ({twin.state.name}): its result is reused, "
-                f"not trained again (run {source})")
-        cfg = settings.base.replace(**penalties)
-        run = client.create_run(self.experiment_id, run_name=trial_run_name(trial.number, penalties), tags={
-            **tags, "mlflow.parentRunId": self.parent_run_id, "regime": cfg.regime, "optuna.state": twin.state.name,
-            "regsweep.reused_run": source, "regsweep.reused_trial": str(twin.number),
-            STOP_REASON_TAG: note, "mlflow.note.content": note})
-        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in cfg.as_params().items()])
-        with storage_errors(settings.storage):
-            trial.set_user_attr("mlflow_run_ids", [run.info.run_id])
-        client.set_terminated(run.info.run_id, "FINISHED")
-        if twin.state == TrialState.PRUNED:
-            raise optuna.TrialPruned(note)
-        return twin.value
 
     def train(self, trial: optuna.Trial, penalties: dict[str, float], tags: dict[str, str]) -> float:
         from ..tracking import run_training

@@ -33,8 +33,8 @@ from ..outage import STOP_REASON_TAG, TAG_LIMIT, Outage
 from ..tracking import device_tags
 from ..training import FitResult, fit_stack, new_model
 from .completion import Completer, worker_count
-from .objective import Objective, fail_for_retry
-from .runs import STUDY_TAG, summarise_repeats, trial_run_name
+from .objective import fail_for_retry, prepare_trial, reuse_twin
+from .runs import summarise_repeats, trial_run_name
 from .space import FIRST_PRUNABLE_EPOCH
 from .study import Heartbeats, SweepSettings, count_finished, storage_errors
 
@@ -118,16 +118,12 @@ def wanted(settings: SweepSettings, study: optuna.Study) -> int:
 def open_runs(settings: SweepSettings, data, trial: optuna.Trial, parent_run_id: str, experiment_id: str,
               client: MlflowClient, stack: tuple[int, int], n_params: int) -> StackedTrial | None:
     """Suggest the trial's coefficients and create its runs; None when the same configuration has finished
-    already (its result is reused and told at once, as one by one: Objective.reuse). `stack` is the stack's
+    already (its result is reused and told at once, as one by one: objective.reuse_twin). `stack` is the stack's
     (first trial number, members): runs tagged with the same first trial trained together."""
-    objective = Objective(settings, data, parent_run_id, experiment_id)
-    penalties, _, twin, retry_of = objective.prepare(trial)
-    tags = {"optuna.trial_number": str(trial.number), STUDY_TAG: settings.study_name, "optuna.state": "RUNNING"}
-    if retry_of is not None:
-        tags["optuna.retry_of_trial"] = str(retry_of)
+    penalties, twin, tags = prepare_trial(settings, trial)
     if twin is not None:
         try:
-            tell_study(trial, objective.reuse(trial, twin, penalties, tags))
+            tell_study(trial, reuse_twin(settings, trial, twin, penalties, tags, parent_run_id, experiment_id))
         except optuna.TrialPruned:
             tell_study(trial, state=TrialState.PRUNED)
         return None
