@@ -108,6 +108,7 @@ def stages(uri: str, out: Path) -> dict[str, float]:
     predictions = c.fetch_predictions(a.values.index[a.values["configuration"].isin(pair)].tolist())
     times["fetch predictions"] = time.perf_counter() - t
     t = time.perf_counter()
+    a.flips = c.flip_table(c.pair_runs(a, predictions), predictions)
     c.draw(a, predictions)
     times["draw figures"] = time.perf_counter() - t
     t = time.perf_counter()

@@ -98,9 +98,50 @@ def vendored_test_images(n: int, labels: np.ndarray) -> np.ndarray | None:
     return images[:n]
 
 
+@dataclass
+class Pairing:
+    """The baseline and best configurations' runs that have test predictions, by seed (flip_pair's pair)."""
+    base: str
+    best: str
+    runs: dict[str, dict[int, str]]  # configuration -> seed -> run id
+    seeds: list[int]  # the seeds both configurations have
+
+    def predictions_of(self, name: str, seed: int, predictions: dict[str, dict[str, np.ndarray]]):
+        return predictions[self.runs[name][seed]]
+
+
+def pair_runs(a: Analysis, predictions: dict[str, dict[str, np.ndarray]]) -> Pairing | None:
+    """flip_pair's two configurations, matched seed by seed over the runs whose predictions were fetched."""
+    pair = flip_pair(a)
+    if pair is None:
+        return None
+    v = a.values
+    runs = {name: {int(s): r for r, s in zip(v.index[v["configuration"] == name],
+                                              v.loc[v["configuration"] == name, "seed"]) if r in predictions}
+            for name in pair}
+    return Pairing(*pair, runs, sorted(set(runs[pair[0]]) & set(runs[pair[1]])))
+
+
+def flip_table(pairing: Pairing | None, predictions: dict[str, dict[str, np.ndarray]]) -> pd.DataFrame:
+    """Per seed: the test images each of the two configurations gets wrong, and those the best fixes, breaks, or
+    gets wrong as well (stats.flips)."""
+    rows = []
+    for seed in pairing.seeds if pairing else []:
+        p = pairing.predictions_of(pairing.base, seed, predictions)
+        q = pairing.predictions_of(pairing.best, seed, predictions)
+        f = stats.flips(p["true"], p["pred"], q["pred"])
+        rows.append({"seed": seed, "baseline": pairing.base, "best": pairing.best,
+                     "baseline_wrong": int((p["pred"] != p["true"]).sum()),
+                     "best_wrong": int((q["pred"] != q["true"]).sum()), "fixed": len(f["fixed"]),
+                     "broken": len(f["broken"]), "both_wrong": len(f["both_wrong"])})
+    return pd.DataFrame(rows)
+
+
 def draw(a: Analysis, predictions: dict[str, dict[str, np.ndarray]], include_unfinished: bool = False) -> None:
-    """The eight figures (and the flips table) into `a`; a figure that cannot be drawn is named with why."""
+    """The eight figures into `a`; a figure that cannot be drawn is named with why. (`predictions`: those of
+    flip_pair's configurations' runs, for the misclassification figure.)"""
     v, t, h = a.values, a.table, a.fetched.histories
+    pairing = pair_runs(a, predictions)
     bases = sorted(set(a.baseline_of.dropna()))
     a.figures["1_consolidated.png"] = figures.consolidated(v, h, t, bases, a.unfinished if include_unfinished else None)
     a.figures["2_generalisation_gap.png"] = figures.generalisation_gap(v, h, t, bases)
@@ -108,33 +149,19 @@ def draw(a: Analysis, predictions: dict[str, dict[str, np.ndarray]], include_unf
     a.figures["4_weights.png"] = figures.weights(v, t, bases)
     a.figures["5_tradeoff_front.png"] = figures.tradeoff_front(v, t, bases)
     a.figures["6_regularisation_path.png"] = figures.regularisation_path(v)
-    pair = flip_pair(a)
-    if pair is None:
+    if pairing is None:
         a.skipped["7_misclassification.png"] = ("no baseline (l1 = l2 = 0 with the same other settings) for "
                                                 "another configuration; see --baseline")
+    elif not pairing.seeds:
+        a.skipped["7_misclassification.png"] = (f"no seed with test predictions (predictions/test_pred.json) in "
+                                                f"both {pairing.base} and {pairing.best}")
     else:
-        base, best = pair
-        by_seed = {name: {int(s): r for r, s in zip(v.index[v["configuration"] == name],
-                                                     v.loc[v["configuration"] == name, "seed"]) if r in predictions}
-                   for name in pair}
-        seeds = sorted(set(by_seed[base]) & set(by_seed[best]))
-        rows = []
-        for seed in seeds:
-            p, q = predictions[by_seed[base][seed]], predictions[by_seed[best][seed]]
-            f = stats.flips(p["true"], p["pred"], q["pred"])
-            rows.append({"seed": seed, "baseline": base, "best": best,
-                         "baseline_wrong": int((p["pred"] != p["true"]).sum()),
-                         "best_wrong": int((q["pred"] != q["true"]).sum()), "fixed": len(f["fixed"]),
-                         "broken": len(f["broken"]), "both_wrong": len(f["both_wrong"])})
-        a.flips = pd.DataFrame(rows)
-        if not seeds:
-            a.skipped["7_misclassification.png"] = (f"no seed with test predictions ({'predictions/test_pred.json'})"
-                                                    f" in both {base} and {best}")
-        else:
-            p, q = predictions[by_seed[base][seeds[0]]], predictions[by_seed[best][seeds[0]]]
-            images = vendored_test_images(len(p["true"]), p["true"])
-            a.figures["7_misclassification.png"] = figures.misclassification(
-                images, p["true"], p["pred"], q["pred"], base, best, seeds[0])
+        seed = pairing.seeds[0]
+        p = pairing.predictions_of(pairing.base, seed, predictions)
+        q = pairing.predictions_of(pairing.best, seed, predictions)
+        images = vendored_test_images(len(p["true"]), p["true"])
+        a.figures["7_misclassification.png"] = figures.misclassification(
+            images, p["true"], p["pred"], q["pred"], pairing.base, pairing.best, seed)
     if a.study_plots:
         a.figures["8_study.png"] = figures.study_plots(a.study_plots)
     else:
@@ -264,6 +291,7 @@ def make_report(selection: Selection, out: Path | None = None, baseline: str | N
     predictions = fetch_predictions(run_ids)
     if fetched.parent_run_id:
         a.study_plots = fetch_study_plots(fetched.parent_run_id)
+    a.flips = flip_table(pair_runs(a, predictions), predictions)
     draw(a, predictions, include_unfinished)
     write(a, out)
     logged = log(a, out) if log_to_mlflow else None
