@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
 from mlflow.environment_variables import MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS
@@ -100,6 +102,27 @@ def test_python_dash_m_works():
     import sys
     out = subprocess.run([sys.executable, "-m", "regsweep", "--help"], capture_output=True, text=True, check=True)
     assert "train" in out.stdout
+
+
+def test_a_built_wheel_holds_every_package(tmp_path):
+    """`pip install .` (not only the editable install) must carry every subpackage, the sweep's included."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    from .conftest import REPO
+    source = tmp_path / "source"
+    shutil.copytree(REPO / "regsweep", source / "regsweep", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "wheel"), str(source)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "wheel").glob("regsweep-*.whl")
+    packaged = {Path(n).parent.as_posix() for n in zipfile.ZipFile(wheel).namelist() if n.endswith("__init__.py")}
+    expected = {p.parent.relative_to(REPO).as_posix() for p in (REPO / "regsweep").rglob("__init__.py")
+                if "__pycache__" not in p.parts}
+    assert packaged == expected and "regsweep/sweep" in packaged
 
 
 def test_readme_documents_every_option():
