@@ -39,6 +39,6 @@ run_part() {
 
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
     || { echo "no CUDA device: nothing to measure"; exit 0; }
-for name in "${@:-tests gpu throughput sweeps phases}"; do
-    for one in $name; do run_part "$one"; done
-done
+parts=("$@")
+[ $# -gt 0 ] || parts=(tests gpu throughput sweeps phases)
+for name in "${parts[@]}"; do run_part "$name"; done

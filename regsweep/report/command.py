@@ -100,35 +100,29 @@ def vendored_test_images(n: int, labels: np.ndarray) -> np.ndarray | None:
 
 @dataclass
 class Pairing:
-    """The baseline and best configurations' runs that have test predictions, by seed (flip_pair's pair)."""
+    """flip_pair's baseline and best configurations, matched seed by seed over the runs with test predictions."""
     base: str
     best: str
-    runs: dict[str, dict[int, str]]  # configuration -> seed -> run id
-    seeds: list[int]  # the seeds both configurations have
-
-    def predictions_of(self, name: str, seed: int, predictions: dict[str, dict[str, np.ndarray]]):
-        return predictions[self.runs[name][seed]]
+    seeds: list[tuple[int, str, str]]  # (seed, the baseline's run id, the best's run id), by seed
 
 
 def pair_runs(a: Analysis, predictions: dict[str, dict[str, np.ndarray]]) -> Pairing | None:
-    """flip_pair's two configurations, matched seed by seed over the runs whose predictions were fetched."""
     pair = flip_pair(a)
     if pair is None:
         return None
     v = a.values
-    runs = {name: {int(s): r for r, s in zip(v.index[v["configuration"] == name],
-                                              v.loc[v["configuration"] == name, "seed"]) if r in predictions}
-            for name in pair}
-    return Pairing(*pair, runs, sorted(set(runs[pair[0]]) & set(runs[pair[1]])))
+    by_seed = [{int(s): r for r, s in zip(v.index[v["configuration"] == name],
+                                          v.loc[v["configuration"] == name, "seed"]) if r in predictions}
+               for name in pair]
+    return Pairing(*pair, [(s, by_seed[0][s], by_seed[1][s]) for s in sorted(set(by_seed[0]) & set(by_seed[1]))])
 
 
 def flip_table(pairing: Pairing | None, predictions: dict[str, dict[str, np.ndarray]]) -> pd.DataFrame:
     """Per seed: the test images each of the two configurations gets wrong, and those the best fixes, breaks, or
     gets wrong as well (stats.flips)."""
     rows = []
-    for seed in pairing.seeds if pairing else []:
-        p = pairing.predictions_of(pairing.base, seed, predictions)
-        q = pairing.predictions_of(pairing.best, seed, predictions)
+    for seed, base_run, best_run in pairing.seeds if pairing else []:
+        p, q = predictions[base_run], predictions[best_run]
         f = stats.flips(p["true"], p["pred"], q["pred"])
         rows.append({"seed": seed, "baseline": pairing.base, "best": pairing.best,
                      "baseline_wrong": int((p["pred"] != p["true"]).sum()),
@@ -156,9 +150,8 @@ def draw(a: Analysis, predictions: dict[str, dict[str, np.ndarray]], include_unf
         a.skipped["7_misclassification.png"] = (f"no seed with test predictions (predictions/test_pred.json) in "
                                                 f"both {pairing.base} and {pairing.best}")
     else:
-        seed = pairing.seeds[0]
-        p = pairing.predictions_of(pairing.base, seed, predictions)
-        q = pairing.predictions_of(pairing.best, seed, predictions)
+        seed, base_run, best_run = pairing.seeds[0]
+        p, q = predictions[base_run], predictions[best_run]
         images = vendored_test_images(len(p["true"]), p["true"])
         a.figures["7_misclassification.png"] = figures.misclassification(
             images, p["true"], p["pred"], q["pred"], pairing.base, pairing.best, seed)
