@@ -16,6 +16,7 @@ show what logging costs.
 
     python benchmarks/gpu.py                   # about 3 minutes on one H100
     python benchmarks/gpu.py --skip-train      # throughput rows only
+    python benchmarks/gpu.py --skip-pipelines  # the import table and the complete train only
     python benchmarks/gpu.py --startup         # the import table only, on any machine
 
 Without CUDA it says so and exits 0; `--startup` runs anywhere.
@@ -142,6 +143,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--skip-pipelines", action="store_true", help="no throughput rows")
     parser.add_argument("--startup", action="store_true",
                         help="only the import table, which runs without CUDA too")
     args = parser.parse_args()
@@ -152,7 +154,8 @@ def main():
         print("No CUDA device here: nothing to measure (benchmarks/throughput.py measures the CPU).")
         return
     prepare_vendored(Path(TrainConfig().resolved_data_dir()))  # the usual pipeline reads MNIST/raw directly
-    throughput(args)
+    if not args.skip_pipelines:
+        throughput(args)
     if not args.skip_train:
         startup_costs(args.rounds)
         complete_train(args)

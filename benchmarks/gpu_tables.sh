@@ -4,10 +4,11 @@
 # where a sweep's time goes. Each part is bounded in time and its output kept in LOGS/<part>.log.
 #
 #     bash benchmarks/gpu_tables.sh                        # every part, logs in gpu-logs/ (about 13 minutes)
-#     bash benchmarks/gpu_tables.sh tests gpu throughput   # some parts
+#     bash benchmarks/gpu_tables.sh tests train throughput sweeps   # what the targets need (under 10 minutes)
 #     LOGS=/elsewhere bash benchmarks/gpu_tables.sh sweeps
 #
-# Parts and their limits (s): tests 150, gpu 200, throughput 120, sweeps 300, phases 200.
+# Parts and their limits (s): tests 150, gpu 200 (train 150 of it: the complete `regsweep train` without the
+# pipelines' rows), throughput 120, sweeps 300, phases 200. A part that runs out of time leaves its log so far.
 # The benchmarks print first how many library modules have no compiled bytecode: compiling them is part of
 # every fresh process's start-up (benchmarks/bytecode.py), so install packages the usual way, compiled.
 set -uo pipefail
@@ -29,11 +30,12 @@ run_part() {
     case $1 in
         tests) part tests 150 python -m pytest -q -rs tests/test_gpu.py tests/test_stack.py ;;
         gpu) part gpu 200 python benchmarks/gpu.py --rounds 1 ;;
+        train) part train 150 python benchmarks/gpu.py --rounds 1 --skip-pipelines ;;
         throughput) part throughput 120 python benchmarks/stack.py --throughput 32 \
             --variants default,channels-last,bf16,channels-last-bf16 ;;
         sweeps) part sweeps 300 python benchmarks/stack.py --rows 32,grid ;;
         phases) part phases 200 python benchmarks/phases.py optimize --trials 32 --epochs 15 --stack 32 ;;
-        *) echo "unknown part $1 (tests, gpu, throughput, sweeps, phases)" >&2; return 2 ;;
+        *) echo "unknown part $1 (tests, gpu, train, throughput, sweeps, phases)" >&2; return 2 ;;
     esac
 }
 
