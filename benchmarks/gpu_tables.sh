@@ -32,7 +32,7 @@ run_part() {
         gpu) part gpu 200 python benchmarks/gpu.py --rounds 1 ;;
         train) part train 150 python benchmarks/gpu.py --rounds 1 --skip-pipelines ;;
         throughput) part throughput 120 python benchmarks/stack.py --throughput 32 \
-            --variants default,channels-last,bf16,channels-last-bf16 ;;
+            --variants default,channels-last,bf16,channels-last-bf16 --profile 20 ;;
         sweeps) part sweeps 300 python benchmarks/stack.py --rows 32,grid ;;
         phases) part phases 200 python benchmarks/phases.py optimize --trials 32 --epochs 15 --stack 32 ;;
         *) echo "unknown part $1 (tests, gpu, train, throughput, sweeps, phases)" >&2; return 2 ;;

@@ -9,6 +9,7 @@ Each row is a fresh study in a temporary store, run as a subprocess and timed fr
     python benchmarks/stack.py --throughput 1,8,32               # GPU: step throughput per stack size and
                                                                  # setting (cuDNN, TF32, bf16, compiled, ...)
     python benchmarks/stack.py --throughput 32 --variants default,fastest   # only those two settings
+    python benchmarks/stack.py --throughput 32 --variants default --profile 20   # and where a step's time goes
     python benchmarks/stack.py --shrink 8,32                     # GPU: stopped slots idle, shrink or refill
     python benchmarks/stack.py --small --shrink 4                # the same on the CPU, 2,000 images, 6 epochs
     python benchmarks/stack.py --small --shrink 4 --compiled     # ... with the CPU's default compiled step
@@ -132,9 +133,43 @@ def variant_setup(variant: str, cfgs: list, data):
     return run
 
 
-def throughput(sizes: list[int], variants: list[str], epochs: int = 2, small: bool = False) -> None:
+def profile_step(run, steps: int = 20, rows: int = 12) -> None:
+    """Where one step of `run` spends its time, by operator: `steps` calls of the step launched op by op (a
+    captured graph's kernels are the same ones, launched at once), under torch.profiler. On CUDA the device's
+    self time per kernel, so the layers whose kernels bound a wide stack show; on the CPU the operators'."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    eager = getattr(run.step, "step", run.step)  # CudaGraphStep keeps the step it records
+    cuda = torch.cuda.is_available()
+    n = len(run.data.train)
+    batches = [torch.randint(n, (run.batch_size,), device=run.data.train.x.device) for _ in range(steps + 3)]
+    for idx in batches[:3]:
+        eager(idx)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for idx in batches[3:]:
+            eager(idx)
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key) > 0]
+    total = sum(getattr(e, key) for e in events)
+    print(f"\nWhere an eager step's {'device' if cuda else 'CPU'} time goes ({steps} steps, "
+          f"{total / steps / 1000:.2f} ms a step in all):\n")
+    print("| operator or kernel | calls a step | ms a step | share |\n|---|---|---|---|")
+    for e in sorted(events, key=lambda e: -getattr(e, key))[:rows]:
+        name = e.key if len(e.key) <= 90 else e.key[:87] + "..."
+        print(f"| `{name}` | {e.count / steps:.0f} | {getattr(e, key) / steps / 1000:.3f} | "
+              f"{100 * getattr(e, key) / total:.0f}% |")
+    print(flush=True)
+
+
+def throughput(sizes: list[int], variants: list[str], epochs: int = 2, small: bool = False,
+               profile_steps: int = 0) -> None:
     """Training-step throughput of one stack per size and variant: the mean epoch of `epochs`, after a warm-up
-    epoch (which captures the step and, for "compiled", compiles it)."""
+    epoch (which captures the step and, for "compiled", compiles it). With `profile_steps`, each row is followed
+    by where that many eager steps spend their time."""
     import torch
 
     from regsweep.config import TrainConfig
@@ -168,6 +203,8 @@ def throughput(sizes: list[int], variants: list[str], epochs: int = 2, small: bo
             note = "" if mode in ("cuda-graph", "eager", "compiled") else f" ({mode})"
             print(f"| {k} | {VARIANTS[variant]}{note} | {seconds:.2f} | {rate:,.0f} | {rate / base:.2f}x |",
                   flush=True)
+            if profile_steps:
+                profile_step(run, profile_steps)
             del run
 
 
@@ -360,6 +397,8 @@ def main():
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"with --throughput, which steps to time (of {', '.join(VARIANTS)}; the first is the "
                              "reference)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="with --throughput: after each row, where that many eager steps spend their time")
     parser.add_argument("--options", default="", help='more `regsweep optimize` options, e.g. "--deterministic false"')
     parser.add_argument("--shrink", default=None, help="e.g. 8,32: only idle, shrinking and refilled slots, per size")
     parser.add_argument("--compiled", action="store_true",
@@ -384,7 +423,8 @@ def main():
         shrink([int(k) for k in args.shrink.split(",")], args)
         return
     if args.throughput:
-        throughput([int(k) for k in args.throughput.split(",")], args.variants.split(","), small=args.small)
+        throughput([int(k) for k in args.throughput.split(",")], args.variants.split(","), small=args.small,
+                   profile_steps=args.profile)
         return
     args.extra = args.options.split()
     if args.small:
