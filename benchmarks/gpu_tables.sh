@@ -5,7 +5,7 @@
 #
 #     bash benchmarks/gpu_tables.sh                        # every part, logs in gpu-logs/ (about 13 minutes)
 #     bash benchmarks/gpu_tables.sh tests train throughput sweeps   # what the targets need (under 10 minutes)
-#     LOGS=/elsewhere bash benchmarks/gpu_tables.sh sweeps
+#     LOGS=/elsewhere PYTHON=/opt/venv/bin/python bash benchmarks/gpu_tables.sh sweeps
 #
 # Parts and their limits (s): tests 150, gpu 200 (train 150 of it: the complete `regsweep train` without the
 # pipelines' rows), throughput 120, sweeps 300, phases 200. A part that runs out of time leaves its log so far.
@@ -15,6 +15,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 logs=${LOGS:-gpu-logs}
+py=${PYTHON:-python3}  # the interpreter that has torch with CUDA
 mkdir -p "$logs"
 
 part() {
@@ -28,18 +29,18 @@ part() {
 
 run_part() {
     case $1 in
-        tests) part tests 150 python -m pytest -q -rs tests/test_gpu.py tests/test_stack.py ;;
-        gpu) part gpu 200 python benchmarks/gpu.py --rounds 1 ;;
-        train) part train 150 python benchmarks/gpu.py --rounds 1 --skip-pipelines ;;
-        throughput) part throughput 120 python benchmarks/stack.py --throughput 32 \
+        tests) part tests 150 "$py" -m pytest -q -rs tests/test_gpu.py tests/test_stack.py ;;
+        gpu) part gpu 200 "$py" benchmarks/gpu.py --rounds 1 ;;
+        train) part train 150 "$py" benchmarks/gpu.py --rounds 1 --skip-pipelines ;;
+        throughput) part throughput 120 "$py" benchmarks/stack.py --throughput 32 \
             --variants default,channels-last,bf16,channels-last-bf16 --profile 20 ;;
-        sweeps) part sweeps 300 python benchmarks/stack.py --rows 32,grid ;;
-        phases) part phases 200 python benchmarks/phases.py optimize --trials 32 --epochs 15 --stack 32 ;;
+        sweeps) part sweeps 300 "$py" benchmarks/stack.py --rows 32,grid ;;
+        phases) part phases 200 "$py" benchmarks/phases.py optimize --trials 32 --epochs 15 --stack 32 ;;
         *) echo "unknown part $1 (tests, gpu, train, throughput, sweeps, phases)" >&2; return 2 ;;
     esac
 }
 
-python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
+"$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
     || { echo "no CUDA device: nothing to measure"; exit 0; }
 parts=("$@")
 [ $# -gt 0 ] || parts=(tests gpu throughput sweeps phases)
