@@ -133,36 +133,27 @@ def variant_setup(variant: str, cfgs: list, data):
     return run
 
 
-def profile_step(run, steps: int = 20, rows: int = 12) -> None:
-    """Where one step of `run` spends its time, by operator: `steps` calls of the step launched op by op (a
-    captured graph's kernels are the same ones, launched at once), under torch.profiler. On CUDA the device's
-    self time per kernel, so the layers whose kernels bound a wide stack show; on the CPU the operators'."""
+def profile_step(run, steps: int = 20) -> None:
+    """Where one step of `run` spends its time: `steps` calls of the step launched op by op (a captured graph
+    replays the same kernels) under torch.profiler, its top operators and kernels by own device time on CUDA
+    (so the layers that bound a wide stack show), by own CPU time elsewhere."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     eager = getattr(run.step, "step", run.step)  # CudaGraphStep keeps the step it records
     cuda = torch.cuda.is_available()
-    n = len(run.data.train)
-    batches = [torch.randint(n, (run.batch_size,), device=run.data.train.x.device) for _ in range(steps + 3)]
-    for idx in batches[:3]:
+    batches = [torch.randint(len(run.data.train), (run.batch_size,), device=run.data.train.x.device)
+               for _ in range(steps + 3)]
+    for idx in batches[:3]:  # warm-up, unprofiled
         eager(idx)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         for idx in batches[3:]:
             eager(idx)
         if cuda:
             torch.cuda.synchronize()
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if getattr(e, key) > 0]
-    total = sum(getattr(e, key) for e in events)
-    print(f"\nWhere an eager step's {'device' if cuda else 'CPU'} time goes ({steps} steps, "
-          f"{total / steps / 1000:.2f} ms a step in all):\n")
-    print("| operator or kernel | calls a step | ms a step | share |\n|---|---|---|---|")
-    for e in sorted(events, key=lambda e: -getattr(e, key))[:rows]:
-        name = e.key if len(e.key) <= 90 else e.key[:87] + "..."
-        print(f"| `{name}` | {e.count / steps:.0f} | {getattr(e, key) / steps / 1000:.3f} | "
-              f"{100 * getattr(e, key) / total:.0f}% |")
-    print(flush=True)
+    print(f"\n{steps} eager steps, top operators and kernels by {key}:\n")
+    print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=90), flush=True)
 
 
 def throughput(sizes: list[int], variants: list[str], epochs: int = 2, small: bool = False,
