@@ -58,7 +58,7 @@ def run_row(row: str, args) -> dict:
     cmd = [sys.executable, "-m", "regsweep", "optimize", "--trials", str(trials), "--epochs", str(args.epochs),
            "--stack", stack, "--pruner", pruner or "none", "--storage", storage, "--experiment-name", "bench",
            "--seed", "1", *space, *args.extra]
-    start = time.perf_counter()
+    start, started_at = time.perf_counter(), time.time()
     subprocess.run(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, check=True, cwd=store,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - start
@@ -71,10 +71,16 @@ def run_row(row: str, args) -> dict:
     # a freed slot counts from 1 again): the stack's epochs are its distinct times. One by one, a run is its own
     # stack.
     epoch_seconds: dict[str, set[float]] = {}
+    # When the epochs ran, from the metrics' own timestamps (taken when each epoch's metrics were queued, after
+    # its evaluation): the first epoch's training began about its epoch time before its metrics; the last
+    # epoch's metrics mark the end of training. What lies outside is start-up and the tail (completing runs).
+    began, ended = float("inf"), 0.0
     for r in trial_runs:
         which = r.data.tags.get("regsweep.stack", r.info.run_id)
-        epoch_seconds.setdefault(which, set()).update(
-            m.value for m in client.get_metric_history(r.info.run_id, "speed/epoch_seconds"))
+        history = client.get_metric_history(r.info.run_id, "speed/epoch_seconds")
+        epoch_seconds.setdefault(which, set()).update(m.value for m in history)
+        began = min([began, *(m.timestamp / 1000 - m.value for m in history)])
+        ended = max([ended, *(m.timestamp / 1000 for m in history)])
     training = sum(map(sum, epoch_seconds.values()))
     # The per-epoch hooks (queueing each member's metrics, Optuna's report and pruning) run one after
     # another in the training process: their sum over runs is wall time.
@@ -89,7 +95,8 @@ def run_row(row: str, args) -> dict:
     best = max((t.value for t in study.trials if t.state.name == "COMPLETE"), default=float("nan"))
     return {"row": row, "stack": "grid 4x5, auto" if space else stack, "pruner": pruner or "none", "trials": len(done),
             "pruned": sum(t.state.name == "PRUNED" for t in done), "wall": wall,
-            "per_hour": 3600 * len(done) / wall, "best": best, "training": training, "hooks": hooks, "stopped": stopped}
+            "per_hour": 3600 * len(done) / wall, "best": best, "training": training, "hooks": hooks, "stopped": stopped,
+            "startup": began - started_at, "epochs": ended - began, "tail": started_at + wall - ended}
 
 
 # What a stack's training step can run under, one --throughput row each: regsweep's default, then one lever at
@@ -443,6 +450,14 @@ def main():
         print(f"| {r['stack']} | {r['pruner']} | {r['trials']} ({r['pruned']}) | {r['wall']:.1f} | "
               f"{r['per_hour']:,.0f} | {r['per_hour'] / base:.1f}x | {100 * r['training'] / r['wall']:.0f}% | "
               f"{100 * r['stopped']:.0f}% | {100 * r['hooks'] / r['wall']:.1f}% | {100 * r['best']:.2f}% |", flush=True)
+    print("\nWhere the wall time went: before the first epoch's first step (imports, stores, data, workers "
+          "spawned); from there to the last epoch's metrics (training steps, evaluation, hooks, refills, runs "
+          "completed on the way); after them (completing the last runs, the study's end, exit).\n\n"
+          "| --stack | pruner | wall s | before the first epoch s | epochs s | of which training steps s "
+          "| after the last epoch s |\n|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['stack']} | {r['pruner']} | {r['wall']:.1f} | {r['startup']:.1f} | {r['epochs']:.1f} | "
+              f"{r['training']:.1f} | {r['tail']:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
