@@ -165,9 +165,9 @@ class TrainConfig:
         return self
 
 
-def fmt_coef(value: float) -> str:
-    """0 -> '0', 0.001 -> '1e-3', 0.00025 -> '2.5e-4': short, unambiguous run names."""
+def fmt_coef(value: float, digits: int = 3) -> str:
+    """0 -> '0', 0.001 -> '1e-3', 0.00025 -> '2.5e-4': short run names, to `digits` significant digits."""
     if value == 0:
         return "0"
-    mantissa, exponent = f"{value:.2e}".split("e")
+    mantissa, exponent = f"{value:.{digits - 1}e}".split("e")
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"

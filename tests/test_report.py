@@ -53,6 +53,30 @@ def test_runs_group_by_every_setting_but_seed_and_the_unusable_are_counted():
         "l1=0 l2=0 norm=bn": ["a1", "a2"], "l1=1e-3 l2=0 norm=bn": ["b1", "b2"], "l1=1e-3 l2=0 norm=gbn": ["c1"]}
 
 
+def test_settings_compare_as_values_and_close_coefficients_stay_apart():
+    runs = frame(
+        run_row("a1", 0, 0, 1, **{"params.augment": "True", "params.rotate": "7.0"}),
+        run_row("b1", 0.001, 0, 1, **{"params.augment": "True", "params.rotate": "7.0"}),
+        # as `mlflow run` logs MLproject parameters: as typed
+        run_row("b2", "1e-3", 0, 2, **{"params.augment": "true", "params.rotate": "7"}),
+        # two trials of a sweep that agree to three digits
+        run_row("c1", 0.0012341, 0, 1, **{"params.augment": "True", "params.rotate": "7.0"}),
+        run_row("d1", 0.0012344, 0, 1, **{"params.augment": "True", "params.rotate": "7.0"}),
+    )
+    kept, left_out = stats.select_training_runs(runs)
+    assert left_out == {}
+    assert dict(kept.groupby("configuration")["run_id"].apply(sorted)) == {
+        "l1=0 l2=0": ["a1"], "l1=1e-3 l2=0": ["b1", "b2"], "l1=1.2341e-3 l2=0": ["c1"], "l1=1.2344e-3 l2=0": ["d1"]}
+    assert stats.same_value("true", "True") and stats.same_value("7", "7.0") and not stats.same_value("bn", "gbn")
+
+
+def test_descendants_of_a_run_in_an_experiment_without_nested_runs_are_none():
+    from regsweep.report.fetch import descendants
+
+    runs = frame(run_row("a1", 0, 0, 1), run_row("a2", 0, 0, 2))
+    assert descendants(runs, "a1").empty
+
+
 def test_mean_and_t_interval():
     s = stats.mean_ci([1.0, 2.0, 3.0])
     # t(0.975, 2 df) = 4.302652729749464; sd = 1

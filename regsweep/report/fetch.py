@@ -73,7 +73,7 @@ def search(experiment_ids: list[str] | None, filter_string: str | None = None, *
 
 def descendants(runs: pd.DataFrame, root: str) -> pd.DataFrame:
     """Children of `root`, their children, and so on (a sweep's trials and, with repeats, their seeds)."""
-    parent = runs.get("tags.mlflow.parentRunId", pd.Series(dtype=object))
+    parent = runs.get("tags.mlflow.parentRunId", pd.Series(None, index=runs.index, dtype=object))
     found, frontier = set(), {root}
     while frontier:
         frontier = set(runs.loc[parent.isin(frontier), "run_id"]) - found

@@ -98,21 +98,49 @@ def select_training_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, in
 
 def label_configurations(runs: pd.DataFrame) -> pd.DataFrame:
     """Add `seed`, `l1`, `l2` as numbers and `configuration`: l1 and l2, plus every other setting that
-    differs between the runs (e.g. 'l1=1e-3 l2=0 norm=gbn')."""
-    from ..config import fmt_coef
-
+    differs between the runs (e.g. 'l1=1e-3 l2=0 norm=gbn'). Settings are compared as values, not as the
+    strings logged (`canonical`)."""
     runs = runs.copy()
     columns = setting_columns(runs)
+    for c in columns:
+        runs[c] = runs[c].map(canonical, na_action="ignore")
     settings = runs[columns].fillna("").astype(str) if columns else pd.DataFrame(index=runs.index)
     varying = [c for c in columns if settings[c].nunique() > 1 and c not in ("params.l1", "params.l2")]
     runs["seed"] = pd.to_numeric(runs["params.seed"], errors="coerce").astype("Int64")
     runs["l1"] = pd.to_numeric(runs["params.l1"], errors="coerce")
     runs["l2"] = pd.to_numeric(runs["params.l2"], errors="coerce")
-    labels = [f"l1={fmt_coef(l1)} l2={fmt_coef(l2)}" for l1, l2 in zip(runs["l1"], runs["l2"])]
+    labels = [f"l1={l1} l2={l2}" for l1, l2 in zip(coefficient_labels(runs["l1"]), coefficient_labels(runs["l2"]))]
     for c in varying:
         labels = [f"{label} {c.removeprefix('params.')}={value}" for label, value in zip(labels, settings[c])]
     runs["configuration"] = labels
     return runs
+
+
+def canonical(value) -> str:
+    """A logged param as the value it stands for: `mlflow run` logs MLproject parameters as typed ('true',
+    '1e-3', '7'), regsweep logs Python's str ('True', '0.001', '7.0'); both must land in one configuration."""
+    text = str(value).strip()
+    if text.lower() in ("true", "false"):
+        return text.capitalize()
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    if not math.isfinite(number):
+        return text
+    return str(int(number)) if number.is_integer() else repr(number)  # '7', '7.0' and '7e0' alike
+
+
+def coefficient_labels(values: pd.Series) -> list[str]:
+    """Each coefficient as `fmt_coef` writes it, with more digits where three would make two different values
+    one label (a sweep samples on a continuous scale, and its trials gather near the best)."""
+    from ..config import fmt_coef
+
+    distinct = {v for v in values if not math.isnan(v)}
+    for digits in (3, 6, 17):
+        if len({fmt_coef(v, digits) for v in distinct}) == len(distinct):
+            break
+    return [fmt_coef(v, digits) if not math.isnan(v) else "nan" for v in values]
 
 
 def settings_of(runs: pd.DataFrame) -> pd.DataFrame:
@@ -286,10 +314,7 @@ def parse_baseline(text: str) -> dict[str, str]:
 
 
 def same_value(logged: str, wanted: str) -> bool:
-    try:
-        return float(logged) == float(wanted)
-    except ValueError:
-        return str(logged).lower() == wanted.lower()
+    return canonical(logged).lower() == canonical(wanted).lower()
 
 
 def baselines(settings: pd.DataFrame, spec: dict[str, str] | None = None) -> pd.Series:
