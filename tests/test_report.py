@@ -77,6 +77,17 @@ def test_descendants_of_a_run_in_an_experiment_without_nested_runs_are_none():
     assert descendants(runs, "a1").empty
 
 
+def test_coefficient_figures_keep_to_one_set_of_other_settings():
+    from regsweep.report.figures import one_setting
+
+    values = pd.DataFrame({"configuration": ["l1=0 l2=0 norm=bn", "l1=0 l2=0 norm=bn", "l1=1e-3 l2=0 norm=bn",
+                                             "l1=0 l2=0 norm=gbn", "l1=1e-3 l2=1e-4 norm=gbn"][::-1]})
+    rows, only = one_setting(values)  # two configurations each: the first set of settings by name
+    assert only == "norm=bn" and sorted(rows["configuration"]) == ["l1=0 l2=0 norm=bn"] * 2 + ["l1=1e-3 l2=0 norm=bn"]
+    rows, only = one_setting(values.iloc[2:])  # three rows, two configurations, one set of settings
+    assert only == "" and len(rows) == 3
+
+
 def test_mean_and_t_interval():
     s = stats.mean_ci([1.0, 2.0, 3.0])
     # t(0.975, 2 df) = 4.302652729749464; sd = 1

@@ -59,6 +59,18 @@ def without(label: str, prefix: str) -> str:
     return " ".join(p for p in label.split() if not p.startswith(prefix)) or "all"
 
 
+def one_setting(frame: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The rows whose other settings (all but l1 and l2) most configurations share, and those settings as
+    words ('' when no other setting varies): a heat map or a path over the coefficients must not average or
+    take the best across, say, batch norm and ghost batch norm."""
+    rest = frame["configuration"].map(lambda c: without(without(c, "l1="), "l2="))
+    if rest.nunique() <= 1:
+        return frame, ""
+    counts = rest[~frame["configuration"].duplicated()].value_counts()  # configurations per set of settings
+    top = min(counts.index, key=lambda r: (-counts[r], r))
+    return frame[rest == top], top
+
+
 def whole_epochs(*axes) -> None:
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -160,7 +172,8 @@ def coefficient_response(table: pd.DataFrame) -> Figure:
                 ax.legend(fontsize=9)
         if both:
             ax = axes[2]
-            grid = table.pivot_table(index="l1", columns="l2", values="best_val_acc_mean", aggfunc="max")
+            cells, only = one_setting(table)  # one configuration per cell
+            grid = cells.pivot_table(index="l1", columns="l2", values="best_val_acc_mean")
             im = ax.imshow(100 * grid.to_numpy(), cmap="viridis", aspect="auto", origin="lower")
             from ..config import fmt_coef
             ax.set_xticks(range(len(grid.columns)), [fmt_coef(v) if v else "off" for v in grid.columns])
@@ -168,7 +181,8 @@ def coefficient_response(table: pd.DataFrame) -> Figure:
             for (i, j), v in np.ndenumerate(100 * grid.to_numpy()):
                 if not math.isnan(v):
                     ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white", fontsize=10)
-            ax.set(xlabel="L2 coefficient", ylabel="L1 coefficient", title="best validation accuracy (%)")
+            ax.set(xlabel="L2 coefficient", ylabel="L1 coefficient",
+                   title="best validation accuracy (%)" + (f", {only} only" if only else ""))
             ax.grid(False)
             fig.colorbar(im, ax=ax, label="%")
         fig.suptitle("Coefficient response: best validation accuracy, mean over seeds with 95% t-interval")
@@ -179,6 +193,7 @@ def coefficient_response(table: pd.DataFrame) -> Figure:
 def regularisation_path(values: pd.DataFrame) -> Figure:
     """Per-layer mean |w| at the selected epoch as a function of each coefficient, the other one off."""
     layer_names = [c.removesuffix("/mean_abs") for c in values.columns if c.endswith("/mean_abs")]
+    values, only = one_setting(values)
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, 2, figsize=(15, 5.5), sharey=True)
         for ax, coef, other in zip(axes, ("l1", "l2"), ("l2", "l1")):
@@ -200,7 +215,8 @@ def regularisation_path(values: pd.DataFrame) -> Figure:
         if axes[1].get_legend_handles_labels()[0] or axes[0].get_legend_handles_labels()[0]:
             ax = axes[1] if axes[1].get_legend_handles_labels()[0] else axes[0]
             ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.02, 1), title="layer")
-        fig.suptitle("Regularisation path: mean |w| per layer at the best-validation epoch (mean over seeds)")
+        fig.suptitle("Regularisation path: mean |w| per layer at the best-validation epoch (mean over seeds)"
+                     + (f", {only} only" if only else ""))
         fig.tight_layout()
     return fig
 
