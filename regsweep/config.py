@@ -158,10 +158,13 @@ class TrainConfig:
             raise ConfigError(f"hidden must be comma-separated integers, got {self.hidden!r}") from None
         if self.model == "mlp" and (not sizes or min(sizes) < 1):
             raise ConfigError(f"hidden must list positive layer sizes, got {self.hidden!r}")
-        if self.model == "cnn" and self.norm == "gbn" and self.batch_size % self.ghost_batch_size:
-            # Ghost batch norm splits each batch into equal virtual batches.
-            raise ConfigError(
-                f"batch_size ({self.batch_size}) must be a multiple of ghost_batch_size ({self.ghost_batch_size})")
+        # Ghost batch norm splits each batch into equal virtual batches (a last chunk of one sample would stop
+        # the MLP's batch norm in its first step). A batch is smaller than batch_size when the training split is.
+        batch = min(self.batch_size, self.max_train_samples or self.batch_size)
+        if self.norm == "gbn" and batch % self.ghost_batch_size:
+            which = f"batch_size ({self.batch_size})" if batch == self.batch_size else \
+                f"the batch ({batch}: max_train_samples is below batch_size)"
+            raise ConfigError(f"{which} must be a multiple of ghost_batch_size ({self.ghost_batch_size})")
         return self
 
 

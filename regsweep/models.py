@@ -24,8 +24,9 @@ class GhostBatchNorm(nn.Module):
     """Batch norm whose training statistics come from virtual batches of `virtual_batch_size` samples.
 
     Normalising over small virtual batches adds noise that regularises, as in Hoffer et al. (2017). Each chunk
-    goes through the same BatchNorm layer, so the running statistics used at evaluation time are an
-    average over chunks; evaluation is ordinary batch norm.
+    goes through the same BatchNorm layer, so the running statistics used at evaluation time are a moving
+    average updated once per chunk (with batch norm's momentum, so they follow training faster than plain
+    batch norm's); evaluation is ordinary batch norm.
     """
 
     def __init__(self, bn: nn.BatchNorm1d | nn.BatchNorm2d, virtual_batch_size: int):

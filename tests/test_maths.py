@@ -204,6 +204,8 @@ def test_summary_selects_on_validation_and_reports_test_there():
     ({"optimizer": "rmsprop"}, "unknown optimizer"),
     ({"hidden": "500,x"}, "hidden must be comma-separated integers"),
     ({"norm": "gbn", "batch_size": 100, "ghost_batch_size": 32}, "multiple of ghost_batch_size"),
+    ({"model": "mlp", "norm": "gbn", "batch_size": 33, "ghost_batch_size": 32}, r"batch_size \(33\) must be"),
+    ({"norm": "gbn", "max_train_samples": 97, "ghost_batch_size": 32}, r"the batch \(97: max_train_samples"),
 ])
 def test_config_validation_names_the_problem(changes, message):
     with pytest.raises(ConfigError, match=message):
