@@ -191,17 +191,36 @@ def dataset_digest(data: MnistSplits) -> str:
     return h.hexdigest()[:16]
 
 
+_stops = {"depth": 0, "stopping": False}  # terminal_status blocks open, and whether one signal has been raised
+
+
+def _stop(signum, frame):
+    if _stops["stopping"]:
+        return  # the stop under way ends the runs: a second signal must not cut that short
+    _stops["stopping"] = True
+    interrupt = KeyboardInterrupt(f"signal {signum}")
+    interrupt.signum = signum  # a sweep's worker process ends by the same signal once it has cleaned up
+    raise interrupt
+
+
 @contextmanager
 def terminal_status():
-    """Turn SIGTERM into KeyboardInterrupt for the duration, so a killed run is marked KILLED, not RUNNING."""
-    def on_term(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, on_term)
+    """Turn SIGTERM, like Ctrl-C, into KeyboardInterrupt for the duration, so a killed run is marked KILLED, not
+    RUNNING. One only: until the outermost such block ends, further Ctrl-C and SIGTERM are ignored, since what
+    they would interrupt is the ending of the runs KILLED and the queueing of their trials again. (A sweep's
+    worker processes receive a terminal's Ctrl-C and then the SIGTERM their driver sends them on top.) Ctrl-C
+    stays ignored where it is (completion workers, started so that the sweep decides for them)."""
+    signals = [signal.SIGTERM] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) != signal.SIG_IGN else [])
+    previous = {sig: signal.signal(sig, _stop) for sig in signals}
+    _stops["depth"] += 1
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        _stops["depth"] -= 1
+        if not _stops["depth"]:
+            _stops["stopping"] = False
 
 
 @contextmanager

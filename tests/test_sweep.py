@@ -272,6 +272,7 @@ def test_a_killed_worker_process_ends_the_sweep_killed_with_exit_1_and_resume_re
     (["--trials", "0"], "0 is not in the range x>=1"),
     (["--epochs", "0"], "epochs must be an integer >= 1"),
     (["--storage", "redis://localhost"], "unsupported --storage"),
+    (["--storage", "sqlite:///:memory:"], "keeps the study in memory"),
 ])
 def test_bad_sweep_input_exits_2_before_anything_is_created(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
@@ -362,3 +363,64 @@ def test_two_commands_racing_to_create_a_study_keep_one_parent_run(tracking_uri,
     active = {r.info.run_id for r in client.search_runs([experiment_id])}
     assert active == {old.info.run_id, other.info.run_id, elsewhere.info.run_id}  # this command's own: deleted
     assert find_or_create_parent(settings, load_study(settings), experiment_id) == other.info.run_id  # a resume
+
+
+def test_a_trial_is_queued_again_once_however_often_it_is_found_failed():
+    """A worker that queued its trial's retry and was killed before failing the trial leaves it RUNNING: the
+    next start fails it and would queue it a second time."""
+    from regsweep.sweep.study import queue_retry, requeue_interrupted
+
+    study = optuna.create_study(direction="maximize")  # in memory: only the study's bookkeeping is tested
+    trial = study.ask({"l1": optuna.distributions.FloatDistribution(0, 1)})
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    frozen = study.trials[0]
+    assert queue_retry(study, frozen) and not queue_retry(study, frozen) and requeue_interrupted(study) == []
+    assert [t.state.name for t in study.trials] == ["FAIL", "WAITING"]
+
+
+def test_terminal_status_raises_once_and_lets_the_ending_finish():
+    from regsweep.tracking import terminal_status
+
+    previous, ended = signal.getsignal(signal.SIGTERM), []
+    with pytest.raises(KeyboardInterrupt):
+        with terminal_status():
+            with terminal_status():  # a run inside a sweep
+                try:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(1)  # the handler runs here
+                    raise AssertionError("SIGTERM did not interrupt")
+                finally:  # ending the runs: a second signal, and Ctrl-C, are ignored until the stop is done
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(0.2)
+                    ended.append(True)
+    assert ended and signal.getsignal(signal.SIGTERM) == previous
+    with pytest.raises(KeyboardInterrupt):  # and the next block stops on its first signal again
+        with terminal_status():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+
+
+def test_sigterm_while_the_study_is_finished_ends_the_parent_run_killed(tracking_uri, tmp_path):
+    """The signal arrives after the trials, while the study's plots are drawn (here: sent by the sweep itself
+    as it begins that): the parent run ends KILLED rather than being left RUNNING by a process killed on the
+    spot."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    script = """if True:
+        import os, signal, sys, time
+        import regsweep.sweep.driver as driver
+        finish = driver.finish_study
+        def finish_signalled(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+            return finish(*args, **kwargs)
+        driver.finish_study = finish_signalled
+        from regsweep.cli import cli
+        cli(sys.argv[1:])
+    """
+    args = [*SMALL, "--trials", "1", "--epochs", "1", "--storage", storage]
+    proc = subprocess.run([sys.executable, "-c", script, "optimize", *args], capture_output=True, text=True,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}, timeout=300)
+    assert proc.returncode == 1, proc.stderr  # click's "Aborted!"
+    (parent,), children = study_runs()
+    assert parent.info.status == "KILLED" and [c.info.status for c in children] == ["FINISHED"]

@@ -204,6 +204,32 @@ def test_a_run_that_cannot_be_completed_fails_its_trial_and_leaves_nothing_runni
     assert "RUNNING" not in {r.info.status for r in runs}
     (parent,) = [r for r in runs if "optuna.trial_number" not in r.data.tags]
     assert parent.info.status == "FAILED"
+    study = load(storage, name)  # failed on an error of their own: a resume does not train them again
+    assert all(t.user_attrs["fail_kind"] == "error" and "completing a run failed" in t.user_attrs["fail_reason"]
+               for t in study.trials)
+    from regsweep.sweep.study import requeue_interrupted
+    assert requeue_interrupted(study) == []
+
+
+def test_a_stack_that_fails_in_training_fails_its_trials_for_good(tracking_uri, tmp_path, monkeypatch):
+    import regsweep.sweep.stacked
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    common = ["--trials", "2", "--epochs", "1", "--pruner", "none", "--stack", "2", "--storage", storage]
+    with monkeypatch.context() as patch:
+        patch.setattr(regsweep.sweep.stacked, "fit_stack", broken)
+        optimize(*common, expect=1)
+    study = load(storage)
+    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]
+    assert all(t.user_attrs == {**t.user_attrs, "fail_kind": "error", "fail_reason": "RuntimeError: boom"}
+               for t in study.trials)
+    (parent,), children = study_runs()
+    assert parent.info.status == "FAILED" and {c.info.status for c in children} == {"FAILED"}
+    optimize(*common)  # resumed: two new trials, the failed ones not queued again
+    assert [t.state.name for t in load(storage).trials] == ["FAIL", "FAIL", "COMPLETE", "COMPLETE"]
 
 
 def start_stack_and_wait_for_completion(tracking_uri: str, storage: str):
@@ -365,3 +391,42 @@ def test_a_stacked_worker_that_dies_on_another_host_has_its_trials_found_stale_a
     killed = client.get_run(victim.info.run_id)
     assert killed.info.status == "KILLED" and "worker died" in killed.data.tags["regsweep.stop_reason"]
     assert all(r.info.status != "RUNNING" for r in study_runs()[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["SIGTERM to the driver", "Ctrl-C to the group"])
+def test_stacked_worker_processes_stopped_end_every_run_killed_and_queue_every_trial(tracking_uri, tmp_path, how):
+    """--workers 2 with stacks: each worker process ends its stack's runs KILLED and queues its trials again,
+    whether the driver relays a SIGTERM or a terminal's Ctrl-C reaches every process (and then the driver's
+    SIGTERM too); a resume trains exactly the interrupted trials."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    args = [*SMALL, "--trials", "4", "--stack", "2", "--workers", "2", "--epochs", "30", "--pruner", "none",
+            "--storage", storage, "--sampler", "random"]
+    proc = subprocess.Popen([sys.executable, "-m", "regsweep", "optimize", *args], start_new_session=True,
+                            env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client, deadline = MlflowClient(), time.time() + 240
+    while time.time() < deadline:  # until both workers' stacks have logged an epoch
+        exp = client.get_experiment_by_name("regsweep")
+        members = [r for r in client.search_runs([exp.experiment_id]) if "l1" in r.data.params] if exp else []
+        if len(members) == 4 and all("val/acc" in r.data.metrics for r in members):
+            break
+        time.sleep(0.5)
+    assert len(members) == 4, "the stacks did not start training"
+    if how == "SIGTERM to the driver":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=120) != 0
+    (parent,), children = study_runs()
+    assert parent.info.status == "KILLED" and {c.info.status for c in children} == {"KILLED"}
+    assert all("interrupted" in c.data.tags["regsweep.stop_reason"] for c in children)
+    study = load(storage)
+    assert sorted(t.state.name for t in study.trials) == ["FAIL"] * 4 + ["WAITING"] * 4
+
+    optimize("--trials", "4", "--stack", "2", "--epochs", "1", "--pruner", "none", "--storage", storage,
+             "--sampler", "random")
+    study = load(storage)
+    assert sorted(t.state.name for t in study.trials) == ["COMPLETE"] * 4 + ["FAIL"] * 4
+    assert sorted(str(t.params) for t in study.trials if t.state.name == "FAIL") == \
+        sorted(str(t.params) for t in study.trials if t.state.name == "COMPLETE")

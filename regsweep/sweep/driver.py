@@ -75,11 +75,19 @@ def run_worker(settings: SweepSettings, parent_run_id: str, experiment_id: str, 
 
 def worker_process(*args) -> None:
     """A spawned worker: an outage ends the process at once with an exit code the driver reads (see
-    outage.exit_now for why not a normal exit)."""
+    outage.exit_now for why not a normal exit). Ctrl-C or SIGTERM ends its trials' runs KILLED and queues the
+    trials again, as in the driver's own process; then the worker ends by that signal, as the driver reads it."""
+    import signal
+
     try:
-        run_worker(*args)
+        with terminal_status():
+            run_worker(*args)
     except Outage as exc:
         os._exit(WORKER_EXIT[type(exc)])
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
 
 def threads_per_worker(workers: int, threads: int = 0) -> int:
@@ -123,8 +131,6 @@ def optimize(settings: SweepSettings) -> dict:
     With workers > 1, each is a separate process (spawned, so each loads its data once and owns its torch
     threads: cores / workers). All share the study through its storage.
     """
-    import multiprocessing
-
     client = MlflowClient()
     tracking_uri = mlflow.get_tracking_uri()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep prints its own summary
@@ -140,31 +146,39 @@ def optimize(settings: SweepSettings) -> dict:
         optuna.storages.fail_stale_trials(study)
         reconcile(settings, study, experiment_id, tracking_uri)
 
+    with terminal_status():  # SIGTERM, like Ctrl-C, ends the parent run KILLED, also while the study is finished
+        summary = run_and_finish(settings, study, parent_run_id, experiment_id, tracking_uri, handler)
+    return summary | {"parent_run_id": parent_run_id, "experiment_id": experiment_id}
+
+
+def run_and_finish(settings: SweepSettings, study: optuna.Study, parent_run_id: str, experiment_id: str,
+                   tracking_uri: str, handler: StaleTrialHandler) -> dict:
+    """Run the workers, then finish the study and end its parent run, whatever stopped them."""
+    import multiprocessing
+
+    client = MlflowClient(tracking_uri)
     status, procs, outage = "FINISHED", [], None
     try:
-        with terminal_status():  # SIGTERM, like Ctrl-C, ends the parent run KILLED
-            if settings.workers == 1:
-                run_worker(settings, parent_run_id, experiment_id, tracking_uri, 0, settings.base.threads)
-            else:
-                threads = threads_per_worker(settings.workers, settings.base.threads)
-                ctx = multiprocessing.get_context("spawn")
-                procs = [ctx.Process(target=worker_process, name=f"regsweep-worker-{i}",
-                                     args=(settings, parent_run_id, experiment_id, tracking_uri, i, threads))
-                         for i in range(settings.workers)]
-                for proc in procs:
-                    proc.start()
-                for proc in procs:
-                    proc.join()
-                exitcodes = [proc.exitcode for proc in procs]
-                raise_worker_outage(settings, tracking_uri, exitcodes)
-                requeued = reap_dead_local_trials(study, handler)  # a worker that crashed leaves its trial RUNNING
-                if any(exitcodes):
-                    raise WorkerFailure(exitcodes, requeued)
+        if settings.workers == 1:
+            run_worker(settings, parent_run_id, experiment_id, tracking_uri, 0, settings.base.threads)
+        else:
+            threads = threads_per_worker(settings.workers, settings.base.threads)
+            ctx = multiprocessing.get_context("spawn")
+            procs = [ctx.Process(target=worker_process, name=f"regsweep-worker-{i}",
+                                 args=(settings, parent_run_id, experiment_id, tracking_uri, i, threads))
+                     for i in range(settings.workers)]
+            for proc in procs:
+                proc.start()
+            for proc in procs:
+                proc.join()
+            exitcodes = [proc.exitcode for proc in procs]
+            raise_worker_outage(settings, tracking_uri, exitcodes)
+            requeued = reap_dead_local_trials(study, handler)  # a worker that crashed leaves its trial RUNNING
+            if any(exitcodes):
+                raise WorkerFailure(exitcodes, requeued)
     except KeyboardInterrupt:
         status = "KILLED"
-        for proc in procs:  # each worker ends its own trial's run KILLED on SIGTERM
-            proc.terminate()
-            proc.join()
+        stop_workers(procs)
         raise
     except Outage as exc:
         status, outage = "KILLED", exc
@@ -183,6 +197,9 @@ def optimize(settings: SweepSettings) -> dict:
                     summary = finish_study(settings, study, parent_run_id)
                     if status == "FINISHED":
                         reconcile(settings, study, experiment_id, tracking_uri)
+            except KeyboardInterrupt:  # the first signal, arriving while the study was being finished
+                status = "KILLED"
+                raise
             except BaseException:
                 status = "FAILED"
                 raise
@@ -191,7 +208,23 @@ def optimize(settings: SweepSettings) -> dict:
         elif not outage.tracking:  # MLflow answers: say on the parent why the sweep stopped
             client.set_tag(parent_run_id, STOP_REASON_TAG, f"{outage}; resume with the same command")
             client.set_terminated(parent_run_id, status)
-    return summary | {"parent_run_id": parent_run_id, "experiment_id": experiment_id}
+    return summary
+
+
+STOP_WAIT = 120  # seconds a stopping worker process gets to end its trials' runs before it is killed
+
+
+def stop_workers(procs) -> None:
+    """Stop the worker processes: each ends its trials' runs KILLED and queues the trials again, as on its own
+    SIGTERM (worker_process), and is killed only if that takes longer than STOP_WAIT (the next start then
+    reconciles what it left)."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.join(STOP_WAIT)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
 
 
 def raise_worker_outage(settings: SweepSettings, tracking_uri: str, exitcodes: list[int | None]) -> None:

@@ -183,8 +183,7 @@ class Objective:
             raise
         except BaseException as exc:
             state, reason = "FAIL", reason or f"{type(exc).__name__}: {exc}"
-            trial.set_user_attr("fail_reason", reason)
-            trial.set_user_attr("fail_kind", "error")  # not retried: it would fail the same way
+            mark_error(trial, reason)
             raise
         finally:
             if not tracker_down:  # an unreachable tracker is reconciled on the next start instead
@@ -194,6 +193,12 @@ class Objective:
                         client.set_tag(run_id, STOP_REASON_TAG, reason[:TAG_LIMIT])
                 if trial_run is not None:
                     summarise_repeats(client, trial_run.info.run_id, best_vals, state)
+
+
+def mark_error(trial: optuna.Trial, reason: str) -> None:
+    """Record that the trial failed on an error of its own: it is not retried, it would fail the same way."""
+    trial.set_user_attr("fail_reason", reason)
+    trial.set_user_attr("fail_kind", "error")
 
 
 def fail_for_retry(trial: optuna.Trial, reason: str, kind: str, tell: bool) -> None:

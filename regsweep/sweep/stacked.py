@@ -33,7 +33,7 @@ from ..outage import STOP_REASON_TAG, TAG_LIMIT, Outage
 from ..tracking import device_tags
 from ..training import FitResult, fit_stack, new_model
 from .completion import Completer, worker_count
-from .objective import fail_for_retry, prepare_trial, reuse_twin
+from .objective import fail_for_retry, mark_error, prepare_trial, reuse_twin
 from .runs import summarise_repeats, trial_run_name
 from .space import FIRST_PRUNABLE_EPOCH
 from .study import Heartbeats, SweepSettings, count_finished, storage_errors
@@ -272,6 +272,7 @@ class TrialStack:
                 if kind is not None:
                     fail_for_retry(trial, reason, kind, tell=True)
                 else:
+                    mark_error(trial, reason)
                     tell_study(trial, state=TrialState.FAIL)
         self.completer.stop(tracking_down)  # the study first: this may wait for runs being completed
         if not tracking_down:
@@ -284,6 +285,8 @@ class TrialStack:
 def fail_trial(entry: StackedTrial, errors: dict[int, Exception | None], client: MlflowClient) -> None:
     """A trial whose runs could not all be completed: FAIL, and each run whose completion failed ended FAILED with
     the reason (the completion may have failed before it could end the run itself)."""
+    error = next(errors[k] for k in entry.members if errors[k] is not None)
+    mark_error(entry.trial, f"completing a run failed: {type(error).__name__}: {error}")
     tell_study(entry.trial, state=TrialState.FAIL)
     entry.told = True
     for k, run_id in zip(entry.members, entry.run_ids):

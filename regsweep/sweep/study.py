@@ -65,6 +65,9 @@ def open_storage(settings: SweepSettings, tracking_uri: str | None = None):
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     # study.ask warns that heartbeats are meant for study.optimize: a stacked sweep records them (Heartbeats).
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+    if url.startswith("sqlite:") and url.removeprefix("sqlite:").strip("/") in ("", ":memory:"):
+        # Each process (the driver, every worker) would open a database of its own, and nothing would resume.
+        raise ConfigError(f"--storage {url} keeps the study in memory: give a file, e.g. sqlite:///optuna.db")
     if url.startswith(("sqlite:", "postgresql", "mysql")):
         engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else {"pool_pre_ping": True}
         return optuna.storages.RDBStorage(
@@ -143,9 +146,13 @@ def queue_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, max_retry:
 
     Optuna's own convention (RetryHeartbeatStaleTrialCallback): the system attributes `failed_trial` (the
     first attempt) and `retry_history` (every earlier attempt), so Optuna's helpers read them. The retry
-    has the trial's parameters already set, so it trains exactly the interrupted configuration."""
+    has the trial's parameters already set, so it trains exactly the interrupted configuration. Not twice: a
+    worker that queued its trial's retry and was killed before it could fail the trial leaves it RUNNING, and
+    the next start fails it and comes here again."""
     history = [*trial.system_attrs.get("retry_history", []), trial.number]
     if len(history) > max_retry:
+        return False
+    if any(trial.number in t.system_attrs.get("retry_history", ()) for t in study.get_trials(deepcopy=False)):
         return False
     study.add_trial(optuna.trial.create_trial(
         state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
