@@ -103,7 +103,7 @@ def label_configurations(runs: pd.DataFrame) -> pd.DataFrame:
     runs = runs.copy()
     columns = setting_columns(runs)
     for c in columns:
-        runs[c] = runs[c].map(canonical, na_action="ignore")
+        runs[c] = runs[c].map(canonical, na_action="ignore").astype(object)
     settings = runs[columns].fillna("").astype(str) if columns else pd.DataFrame(index=runs.index)
     varying = [c for c in columns if settings[c].nunique() > 1 and c not in ("params.l1", "params.l2")]
     runs["seed"] = pd.to_numeric(runs["params.seed"], errors="coerce").astype("Int64")
