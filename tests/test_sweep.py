@@ -327,6 +327,22 @@ def test_once_both_off_is_taken_the_space_no_longer_offers_it():
 
 
 @pytest.mark.slow
+def test_a_retried_trial_trains_the_penalties_it_was_queued_with():
+    """A trial whose L2 was on without a choice (L1 off, the unregularised configuration taken), queued again:
+    it trains that L2 even once the unregularised configuration is no longer taken."""
+    from regsweep.sweep.space import SearchSpace, suggest_penalties
+
+    space = SearchSpace()
+    dists = space.distributions()
+    for seed in range(8):  # the sampler would pick l2_on at random: every pick must keep L2 on
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))  # in memory
+        study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING,
+                                                  params={"l1_on": False, "l2": 1e-3},
+                                                  distributions={k: dists[k] for k in ("l1_on", "l2")}))
+        trial = study.ask()
+        assert suggest_penalties(trial, space, both_off_taken=False) == {"l1": 0.0, "l2": 1e-3}
+
+
 def test_default_space_trains_both_off_only_once(tracking_uri, tmp_path):
     # With seed 1, TPE's random start proposed "both off" for trials 2 and 3.
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"

@@ -97,10 +97,12 @@ def suggest_penalties(trial: optuna.Trial, space: SearchSpace, both_off_taken: b
     """The only place a trial becomes regularisation coefficients (define-by-run, conditional).
 
     `both_off_taken`: the unregularised configuration has a result (or is training) already. It is a single
-    point, and TPE would keep proposing it if it does well, so once L1 is off, L2 is then always on."""
-    values = {}
+    point, and TPE would keep proposing it if it does well, so once L1 is off, L2 is then always on. A retried
+    trial comes with its parameters set as they were suggested: one whose penalty was on without a choice (no
+    `_on` parameter) keeps it on, whatever has become of the unregularised configuration since."""
+    values, fixed = {}, trial.params
     for name, (low, high), zero in (("l1", space.l1_range, space.l1_zero), ("l2", space.l2_range, space.l2_zero)):
-        if name == "l2" and both_off_taken and values["l1"] == 0:
+        if (name == "l2" and both_off_taken and values["l1"] == 0) or (name in fixed and f"{name}_on" not in fixed):
             zero = False
         if space.grid:
             values[name] = trial.suggest_categorical(name, list(space.grid.get(name, (0.0,))))
