@@ -393,6 +393,23 @@ def test_a_stacked_worker_that_dies_on_another_host_has_its_trials_found_stale_a
     assert all(r.info.status != "RUNNING" for r in study_runs()[1])
 
 
+def test_a_trial_whose_runs_cannot_be_opened_leaves_none_of_them_running(tracking_uri, tmp_path, monkeypatch):
+    from regsweep.data import MnistSplits
+
+    def broken(self):
+        raise RuntimeError("no sizes")
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    monkeypatch.setattr(MnistSplits, "sizes", broken)  # read while a trial's first seed run is opened
+    optimize("--trials", "2", "--repeats", "2", "--epochs", "1", "--pruner", "none", "--stack", "4",
+             "--storage", storage, expect=1)
+    (parent,), children = study_runs()
+    assert len(children) == 2 and {c.info.status for c in children} == {"FAILED"}  # the trial's run, one seed's
+    assert all("opening the trial's runs failed: RuntimeError: no sizes" in c.data.tags["regsweep.stop_reason"]
+               for c in children)
+    assert parent.info.status == "FAILED" and [t.state.name for t in load(storage).trials] == ["FAIL", "FAIL"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["SIGTERM to the driver", "Ctrl-C to the group"])
 def test_stacked_worker_processes_stopped_end_every_run_killed_and_queue_every_trial(tracking_uri, tmp_path, how):

@@ -84,10 +84,13 @@ def run_stacked(settings: SweepSettings, study: optuna.Study, data, parent_run_i
                     if deadline is not None and time.monotonic() >= deadline:
                         return None
                     optuna.storages.fail_stale_trials(study)
-                    more = wanted(settings, study)
-                    return [heartbeats.add(study.ask()) for _ in range(min(most, more))] if more > 0 else None
+                    if wanted(settings, study) <= 0:
+                        return None
+                    return ask_up_to(settings, study, heartbeats, most)
 
-                trials = [heartbeats.add(study.ask()) for _ in range(n)]  # queued (retried) trials come first
+                trials = ask_up_to(settings, study, heartbeats, n)  # queued (retried) trials come first
+                if not trials:  # other workers asked for the rest meanwhile
+                    return
                 # Refilling costs a little per step (per-member schedules): only where it may happen.
                 refill = refills(settings) and (deadline is not None or wanted(settings, study) > 0)
                 TrialStack(settings, data, parent_run_id, experiment_id, completer, heartbeats,
@@ -107,6 +110,15 @@ def refills(settings: SweepSettings) -> bool:
     if settings.refill is not None:
         return settings.refill
     return settings.base.resolved_device() == "cuda" or settings.base.compile
+
+
+def ask_up_to(settings: SweepSettings, study: optuna.Study, heartbeats: Heartbeats, most: int) -> list[optuna.Trial]:
+    """Ask up to `most` trials, one at a time while the study wants more: an asked trial is RUNNING in the
+    storage at once, so parallel workers asking side by side stop at `settings.trials` between them."""
+    trials = []
+    while len(trials) < most and wanted(settings, study) > 0:
+        trials.append(heartbeats.add(study.ask()))
+    return trials
 
 
 def wanted(settings: SweepSettings, study: optuna.Study) -> int:
@@ -131,19 +143,27 @@ def open_runs(settings: SweepSettings, data, trial: optuna.Trial, parent_run_id:
     entry = StackedTrial(trial, penalties)
     name = trial_run_name(trial.number, penalties)
     parent = parent_run_id
-    if settings.repeats > 1:
-        entry.trial_run_id = client.create_run(experiment_id, run_name=name, tags={
-            **tags, "mlflow.parentRunId": parent_run_id, "regime": TrainConfig(**penalties).regime}).info.run_id
-        parent = entry.trial_run_id
-    for r in range(settings.repeats):
-        cfg = member_config(settings, penalties, r)
-        run = client.create_run(experiment_id, run_name=name if settings.repeats == 1 else f"{name} s{cfg.seed}",
-                                tags={**tags, "mlflow.parentRunId": parent})
-        # The params now, so the run reads as a configuration from its first epoch on.
-        params = {**cfg.as_params(), "n_params": n_params, **data.sizes()}
-        client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
-        entry.run_ids.append(run.info.run_id)
-    trial.set_user_attr("mlflow_run_ids", entry.all_run_ids)
+    try:
+        if settings.repeats > 1:
+            entry.trial_run_id = client.create_run(experiment_id, run_name=name, tags={
+                **tags, "mlflow.parentRunId": parent_run_id, "regime": TrainConfig(**penalties).regime}).info.run_id
+            parent = entry.trial_run_id
+        for r in range(settings.repeats):
+            cfg = member_config(settings, penalties, r)
+            run = client.create_run(experiment_id, tags={**tags, "mlflow.parentRunId": parent},
+                                    run_name=name if settings.repeats == 1 else f"{name} s{cfg.seed}")
+            entry.run_ids.append(run.info.run_id)
+            # The params now, so the run reads as a configuration from its first epoch on.
+            params = {**cfg.as_params(), "n_params": n_params, **data.sizes()}
+            client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        trial.set_user_attr("mlflow_run_ids", entry.all_run_ids)
+    except BaseException as exc:  # the trial is told with the stack (TrialStack.unopened); its runs end here
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        reason = ("interrupted (Ctrl-C or SIGTERM)" if interrupted
+                  else f"opening the trial's runs failed: {type(exc).__name__}: {exc}")
+        for run_id in entry.all_run_ids:
+            end_run(client, run_id, reason, "KILLED" if interrupted else "FAILED")
+        raise
     return entry
 
 
