@@ -77,6 +77,28 @@ def test_descendants_of_a_run_in_an_experiment_without_nested_runs_are_none():
     assert descendants(runs, "a1").empty
 
 
+def test_diverged_seeds_are_counted_with_their_configuration():
+    from regsweep.report import tables
+
+    diverged = {"metrics.best_val_acc": np.nan, "metrics.test_acc_at_best_val": np.nan}
+    runs = frame(
+        run_row("a1", 0, 0, 1), run_row("a2", 0, 0, 2),
+        run_row("b1", 0.01, 0, 1, best_val=0.95), run_row("b2", 0.01, 0, 2, best_val=0.97),
+        run_row("b3", 0.01, 0, 3, status="FAILED", **diverged,
+                **{"tags.regsweep.stop_reason": "diverged: training loss is nan"}),  # a sweep's trial
+        run_row("c1", 0.1, 0, 1, status="FAILED", **diverged,
+                **{"tags.regsweep.error": "DivergedError: training loss is inf"}),  # a lone train, every seed
+        run_row("f1", 0, 0, 3, status="FAILED", **{"tags.regsweep.error": "RuntimeError: disk full"}),
+    )
+    kept, left_out = stats.select_training_runs(runs)
+    assert left_out == {"diverged": 2, "FAILED": 1}
+    table = stats.configuration_table(stats.per_run(kept, pd.DataFrame(columns=["run_id", "key", "step", "value"])))
+    assert dict(zip(table["configuration"], zip(table["n"], table["diverged"]))) == {
+        "l1=0 l2=0": (2, 0), "l1=1e-2 l2=0": (2, 1)}
+    assert list(tables.configurations_for_people(table)["diverged runs (left out)"]) == [0, 1]
+    assert "diverged runs (left out)" not in tables.configurations_for_people(table.assign(diverged=0))
+
+
 def test_coefficient_figures_keep_to_one_set_of_other_settings():
     from regsweep.report.figures import one_setting
 

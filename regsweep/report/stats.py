@@ -64,17 +64,28 @@ def setting_columns(runs: pd.DataFrame) -> list[str]:
 def select_training_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
     """The runs the statistics use, with a `configuration` label and a numeric `seed`, and what was left out.
 
-    Left out, each counted by reason: FAILED, KILLED and RUNNING runs; runs a pruner cut short; runs that are
-    not regsweep's; and older repeats of the same configuration and seed (the newest one counts, so that a
-    configuration's n is its number of seeds).
+    Left out, each counted by reason: runs that diverged, other FAILED, KILLED and RUNNING runs; runs a pruner
+    cut short; runs that are not regsweep's; and older repeats of the same configuration and seed (the newest
+    one counts, so that a configuration's n is its number of seeds). A configuration whose seeds diverged
+    only in part would look better than it is with them left out silently: `diverged_runs` counts them for
+    each configuration kept.
     """
     kind = classify_runs(runs)
     left_out: dict[str, int] = {}
     if (kind == "foreign").any():
         left_out["not regsweep runs"] = int((kind == "foreign").sum())
     training = runs[kind == "training"]
+    def tag(name: str) -> pd.Series:
+        return training.get(f"tags.{name}", pd.Series("", index=training.index)).fillna("").astype(str)
+
+    # A sweep's trial says so in its stop reason; a lone `regsweep train` ends FAILED with the error.
+    said = tag("regsweep.stop_reason").str.startswith("diverged")
+    said |= tag("regsweep.error").str.startswith("DivergedError")
+    diverged = training[(training["status"] == "FAILED") & said]
+    if len(diverged):
+        left_out["diverged"] = len(diverged)
     for status in ("FAILED", "KILLED", "RUNNING", "SCHEDULED"):
-        n = int((training["status"] == status).sum())
+        n = int((training["status"] == status).sum()) - (len(diverged) if status == "FAILED" else 0)
         if n:
             left_out[status] = n
     finished = training[training["status"] == "FINISHED"]
@@ -88,11 +99,15 @@ def select_training_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, in
     if short.any():
         left_out["pruned"] = int(short.sum())
     # Labelled after the unusable runs are gone: a failed run's missing params would otherwise count as a
-    # setting that varies, and lengthen every label.
-    finished = label_configurations(finished[~short]).sort_values("start_time", ascending=False)
+    # setting that varies, and lengthen every label. (Diverged runs have every param: they stopped in training.)
+    labelled = label_configurations(pd.concat([finished[~short], diverged]))
+    failed = labelled["run_id"].isin(diverged["run_id"])
+    finished = labelled[~failed].sort_values("start_time", ascending=False)
     newest = finished.drop_duplicates(["configuration", "seed"])
     if len(newest) < len(finished):
         left_out["older duplicates of a configuration and seed"] = len(finished) - len(newest)
+    counts = labelled.loc[failed, "configuration"].value_counts()
+    newest = newest.assign(diverged_runs=newest["configuration"].map(counts).fillna(0).astype(int))
     return newest.sort_values(["configuration", "seed"]).reset_index(drop=True), left_out
 
 
@@ -247,7 +262,8 @@ def per_run(runs: pd.DataFrame, histories: pd.DataFrame) -> pd.DataFrame:
     """The numbers the tables and figures use, one row per run (index run_id)."""
     r = runs.set_index("run_id")
     metric = lambda name: pd.to_numeric(r.get(f"metrics.{name}"), errors="coerce")  # noqa: E731
-    out = pd.DataFrame({"configuration": r["configuration"], "seed": r["seed"], "l1": r["l1"], "l2": r["l2"]})
+    out = pd.DataFrame({"configuration": r["configuration"], "seed": r["seed"], "l1": r["l1"], "l2": r["l2"],
+                        "diverged_runs": r.get("diverged_runs", 0)})
     for name in ("best_val_acc", "best_val_epoch", "test_acc_at_best_val", "test_loss_at_best_val",
                  "best_test_acc", "best_test_epoch", "final_val_loss", "epochs_trained", "total_train_seconds"):
         out[name] = metric(name)
@@ -281,7 +297,8 @@ def configuration_table(values: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for name, group in values.groupby("configuration", sort=True):
         row = {"configuration": name, "l1": group["l1"].iloc[0], "l2": group["l2"].iloc[0], "n": len(group),
-               "seeds": ",".join(str(s) for s in sorted(group["seed"].dropna()))}
+               "seeds": ",".join(str(s) for s in sorted(group["seed"].dropna())),
+               "diverged": int(group["diverged_runs"].iloc[0]) if "diverged_runs" in group else 0}
         for column, how in SUMMARISED.items():
             if column not in group:
                 continue
