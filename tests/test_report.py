@@ -99,6 +99,24 @@ def test_diverged_seeds_are_counted_with_their_configuration():
     assert "diverged runs (left out)" not in tables.configurations_for_people(table.assign(diverged=0))
 
 
+def test_verdicts_go_by_p_adjusted_for_the_number_of_comparisons():
+    from scipy.stats import false_discovery_control
+
+    base = (0.90, 0.91, 0.92)
+    shifts = {1e-4: (0.03, 0.04, 0.02),  # alone: p = 0.035
+              **{l1: (0.01, -0.01, d) for l1, d in ((2e-4, 0.002), (3e-4, 0.004), (4e-4, -0.003), (5e-4, 0.0))}}
+    runs = frame(*(run_row(f"a{s}", 0, 0, s, test=t) for s, t in zip((1, 2, 3), base)),
+                 *(run_row(f"{l1}-{s}", l1, 0, s, test=t + d)
+                   for l1, ds in shifts.items() for s, t, d in zip((1, 2, 3), base, ds)))
+    kept, _ = stats.select_training_runs(runs)
+    values = stats.per_run(kept, pd.DataFrame(columns=["run_id", "key", "step", "value"]))
+    table = stats.verdict_table(values, stats.baselines(stats.settings_of(kept))).set_index("configuration")
+    assert table["test_p_adjusted"].to_numpy() == pytest.approx(false_discovery_control(table["test_p"].to_numpy()))
+    lone = table.loc["l1=1e-4 l2=0"]
+    assert lone["test_p"] == pytest.approx(0.035, abs=1e-3) and lone["test_p_adjusted"] > 0.05
+    assert set(table["test_verdict"]) == {"not distinguishable"}  # one of five passing 0.05 is what chance gives
+
+
 def test_coefficient_figures_keep_to_one_set_of_other_settings():
     from regsweep.report.figures import one_setting
 

@@ -184,7 +184,9 @@ def markdown_report(a: Analysis) -> str:
              "## Against the baseline", "",
              f"Differences are configuration minus baseline, in percentage points, with 95% confidence intervals; "
              f"paired t-test when both ran the same seeds, Welch's t-test otherwise; a verdict of better or worse "
-             f"needs p < {stats.ALPHA}. With one seed on either side there is no verdict.", "",
+             f"needs p < {stats.ALPHA} once adjusted for the number of comparisons in the table (Benjamini-Hochberg: "
+             f"among many comparisons, some pass p < {stats.ALPHA} by chance; the intervals are each comparison's "
+             f"own). With one seed on either side there is no verdict.", "",
              tables.markdown(people["verdicts against the baseline"][1]) if len(a.verdicts)
              else "No baseline: no configuration has l1 = l2 = 0 with the others' settings (see `--baseline`).",
              ""]

@@ -367,7 +367,13 @@ def baselines(settings: pd.DataFrame, spec: dict[str, str] | None = None) -> pd.
 
 def verdict_table(values: pd.DataFrame, baseline_of: pd.Series) -> pd.DataFrame:
     """Every configuration against its baseline: differences in test accuracy at the best-validation epoch
-    (the verdict) and in best validation accuracy, each with 95% CI and p-value."""
+    (the verdict) and in best validation accuracy, each with 95% CI, p-value and p-value adjusted for the
+    number of comparisons in the table.
+
+    A sweep compares tens of configurations with their baseline: at p < 0.05 each, one or two would read
+    better or worse by chance. So the verdicts go by p adjusted over the table's comparisons (Benjamini and
+    Hochberg's false discovery rate, scipy.stats.false_discovery_control); the intervals are each comparison's
+    own."""
     rows = []
     for name in coefficient_order(values):
         base = baseline_of.get(name)
@@ -380,12 +386,26 @@ def verdict_table(values: pd.DataFrame, baseline_of: pd.Series) -> pd.DataFrame:
             c = compare(mine[column], theirs[column])
             row |= {f"{prefix}_diff": c["diff"], f"{prefix}_ci_low": c["ci_low"], f"{prefix}_ci_high": c["ci_high"],
                     f"{prefix}_p": c["p_value"]}
-            row[f"{prefix}_verdict"] = verdict(c["diff"], c["p_value"], len(mine), len(theirs))
             row["test_used"] = c["test"]
         rows.append(row)
     columns = ["configuration", "baseline", "n", "n_baseline", "test_diff", "test_ci_low", "test_ci_high", "test_p",
-               "test_verdict", "val_diff", "val_ci_low", "val_ci_high", "val_p", "val_verdict", "test_used"]
-    return pd.DataFrame(rows, columns=columns)
+               "test_p_adjusted", "test_verdict", "val_diff", "val_ci_low", "val_ci_high", "val_p", "val_p_adjusted",
+               "val_verdict", "test_used"]
+    table = pd.DataFrame(rows, columns=columns)
+    for prefix in ("test", "val"):
+        table[f"{prefix}_p_adjusted"] = adjusted_p(table[f"{prefix}_p"])
+        table[f"{prefix}_verdict"] = [verdict(d, p, n, nb) for d, p, n, nb in zip(
+            table[f"{prefix}_diff"], table[f"{prefix}_p_adjusted"], table["n"], table["n_baseline"])]
+    return table
+
+
+def adjusted_p(p_values: pd.Series) -> pd.Series:
+    """Benjamini-Hochberg adjusted p-values over those that exist (a comparison with one seed has none)."""
+    out = pd.Series(np.nan, index=p_values.index, dtype=float)
+    given = p_values.notna()
+    if given.any():
+        out[given] = stats.false_discovery_control(p_values[given].to_numpy(dtype=float), method="bh")
+    return out
 
 
 def best_configuration(table: pd.DataFrame, exclude=()) -> str | None:

@@ -74,14 +74,16 @@ def verdicts_for_people(verdicts: pd.DataFrame) -> pd.DataFrame:
             "Δ test acc at best val (points)": f"{100 * r['test_diff']:+.2f}",
             "95% CI": interval(r["test_ci_low"], r["test_ci_high"]),
             "p": num(r["test_p"], 2),
+            "p adjusted": num(r["test_p_adjusted"], 2),
             "verdict": r["test_verdict"],
             "Δ best val acc (points)": f"{100 * r['val_diff']:+.2f}",
             "95% CI ": interval(r["val_ci_low"], r["val_ci_high"]),
             "p ": num(r["val_p"], 2),
+            "p adjusted ": num(r["val_p_adjusted"], 2),
             "test": r["test_used"],
         })
     columns = ["configuration", "baseline", "n / n baseline", "Δ test acc at best val (points)", "95% CI", "p",
-               "verdict", "Δ best val acc (points)", "95% CI ", "p ", "test"]
+               "p adjusted", "verdict", "Δ best val acc (points)", "95% CI ", "p ", "p adjusted ", "test"]
     return pd.DataFrame(rows, columns=columns)
 
 
