@@ -191,13 +191,13 @@ def dataset_digest(data: MnistSplits) -> str:
     return h.hexdigest()[:16]
 
 
-_stops = {"depth": 0, "stopping": False}  # terminal_status blocks open, and whether one signal has been raised
+_signals = [0]  # Ctrl-C and SIGTERM received inside the outermost terminal_status block
 
 
 def _stop(signum, frame):
-    if _stops["stopping"]:
-        return  # the stop under way ends the runs: a second signal must not cut that short
-    _stops["stopping"] = True
+    _signals[0] += 1
+    if _signals[0] == 2:
+        return  # the stop under way is ending the runs: one more signal must not cut that short
     interrupt = KeyboardInterrupt(f"signal {signum}")
     interrupt.signum = signum  # a sweep's worker process ends by the same signal once it has cleaned up
     raise interrupt
@@ -206,21 +206,23 @@ def _stop(signum, frame):
 @contextmanager
 def terminal_status():
     """Turn SIGTERM, like Ctrl-C, into KeyboardInterrupt for the duration, so a killed run is marked KILLED, not
-    RUNNING. One only: until the outermost such block ends, further Ctrl-C and SIGTERM are ignored, since what
-    they would interrupt is the ending of the runs KILLED and the queueing of their trials again. (A sweep's
-    worker processes receive a terminal's Ctrl-C and then the SIGTERM their driver sends them on top.) Ctrl-C
-    stays ignored where it is (completion workers, started so that the sweep decides for them)."""
-    signals = [signal.SIGTERM] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) != signal.SIG_IGN else [])
-    previous = {sig: signal.signal(sig, _stop) for sig in signals}
-    _stops["depth"] += 1
+    RUNNING. The second signal is ignored: what it would interrupt is the ending of the runs KILLED and the
+    queueing of their trials again, and a sweep's worker processes get two for one stop (a terminal's Ctrl-C
+    reaches every process, then the driver sends its SIGTERM). A third interrupts the stop itself, for
+    whoever insists (the next start ends what it leaves). Ctrl-C stays ignored where it is (completion workers,
+    started so that the sweep decides for them). A block inside another leaves the signals to the outer one."""
+    if signal.getsignal(signal.SIGTERM) is _stop:
+        yield
+        return
+    _signals[0] = 0
+    previous = {}
     try:
+        for sig in [signal.SIGTERM] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) != signal.SIG_IGN else []):
+            previous[sig] = signal.signal(sig, _stop)
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        _stops["depth"] -= 1
-        if not _stops["depth"]:
-            _stops["stopping"] = False
 
 
 @contextmanager
