@@ -211,17 +211,21 @@ def run_and_finish(settings: SweepSettings, study: optuna.Study, parent_run_id: 
     return summary
 
 
-STOP_WAIT = 120  # seconds a stopping worker process gets to end its trials' runs before it is killed
+STOP_WAIT = 120  # seconds stopping worker processes get to end their trials' runs before they are killed
 
 
 def stop_workers(procs) -> None:
     """Stop the worker processes: each ends its trials' runs KILLED and queues the trials again, as on its own
-    SIGTERM (worker_process), and is killed only if that takes longer than STOP_WAIT (the next start then
-    reconciles what it left)."""
-    for proc in procs:
+    SIGTERM (worker_process); those still at it after STOP_WAIT are killed (the next start then reconciles
+    what they left). A process the signal caught before it started is skipped."""
+    import time
+
+    started = [proc for proc in procs if proc.pid is not None]
+    for proc in started:
         proc.terminate()
-    for proc in procs:
-        proc.join(STOP_WAIT)
+    deadline = time.monotonic() + STOP_WAIT
+    for proc in started:
+        proc.join(max(0.0, deadline - time.monotonic()))
         if proc.is_alive():
             proc.kill()
             proc.join()

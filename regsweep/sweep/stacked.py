@@ -158,6 +158,8 @@ def open_runs(settings: SweepSettings, data, trial: optuna.Trial, parent_run_id:
             client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
         trial.set_user_attr("mlflow_run_ids", entry.all_run_ids)
     except BaseException as exc:  # the trial is told with the stack (TrialStack.unopened); its runs end here
+        if isinstance(exc, Outage) and exc.tracking:
+            raise  # MLflow calls would only wait on it: the next start ends the runs
         interrupted = isinstance(exc, KeyboardInterrupt)
         reason = ("interrupted (Ctrl-C or SIGTERM)" if interrupted
                   else f"opening the trial's runs failed: {type(exc).__name__}: {exc}")
