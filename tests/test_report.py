@@ -77,7 +77,7 @@ def test_descendants_of_a_run_in_an_experiment_without_nested_runs_are_none():
     assert descendants(runs, "a1").empty
 
 
-def test_diverged_seeds_are_counted_with_their_configuration():
+def test_seeds_lost_to_divergence_are_counted_with_their_configuration():
     from regsweep.report import tables
 
     diverged = {"metrics.best_val_acc": np.nan, "metrics.test_acc_at_best_val": np.nan}
@@ -89,14 +89,16 @@ def test_diverged_seeds_are_counted_with_their_configuration():
         run_row("c1", 0.1, 0, 1, status="FAILED", **diverged,
                 **{"tags.regsweep.error": "DivergedError: training loss is inf"}),  # a lone train, every seed
         run_row("f1", 0, 0, 3, status="FAILED", **{"tags.regsweep.error": "RuntimeError: disk full"}),
+        run_row("b1-old", 0.01, 0, 1, status="FAILED", start=-1, **diverged,  # rerun since, and trained: not lost
+                **{"tags.regsweep.stop_reason": "diverged: training loss is nan"}),
     )
     kept, left_out = stats.select_training_runs(runs)
-    assert left_out == {"diverged": 2, "FAILED": 1}
+    assert left_out == {"diverged": 3, "FAILED": 1}
     table = stats.configuration_table(stats.per_run(kept, pd.DataFrame(columns=["run_id", "key", "step", "value"])))
     assert dict(zip(table["configuration"], zip(table["n"], table["diverged"]))) == {
         "l1=0 l2=0": (2, 0), "l1=1e-2 l2=0": (2, 1)}
-    assert list(tables.configurations_for_people(table)["diverged runs (left out)"]) == [0, 1]
-    assert "diverged runs (left out)" not in tables.configurations_for_people(table.assign(diverged=0))
+    assert list(tables.configurations_for_people(table)["seeds lost to divergence"]) == [0, 1]
+    assert "seeds lost to divergence" not in tables.configurations_for_people(table.assign(diverged=0))
 
 
 def test_verdicts_go_by_p_adjusted_for_the_number_of_comparisons():

@@ -326,7 +326,6 @@ def test_once_both_off_is_taken_the_space_no_longer_offers_it():
     assert any(p["l1"] == 0 for p in offered) and any(p["l2"] == 0 for p in offered)  # each alone still is
 
 
-@pytest.mark.slow
 def test_a_retried_trial_trains_the_penalties_it_was_queued_with():
     """A trial whose L2 was on without a choice (L1 off, the unregularised configuration taken), queued again:
     it trains that L2 even once the unregularised configuration is no longer taken."""
@@ -343,6 +342,7 @@ def test_a_retried_trial_trains_the_penalties_it_was_queued_with():
         assert suggest_penalties(trial, space, both_off_taken=False) == {"l1": 0.0, "l2": 1e-3}
 
 
+@pytest.mark.slow
 def test_default_space_trains_both_off_only_once(tracking_uri, tmp_path):
     # With seed 1, TPE's random start proposed "both off" for trials 2 and 3.
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -394,27 +394,38 @@ def test_a_trial_is_queued_again_once_however_often_it_is_found_failed():
     assert [t.state.name for t in study.trials] == ["FAIL", "WAITING"]
 
 
-def test_terminal_status_raises_once_and_lets_the_ending_finish():
+def test_terminal_status_ignores_the_second_signal_while_the_runs_end_and_not_the_third():
     from regsweep.tracking import terminal_status
 
     previous, ended = signal.getsignal(signal.SIGTERM), []
     with pytest.raises(KeyboardInterrupt):
         with terminal_status():
-            with terminal_status():  # a run inside a sweep
+            with terminal_status():  # a run inside a sweep: the outer block holds the signals
                 try:
                     os.kill(os.getpid(), signal.SIGTERM)
                     time.sleep(1)  # the handler runs here
                     raise AssertionError("SIGTERM did not interrupt")
-                finally:  # ending the runs: a second signal, and Ctrl-C, are ignored until the stop is done
-                    os.kill(os.getpid(), signal.SIGTERM)
+                finally:  # ending the runs: the second signal (a worker's Ctrl-C, then its driver's SIGTERM)
                     os.kill(os.getpid(), signal.SIGINT)
                     time.sleep(0.2)
                     ended.append(True)
     assert ended and signal.getsignal(signal.SIGTERM) == previous
-    with pytest.raises(KeyboardInterrupt):  # and the next block stops on its first signal again
+    interrupted = []
+    with pytest.raises(KeyboardInterrupt):  # the next block counts afresh; a third signal ends the stop too
         with terminal_status():
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(1)
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)
+            finally:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.2)
+                try:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(1)
+                except KeyboardInterrupt:
+                    interrupted.append(True)
+                    raise
+    assert interrupted
 
 
 def test_sigterm_while_the_study_is_finished_ends_the_parent_run_killed(tracking_uri, tmp_path):

@@ -67,8 +67,8 @@ def select_training_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, in
     Left out, each counted by reason: runs that diverged, other FAILED, KILLED and RUNNING runs; runs a pruner
     cut short; runs that are not regsweep's; and older repeats of the same configuration and seed (the newest
     one counts, so that a configuration's n is its number of seeds). A configuration whose seeds diverged
-    only in part would look better than it is with them left out silently: `diverged_runs` counts them for
-    each configuration kept.
+    only in part would look better than it is with them left out silently: `diverged_seeds` counts, for each
+    configuration kept, its seeds that diverged and have no run that trained.
     """
     kind = classify_runs(runs)
     left_out: dict[str, int] = {}
@@ -106,8 +106,13 @@ def select_training_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, in
     newest = finished.drop_duplicates(["configuration", "seed"])
     if len(newest) < len(finished):
         left_out["older duplicates of a configuration and seed"] = len(finished) - len(newest)
-    counts = labelled.loc[failed, "configuration"].value_counts()
-    newest = newest.assign(diverged_runs=newest["configuration"].map(counts).fillna(0).astype(int))
+    # Seeds lost: those that diverged and have no run that trained (a seed rerun to the end is not lost).
+    lost = labelled.loc[failed, ["configuration", "seed"]].drop_duplicates()
+    trained = set(zip(newest["configuration"], newest["seed"]))
+    lost = lost[pd.Series([pair not in trained for pair in zip(lost["configuration"], lost["seed"])],
+                          index=lost.index, dtype=bool)]
+    counts = lost["configuration"].value_counts()
+    newest = newest.assign(diverged_seeds=newest["configuration"].map(counts).fillna(0).astype(int))
     return newest.sort_values(["configuration", "seed"]).reset_index(drop=True), left_out
 
 
@@ -263,7 +268,7 @@ def per_run(runs: pd.DataFrame, histories: pd.DataFrame) -> pd.DataFrame:
     r = runs.set_index("run_id")
     metric = lambda name: pd.to_numeric(r.get(f"metrics.{name}"), errors="coerce")  # noqa: E731
     out = pd.DataFrame({"configuration": r["configuration"], "seed": r["seed"], "l1": r["l1"], "l2": r["l2"],
-                        "diverged_runs": r.get("diverged_runs", 0)})
+                        "diverged_seeds": r.get("diverged_seeds", 0)})
     for name in ("best_val_acc", "best_val_epoch", "test_acc_at_best_val", "test_loss_at_best_val",
                  "best_test_acc", "best_test_epoch", "final_val_loss", "epochs_trained", "total_train_seconds"):
         out[name] = metric(name)
@@ -298,7 +303,7 @@ def configuration_table(values: pd.DataFrame) -> pd.DataFrame:
     for name, group in values.groupby("configuration", sort=True):
         row = {"configuration": name, "l1": group["l1"].iloc[0], "l2": group["l2"].iloc[0], "n": len(group),
                "seeds": ",".join(str(s) for s in sorted(group["seed"].dropna())),
-               "diverged": int(group["diverged_runs"].iloc[0]) if "diverged_runs" in group else 0}
+               "diverged": int(group["diverged_seeds"].iloc[0]) if "diverged_seeds" in group else 0}
         for column, how in SUMMARISED.items():
             if column not in group:
                 continue

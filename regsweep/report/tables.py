@@ -55,12 +55,12 @@ def configurations_for_people(table: pd.DataFrame) -> pd.DataFrame:
             "params": f"{r['n_params']:,.0f}" if not math.isnan(r["n_params"]) else "",
             "s / epoch": num(r["epoch_seconds"]),
             "|w| < 1e-3 (%)": pct(r.get("all/frac_small", math.nan), 1),
-            "diverged runs (left out)": r.get("diverged", 0),
+            "seeds lost to divergence": r.get("diverged", 0),
         })
     people = pd.DataFrame(rows)
     # Shown where some configuration lost seeds that way: its n and mean are then of the seeds that trained.
-    if "diverged runs (left out)" in people and not people["diverged runs (left out)"].any():
-        people = people.drop(columns="diverged runs (left out)")
+    if "seeds lost to divergence" in people and not people["seeds lost to divergence"].any():
+        people = people.drop(columns="seeds lost to divergence")
     return people
 
 
