@@ -69,6 +69,14 @@ def test_settings_compare_as_values_and_close_coefficients_stay_apart():
         "l1=0 l2=0": ["a1"], "l1=1e-3 l2=0": ["b1", "b2"], "l1=1.2341e-3 l2=0": ["c1"], "l1=1.2344e-3 l2=0": ["d1"]}
     assert stats.same_value("true", "True") and stats.same_value("7", "7.0") and not stats.same_value("bn", "gbn")
 
+    # A CNN ignores the MLP's activation, batch norm ignores the ghost batch size: no second configuration.
+    runs = frame(run_row("a1", 0, 0, 1, **{"params.activation": "relu", "params.ghost_batch_size": "32"}),
+                 run_row("a2", 0, 0, 2, **{"params.activation": "tanh", "params.ghost_batch_size": "16"}),
+                 run_row("m1", 0, 0, 1, **{"params.model": "mlp", "params.activation": "tanh"}))
+    kept, _ = stats.select_training_runs(runs)
+    assert dict(kept.groupby("configuration")["run_id"].apply(sorted)) == {
+        "l1=0 l2=0 model=cnn": ["a1", "a2"], "l1=0 l2=0 activation=tanh model=mlp": ["m1"]}
+
 
 def test_descendants_of_a_run_in_an_experiment_without_nested_runs_are_none():
     from regsweep.report.fetch import descendants

@@ -25,6 +25,12 @@ NO_VERDICT = "one seed: no verdict"
 # only; a sweep, deciding whether to reuse a result, is stricter: sweep/objective.py RUN_ONLY.)
 NOT_SETTINGS = ("seed", "data_dir", "download", "log_model", "log_images", "threads", "compile", "device",
                 "cuda_graph", "deterministic", "tf32", "n_params", "n_train", "n_val", "n_test")
+# Settings that apply only where another one says so (the MLP's layers, ghost batch norm's virtual batch,
+# the step schedule's period, SGD's momentum): elsewhere their logged value is a default that changes nothing
+# and must not split a configuration in two.
+APPLIES_WHERE = {"hidden": ("model", "mlp"), "activation": ("model", "mlp"), "init": ("model", "mlp"),
+                 "ghost_batch_size": ("norm", "gbn"), "step_size": ("scheduler", "step"),
+                 "momentum": ("optimizer", "sgd")}
 # Params every regsweep training run logs; a run without them is not one.
 REQUIRED_PARAMS = ("l1", "l2", "seed", "model")
 # Runs regsweep itself creates that are not training runs, by their regsweep.kind tag: study parents and
@@ -119,11 +125,14 @@ def select_training_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, in
 def label_configurations(runs: pd.DataFrame) -> pd.DataFrame:
     """Add `seed`, `l1`, `l2` as numbers and `configuration`: l1 and l2, plus every other setting that
     differs between the runs (e.g. 'l1=1e-3 l2=0 norm=gbn'). Settings are compared as values, not as the
-    strings logged (`canonical`)."""
+    strings logged (`canonical`), and only where they apply (APPLIES_WHERE)."""
     runs = runs.copy()
     columns = setting_columns(runs)
     for c in columns:
         runs[c] = runs[c].map(canonical, na_action="ignore").astype(object)
+    for name, (key, value) in APPLIES_WHERE.items():
+        if f"params.{name}" in runs and f"params.{key}" in runs:
+            runs.loc[runs[f"params.{key}"] != value, f"params.{name}"] = np.nan
     settings = runs[columns].fillna("").astype(str) if columns else pd.DataFrame(index=runs.index)
     varying = [c for c in columns if settings[c].nunique() > 1 and c not in ("params.l1", "params.l2")]
     runs["seed"] = pd.to_numeric(runs["params.seed"], errors="coerce").astype("Int64")
@@ -131,7 +140,8 @@ def label_configurations(runs: pd.DataFrame) -> pd.DataFrame:
     runs["l2"] = pd.to_numeric(runs["params.l2"], errors="coerce")
     labels = [f"l1={l1} l2={l2}" for l1, l2 in zip(coefficient_labels(runs["l1"]), coefficient_labels(runs["l2"]))]
     for c in varying:
-        labels = [f"{label} {c.removeprefix('params.')}={value}" for label, value in zip(labels, settings[c])]
+        labels = [f"{label} {c.removeprefix('params.')}={value}" if value != "" else label  # "": does not apply
+                  for label, value in zip(labels, settings[c])]
     runs["configuration"] = labels
     return runs
 
