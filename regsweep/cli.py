@@ -80,8 +80,14 @@ def tracking_timeout_option(command):
     # neither logged as a param nor part of what makes two sweep trials the same configuration.
     from .outage import MAX_TIMEOUT
 
+    def a_number(ctx, param, value):
+        if value != value:  # NaN: FloatRange lets it through, every comparison being false
+            raise click.BadParameter("nan is not a number of seconds", ctx=ctx, param=param)
+        return value
+
     return click.option(
         "--tracking-timeout", type=click.FloatRange(min=1, max=MAX_TIMEOUT), default=120, show_default=True,
+        callback=a_number,
         help="Seconds an MLflow tracking server may be unreachable: a shorter outage is ridden out (metrics "
              "are buffered, nothing is lost); a longer one stops the command with exit code 75.")(command)
 
@@ -162,13 +168,15 @@ def train_one(fields: dict, experiment_name: str | None, tracking_timeout: float
 
     from .data import DataError, load_for
     from .outage import TrackingOutage, end_orphaned_runs, tracking_watch
-    from .tracking import (TrackingError, check_tracking_uri, prompt_flushes, run_training, use_experiment,
-                           viewing_hint)
+    from .tracking import (TrackingError, check_experiment, check_tracking_uri, prompt_flushes, run_training,
+                           use_experiment, viewing_hint)
 
     try:
         cfg = build_config(fields)
         data = load_for(cfg)
         check_tracking_uri()
+        if not os.environ.get("MLFLOW_RUN_ID"):  # inside `mlflow run` the run, and its experiment, exist
+            check_experiment(experiment_name)
         prompt_flushes()
     except (UsageFailure, DataError, TrackingError) as exc:
         mark_project_run_failed(str(exc))
@@ -187,8 +195,8 @@ def train_one(fields: dict, experiment_name: str | None, tracking_timeout: float
             end_orphaned_runs(run_experiment_id(experiment_id))  # runs an earlier outage left RUNNING
             run_id, result = run_training(cfg, data, experiment_id=experiment_id, show_progress=show_progress)
     except TrackingOutage as exc:
-        stop_for_outage(exc, "The run stays RUNNING until the store answers again: the next regsweep "
-                             "command against this experiment ends it KILLED.")
+        stop_for_outage(exc, "The run stays RUNNING until the store answers again: the next regsweep train "
+                             "or optimize against this experiment ends it KILLED.")
     s = result.summary
     click.echo(f"run {run_id}: best val acc {100 * s['best_val_acc']:.2f}% at epoch {s['best_val_epoch']}, "
                f"test acc there {100 * s['test_acc_at_best_val']:.2f}% ({s['total_train_seconds']:.0f}s)")
@@ -256,7 +264,7 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
     from .data import DataError, check_available
     from .sweep import (SearchSpace, SweepSettings, WorkerFailure, check_resumable, optimize as run_study, parse_grid,
                         stack_size)
-    from .tracking import TrackingError, check_tracking_uri, prompt_flushes, viewing_hint
+    from .tracking import TrackingError, check_experiment, check_tracking_uri, prompt_flushes, viewing_hint
 
     try:
         base = build_config(fields)
@@ -285,6 +293,7 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
         check_available(base.resolved_data_dir(), base.download)
         check_resumable(settings)  # a bad URL, an unreachable database or a clashing space fails here
         check_tracking_uri()
+        check_experiment(experiment_name)
         prompt_flushes()
     except ConfigError as exc:
         raise UsageFailure(str(exc)) from None

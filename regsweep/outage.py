@@ -4,7 +4,7 @@ Training never waits on the tracker: per-epoch metrics are queued (MLflow's asyn
 HTTP retries, set from `--tracking-timeout`, keep every request alive through a short outage. A watch thread
 asks the server's `/health` meanwhile; once it has not answered for the timeout, the main thread gets a
 `TrackingOutage` and the command stops with one line, leaving the run RUNNING (nothing can be written to an
-unreachable store). The next regsweep command against the experiment ends such runs KILLED.
+unreachable store). The next `train` or `optimize` against the experiment ends such runs KILLED.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ import socket
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from contextlib import contextmanager
 
 EXIT_OUTAGE = 75  # sysexits' EX_TEMPFAIL: nothing is wrong with the input; run the same command again later
@@ -100,12 +98,24 @@ def is_http(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
+def health(uri: str, timeout: float) -> None:
+    """GET the tracking server's /health as MLflow's own client reaches the server (requests: credentials in
+    the URI, MLflow's TLS settings); raises requests' error when it does not answer OK within `timeout` s."""
+    import requests
+    from mlflow.environment_variables import MLFLOW_TRACKING_INSECURE_TLS, MLFLOW_TRACKING_SERVER_CERT_PATH
+
+    verify = False if MLFLOW_TRACKING_INSECURE_TLS.get() else (MLFLOW_TRACKING_SERVER_CERT_PATH.get() or True)
+    requests.get(f"{uri.rstrip('/')}/health", timeout=timeout, verify=verify).raise_for_status()
+
+
 def answers(uri: str, timeout: float) -> bool:
     """Whether the tracking server's /health endpoint answers within `timeout` seconds."""
+    import requests
+
     try:
-        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).read()
+        health(uri, timeout)
         return True
-    except (urllib.error.URLError, OSError, ValueError):
+    except (requests.RequestException, OSError, ValueError):
         return False
 
 
@@ -122,7 +132,7 @@ def tracking_watch(timeout: float, uri: str | None = None):
     if not is_http(uri) or threading.current_thread() is not threading.main_thread():
         yield
         return
-    message = (f"the MLflow tracking server at {uri} has not answered for {timeout:g} s "
+    message = (f"the MLflow tracking server at {redact(uri)} has not answered for {timeout:g} s "
                "(--tracking-timeout)")
     stop, lock, main = threading.Event(), threading.Lock(), threading.main_thread().ident
     interval = probe_interval(timeout)

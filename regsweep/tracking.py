@@ -3,7 +3,7 @@
 `run_training` opens (or, inside `mlflow run`, resumes) a run, logs the config in one call, streams each
 epoch's metrics as one batch with `step=epoch`, then logs the summary, tables, figures and model. A run
 always ends in a terminal state: FINISHED, FAILED on an exception, KILLED on Ctrl-C or SIGTERM; when the
-tracking store itself stops answering, the next regsweep command ends it KILLED (see outage.py).
+tracking store itself stops answering, the next `train` or `optimize` ends it KILLED (see outage.py).
 """
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import shlex
 import signal
 import sys
 import time
-import urllib.error
-import urllib.request
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,7 +32,7 @@ from . import plots
 from .config import TrainConfig
 from .data import MnistSplits
 from .models import count_parameters
-from .outage import STOP_REASON_TAG, TAG_LIMIT, WORKER_TAG, Outage, redact, worker_id
+from .outage import STOP_REASON_TAG, TAG_LIMIT, WORKER_TAG, Outage, health, redact, worker_id
 from .regularization import weight_layers
 from .training import FitResult, confusion_matrix, fit, new_model, per_class_metrics
 
@@ -51,16 +50,40 @@ def check_tracking_uri(uri: str | None = None) -> str:
     if uri.startswith(("http://", "https://")):
         # MLflow's own client retries for minutes against a dead server; one short probe answers sooner.
         try:
-            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5).read()
-        except (urllib.error.URLError, OSError) as exc:
-            raise TrackingError(f"MLflow tracking server at {uri} is unreachable: {exc}") from None
+            health(uri, timeout=5)
+        except Exception as exc:  # noqa: BLE001 - requests' errors, reported in one line
+            raise TrackingError(f"MLflow tracking server at {redact(uri)} is unreachable: "
+                                f"{redact(str(exc))}") from None
+        if re.match(r"https?://[^/@]*@", uri):
+            # MLflow prints each run's URL as it ends, credentials included; regsweep prints its own without.
+            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         return uri
     try:
         MlflowClient(uri).search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - any failure here means "cannot track", reported in one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TrackingError(f"cannot use MLflow tracking URI {uri!r}: {first}") from None
+        raise TrackingError(f"cannot use MLflow tracking URI {redact(uri)!r}: {redact(first)}") from None
     return uri
+
+
+def check_experiment(name: str | None) -> None:
+    """Fail with one line, before any run, where the experiment to log into cannot take runs: deleted (MLflow
+    refuses it), or, with no name given, an MLFLOW_EXPERIMENT_ID that names none."""
+    client = MlflowClient()
+    if name:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None and experiment.lifecycle_stage == "deleted":
+            raise TrackingError(f"MLflow experiment {name!r} is deleted: restore it (mlflow experiments restore "
+                                f"--experiment-id {experiment.experiment_id}) or choose another name")
+        return
+    given = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    if given and not os.environ.get("MLFLOW_RUN_ID"):
+        try:
+            experiment = client.get_experiment(given)
+        except mlflow.exceptions.MlflowException:
+            experiment = None
+        if experiment is None or experiment.lifecycle_stage == "deleted":
+            raise TrackingError(f"MLFLOW_EXPERIMENT_ID={given} names no active MLflow experiment")
 
 
 def prompt_flushes() -> None:
@@ -143,7 +166,8 @@ def viewing_hint(experiment_id: str, run_id: str | None = None) -> str:
     URL of the run, or of the experiment's runs table opened on the saved comparison view."""
     uri = mlflow.get_tracking_uri()
     if uri.startswith(("http://", "https://")):
-        lines, base = [], uri.rstrip("/")
+        # Without credentials in the URI: the browser asks for them, and a password is never printed.
+        lines, base = [], re.sub(r"//[^/@]*@", "//", uri.rstrip("/"))
     else:
         # A comment, not prose, after the command: the line stays copy-pastable into a shell.
         lines = [f"mlflow ui --backend-store-uri {shlex.quote(store_uri_for_ui(uri))}    # then open:"]
@@ -232,8 +256,10 @@ def mlflow_run(cfg: TrainConfig, *, run_id: str | None = None, experiment_id: st
     FAILED (exception) or KILLED (Ctrl-C, SIGTERM). A run created elsewhere (a sweep's trial, under its
     parent) keeps the name and parent it was given."""
     with terminal_status():
+        # The worker tag goes on with the run itself: a run without it, left RUNNING by an outage in the next
+        # calls, could never be told apart from another machine's and ended (outage.end_orphaned_runs).
         run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id,
-                               run_name=None if run_id else cfg.run_name)
+                               run_name=None if run_id else cfg.run_name, tags={WORKER_TAG: worker_id()})
         run_id = run.info.run_id
         status, note, end = RunStatus.FINISHED, None, True
         try:
@@ -242,8 +268,7 @@ def mlflow_run(cfg: TrainConfig, *, run_id: str | None = None, experiment_id: st
             # The device tags may come with `tags` (from a process that has the GPU open; looking its name up
             # here would open a CUDA context just for that).
             where = {} if "regsweep.device" in tags else device_tags(cfg)
-            mlflow.set_tags({"regime": cfg.regime, "model": cfg.model, "norm": cfg.norm, **where,
-                             WORKER_TAG: worker_id(), **tags})
+            mlflow.set_tags({"regime": cfg.regime, "model": cfg.model, "norm": cfg.norm, **where, **tags})
             yield run
         except Outage as exc:
             # The tracking store down: nothing can be written (the next command ends the run KILLED).

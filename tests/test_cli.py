@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -47,9 +48,16 @@ def test_help_lists_every_config_option_and_the_penalised_set():
     (["--norm", "layer"], "'layer' is not one of 'bn', 'gbn', 'none'"),
     (["--optimizer", "rmsprop"], "'rmsprop' is not one of 'sgd', 'adam'"),
     (["--data-dir", "/nonexistent/mnist"], "no MNIST in /nonexistent/mnist"),
+    (["--tracking-timeout", "nan"], "nan is not a number of seconds"),
+    (["--experiment-name", "deleted"], "MLflow experiment 'deleted' is deleted: restore it"),
+    (["MLFLOW_EXPERIMENT_ID=999"], "MLFLOW_EXPERIMENT_ID=999 names no active MLflow experiment"),
 ])
-def test_bad_input_exits_2_with_one_line_and_creates_no_run(tracking_uri, args, message):
-    result = CliRunner().invoke(cli, ["train", *args])
+def test_bad_input_exits_2_with_one_line_and_creates_no_run(tracking_uri, monkeypatch, args, message):
+    client = MlflowClient(tracking_uri)
+    client.delete_experiment(client.create_experiment("deleted"))
+    for arg in [a for a in args if "=" in a]:
+        monkeypatch.setenv(*arg.split("=", 1))
+    result = CliRunner().invoke(cli, ["train", *[a for a in args if "=" not in a]])
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
@@ -59,10 +67,10 @@ def test_bad_input_exits_2_with_one_line_and_creates_no_run(tracking_uri, args, 
 
 def test_unreachable_tracking_server_exits_2(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # discard port: nothing listens
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://user:secret@127.0.0.1:9")  # discard port: nothing listens
     result = CliRunner().invoke(cli, ["train", *tiny_args()])
     assert result.exit_code == 2
-    assert "unreachable" in result.output
+    assert "unreachable" in result.output and "user:***@" in result.output and "secret" not in result.output
 
 
 def test_corrupted_data_file_is_named_with_the_fix(tmp_path, tracking_uri):
@@ -150,3 +158,18 @@ def test_the_mlproject_entry_point_passes_every_setting():
     assert set(main["parameters"]) == fields
     for name in fields:
         assert f"--{name.replace('_', '-')} {{{name}}}" in main["command"], name
+
+
+def test_a_run_carries_its_worker_tag_from_its_creation(tracking_uri, monkeypatch):
+    """What a later command needs to end a run an outage left RUNNING (the process that owns it) is on the run
+    from the moment it exists: here the first call after creating it fails."""
+    import regsweep.tracking
+
+    def failing(experiment_id):
+        raise RuntimeError("the store went away")
+
+    monkeypatch.setattr(regsweep.tracking, "prepare_experiment", failing)
+    result = CliRunner().invoke(cli, ["train", *tiny_args()])
+    assert result.exit_code != 0
+    (run,) = all_runs(tracking_uri)
+    assert run.info.status == "FAILED" and run.data.tags["regsweep.worker"].endswith(f":{os.getpid()}")

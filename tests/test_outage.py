@@ -156,3 +156,16 @@ def test_train_stops_on_a_longer_outage_and_the_next_command_ends_its_run(server
     killed = tracking.get_run(victim.info.run_id)
     assert killed.info.status == "KILLED"
     assert "tracking store was unreachable" in killed.data.tags["regsweep.stop_reason"]
+
+
+def test_credentials_in_the_server_uri_reach_it_and_are_never_printed(server, tracking, monkeypatch, tmp_path):
+    uri = server.url.replace("http://", "http://user:secret@")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)  # undone after: the command sets it
+    mlflow.set_tracking_uri(uri)
+    result = CliRunner().invoke(cli, ["train", *SMALL, "--epochs", "1", "--log-model", "false",
+                                      "--experiment-name", "credentials"])
+    assert result.exit_code == 0, result.output
+    assert "secret" not in result.output and server.url.removeprefix("http://") in result.output
+    (run,) = tracking.search_runs([tracking.get_experiment_by_name("credentials").experiment_id])
+    assert run.info.status == "FINISHED"

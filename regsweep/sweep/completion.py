@@ -183,8 +183,8 @@ class Completer:
     def stop(self, tracking_down: bool = False) -> None:
         """The sweep stops: the workers skip runs not yet begun, and the runs in hand are waited for (a few
         seconds; at most STOP_WAIT, and not at all with the tracking store down, when they could only wait on
-        it, or on one more Ctrl-C after the one terminal_status ignores). Workers still busy then are ended with their runs (the next start ends
-        those KILLED)."""
+        it, or on one more Ctrl-C after the one terminal_status ignores). Workers still busy then are ended with
+        their runs (the next start ends those KILLED)."""
         if self.pool is None:
             return
         self.stopping.set()

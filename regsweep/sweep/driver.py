@@ -234,7 +234,7 @@ def stop_workers(procs) -> None:
 def raise_worker_outage(settings: SweepSettings, tracking_uri: str, exitcodes: list[int | None]) -> None:
     """A worker process that stopped for an outage exits with a code of WORKER_EXIT: raise it here."""
     if WORKER_EXIT[TrackingOutage] in exitcodes:
-        raise TrackingOutage(f"the MLflow tracking server at {tracking_uri} has not answered for "
+        raise TrackingOutage(f"the MLflow tracking server at {redact(tracking_uri)} has not answered for "
                              f"{settings.tracking_timeout:g} s (--tracking-timeout)")
     if WORKER_EXIT[StorageOutage] in exitcodes:
         raise StorageOutage(f"the Optuna storage {redact(settings.storage)} is unreachable")
