@@ -108,6 +108,7 @@ class Cli(click.Group):
             return super().invoke(ctx)
         except click.UsageError as exc:
             exc.ctx = None  # one line ("Error: ..."), not a usage block
+            mark_project_run_failed(exc.format_message())  # an option click refused, e.g. `-P model=resnet`
             raise
 
 

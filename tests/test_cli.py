@@ -173,3 +173,13 @@ def test_a_run_carries_its_worker_tag_from_its_creation(tracking_uri, monkeypatc
     assert result.exit_code != 0
     (run,) = all_runs(tracking_uri)
     assert run.info.status == "FAILED" and run.data.tags["regsweep.worker"].endswith(f":{os.getpid()}")
+
+
+def test_inside_mlflow_run_an_option_click_refuses_is_said_on_the_run(tracking_uri, monkeypatch):
+    """`mlflow run . -P model=resnet`: MLflow has created the run before the options are parsed."""
+    run = MlflowClient(tracking_uri).create_run("0")
+    monkeypatch.setenv("MLFLOW_RUN_ID", run.info.run_id)
+    result = CliRunner().invoke(cli, ["train", "--model", "resnet"])
+    assert result.exit_code == 2
+    tags = MlflowClient(tracking_uri).get_run(run.info.run_id).data.tags
+    assert "'resnet' is not one of 'cnn', 'mlp'" in tags["regsweep.error"]
