@@ -32,6 +32,11 @@ def redact(url: str) -> str:
     return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
 
 
+def without_credentials(url: str) -> str:
+    """The URL with no user or password at all: one a browser opens, asking for them itself."""
+    return re.sub(r"//[^/@]*@", "//", url)
+
+
 class Outage(BaseException):
     """A store stopped answering. A BaseException, like KeyboardInterrupt: it stops the work in progress,
     and no `except Exception` in MLflow, Optuna or the training code may swallow it or fail a run over it."""
@@ -110,12 +115,10 @@ def health(uri: str, timeout: float) -> None:
 
 def answers(uri: str, timeout: float) -> bool:
     """Whether the tracking server's /health endpoint answers within `timeout` seconds."""
-    import requests
-
     try:
         health(uri, timeout)
         return True
-    except (requests.RequestException, OSError, ValueError):
+    except (OSError, ValueError):  # requests' errors are OSErrors
         return False
 
 

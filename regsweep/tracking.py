@@ -13,7 +13,6 @@ import hashlib
 import importlib
 import json
 import os
-import re
 import shlex
 import signal
 import sys
@@ -32,7 +31,7 @@ from . import plots
 from .config import TrainConfig
 from .data import MnistSplits
 from .models import count_parameters
-from .outage import STOP_REASON_TAG, TAG_LIMIT, WORKER_TAG, Outage, health, redact, worker_id
+from .outage import STOP_REASON_TAG, TAG_LIMIT, WORKER_TAG, Outage, health, redact, without_credentials, worker_id
 from .regularization import weight_layers
 from .training import FitResult, confusion_matrix, fit, new_model, per_class_metrics
 
@@ -54,7 +53,7 @@ def check_tracking_uri(uri: str | None = None) -> str:
         except Exception as exc:  # noqa: BLE001 - requests' errors, reported in one line
             raise TrackingError(f"MLflow tracking server at {redact(uri)} is unreachable: "
                                 f"{redact(str(exc))}") from None
-        if re.match(r"https?://[^/@]*@", uri):
+        if without_credentials(uri) != uri:
             # MLflow prints each run's URL as it ends, credentials included; regsweep prints its own without.
             os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         return uri
@@ -77,7 +76,7 @@ def check_experiment(name: str | None) -> None:
                                 f"--experiment-id {experiment.experiment_id}) or choose another name")
         return
     given = os.environ.get("MLFLOW_EXPERIMENT_ID")
-    if given and not os.environ.get("MLFLOW_RUN_ID"):
+    if given:
         try:
             experiment = client.get_experiment(given)
         except mlflow.exceptions.MlflowException:
@@ -167,7 +166,7 @@ def viewing_hint(experiment_id: str, run_id: str | None = None) -> str:
     uri = mlflow.get_tracking_uri()
     if uri.startswith(("http://", "https://")):
         # Without credentials in the URI: the browser asks for them, and a password is never printed.
-        lines, base = [], re.sub(r"//[^/@]*@", "//", uri.rstrip("/"))
+        lines, base = [], without_credentials(uri.rstrip("/"))
     else:
         # A comment, not prose, after the command: the line stays copy-pastable into a shell.
         lines = [f"mlflow ui --backend-store-uri {shlex.quote(store_uri_for_ui(uri))}    # then open:"]
