@@ -303,7 +303,8 @@ def hooks(sizes: list[int], args) -> None:
     names = [f"metric_{i}" for i in range(40)]  # about what a real epoch logs: losses, accuracies, weight statistics
     print(f"{args.epochs} epochs, {args.epoch_seconds} s apart; each study holds 32 complete trials; 40 metrics a "
           "member-epoch; the median pruner unless the row says none\n")
-    print("| members | pruner asked | ms per stack epoch | ms per member-epoch | queued writes left at the end, s | members pruned |")
+    print("| members | pruner asked | ms per stack epoch | ms per member-epoch | queued writes left at the end, s "
+          "| members pruned |")
     print("|---|---|---|---|---|---|")
     ways = (("per member (Optuna's should_prune)", PerMember, "median"), ("one read an epoch", EpochHook, "median"),
             ("not asked (--pruner none): logging and reporting only", EpochHook, "none"))
@@ -401,7 +402,8 @@ def main():
     parser.add_argument("--shrink", default=None, help="e.g. 8,32: only idle, shrinking and refilled slots, per size")
     parser.add_argument("--compiled", action="store_true",
                         help="with --shrink --small: the step compiled (the CPU's default), not eager")
-    parser.add_argument("--hooks", default=None, help="e.g. 8,32: only the per-epoch hooks (logging, pruning), per size")
+    parser.add_argument("--hooks", default=None,
+                        help="e.g. 8,32: only the per-epoch hooks (logging, pruning), per size")
     parser.add_argument("--epoch-seconds", type=float, default=1.0,
                         help="with --hooks or --flushes: the time between two epochs, standing in for training")
     parser.add_argument("--flushes", action="store_true", help="only what one flush of MLflow's logging queue waits")

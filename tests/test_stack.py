@@ -60,9 +60,11 @@ def test_k_stacked_members_equal_k_separate_models(tiny_data, tiny_cfg, variant,
         state, grads = stacked[k]
         assert state.keys() == alone_state.keys()
         for name in alone_state:  # running_mean/var and num_batches_tracked included
-            torch.testing.assert_close(state[name], alone_state[name], rtol=1e-7, atol=1e-9, msg=lambda m, k=k, name=name: f"member {k} {name}: {m}")
+            torch.testing.assert_close(state[name], alone_state[name], rtol=1e-7, atol=1e-9,
+                                       msg=lambda m, k=k, name=name: f"member {k} {name}: {m}")
         for name in alone_grads:
-            torch.testing.assert_close(grads[name], alone_grads[name], rtol=1e-7, atol=1e-9, msg=lambda m, k=k, name=name: f"member {k} {name}: {m}")
+            torch.testing.assert_close(grads[name], alone_grads[name], rtol=1e-7, atol=1e-9,
+                                       msg=lambda m, k=k, name=name: f"member {k} {name}: {m}")
 
 
 def test_stacked_fit_equals_separate_fits_on_the_same_batches(tiny_data, tiny_cfg):

@@ -192,7 +192,8 @@ def test_sigterm_ends_parent_and_trial_killed_and_resume_reruns_the_trial(tracki
     study = load(storage)
     assert [t.state.name for t in study.trials] == ["FAIL", "WAITING"]
     assert study.trials[1].params == study.trials[0].params  # queued as it was
-    assert study.trials[1].system_attrs["failed_trial"] == 0 and study.trials[0].user_attrs["fail_kind"] == "interrupted"
+    assert study.trials[1].system_attrs["failed_trial"] == 0
+    assert study.trials[0].user_attrs["fail_kind"] == "interrupted"
 
     optimize("--epochs", "1", "--trials", "2", "--storage", storage, "--pruner", "none")
     study = load(storage)

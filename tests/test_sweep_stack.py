@@ -174,7 +174,8 @@ def test_stack_bad_input_and_clipping(tracking_uri, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     for bad in ("0", "-1", "many"):
         out = optimize("--trials", "2", "--stack", bad, "--storage", storage, expect=2)
-        assert out.output.startswith("Error: --stack must be auto or a whole number") and len(out.output.splitlines()) == 1
+        assert out.output.startswith("Error: --stack must be auto or a whole number")
+        assert len(out.output.splitlines()) == 1
     out = optimize("--trials", "2", "--stack", "2", "--refill", "--optimizer", "adam", "--storage", storage, expect=2)
     assert out.output.startswith("Error: --refill needs --optimizer sgd") and len(out.output.splitlines()) == 1
     assert MlflowClient().search_experiments(filter_string="name = 'regsweep'") == []
