@@ -174,6 +174,24 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def when_parent_gone(act) -> None:
+    """Call `act()` from a daemon thread once this spawned process's parent has gone, however it went (SIGKILL
+    included, which lets the parent tell nobody): a worker must not train on, or wait forever, for a command
+    that no longer exists. The parent is the one multiprocessing records, so a parent that died before this
+    call is noticed too."""
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    parent_pid = parent.pid if parent is not None else os.getppid()
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(1)
+        act()
+
+    threading.Thread(target=watch, name="regsweep-parent-watch", daemon=True).start()
+
+
 def pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False

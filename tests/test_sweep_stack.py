@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from regsweep.cli import cli
+from regsweep.outage import pid_alive
 
 from .test_sweep import SMALL, load, start_and_kill_mid_trial, study_runs
 
@@ -412,11 +413,12 @@ def test_a_trial_whose_runs_cannot_be_opened_leaves_none_of_them_running(trackin
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["SIGTERM to the driver", "Ctrl-C to the group"])
+@pytest.mark.parametrize("how", ["SIGTERM to the driver", "Ctrl-C to the group", "SIGKILL to the driver"])
 def test_stacked_worker_processes_stopped_end_every_run_killed_and_queue_every_trial(tracking_uri, tmp_path, how):
     """--workers 2 with stacks: each worker process ends its stack's runs KILLED and queues its trials again,
-    whether the driver relays a SIGTERM or a terminal's Ctrl-C reaches every process (and then the driver's
-    SIGTERM too); a resume trains exactly the interrupted trials."""
+    whether the driver relays a SIGTERM, a terminal's Ctrl-C reaches every process (and then the driver's
+    SIGTERM too), or the driver dies at once (then the workers notice it is gone, and the parent run is left
+    to the resume); a resume trains exactly the interrupted trials."""
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     args = [*SMALL, "--trials", "4", "--stack", "2", "--workers", "2", "--epochs", "30", "--pruner", "none",
             "--storage", storage, "--sampler", "random"]
@@ -431,13 +433,22 @@ def test_stacked_worker_processes_stopped_end_every_run_killed_and_queue_every_t
             break
         time.sleep(0.5)
     assert len(members) == 4, "the stacks did not start training"
+    workers = {int(r.data.tags["regsweep.worker"].rsplit(":", 1)[1]) for r in members}
+    assert len(workers) == 2 and proc.pid not in workers
     if how == "SIGTERM to the driver":
         proc.send_signal(signal.SIGTERM)
+    elif how == "SIGKILL to the driver":
+        proc.kill()
     else:
         os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=120) != 0
+    deadline = time.time() + 120  # the workers are not the test's children: poll until they are gone
+    while any(pid_alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not any(pid_alive(pid) for pid in workers), "a worker outlived the sweep"
     (parent,), children = study_runs()
-    assert parent.info.status == "KILLED" and {c.info.status for c in children} == {"KILLED"}
+    assert parent.info.status == ("RUNNING" if how == "SIGKILL to the driver" else "KILLED")
+    assert {c.info.status for c in children} == {"KILLED"}
     assert all("interrupted" in c.data.tags["regsweep.stop_reason"] for c in children)
     study = load(storage)
     assert sorted(t.state.name for t in study.trials) == ["FAIL"] * 4 + ["WAITING"] * 4
@@ -448,3 +459,5 @@ def test_stacked_worker_processes_stopped_end_every_run_killed_and_queue_every_t
     assert sorted(t.state.name for t in study.trials) == ["COMPLETE"] * 4 + ["FAIL"] * 4
     assert sorted(str(t.params) for t in study.trials if t.state.name == "FAIL") == \
         sorted(str(t.params) for t in study.trials if t.state.name == "COMPLETE")
+    (parent,), children = study_runs()
+    assert parent.info.status == "FINISHED" and "RUNNING" not in {c.info.status for c in children}

@@ -23,7 +23,6 @@ import multiprocessing
 import os
 import signal
 import threading
-import time
 from concurrent.futures import Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
@@ -33,6 +32,7 @@ import mlflow
 from ..config import TrainConfig
 from ..data import MnistSplits, load_for
 from ..models import count_parameters
+from ..outage import when_parent_gone
 from ..tracking import log_config, log_outcome, mlflow_run, pytorch_flavour
 from ..training import DivergedError, FitResult
 
@@ -65,14 +65,7 @@ def _start_worker(tracking_uri: str, cfg: TrainConfig, stopping) -> None:
     # leaves when the training process is gone, however it went.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    parent = os.getppid()
-
-    def leave_with_parent():
-        while os.getppid() == parent:
-            time.sleep(1)
-        os._exit(1)
-
-    threading.Thread(target=leave_with_parent, name="regsweep-parent-watch", daemon=True).start()
+    when_parent_gone(lambda: os._exit(1))
     import torch
 
     torch.set_num_threads(1)  # the workers share the cores among themselves

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from ..outage import (EXIT_OUTAGE, STOP_REASON_TAG, WORKER_TAG, Outage, StorageOutage, TrackingOutage,
-                      end_orphaned_runs, redact, tracking_watch, worker_id)
+                      end_orphaned_runs, redact, tracking_watch, when_parent_gone, worker_id)
 from ..tracking import terminal_status, use_experiment
 from .objective import Objective
 from .runs import STUDY_TAG, find_or_create_parent, finish_study
@@ -76,11 +76,14 @@ def run_worker(settings: SweepSettings, parent_run_id: str, experiment_id: str, 
 def worker_process(*args) -> None:
     """A spawned worker: an outage ends the process at once with an exit code the driver reads (see
     outage.exit_now for why not a normal exit). Ctrl-C or SIGTERM ends its trials' runs KILLED and queues the
-    trials again, as in the driver's own process; then the worker ends by that signal, as the driver reads it."""
+    trials again, as in the driver's own process; then the worker ends by that signal, as the driver reads it.
+    A driver that dies without stopping it (SIGKILL) stops it the same way, through a SIGTERM to itself: the
+    next start then ends the parent run and resumes the queued trials."""
     import signal
 
     try:
         with terminal_status():
+            when_parent_gone(lambda: os.kill(os.getpid(), signal.SIGTERM))
             run_worker(*args)
     except Outage as exc:
         os._exit(WORKER_EXIT[type(exc)])

@@ -29,7 +29,7 @@ from optuna.trial import TrialState
 
 from ..config import TrainConfig
 from ..models import count_parameters
-from ..outage import STOP_REASON_TAG, TAG_LIMIT, Outage
+from ..outage import STOP_REASON_TAG, TAG_LIMIT, WORKER_TAG, Outage, worker_id
 from ..tracking import device_tags
 from ..training import FitResult, fit_stack, new_model
 from .completion import Completer, worker_count
@@ -140,6 +140,7 @@ def open_runs(settings: SweepSettings, data, trial: optuna.Trial, parent_run_id:
             tell_study(trial, state=TrialState.PRUNED)
         return None
     tags["regsweep.stack"], tags["regsweep.stack_members"] = str(stack[0]), str(stack[1])
+    tags[WORKER_TAG] = worker_id()  # as on a run that mlflow_run starts: which process trains it
     entry = StackedTrial(trial, penalties)
     name = trial_run_name(trial.number, penalties)
     parent = parent_run_id
