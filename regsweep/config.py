@@ -139,7 +139,7 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
         for name, low in (("epochs", 1), ("batch_size", 1), ("ghost_batch_size", 1), ("step_size", 1),
-                          ("patience", 0), ("val_size", 1), ("max_train_samples", 0),
+                          ("patience", 0), ("val_size", 1), ("max_train_samples", 0), ("seed", 0),
                           ("max_eval_samples", 0), ("threads", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
@@ -158,13 +158,23 @@ class TrainConfig:
             raise ConfigError(f"hidden must be comma-separated integers, got {self.hidden!r}") from None
         if self.model == "mlp" and (not sizes or min(sizes) < 1):
             raise ConfigError(f"hidden must list positive layer sizes, got {self.hidden!r}")
+        if self.seed >= 2**63:  # torch takes seeds below 2**64; seed + 1, seed + repeat must fit
+            raise ConfigError(f"seed must be below 2**63, got {self.seed}")
         # Ghost batch norm splits each batch into equal virtual batches (a last chunk of one sample would stop
         # the MLP's batch norm in its first step). A batch is smaller than batch_size when the training split is.
-        batch = min(self.batch_size, self.max_train_samples or self.batch_size)
+        n_train = min(60000 - self.val_size, self.max_train_samples or 60000)
+        batch = min(self.batch_size, n_train)
         if self.norm == "gbn" and batch % self.ghost_batch_size:
             which = f"batch_size ({self.batch_size})" if batch == self.batch_size else \
-                f"the batch ({batch}: max_train_samples is below batch_size)"
+                f"the batch ({batch}: the training split is smaller than batch_size)"
             raise ConfigError(f"{which} must be a multiple of ghost_batch_size ({self.ghost_batch_size})")
+        # The MLP's batch norm normalises each feature over the batch (or ghost chunk): one sample has no spread.
+        # (The CNN's also normalises over the pixels of a map, so one image is enough there.)
+        chunk = self.ghost_batch_size if self.norm == "gbn" else batch
+        if self.model == "mlp" and self.norm != "none" and chunk == 1:
+            which = "ghost_batch_size" if self.norm == "gbn" else "the batch"
+            raise ConfigError(f"the MLP's batch norm needs at least 2 samples to a batch; {which} is 1 "
+                              "(use --norm none, or more images to a batch)")
         return self
 
 

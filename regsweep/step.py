@@ -54,9 +54,13 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_pe
     if cfg.scheduler == "onecycle":
         # Momentum stays at cfg.momentum: cycling it would bake a different constant into every captured
         # step (the fused kernels take momentum as a number), and a schedule must act the same on every device.
+        # A short warm-up (15 epochs leave little room). It ends at step pct_start * steps - 1, and OneCycleLR
+        # divides by that: at exactly 0 (5 steps in all) by zero. Runs that short get no warm-up, as runs of
+        # fewer steps already do (theirs would end before step 0).
+        total = cfg.epochs * steps_per_epoch
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
-            pct_start=0.2, cycle_momentum=False)  # short warm-up: 15 epochs leave little room
+            optimizer, max_lr=cfg.lr, total_steps=total, pct_start=0.2 if total > 5 else 0.5 / total,
+            cycle_momentum=False)
     if cfg.scheduler == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size * steps_per_epoch, gamma=0.1)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)

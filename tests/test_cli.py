@@ -44,6 +44,8 @@ def test_help_lists_every_config_option_and_the_penalised_set():
     (["--l2", "nan"], "l2 must be a finite number >= 0"),
     (["--l1", "abc"], "'abc' is not a valid float"),
     (["--epochs", "0"], "epochs must be an integer >= 1"),
+    (["--model", "mlp", "--max-train-samples", "1"], "the MLP's batch norm needs at least 2 samples"),
+    (["--seed", str(2**64)], "seed must be below 2**63"),
     (["--model", "resnet"], "'resnet' is not one of 'cnn', 'mlp'"),
     (["--norm", "layer"], "'layer' is not one of 'bn', 'gbn', 'none'"),
     (["--optimizer", "rmsprop"], "'rmsprop' is not one of 'sgd', 'adam'"),

@@ -13,6 +13,7 @@ from regsweep.config import ConfigError, TrainConfig, fmt_coef
 from regsweep.data import (MNIST_MEAN, MNIST_STD, Split, batches, normalise, rotate_batch, shuffled_batches,
                            split_indices)
 from regsweep.models import MLP, GhostBatchNorm, SqueezeExpandCNN, build_model, count_parameters
+from regsweep.step import build_optimizer, build_scheduler
 from regsweep.regularization import (
     l1_penalty, l2_penalty, penalised_parameters, regularisation_loss, weight_stats)
 from regsweep.training import (
@@ -205,11 +206,42 @@ def test_summary_selects_on_validation_and_reports_test_there():
     ({"hidden": "500,x"}, "hidden must be comma-separated integers"),
     ({"norm": "gbn", "batch_size": 100, "ghost_batch_size": 32}, "multiple of ghost_batch_size"),
     ({"model": "mlp", "norm": "gbn", "batch_size": 33, "ghost_batch_size": 32}, r"batch_size \(33\) must be"),
-    ({"norm": "gbn", "max_train_samples": 97, "ghost_batch_size": 32}, r"the batch \(97: max_train_samples"),
+    ({"norm": "gbn", "max_train_samples": 97, "ghost_batch_size": 32}, r"the batch \(97: the training split"),
+    ({"norm": "gbn", "val_size": 59967, "ghost_batch_size": 32}, r"the batch \(33: the training split"),
+    ({"model": "mlp", "batch_size": 1}, "the MLP's batch norm needs at least 2 samples to a batch; the batch is 1"),
+    ({"model": "mlp", "max_train_samples": 1}, "the MLP's batch norm needs at least 2 samples"),
+    ({"model": "mlp", "norm": "gbn", "ghost_batch_size": 1}, "needs at least 2 samples to a batch; ghost_batch_size"),
+    ({"seed": -1}, "seed must be an integer >= 0"),
+    ({"seed": 2**64}, r"seed must be below 2\*\*63"),
 ])
 def test_config_validation_names_the_problem(changes, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig(**changes).validate()
+
+
+def test_one_sample_to_a_batch_is_refused_only_where_batch_norm_cannot_take_it():
+    """The MLP's batch norm needs two samples to a batch; the CNN's normalises over pixels too."""
+    TrainConfig(batch_size=1).validate()
+    TrainConfig(model="mlp", norm="none", batch_size=1).validate()
+    TrainConfig(model="mlp", norm="gbn", batch_size=64, ghost_batch_size=2).validate()
+
+
+@pytest.mark.parametrize("steps", range(1, 12))
+def test_onecycle_runs_any_number_of_steps(steps):
+    """OneCycleLR divides by its warm-up's last step, which is step 0 for 5 steps in all."""
+    model = torch.nn.Linear(2, 1)
+    cfg = TrainConfig(epochs=1, lr=0.1)
+    optimizer = build_optimizer(cfg, model.parameters())
+    scheduler = build_scheduler(cfg, optimizer, steps)
+    rates = [optimizer.param_groups[0]["lr"]]
+    for _ in range(steps):
+        optimizer.step()
+        scheduler.step()
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert all(0 < r <= cfg.lr for r in rates), rates
+    used = rates[:steps]  # the last one is the rate after the last step
+    if steps > 5:  # warm-up to near the peak, then down below the start
+        assert used[0] < 0.9 * cfg.lr < max(used) and used[-1] < used[0]
 
 
 def test_config_names_and_regimes():
