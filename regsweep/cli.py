@@ -171,6 +171,7 @@ def train_one(fields: dict, experiment_name: str | None, tracking_timeout: float
     from .outage import TrackingOutage, end_orphaned_runs, tracking_watch
     from .tracking import (TrackingError, check_experiment, check_tracking_uri, prompt_flushes, run_training,
                            use_experiment, viewing_hint)
+    from .training import DivergedError
 
     try:
         cfg = build_config(fields)
@@ -198,6 +199,11 @@ def train_one(fields: dict, experiment_name: str | None, tracking_timeout: float
     except TrackingOutage as exc:
         stop_for_outage(exc, "The run stays RUNNING until the store answers again: the next regsweep train "
                              "or optimize against this experiment ends it KILLED.")
+    except DivergedError as exc:  # the run ended FAILED with the reason: one line says it, not a traceback
+        import mlflow
+
+        raise click.ClickException(f"training diverged: {exc}; run {mlflow.last_active_run().info.run_id} "
+                                   "ended FAILED. A smaller lr or penalty may train.") from None
     s = result.summary
     click.echo(f"run {run_id}: best val acc {100 * s['best_val_acc']:.2f}% at epoch {s['best_val_epoch']}, "
                f"test acc there {100 * s['test_acc_at_best_val']:.2f}% ({s['total_train_seconds']:.0f}s)")

@@ -67,6 +67,17 @@ def test_bad_input_exits_2_with_one_line_and_creates_no_run(tracking_uri, monkey
     assert all_runs(tracking_uri) == []
 
 
+def test_a_diverged_train_says_so_in_one_line_and_its_run_ends_failed(tracking_uri):
+    result = CliRunner().invoke(cli, ["train", *tiny_args(), "--epochs", "1", "--l1", "1e6", "--lr", "10",
+                                      "--norm", "none", "--log-images", "false", "--log-model", "false"])
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.startswith(("Error", "Traceback"))]
+    (run,) = all_runs(tracking_uri)
+    assert lines == ["Error: training diverged: training loss is nan (l1=1000000.0, l2=0.0, lr=10.0); "
+                     f"run {run.info.run_id} ended FAILED. A smaller lr or penalty may train."], result.output
+    assert run.info.status == "FAILED" and "DivergedError" in run.data.tags["regsweep.error"]
+
+
 def test_unreachable_tracking_server_exits_2(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://user:secret@127.0.0.1:9")  # discard port: nothing listens
