@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -59,14 +60,16 @@ def run_row(row: str, args) -> dict:
            "--stack", stack, "--pruner", pruner or "none", "--storage", storage, "--experiment-name", "bench",
            "--seed", "1", *space, *args.extra]
     start, started_at = time.perf_counter(), time.time()
-    subprocess.run(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, check=True, cwd=store,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = subprocess.run(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, cwd=store,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - start
+    if done.returncode:  # why, for the log; the other rows still run
+        raise RuntimeError(f"row {row}: `{shlex.join(cmd)}` exited {done.returncode}:\n{done.stderr[-4000:]}")
     study = optuna.load_study(study_name="bench", storage=storage)
     done = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("bench").experiment_id], max_results=1000)
-    trial_runs = [r for r in runs if "optuna.trial_number" in r.data.tags and "l1" in r.data.params]
+    trial_runs = [r for r in runs if "optuna.trial_number" in r.data.tags and "seed" in r.data.params]
     # Every member of a stack logs the stack's epoch time, each under its own epoch number (a member that took
     # a freed slot counts from 1 again): the stack's epochs are its distinct times. One by one, a run is its own
     # stack.
@@ -443,11 +446,18 @@ def main():
     header = ("| --stack | pruner | trials (pruned) | wall s | configs/h | vs --stack 1 | training share "
               "| stopped slots | epoch hooks share | best val acc |\n|---|---|---|---|---|---|---|---|---|---|")
     for row in args.rows.split(","):
-        results.append(run_row(row, args))
+        try:
+            results.append(run_row(row, args))
+        except RuntimeError as exc:
+            print(exc, file=sys.stderr, flush=True)
+            continue
         print(f"done: {results[-1]}", file=sys.stderr, flush=True)
-    print(header)
+    if not results:
+        sys.exit("no row finished")
     # Rates relative to the one-by-one row when there is one, else to the first row.
-    base = next((r for r in results if r["stack"] == "1"), results[0])["per_hour"]
+    one_by_one = next((r for r in results if r["stack"] == "1"), None)
+    base = (one_by_one or results[0])["per_hour"]
+    print(header.replace("vs --stack 1", "vs --stack 1" if one_by_one else "vs first row"))
     for r in results:
         print(f"| {r['stack']} | {r['pruner']} | {r['trials']} ({r['pruned']}) | {r['wall']:.1f} | "
               f"{r['per_hour']:,.0f} | {r['per_hour'] / base:.1f}x | {100 * r['training'] / r['wall']:.0f}% | "

@@ -117,12 +117,17 @@ def test_grid_runs_exactly_the_grid_with_repeats_grouped_under_each_trial(tracki
     for trial_run in trial_runs:
         seeds = [s for s in seed_runs if s.data.tags["mlflow.parentRunId"] == trial_run.info.run_id]
         assert sorted(s.data.params["seed"] for s in seeds) == ["1", "2"]
+        # The holder of the seeds reads as their configuration in the MLflow UI (sortable, filterable by l1).
+        shared = {k: v for k, v in seeds[0].data.params.items() if k != "seed"}
+        assert trial_run.data.params == {**shared, "seeds": "1-2"}
         mean = sum(s.data.metrics["best_val_acc"] for s in seeds) / 2
         assert trial_run.data.metrics["mean_best_val_acc"] == pytest.approx(mean)
         assert trial_run.data.metrics["ci95_low_best_val_acc"] <= mean <= trial_run.data.metrics[
             "ci95_high_best_val_acc"]
     regimes = sorted(r.data.tags["regime"] for r in trial_runs)
     assert regimes == ["l1", "l1+l2", "l2", "none"]
+    for run in [parent, *children]:  # where each run came from, as on a run mlflow.start_run creates
+        assert run.data.tags["mlflow.source.type"] == "LOCAL" and run.data.tags["mlflow.user"]
 
 
 @pytest.mark.slow

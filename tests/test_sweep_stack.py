@@ -34,7 +34,7 @@ def tree(experiment: str):
     facts = {}
     for run in children:
         p, t = run.data.params, run.data.tags
-        if "l1" not in p:  # a trial-level run of repeats
+        if "seed" not in p:  # a trial-level run of repeats
             continue
         history = client.get_metric_history(run.info.run_id, "val/acc")
         facts[(p["l1"], p["l2"], p["seed"])] = (run.info.status, t["optuna.state"], len(history),
@@ -54,7 +54,7 @@ def test_a_stacked_grid_with_repeats_builds_the_same_tree_as_one_by_one(tracking
     assert {r.data.tags["regsweep.stack_members"] for r in stacked[1]} == {"8"}
     assert {r.data.tags["regsweep.stack"] for r in stacked[1]} == {"0"}  # one stack, from trial 0 on
     # Completed by worker processes, with the device tags the training process gave them.
-    assert {r.data.tags.get("regsweep.device") for r in stacked[1] if "l1" in r.data.params} == {"cpu"}
+    assert {r.data.tags.get("regsweep.device") for r in stacked[1] if "seed" in r.data.params} == {"cpu"}
     parent = stacked[0]
     assert parent.info.status == "FINISHED" and parent.data.metrics["trials_complete"] == 4
     assert parent.data.tags["best_run_id"] in {r.info.run_id for r in stacked[1]}
@@ -62,6 +62,8 @@ def test_a_stacked_grid_with_repeats_builds_the_same_tree_as_one_by_one(tracking
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
     # Each trial's value is the mean of its seeds' best validation accuracies, as one by one.
     trial_runs = [r for r in stacked[1] if "n_seeds" in r.data.metrics]
+    assert {r.data.params["seeds"] for r in trial_runs} == {"1-2"} and all("l1" in r.data.params for r in trial_runs)
+    assert all(r.data.tags["mlflow.source.type"] == "LOCAL" for r in [parent, *stacked[1]])
     assert sorted(t.value for t in study.trials) == sorted(r.data.metrics["mean_best_val_acc"] for r in trial_runs)
 
 
@@ -91,7 +93,7 @@ def test_a_member_below_the_median_is_pruned_with_its_curve_and_reason(tracking_
     study = load(storage)
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3 + ["PRUNED"] * 2
     _, children = study_runs()
-    pruned = [r for r in children if "l1" in r.data.params and float(r.data.params["l1"]) >= 0.3]
+    pruned = [r for r in children if "seed" in r.data.params and float(r.data.params["l1"]) >= 0.3]
     assert len(pruned) == 4  # 2 trials x 2 seeds
     for run in pruned:
         assert run.info.status == "FINISHED" and run.data.tags["optuna.state"] == "PRUNED"
@@ -245,7 +247,7 @@ def start_stack_and_wait_for_completion(tracking_uri: str, storage: str):
     while time.time() < deadline:  # until every member's epoch is in the store
         exp = client.get_experiment_by_name("regsweep")
         members = [r for r in client.search_runs([exp.experiment_id])
-                   if "optuna.trial_number" in r.data.tags and "l1" in r.data.params] if exp else []
+                   if "optuna.trial_number" in r.data.tags and "seed" in r.data.params] if exp else []
         if len(members) == 8 and all("val/acc" in r.data.metrics for r in members):
             break
         time.sleep(0.2)
@@ -263,7 +265,7 @@ def test_a_completion_worker_killed_mid_run_leaves_its_runs_to_the_training_proc
     assert proc.wait(timeout=180) == 0
     runs = MlflowClient().search_runs([exp.experiment_id])
     assert len(runs) == 13 and {r.info.status for r in runs} == {"FINISHED"}  # parent, 4 trials, 8 seeds
-    assert all("best_val_acc" in r.data.metrics for r in runs if "l1" in r.data.params)
+    assert all("best_val_acc" in r.data.metrics for r in runs if {"l1", "seed"} <= r.data.params.keys())
     assert [t.state.name for t in load(storage).trials] == ["COMPLETE"] * 4
 
 
@@ -428,7 +430,8 @@ def test_stacked_worker_processes_stopped_end_every_run_killed_and_queue_every_t
     client, deadline = MlflowClient(), time.time() + 240
     while time.time() < deadline:  # until both workers' stacks have logged an epoch
         exp = client.get_experiment_by_name("regsweep")
-        members = [r for r in client.search_runs([exp.experiment_id]) if "l1" in r.data.params] if exp else []
+        members = [r for r in client.search_runs([exp.experiment_id])
+                   if {"l1", "seed"} <= r.data.params.keys()] if exp else []
         if len(members) == 4 and all("val/acc" in r.data.metrics for r in members):
             break
         time.sleep(0.5)

@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 from ..config import TrainConfig
 from ..outage import STOP_REASON_TAG, TAG_LIMIT, Outage
-from .runs import STUDY_TAG, summarise_repeats, trial_run_name
+from .runs import STUDY_TAG, create_run, repeats_params, summarise_repeats, trial_run_name
 from .space import FIRST_PRUNABLE_EPOCH, suggest_penalties
 from .study import FINISHED, SweepSettings, queue_retry, storage_errors
 
@@ -87,7 +87,7 @@ def reuse_twin(settings: SweepSettings, trial: optuna.Trial, twin: optuna.trial.
     note = (f"same configuration as trial {twin.number} ({twin.state.name}): its result is reused, "
             f"not trained again (run {source})")
     cfg = settings.base.replace(**penalties)
-    run = client.create_run(experiment_id, run_name=trial_run_name(trial.number, penalties), tags={
+    run = create_run(client, experiment_id, trial_run_name(trial.number, penalties), {
         **tags, "mlflow.parentRunId": parent_run_id, "regime": cfg.regime, "optuna.state": twin.state.name,
         "regsweep.reused_run": source, "regsweep.reused_trial": str(twin.number),
         STOP_REASON_TAG: note, "mlflow.note.content": note})
@@ -128,8 +128,9 @@ class Objective:
             raise
 
     def train(self, trial: optuna.Trial, penalties: dict[str, float], tags: dict[str, str]) -> float:
+        from ..models import count_parameters
         from ..tracking import run_training
-        from ..training import DivergedError
+        from ..training import DivergedError, new_model
 
         settings = self.settings
         name = trial_run_name(trial.number, penalties)
@@ -137,8 +138,11 @@ class Objective:
         # With repeats, the trial is a run of its own and each seed a child of it.
         trial_run = None
         if settings.repeats > 1:
-            trial_run = client.create_run(self.experiment_id, run_name=name, tags={
+            trial_run = create_run(client, self.experiment_id, name, {
                 **tags, "mlflow.parentRunId": self.parent_run_id, "regime": TrainConfig(**penalties).regime})
+            cfg = settings.base.replace(**penalties)
+            client.log_batch(trial_run.info.run_id, params=repeats_params(
+                cfg, settings.repeats, count_parameters(new_model(cfg)), self.data))
         run_ids = [trial_run.info.run_id] if trial_run else []
         best_vals, state, reason, tracker_down = [], "COMPLETE", "", False
         try:
@@ -155,9 +159,9 @@ class Objective:
                                 f"val/acc {metrics['val/acc']:.4f}")
                     return None
 
-                run = client.create_run(
-                    self.experiment_id, run_name=name if trial_run is None else f"{name} s{cfg.seed}",
-                    tags={**tags, "mlflow.parentRunId": run_ids[0] if trial_run else self.parent_run_id})
+                run = create_run(
+                    client, self.experiment_id, name if trial_run is None else f"{name} s{cfg.seed}",
+                    {**tags, "mlflow.parentRunId": run_ids[0] if trial_run else self.parent_run_id})
                 run_ids.append(run.info.run_id)
                 with storage_errors(settings.storage):
                     trial.set_user_attr("mlflow_run_ids", run_ids)  # lets a later process end them if we die

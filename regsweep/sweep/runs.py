@@ -14,7 +14,7 @@ from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from ..config import fmt_coef
+from ..config import TrainConfig, fmt_coef
 from ..outage import redact
 from .space import effective_penalties
 from .study import SweepSettings
@@ -42,7 +42,7 @@ def find_or_create_parent(settings: SweepSettings, study: optuna.Study, experime
         except mlflow.exceptions.MlflowException:
             pass  # the tracking store was reset; make a new parent
     tags = parent_tags(settings)
-    run = client.create_run(experiment_id, run_name=f"study {settings.study_name}", tags=tags)
+    run = create_run(client, experiment_id, f"study {settings.study_name}", tags)
     # The settings every trial shares, as params; the trial count is a tag because a rerun may raise it.
     fixed = {k: v for k, v in settings.base.as_params().items() if k not in ("l1", "l2")}
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in fixed.items()])
@@ -60,6 +60,23 @@ def find_or_create_parent(settings: SweepSettings, study: optuna.Study, experime
         client.delete_run(run.info.run_id)
     study.set_user_attr("mlflow_parent_run_id", winner)
     return winner
+
+
+def create_run(client: MlflowClient, experiment_id: str, run_name: str | None, tags: dict[str, str]):
+    """`client.create_run` with the tags `mlflow.start_run` adds by itself (user, source, git commit), so
+    that a sweep's runs say where they came from, as a `regsweep train` run does."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    return client.create_run(experiment_id, run_name=run_name, tags=resolve_tags(tags))
+
+
+def repeats_params(cfg: TrainConfig, repeats: int, n_params: int, data) -> list[Param]:
+    """The params of the run that holds a configuration's seeds under --repeats: those of its seed runs, so
+    that it shows, sorts and filters by them beside them in the MLflow UI, with `seeds` (first-last) instead
+    of `seed` (it trains nothing itself, and the report tells it from training runs by that)."""
+    params = {**cfg.as_params(), "n_params": n_params, **data.sizes()}
+    first = int(params.pop("seed"))
+    return [Param(k, str(v)) for k, v in params.items()] + [Param("seeds", f"{first}-{first + repeats - 1}")]
 
 
 def trial_run_name(trial_number: int, penalties: dict[str, float]) -> str:

@@ -34,7 +34,7 @@ from ..tracking import device_tags
 from ..training import FitResult, fit_stack, new_model
 from .completion import Completer, worker_count
 from .objective import fail_for_retry, mark_error, prepare_trial, reuse_twin
-from .runs import summarise_repeats, trial_run_name
+from .runs import create_run, repeats_params, summarise_repeats, trial_run_name
 from .space import FIRST_PRUNABLE_EPOCH
 from .study import Heartbeats, SweepSettings, count_finished, storage_errors
 
@@ -146,13 +146,15 @@ def open_runs(settings: SweepSettings, data, trial: optuna.Trial, parent_run_id:
     parent = parent_run_id
     try:
         if settings.repeats > 1:
-            entry.trial_run_id = client.create_run(experiment_id, run_name=name, tags={
+            entry.trial_run_id = create_run(client, experiment_id, name, {
                 **tags, "mlflow.parentRunId": parent_run_id, "regime": TrainConfig(**penalties).regime}).info.run_id
             parent = entry.trial_run_id
+            client.log_batch(parent, params=repeats_params(member_config(settings, penalties, 0), settings.repeats,
+                                                           n_params, data))
         for r in range(settings.repeats):
             cfg = member_config(settings, penalties, r)
-            run = client.create_run(experiment_id, tags={**tags, "mlflow.parentRunId": parent},
-                                    run_name=name if settings.repeats == 1 else f"{name} s{cfg.seed}")
+            run = create_run(client, experiment_id, name if settings.repeats == 1 else f"{name} s{cfg.seed}",
+                             {**tags, "mlflow.parentRunId": parent})
             entry.run_ids.append(run.info.run_id)
             # The params now, so the run reads as a configuration from its first epoch on.
             params = {**cfg.as_params(), "n_params": n_params, **data.sizes()}
