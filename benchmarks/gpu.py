@@ -94,8 +94,9 @@ def startup_costs(rounds: int) -> None:
     for name, (setup, timed) in STARTUP.items():
         code = "; ".join(filter(None, ["import time", setup, "t = time.perf_counter()", timed,
                                        "print(time.perf_counter() - t)"]))
+        # The last line: whatever an import prints itself comes before it.
         seconds = [float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                                        text=True).stdout) for _ in range(rounds)]
+                                        text=True).stdout.split()[-1]) for _ in range(rounds)]
         print(f"| {name} | {statistics.median(seconds):.2f} | {', '.join(f'{x:.2f}' for x in seconds)} |",
               flush=True)
 
