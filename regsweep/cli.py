@@ -112,6 +112,27 @@ class Cli(click.Group):
             raise
 
 
+class WholeNumber(click.ParamType):
+    """An integer, also when written as a float with nothing after the point: MLproject files have no integer
+    type, so `mlflow run . -P epochs=2.0` passes MLflow's check of a float parameter and arrives here."""
+    name = "integer"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            pass
+        try:
+            number = float(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a valid integer", param, ctx)
+        if not number.is_integer():
+            self.fail(f"{value!r} is not a whole number", param, ctx)
+        return int(number)
+
+
 def config_options(exclude: tuple[str, ...] = (), **defaults):
     """Add one click option per TrainConfig field, types and defaults taken from the dataclass
     (`defaults` overrides some, `exclude` leaves fields out)."""
@@ -119,7 +140,7 @@ def config_options(exclude: tuple[str, ...] = (), **defaults):
         for f in reversed(dataclasses.fields(TrainConfig)):
             if f.name in exclude:
                 continue
-            kind = {float: click.FLOAT, int: click.INT, bool: click.BOOL}.get(type(f.default), click.STRING)
+            kind = {float: click.FLOAT, int: WholeNumber(), bool: click.BOOL}.get(type(f.default), click.STRING)
             if f.name in CHOICES:
                 kind = click.Choice(CHOICES[f.name])
             flag = "--" + f.name.replace("_", "-")

@@ -44,6 +44,8 @@ def test_help_lists_every_config_option_and_the_penalised_set():
     (["--l2", "nan"], "l2 must be a finite number >= 0"),
     (["--l1", "abc"], "'abc' is not a valid float"),
     (["--epochs", "0"], "epochs must be an integer >= 1"),
+    (["--epochs", "2.5"], "'2.5' is not a whole number"),
+    (["--batch-size", "many"], "'many' is not a valid integer"),
     (["--model", "mlp", "--max-train-samples", "1"], "the MLP's batch norm needs at least 2 samples"),
     (["--seed", str(2**64)], "seed must be below 2**63"),
     (["--model", "resnet"], "'resnet' is not one of 'cnn', 'mlp'"),
@@ -65,6 +67,12 @@ def test_bad_input_exits_2_with_one_line_and_creates_no_run(tracking_uri, monkey
     assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
     assert message in lines[0]
     assert all_runs(tracking_uri) == []
+
+
+def test_integer_options_take_whole_numbers_written_as_floats_as_mlflow_run_passes_them():
+    from regsweep.cli import WholeNumber
+
+    assert [WholeNumber().convert(v, None, None) for v in ("2", "2.0", "1e3", 7, str(2**64))] == [2, 2, 1000, 7, 2**64]
 
 
 def test_a_diverged_train_says_so_in_one_line_and_its_run_ends_failed(tracking_uri):
