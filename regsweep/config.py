@@ -109,7 +109,8 @@ class TrainConfig:
 
     @property
     def run_name(self) -> str:
-        """Short and sortable in the MLflow runs table, e.g. `cnn l1=1e-3 l2=0 s1`."""
+        """Short, for the MLflow runs table, e.g. `cnn l1=1e-3 l2=0 s1` (to sort by a coefficient: the l1 and l2
+        metrics, tracking.coefficient_metrics)."""
         return f"{self.model} l1={fmt_coef(self.l1)} l2={fmt_coef(self.l2)} s{self.seed}"
 
     def as_params(self) -> dict[str, str]:

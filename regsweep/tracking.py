@@ -312,12 +312,23 @@ def device_tags(cfg: TrainConfig) -> dict[str, str]:
     return {"regsweep.device": device, "regsweep.gpu": torch.cuda.get_device_name()}
 
 
+def coefficient_metrics(cfg: TrainConfig) -> dict[str, float]:
+    """L1 and L2 once more, as metrics. MLflow keeps params as text, which sorts 1e-05 after 0.001, filters only
+    by = and LIKE, and keeps the spelling the entry point used (`mlflow run -P l1=1e-3` logs '1e-3', `train`
+    '0.001'); as metrics they sort and filter as numbers (`metrics.l1 > 1e-4`). (The saved view shows the params:
+    the UI writes these metrics out in full, 1e-6 as 0.00000100..., and cuts them to the column's width.)"""
+    return {"l1": cfg.l1, "l2": cfg.l2}
+
+
 def log_config(cfg: TrainConfig, data: MnistSplits, n_params: int) -> None:
     params = {**cfg.as_params(), "n_params": n_params, **data.sizes()}
     # `mlflow run` has already logged the MLproject parameters as the user typed them (e.g. l1=1e-3);
-    # MLflow forbids changing a param, so only the ones it has not logged are added.
-    already = mlflow.get_run(mlflow.active_run().info.run_id).data.params
-    mlflow.log_params({k: v for k, v in params.items() if k not in already})
+    # MLflow forbids changing a param, so only the ones it has not logged are added. (A sweep has logged them
+    # all, and the coefficients, when it created the run.)
+    logged = mlflow.get_run(mlflow.active_run().info.run_id).data
+    mlflow.log_params({k: v for k, v in params.items() if k not in logged.params})
+    if not coefficient_metrics(cfg).keys() <= logged.metrics.keys():
+        mlflow.log_metrics(coefficient_metrics(cfg))
     mlflow.log_dict(dataclasses.asdict(cfg), "config.json")
     digest = dataset_digest(data)
     for context, split in (("training", data.train), ("validation", data.val), ("test", data.test)):

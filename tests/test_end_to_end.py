@@ -58,6 +58,7 @@ def test_mlflow_run_logs_a_complete_comparable_run(tracking_uri):
     assert l1_hist[-1].value == pytest.approx(0.001 * sum_abs[-1].value)
 
     m = run.data.metrics
+    assert (m["l1"], m["l2"]) == (0.001, 0.0005)  # the coefficients as numbers, to sort and filter by
     for key in ("best_val_acc", "best_val_epoch", "test_acc_at_best_val", "best_test_acc", "best_test_epoch",
                 "final_test_acc", "total_train_seconds", "total_hook_seconds", "test_macro_f1_at_best_val"):
         assert key in m, key

@@ -128,6 +128,9 @@ def test_grid_runs_exactly_the_grid_with_repeats_grouped_under_each_trial(tracki
     assert regimes == ["l1", "l1+l2", "l2", "none"]
     for run in [parent, *children]:  # where each run came from, as on a run mlflow.start_run creates
         assert run.data.tags["mlflow.source.type"] == "LOCAL" and run.data.tags["mlflow.user"]
+    # The coefficients as metrics: numbers to filter and sort by, on trial and seed runs alike.
+    high = MlflowClient().search_runs([parent.info.experiment_id], filter_string="metrics.l1 > 0.0005")
+    assert len(high) == 6 and {r.data.params["l1"] for r in high} == {"0.001"}  # 2 trial runs, 4 seed runs
 
 
 @pytest.mark.slow
@@ -320,7 +323,8 @@ def test_a_duplicate_configuration_reuses_the_finished_result_instead_of_trainin
     original, reused = by_number[0], by_number[1]
     assert reused.data.tags["regsweep.reused_run"] == original.info.run_id
     assert reused.info.status == "FINISHED" and reused.data.params["l1"] == "0.0"
-    assert "best_val_acc" in original.data.metrics and reused.data.metrics == {}  # trained once
+    assert "best_val_acc" in original.data.metrics  # trained once: the reused run has only the coefficients
+    assert reused.data.metrics == {"l1": 0.0, "l2": 0.0}
 
 
 def test_once_both_off_is_taken_the_space_no_longer_offers_it():

@@ -64,6 +64,9 @@ def test_a_stacked_grid_with_repeats_builds_the_same_tree_as_one_by_one(tracking
     trial_runs = [r for r in stacked[1] if "n_seeds" in r.data.metrics]
     assert {r.data.params["seeds"] for r in trial_runs} == {"1-2"} and all("l1" in r.data.params for r in trial_runs)
     assert all(r.data.tags["mlflow.source.type"] == "LOCAL" for r in [parent, *stacked[1]])
+    for run in stacked[1]:  # logged once, when the run was created (completing it does not log them again)
+        assert run.data.metrics["l1"] == float(run.data.params["l1"])
+        assert len(MlflowClient().get_metric_history(run.info.run_id, "l2")) == 1
     assert sorted(t.value for t in study.trials) == sorted(r.data.metrics["mean_best_val_acc"] for r in trial_runs)
 
 

@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 from ..config import TrainConfig
 from ..outage import STOP_REASON_TAG, TAG_LIMIT, Outage
-from .runs import STUDY_TAG, create_run, repeats_params, summarise_repeats, trial_run_name
+from .runs import STUDY_TAG, coefficients, create_run, repeats_params, summarise_repeats, trial_run_name
 from .space import FIRST_PRUNABLE_EPOCH, suggest_penalties
 from .study import FINISHED, SweepSettings, queue_retry, storage_errors
 
@@ -76,7 +76,8 @@ def prepare_trial(settings: SweepSettings, trial: optuna.Trial):
 def reuse_twin(settings: SweepSettings, trial: optuna.Trial, twin: optuna.trial.FrozenTrial,
                penalties: dict[str, float], tags: dict[str, str], parent_run_id: str, experiment_id: str) -> float:
     """The same configuration as `twin`: its result, without training. The trial keeps one child run,
-    tagged with the run that trained it, with the configuration as params and no metrics of its own. Raises
+    tagged with the run that trained it, with the configuration as params and no results of its own (of the
+    metrics, only the coefficients: tracking.coefficient_metrics). Raises
     TrialPruned where the twin was pruned."""
     client = MlflowClient()
     source = (twin.user_attrs.get("mlflow_run_ids") or [""])[0]
@@ -91,7 +92,8 @@ def reuse_twin(settings: SweepSettings, trial: optuna.Trial, twin: optuna.trial.
         **tags, "mlflow.parentRunId": parent_run_id, "regime": cfg.regime, "optuna.state": twin.state.name,
         "regsweep.reused_run": source, "regsweep.reused_trial": str(twin.number),
         STOP_REASON_TAG: note, "mlflow.note.content": note})
-    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in cfg.as_params().items()])
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in cfg.as_params().items()],
+                     metrics=coefficients(cfg))
     with storage_errors(settings.storage):
         trial.set_user_attr("mlflow_run_ids", [run.info.run_id])
     client.set_terminated(run.info.run_id, "FINISHED")
@@ -141,7 +143,7 @@ class Objective:
             trial_run = create_run(client, self.experiment_id, name, {
                 **tags, "mlflow.parentRunId": self.parent_run_id, "regime": TrainConfig(**penalties).regime})
             cfg = settings.base.replace(**penalties)
-            client.log_batch(trial_run.info.run_id, params=repeats_params(
+            client.log_batch(trial_run.info.run_id, metrics=coefficients(cfg), params=repeats_params(
                 cfg, settings.repeats, count_parameters(new_model(cfg)), self.data))
         run_ids = [trial_run.info.run_id] if trial_run else []
         best_vals, state, reason, tracker_down = [], "COMPLETE", "", False

@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import time
 import warnings
 
 import mlflow
 import optuna
-from mlflow.entities import Param
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
@@ -68,6 +69,14 @@ def create_run(client: MlflowClient, experiment_id: str, run_name: str | None, t
     from mlflow.tracking.context.registry import resolve_tags
 
     return client.create_run(experiment_id, run_name=run_name, tags=resolve_tags(tags))
+
+
+def coefficients(cfg: TrainConfig) -> list[Metric]:
+    """tracking.coefficient_metrics for client.log_batch: a sweep's runs sort by l1 and l2 from their creation."""
+    from ..tracking import coefficient_metrics
+
+    now = int(time.time() * 1000)
+    return [Metric(key, value, now, 0) for key, value in coefficient_metrics(cfg).items()]
 
 
 def repeats_params(cfg: TrainConfig, repeats: int, n_params: int, data) -> list[Param]:

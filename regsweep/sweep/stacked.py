@@ -34,7 +34,7 @@ from ..tracking import device_tags
 from ..training import FitResult, fit_stack, new_model
 from .completion import Completer, worker_count
 from .objective import fail_for_retry, mark_error, prepare_trial, reuse_twin
-from .runs import create_run, repeats_params, summarise_repeats, trial_run_name
+from .runs import coefficients, create_run, repeats_params, summarise_repeats, trial_run_name
 from .space import FIRST_PRUNABLE_EPOCH
 from .study import Heartbeats, SweepSettings, count_finished, storage_errors
 
@@ -149,8 +149,9 @@ def open_runs(settings: SweepSettings, data, trial: optuna.Trial, parent_run_id:
             entry.trial_run_id = create_run(client, experiment_id, name, {
                 **tags, "mlflow.parentRunId": parent_run_id, "regime": TrainConfig(**penalties).regime}).info.run_id
             parent = entry.trial_run_id
-            client.log_batch(parent, params=repeats_params(member_config(settings, penalties, 0), settings.repeats,
-                                                           n_params, data))
+            first = member_config(settings, penalties, 0)
+            client.log_batch(parent, metrics=coefficients(first),
+                             params=repeats_params(first, settings.repeats, n_params, data))
         for r in range(settings.repeats):
             cfg = member_config(settings, penalties, r)
             run = create_run(client, experiment_id, name if settings.repeats == 1 else f"{name} s{cfg.seed}",
@@ -158,7 +159,8 @@ def open_runs(settings: SweepSettings, data, trial: optuna.Trial, parent_run_id:
             entry.run_ids.append(run.info.run_id)
             # The params now, so the run reads as a configuration from its first epoch on.
             params = {**cfg.as_params(), "n_params": n_params, **data.sizes()}
-            client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+            client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()],
+                             metrics=coefficients(cfg))
         trial.set_user_attr("mlflow_run_ids", entry.all_run_ids)
     except BaseException as exc:  # the trial is told with the stack (TrialStack.unopened); its runs end here
         if isinstance(exc, Outage) and exc.tracking:
