@@ -144,8 +144,9 @@ def config_options(exclude: tuple[str, ...] = (), **defaults):
             if f.name in CHOICES:
                 kind = click.Choice(CHOICES[f.name])
             flag = "--" + f.name.replace("_", "-")
+            # data_dir's default is "" (the repository's data/, which its help names): nothing to show.
             command = click.option(flag, f.name, type=kind, default=defaults.get(f.name, f.default),
-                                   show_default=True, help=HELP[f.name])(command)
+                                   show_default=f.name != "data_dir", help=HELP[f.name])(command)
         return command
     return decorate
 
@@ -386,8 +387,9 @@ def report(experiment_name, study_name, parent_run_id, filter_string, runs, out,
     --out: a table per configuration (best validation accuracy and the test accuracy at that epoch, mean ±
     sd and 95% CI, and the course notebooks' summary, labelled as such), a verdict per configuration against
     the baseline (difference, 95% CI, p-value of a paired t-test over matching seeds or Welch's test, and
-    better / worse / not distinguishable at 0.05; "one seed: no verdict" below two seeds), eight figures and
-    report.md. Failed, killed and running runs are counted, not used.
+    better / worse / not distinguishable at 0.05 on the p-values adjusted for the table's comparisons by
+    Benjamini-Hochberg; "one seed: no verdict" below two seeds), eight figures and report.md. Failed, killed
+    and running runs are counted, not used.
     """
     from .report import ReportError, Selection, make_report
     from .report.command import left_out_line, people_tables
