@@ -235,15 +235,15 @@ class CudaGraphStep:
             self.idx = idx.clone()
             graph = torch.cuda.CUDAGraph()
             graph.register_generator_state(self.generator)
+            stream, pool = torch.cuda.current_stream(), torch.cuda.graph_pool_handle()
             try:
-                with torch.cuda.graph(graph):
+                with torch.cuda.graph(graph, pool=pool):
                     self.out = self.step(self.idx)
             except RuntimeError as exc:  # recording only: nothing of this step has run yet
-                torch.cuda.synchronize()
-                # The failed capture never reached its end, which takes `generator` out of capture mode;
-                # a fresh copy of its state (same seed and offset) lets it draw outside a graph again.
-                self.generator.graphsafe_set_state(self.generator.clone_state())
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                recover_from_failed_capture(stream, pool, self.generator)
+                # What failed inside the recording, rather than the failed end of it that followed.
+                cause = exc.__context__ if isinstance(exc.__context__, Exception) else exc
+                first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
                 self.mode = f"eager: CUDA graph capture failed ({first[:200]})"
                 return self.step(idx)
             self.graph = graph
@@ -251,6 +251,31 @@ class CudaGraphStep:
             self.idx.copy_(idx)  # same shape: train_epoch only feeds full batches
         self.graph.replay()  # after capture too: capturing records the step without running it
         return self.out
+
+
+def recover_from_failed_capture(stream: torch.cuda.Stream, pool, generator: torch.Generator) -> None:
+    """Undo what a failed capture leaves behind, so that the process trains on eagerly and can capture again.
+
+    torch.cuda.graph's exit stops at the failed end of the recording, before it (a) puts back the stream that
+    was current, (b) stops the caching allocator serving this thread from the graph's memory `pool` (until
+    then the next capture's empty_cache asserts that no capture is under way, and every later step of the
+    process would fall back too) and (c) takes the generators the recording drew from out of capture mode:
+    `generator`, registered with the graph, and the device's default one (dropout's), which capture registers
+    by itself; a fresh copy of a generator's state (same seed and offset) lets it draw outside a graph again.
+    Each part is attempted on its own: one that fails leaves only its own consequence."""
+    torch.cuda.set_stream(stream)
+    device = torch.cuda.current_device()
+    try:  # private bindings, used the same way by torch.cuda.memory's MemPool context
+        torch._C._cuda_endAllocateToPool(device, pool)
+        torch._C._cuda_releasePool(device, pool)
+    except (AttributeError, RuntimeError):
+        pass
+    for g in (generator, torch.cuda.default_generators[device]):
+        try:
+            g.graphsafe_set_state(g.clone_state())
+        except RuntimeError:
+            pass
+    torch.cuda.synchronize()
 
 
 def configure_device(device: torch.device, deterministic: bool = True, tf32: bool = True) -> None:

@@ -97,6 +97,22 @@ def test_a_step_that_cannot_be_captured_falls_back_to_eager_and_says_so():
     idx = torch.arange(4, device="cuda")  # mean 1.5
     draws = [captured(idx)[0].clone() for _ in range(6)]  # 3 warm-up steps, the failed capture, 2 more
     assert captured.mode.startswith("eager: CUDA graph capture failed") and captured.graph is None
+    assert "previous error during capture" not in captured.mode  # the host read, not the failed end it caused
     torch.testing.assert_close(w, torch.full((4,), 6 * 1.5, device="cuda"))
     after = torch.stack(draws[3:])
     assert ((after >= 0) & (after < 1)).all() and len({tuple(d.tolist()) for d in draws}) == 6
+
+    # The process is left as it was: on its stream, the default generator (dropout's) draws, and the next
+    # step captures (a sweep's next stack, or the next test).
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    assert torch.nn.functional.dropout(torch.ones(1000, device="cuda"), 0.5).eq(0).any()
+    total = torch.zeros((), device="cuda")
+
+    def capturable(idx: torch.Tensor):
+        total.add_(idx.float().sum())
+        return torch.rand(1, generator=generator, device="cuda"), total
+
+    again = CudaGraphStep(capturable, generator)
+    for _ in range(5):  # 3 warm-up steps, the capture (which runs it too), 1 replay
+        again(idx)
+    assert again.mode == "cuda-graph" and again.graph is not None and total.item() == 5 * 6

@@ -35,6 +35,7 @@ def train_steps(cfgs, data, batches):
     run = setup(cfgs, data, new_stack(cfgs).double())
     for idx in batches:
         run.step(idx)
+    assert run.effective_mode == ("cuda-graph" if batches[0].is_cuda else "eager")  # on CUDA, the captured step
     state = {name: t.cpu() for name, t in run.model.state_dict().items()}
     grads = {name: p.grad.cpu() for name, p in run.model.named_parameters()}
     return [(member_state(state, k, len(cfgs)), member_state(grads, k, len(cfgs))) for k in range(len(cfgs))]
@@ -136,6 +137,7 @@ def test_a_stack_that_shrinks_trains_its_other_members_on_exactly_as_before(tiny
     data = double(MnistSplits(*(Split(s.x[:256], s.y[:256]) for s in splits), source=tiny_data.source))
     idle, shrunk = (fit_stack(cfgs, data, hook, model=new_stack(cfgs).double(), compact=compact)
                     for compact in (False, True))
+    assert {r.step_mode for r in idle + shrunk} == {"cuda-graph" if device == "cuda" else "eager"}
     for k, (a, b) in enumerate(zip(idle, shrunk)):
         assert len(a.history) == len(b.history) == {1: 1, 3: 1, 0: 2, 2: 3}[k]
         for got, want in zip(b.history, a.history):
@@ -161,10 +163,12 @@ def test_a_refilled_slot_trains_its_new_member_as_a_fresh_model_on_the_stacks_ba
     from the stack's epoch 2 on; member 1 beside it trains as it would alone (float64; on CUDA the captured step
     replays on through the refill). With SGD's momentum (Nesterov) and without it (plain SGD)."""
     if device == "cuda" and momentum == 0.0:
-        # Measured on an H100: with plain SGD the member beside the refilled slot ends its last epoch with a
+        # Measured on an H100: with plain SGD the member beside the refilled slot ended its last epoch with a
         # training loss 3e-5 (relative) off the same member trained alone, although float64; it matches on
-        # the CPU, with momentum 0.9, and over 3 epochs instead of 2. Strict: the day it matches, this fails.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="plain SGD beside a refill on CUDA: unexplained"))
+        # the CPU, with momentum 0.9, and over 3 epochs instead of 2. That run came after the capture-fallback
+        # test in the same process, which then left capture broken (recover_from_failed_capture), so the step
+        # may have run eagerly; not strict until it is measured again: an XPASS is reported, not failed.
+        request.applymarker(pytest.mark.xfail(strict=False, reason="plain SGD beside a refill on CUDA: unexplained"))
     base = tiny_cfg.replace(device=device, epochs=2, momentum=momentum)
     first, second, newcomer = base, base.replace(l1=1e-3), base.replace(l2=5e-4, seed=7)
     splits = (tiny_data.train, tiny_data.val, tiny_data.test)  # 256 images each, 8 steps an epoch
@@ -179,6 +183,7 @@ def test_a_refilled_slot_trains_its_new_member_as_a_fresh_model_on_the_stacks_ba
                         model=new_stack([first, second]).double(), refill=refill,
                         on_leave=lambda k, result: left.append(k))
     assert len(results) == 3 and asked == [1, 1, 1] and left == [0, 1, 2]
+    assert {r.step_mode for r in results} == {"cuda-graph" if device == "cuda" else "eager"}
     assert [len(r.history) for r in results] == [1, 2, 2] and results[0].stop_reason == "pruned by test"
 
     # The newcomer alone: its own weights, the generators where the stack's were after its epoch 1.
