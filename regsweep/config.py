@@ -23,6 +23,14 @@ PENALIZE = ("weights", "all")
 SAMPLERS = ("tpe", "random", "grid")  # for regsweep optimize
 PRUNERS = ("median", "hyperband", "none")
 REPORT_FORMATS = ("table", "markdown", "csv", "json")  # what regsweep report prints
+# Settings that apply only where another one says so (the MLP's layers, ghost batch norm's virtual batch, the
+# step schedule's period, SGD's momentum): elsewhere they change nothing, so they are logged as NOT_APPLICABLE
+# (a CNN run showing hidden=500,250,100 in the MLflow UI reads as if it had layers), and the report does not
+# let them split a configuration in two (runs logged through `mlflow run` carry every value as typed).
+APPLIES_WHERE = {"hidden": ("model", "mlp"), "activation": ("model", "mlp"), "init": ("model", "mlp"),
+                 "ghost_batch_size": ("norm", "gbn"), "step_size": ("scheduler", "step"),
+                 "momentum": ("optimizer", "sgd")}
+NOT_APPLICABLE = "n/a"
 
 
 class ConfigError(ValueError):
@@ -117,6 +125,9 @@ class TrainConfig:
         params = dataclasses.asdict(self)
         params["data_dir"] = self.resolved_data_dir()
         params["device"] = self.resolved_device()
+        for name, (key, value) in APPLIES_WHERE.items():
+            if params[key] != value:
+                params[name] = NOT_APPLICABLE
         return {k: str(v) for k, v in params.items()}
 
     def validate(self) -> TrainConfig:

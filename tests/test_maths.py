@@ -244,6 +244,16 @@ def test_onecycle_runs_any_number_of_steps(steps):
         assert used[0] < 0.9 * cfg.lr < max(used) and used[-1] < used[0]
 
 
+def test_settings_that_do_not_apply_are_logged_as_not_applicable():
+    """In the MLflow UI a CNN run showing the MLP's layers, or an Adam run a momentum, reads as if they were used."""
+    cnn = TrainConfig().as_params()
+    assert [cnn[k] for k in ("hidden", "activation", "init", "ghost_batch_size", "step_size")] == ["n/a"] * 5
+    assert cnn["momentum"] == "0.9" and cnn["norm"] == "bn"
+    mlp = TrainConfig(model="mlp", norm="gbn", optimizer="adam", scheduler="step").as_params()
+    assert [mlp[k] for k in ("hidden", "ghost_batch_size", "step_size", "momentum")] == ["500,250,100", "32", "6",
+                                                                                          "n/a"]
+
+
 def test_config_names_and_regimes():
     assert TrainConfig().validate().regime == "none"
     assert TrainConfig(l1=1e-3, l2=5e-4).regime == "l1+l2"

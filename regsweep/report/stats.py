@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from ..config import APPLIES_WHERE  # settings blanked where they do not apply
+
 ALPHA = 0.05  # significance level of the verdicts
 NO_VERDICT = "one seed: no verdict"
 
@@ -25,12 +27,6 @@ NO_VERDICT = "one seed: no verdict"
 # only; a sweep, deciding whether to reuse a result, is stricter: sweep/objective.py RUN_ONLY.)
 NOT_SETTINGS = ("seed", "data_dir", "download", "log_model", "log_images", "threads", "compile", "device",
                 "cuda_graph", "deterministic", "tf32", "n_params", "n_train", "n_val", "n_test")
-# Settings that apply only where another one says so (the MLP's layers, ghost batch norm's virtual batch,
-# the step schedule's period, SGD's momentum): elsewhere their logged value is a default that changes nothing
-# and must not split a configuration in two.
-APPLIES_WHERE = {"hidden": ("model", "mlp"), "activation": ("model", "mlp"), "init": ("model", "mlp"),
-                 "ghost_batch_size": ("norm", "gbn"), "step_size": ("scheduler", "step"),
-                 "momentum": ("optimizer", "sgd")}
 # Params every regsweep training run logs; a run without them is not one.
 REQUIRED_PARAMS = ("l1", "l2", "seed", "model")
 # Runs regsweep itself creates that are not training runs, by their regsweep.kind tag: study parents and
