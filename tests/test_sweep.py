@@ -295,6 +295,14 @@ def test_bad_sweep_input_exits_2_before_anything_is_created(tmp_path, monkeypatc
 
 
 @pytest.mark.slow
+def test_a_seed_beyond_numpys_range_trains_and_seeds_the_sampler(tracking_uri, tmp_path):
+    """--seed is a training seed (torch takes up to 2**64); the samplers' numpy takes seeds below 2**32."""
+    optimize("--trials", "1", "--epochs", "1", "--seed", str(2**32 + 5), "--storage",
+             f"sqlite:///{tmp_path / 'optuna.db'}", "--sampler", "random")
+    (parent,), (child,) = study_runs()
+    assert parent.info.status == child.info.status == "FINISHED" and child.data.params["seed"] == str(2**32 + 5)
+
+
 def test_journal_file_storage_runs_and_resumes(tracking_uri, tmp_path):
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend

@@ -238,8 +238,9 @@ def load_study(settings: SweepSettings, tracking_uri: str | None = None, worker_
         study_name=settings.study_name, storage=open_storage(settings, tracking_uri), load_if_exists=True,
         direction="maximize", pruner=make_pruner(settings.pruner, settings.base.epochs * settings.repeats))
     # Seeded per worker and per resume: the same seed in every worker, or again after a restart, would
-    # repeat the same random suggestions instead of exploring.
-    seed = None if settings.seed is None else settings.seed + 1000 * worker_index + len(study.trials)
+    # repeat the same random suggestions instead of exploring. (Modulo numpy's seed range, which --seed,
+    # a training seed, may exceed.)
+    seed = None if settings.seed is None else (settings.seed + 1000 * worker_index + len(study.trials)) % 2**32
     study.sampler = make_sampler(settings.sampler, settings.space, seed)
     if study.metric_names != [OBJECTIVE_NAME]:
         study.set_metric_names([OBJECTIVE_NAME])
