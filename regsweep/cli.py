@@ -118,17 +118,15 @@ class WholeNumber(click.ParamType):
     name = "integer"
 
     def convert(self, value, param, ctx):
+        import decimal
+
         if isinstance(value, int):
             return value
-        try:
-            return int(value)
-        except ValueError:
-            pass
-        try:
-            number = float(value)
-        except ValueError:
+        try:  # exactly, as written: through a float, 12345678901234567.0 would become ...568
+            number = decimal.Decimal(str(value).strip())
+        except decimal.InvalidOperation:
             self.fail(f"{value!r} is not a valid integer", param, ctx)
-        if not number.is_integer():
+        if not number.is_finite() or number != number.to_integral_value():
             self.fail(f"{value!r} is not a whole number", param, ctx)
         return int(number)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 from mlflow.environment_variables import MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS
@@ -72,7 +73,12 @@ def test_bad_input_exits_2_with_one_line_and_creates_no_run(tracking_uri, monkey
 def test_integer_options_take_whole_numbers_written_as_floats_as_mlflow_run_passes_them():
     from regsweep.cli import WholeNumber
 
-    assert [WholeNumber().convert(v, None, None) for v in ("2", "2.0", "1e3", 7, str(2**64))] == [2, 2, 1000, 7, 2**64]
+    whole = WholeNumber()
+    assert [whole.convert(v, None, None) for v in ("2", "2.0", "1e3", 7, str(2**64))] == [2, 2, 1000, 7, 2**64]
+    assert whole.convert("12345678901234567.0", None, None) == 12345678901234567  # not through a float
+    for bad in ("2.5", 2.5, "nan", "inf", "many"):
+        with pytest.raises(click.BadParameter):
+            whole.convert(bad, None, None)
 
 
 def test_a_diverged_train_says_so_in_one_line_and_its_run_ends_failed(tracking_uri):
