@@ -262,7 +262,9 @@ def recover_from_failed_capture(stream: torch.cuda.Stream, pool, generator: torc
     process would fall back too) and (c) takes the generators the recording drew from out of capture mode:
     `generator`, registered with the graph, and the device's default one (dropout's), which capture registers
     by itself; a fresh copy of a generator's state (same seed and offset) lets it draw outside a graph again.
-    Each part is attempted on its own: one that fails leaves only its own consequence."""
+    Where torch ended the pool's allocation itself (newer releases do, and free the pool with the graph), the
+    first call fails and the second is skipped with it, so the pool is never released twice. The generators
+    are reset one by one: one that fails leaves only its own consequence."""
     torch.cuda.set_stream(stream)
     device = torch.cuda.current_device()
     try:  # private bindings, used the same way by torch.cuda.memory's MemPool context

@@ -166,9 +166,9 @@ def test_a_refilled_slot_trains_its_new_member_as_a_fresh_model_on_the_stacks_ba
         # Measured on an H100: with plain SGD the member beside the refilled slot ended its last epoch with a
         # training loss 3e-5 (relative) off the same member trained alone, although float64; it matches on
         # the CPU, with momentum 0.9, and over 3 epochs instead of 2. That run came after the capture-fallback
-        # test in the same process, which then left capture broken (recover_from_failed_capture), so the step
-        # may have run eagerly; not strict until it is measured again: an XPASS is reported, not failed.
-        request.applymarker(pytest.mark.xfail(strict=False, reason="plain SGD beside a refill on CUDA: unexplained"))
+        # test in the same process, which may have left capture broken (recover_from_failed_capture), so the
+        # step may have run eagerly. Strict: the day it matches, this fails and says so.
+        request.applymarker(pytest.mark.xfail(strict=True, reason="plain SGD beside a refill on CUDA: unexplained"))
     base = tiny_cfg.replace(device=device, epochs=2, momentum=momentum)
     first, second, newcomer = base, base.replace(l1=1e-3), base.replace(l2=5e-4, seed=7)
     splits = (tiny_data.train, tiny_data.val, tiny_data.test)  # 256 images each, 8 steps an epoch

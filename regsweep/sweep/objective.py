@@ -142,12 +142,13 @@ class Objective:
         if settings.repeats > 1:
             trial_run = create_run(client, self.experiment_id, name, {
                 **tags, "mlflow.parentRunId": self.parent_run_id, "regime": TrainConfig(**penalties).regime})
-            cfg = settings.base.replace(**penalties)
-            client.log_batch(trial_run.info.run_id, metrics=coefficients(cfg), params=repeats_params(
-                cfg, settings.repeats, count_parameters(new_model(cfg)), self.data))
         run_ids = [trial_run.info.run_id] if trial_run else []
         best_vals, state, reason, tracker_down = [], "COMPLETE", "", False
         try:
+            if trial_run is not None:  # in here, so that the run ends however this fails
+                cfg = settings.base.replace(**penalties)
+                client.log_batch(trial_run.info.run_id, metrics=coefficients(cfg), params=repeats_params(
+                    cfg, settings.repeats, count_parameters(new_model(cfg)), self.data))
             for r in range(settings.repeats):
                 cfg = settings.base.replace(**penalties, seed=settings.base.seed + r)
                 offset = r * cfg.epochs  # repeats report on consecutive steps, the same layout in every trial
