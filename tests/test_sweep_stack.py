@@ -403,11 +403,16 @@ def test_a_stacked_worker_that_dies_on_another_host_has_its_trials_found_stale_a
 def test_a_trial_whose_runs_cannot_be_opened_leaves_none_of_them_running(tracking_uri, tmp_path, monkeypatch):
     from regsweep.data import MnistSplits
 
-    def broken(self):
-        raise RuntimeError("no sizes")
+    sizes, calls = MnistSplits.sizes, []
+
+    def broken(self):  # read for the run holding the trial's seeds, then for its first seed run: fails there
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("no sizes")
+        return sizes(self)
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    monkeypatch.setattr(MnistSplits, "sizes", broken)  # read while a trial's first seed run is opened
+    monkeypatch.setattr(MnistSplits, "sizes", broken)
     optimize("--trials", "2", "--repeats", "2", "--epochs", "1", "--pruner", "none", "--stack", "4",
              "--storage", storage, expect=1)
     (parent,), children = study_runs()
