@@ -335,6 +335,41 @@ def test_a_duplicate_configuration_reuses_the_finished_result_instead_of_trainin
     assert reused.data.metrics == {"l1": 0.0, "l2": 0.0}
 
 
+def test_a_trial_is_never_pruned_at_its_last_step():
+    """By then it has trained in full: pruning would only throw its result away."""
+    from regsweep.sweep.space import prunable
+
+    assert [prunable(epoch, 3) for epoch in (1, 2, 3)] == [False, True, False]
+    assert prunable(3, 3, last_seed=False)  # an earlier seed's last epoch: the later seeds are still to train
+
+
+def test_an_interrupted_repeat_ends_its_trial_run_killed_and_tags_only_the_seed_it_stopped(tracking_uri, tmp_path,
+                                                                                           monkeypatch):
+    from regsweep import tracking
+
+    real, seeds = tracking.run_training, []
+
+    def second_seed_interrupted(cfg, data, *, on_epoch=None, **kwargs):
+        seeds.append(cfg.seed)
+
+        def hook(epoch, metrics):
+            if len(seeds) == 2:
+                raise KeyboardInterrupt
+            return on_epoch(epoch, metrics)
+        return real(cfg, data, on_epoch=hook, **kwargs)
+
+    monkeypatch.setattr(tracking, "run_training", second_seed_interrupted)
+    optimize("--trials", "1", "--repeats", "2", "--epochs", "1", "--storage", f"sqlite:///{tmp_path / 'o.db'}",
+             expect=1)
+    _, children = study_runs()
+    holder = next(c for c in children if "seeds" in c.data.params)
+    first, second = (next(c for c in children if c.data.params.get("seed") == s) for s in ("1", "2"))
+    assert (holder.info.status, first.info.status, second.info.status) == ("KILLED", "FINISHED", "KILLED")
+    assert "interrupted" in holder.data.tags["regsweep.stop_reason"]
+    assert "interrupted" in second.data.tags["regsweep.stop_reason"]
+    assert "regsweep.stop_reason" not in first.data.tags  # it trained in full before the interrupt
+
+
 def test_once_both_off_is_taken_the_space_no_longer_offers_it():
     from regsweep.sweep import SearchSpace, suggest_penalties
 

@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 from ..config import TrainConfig
 from ..outage import STOP_REASON_TAG, TAG_LIMIT, Outage
 from .runs import STUDY_TAG, coefficients, create_run, repeats_params, summarise_repeats, trial_run_name
-from .space import FIRST_PRUNABLE_EPOCH, suggest_penalties
+from .space import prunable, suggest_penalties
 from .study import FINISHED, SweepSettings, queue_retry, storage_errors
 
 # Settings that say how a run executes or what it logs, not what it learns: two trials that differ only
@@ -143,7 +143,7 @@ class Objective:
             trial_run = create_run(client, self.experiment_id, name, {
                 **tags, "mlflow.parentRunId": self.parent_run_id, "regime": TrainConfig(**penalties).regime})
         run_ids = [trial_run.info.run_id] if trial_run else []
-        best_vals, state, reason, tracker_down = [], "COMPLETE", "", False
+        best_vals, state, reason, tracker_down, killed = [], "COMPLETE", "", False, False
         try:
             if trial_run is not None:  # in here, so that the run ends however this fails
                 cfg = settings.base.replace(**penalties)
@@ -153,10 +153,10 @@ class Objective:
                 cfg = settings.base.replace(**penalties, seed=settings.base.seed + r)
                 offset = r * cfg.epochs  # repeats report on consecutive steps, the same layout in every trial
 
-                def report(epoch: int, metrics: dict[str, float], offset=offset) -> str | None:
+                def report(epoch: int, metrics: dict[str, float], offset=offset, r=r, cfg=cfg) -> str | None:
                     with storage_errors(settings.storage):
                         trial.report(metrics["val/acc"], offset + epoch)
-                        prune = epoch >= FIRST_PRUNABLE_EPOCH and trial.should_prune()
+                        prune = prunable(epoch, cfg.epochs, r == settings.repeats - 1) and trial.should_prune()
                     if prune:
                         return (f"pruned by {settings.pruner} pruner at epoch {epoch}: "
                                 f"val/acc {metrics['val/acc']:.4f}")
@@ -184,9 +184,11 @@ class Objective:
             raise
         except Outage as exc:
             state, reason, tracker_down = "FAIL", f"{exc}; queued again for the next start", exc.tracking
+            killed = True
             raise
         except KeyboardInterrupt:
             state, reason = "FAIL", "interrupted (Ctrl-C or SIGTERM); queued again for the next start"
+            killed = True
             raise
         except BaseException as exc:
             state, reason = "FAIL", reason or f"{type(exc).__name__}: {exc}"
@@ -194,12 +196,14 @@ class Objective:
             raise
         finally:
             if not tracker_down:  # an unreachable tracker is reconciled on the next start instead
+                # The reason goes to the run that stopped (and the trial's own run), not to seeds done before.
+                stopped = {run_ids[0], run_ids[-1]} if run_ids else set()
                 for run_id in run_ids:
                     client.set_tag(run_id, "optuna.state", state)
-                    if reason:
+                    if reason and run_id in stopped:
                         client.set_tag(run_id, STOP_REASON_TAG, reason[:TAG_LIMIT])
                 if trial_run is not None:
-                    summarise_repeats(client, trial_run.info.run_id, best_vals, state)
+                    summarise_repeats(client, trial_run.info.run_id, best_vals, state, killed)
 
 
 def mark_error(trial: optuna.Trial, reason: str) -> None:

@@ -92,8 +92,11 @@ def trial_run_name(trial_number: int, penalties: dict[str, float]) -> str:
     return f"trial {trial_number:03d} l1={fmt_coef(penalties['l1'])} l2={fmt_coef(penalties['l2'])}"
 
 
-def summarise_repeats(client: MlflowClient, run_id: str, best_vals: list[float], state: str) -> None:
-    """The trial-level run of a repeated configuration: mean, spread and a 95% t-interval over seeds."""
+def summarise_repeats(client: MlflowClient, run_id: str, best_vals: list[float], state: str,
+                      killed: bool = False) -> None:
+    """The trial-level run of a repeated configuration: mean, spread and a 95% t-interval over seeds. It ends
+    as its seed runs do: FINISHED for a complete or pruned trial, KILLED when stopped (`killed`: a signal, an
+    outage), else FAILED."""
     from scipy import stats
 
     metrics = {"n_seeds": len(best_vals)}
@@ -107,7 +110,7 @@ def summarise_repeats(client: MlflowClient, run_id: str, best_vals: list[float],
                         "ci95_high_best_val_acc": mean + half}
     for key, value in metrics.items():
         client.log_metric(run_id, key, value)
-    client.set_terminated(run_id, "FINISHED" if state in ("COMPLETE", "PRUNED") else "FAILED")
+    client.set_terminated(run_id, "FINISHED" if state in ("COMPLETE", "PRUNED") else "KILLED" if killed else "FAILED")
 
 
 

@@ -131,6 +131,13 @@ def make_sampler(name: str, space: SearchSpace, seed: int | None) -> optuna.samp
 FIRST_PRUNABLE_EPOCH = 2
 
 
+def prunable(epoch: int, epochs: int, last_seed: bool = True) -> bool:
+    """Whether the pruner is asked after this epoch: from FIRST_PRUNABLE_EPOCH on, but not at the trial's last
+    step (its last seed's last epoch; in a stack its seeds train side by side, so every seed's last epoch is
+    that), when the trial has trained in full and pruning would only throw its result away."""
+    return epoch >= FIRST_PRUNABLE_EPOCH and not (last_seed and epoch >= epochs)
+
+
 def make_pruner(name: str, steps: int) -> optuna.pruners.BasePruner:
     """`steps`: reports per trial (epochs x repeats)."""
     if name == "median":

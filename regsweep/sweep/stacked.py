@@ -35,7 +35,7 @@ from ..training import FitResult, fit_stack, new_model
 from .completion import Completer, worker_count
 from .objective import fail_for_retry, mark_error, prepare_trial, reuse_twin
 from .runs import coefficients, create_run, repeats_params, summarise_repeats, trial_run_name
-from .space import FIRST_PRUNABLE_EPOCH
+from .space import prunable
 from .study import Heartbeats, SweepSettings, count_finished, storage_errors
 
 
@@ -371,7 +371,7 @@ class EpochHook:
             else:
                 self.pending.append(self.queue.submit(entry.trial.report, metrics["val/acc"], step))
             self.curves.setdefault(entry.trial.number, {})[step] = metrics["val/acc"]
-            prune = epoch >= FIRST_PRUNABLE_EPOCH and self.should_prune(k, entry.trial)
+            prune = prunable(epoch, self.settings.base.epochs) and self.should_prune(k, entry.trial)
         if prune:
             entry.pruned = f"pruned by {self.settings.pruner} pruner at epoch {epoch}: val/acc {metrics['val/acc']:.4f}"
             return entry.pruned
