@@ -338,7 +338,8 @@ def test_runs_and_filter_select_and_one_seed_gives_no_verdict(sweep):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
-    (["--experiment-name", "nope"], "no MLflow experiment 'nope'"),
+    (["--experiment-name", "nope"], "no MLflow experiment 'nope' (experiments: Default, other, rep); choose one with "
+                                    "--experiment-name (regsweep train logs into MLflow's Default"),
     (["--experiment-name", "rep", "--study-name", "nope"], "no study 'nope' in experiment 'rep' (studies there: pair)"),
     (["--parent-run-id", "0" * 32], "no run with id"),
     (["--experiment-name", "rep", "--filter", "params.l1 ==== 3"], "MLflow rejects the filter"),

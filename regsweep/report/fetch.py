@@ -85,7 +85,8 @@ def experiment_id_of(client: MlflowClient, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         known = ", ".join(sorted(e.name for e in client.search_experiments())) or "none"
-        raise ReportError(f"no MLflow experiment {name!r} (experiments: {known})")
+        raise ReportError(f"no MLflow experiment {name!r} (experiments: {known}); choose one with "
+                          "--experiment-name (regsweep train logs into MLflow's Default unless given one)")
     return experiment.experiment_id
 
 

@@ -160,8 +160,10 @@ def coefficient_response(table: pd.DataFrame) -> Figure:
                 group = group.sort_values(coef)
                 x = [pos[v] for v in group[coef]]
                 y = 100 * group["best_val_acc_mean"]
-                err = 100 * np.vstack([group["best_val_acc_mean"] - group["best_val_acc_ci_low"],
-                                       group["best_val_acc_ci_high"] - group["best_val_acc_mean"]])
+                # Clipped to what an accuracy can be: with two seeds a t-interval can span -200% to 300%, and
+                # drawn in full it flattens every mean into one line (the tables keep the interval as computed).
+                low, high = (np.clip(100 * group[f"best_val_acc_ci_{end}"], 0, 100) for end in ("low", "high"))
+                err = np.vstack([y - low, high - y])
                 ax.errorbar(x, y, yerr=np.nan_to_num(err), marker="o", capsize=4, lw=1.5,
                             label=rest if len(lines["rest"].unique()) <= MAX_NAMED else None,
                             color=plt.get_cmap("tab10")(i % 10))
@@ -185,7 +187,8 @@ def coefficient_response(table: pd.DataFrame) -> Figure:
                    title="best validation accuracy (%)" + (f", {only} only" if only else ""))
             ax.grid(False)
             fig.colorbar(im, ax=ax, label="%")
-        fig.suptitle("Coefficient response: best validation accuracy, mean over seeds with 95% t-interval")
+        fig.suptitle("Coefficient response: best validation accuracy, mean over seeds with 95% t-interval "
+                     "(clipped to 0-100%)")
         fig.tight_layout()
     return fig
 
@@ -288,7 +291,8 @@ def misclassification(images: np.ndarray | None, true: np.ndarray, base_pred: np
     panels = [
         (f"baseline {base_name}: {int((base_pred != true).sum())} wrong", np.flatnonzero(base_pred != true),
          base_pred),
-        (f"best {best_name}: {int((best_pred != true).sum())} wrong", np.flatnonzero(best_pred != true), best_pred),
+        (f"best regularised {best_name}: {int((best_pred != true).sum())} wrong", np.flatnonzero(best_pred != true),
+         best_pred),
         (f"fixed: baseline wrong, best right ({len(f['fixed'])})", f["fixed"], base_pred),
         (f"broken: baseline right, best wrong ({len(f['broken'])})", f["broken"], best_pred),
     ]
