@@ -70,6 +70,15 @@ class UsageFailure(click.ClickException):
     exit_code = 2
 
 
+class Interrupted(click.ClickException):
+    """Ctrl-C or SIGTERM stopped a sweep, which has ended its runs and queued its trials: one line, and the exit
+    status of a process ended by that signal (128 + its number), as a shell reports one."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
 class OutageStop(click.ClickException):
     """A store stopped answering mid-run: one line on stderr; exit code 75 (EX_TEMPFAIL): run it again."""
     exit_code = 75
@@ -348,6 +357,13 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
 
         raise click.ClickException(f"{exc}; the other workers finished their trials. Run again with: "
                                    f"{command_line()}") from None
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (tracking.terminal_status), after the runs ended KILLED
+        import signal
+
+        from .outage import command_line
+
+        raise Interrupted(f"interrupted: the runs in progress ended KILLED and their trials are queued again. "
+                          f"Run again with: {command_line()}", getattr(exc, "signum", signal.SIGINT)) from None
     counts = summary["counts"]
     click.echo(f"study {settings.study_name}: {counts['complete']} complete, {counts['pruned']} pruned, "
                f"{counts['fail']} failed; parent run {summary['parent_run_id']}")

@@ -59,7 +59,7 @@ def run_worker(settings: SweepSettings, parent_run_id: str, experiment_id: str, 
     if threads:
         torch.set_num_threads(threads)
     mlflow.set_tracking_uri(tracking_uri)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # as in optimize
     with storage_errors(settings.storage), tracking_watch(settings.tracking_timeout, tracking_uri):
         study = load_study(settings, tracking_uri, worker_index)
         data = load_for(settings.base)
@@ -136,7 +136,9 @@ def optimize(settings: SweepSettings) -> dict:
     """
     client = MlflowClient()
     tracking_uri = mlflow.get_tracking_uri()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep prints its own summary
+    # The sweep says what became of each trial itself (its runs' tags, the summary, one line on a stop); Optuna's
+    # warnings would repeat a stopped or failed trial with a traceback, a Ctrl-C included.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     with storage_errors(settings.storage), tracking_watch(settings.tracking_timeout, tracking_uri):
         experiment_id = use_experiment(settings.experiment_name)
         study = load_study(settings, tracking_uri)
