@@ -19,7 +19,7 @@ from regsweep.cli import cli
 from regsweep.outage import EXIT_OUTAGE
 
 from .servers import MlflowServer
-from .test_sweep import SMALL
+from .test_sweep import SLOW_EPOCHS, SMALL
 
 pytestmark = pytest.mark.slow
 
@@ -45,8 +45,9 @@ def tracking(server, monkeypatch, tmp_path):
     mlflow.set_tracking_uri(None)
 
 
-def start(args: list[str], tmp_path: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "regsweep", *args], cwd=tmp_path, text=True,
+def start(args: list[str], tmp_path: Path, pause: float = 0.0) -> subprocess.Popen:
+    """regsweep in a subprocess, each training epoch followed by `pause` seconds (test_sweep.SLOW_EPOCHS)."""
+    return subprocess.Popen([sys.executable, "-c", SLOW_EPOCHS, str(pause), *args], cwd=tmp_path, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -100,8 +101,8 @@ def test_outage_shorter_than_the_timeout_is_ridden_out_and_loses_nothing(server,
 def test_longer_outage_stops_the_sweep_in_time_and_resume_reruns_the_trial_and_ends_its_run(
         server, tracking, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    proc = start(["optimize", *SMALL, "--epochs", "500", "--trials", "1", "--pruner", "none", "--storage", storage,
-                  "--experiment-name", "beyond", "--tracking-timeout", "6"], tmp_path)
+    proc = start(["optimize", *SMALL, "--epochs", "12", "--trials", "1", "--pruner", "none", "--storage", storage,
+                  "--experiment-name", "beyond", "--tracking-timeout", "6"], tmp_path, pause=2.0)
     victim = wait_for_epoch(tracking, "beyond", proc)
     server.stop()
     down = time.time()
@@ -120,7 +121,7 @@ def test_longer_outage_stops_the_sweep_in_time_and_resume_reruns_the_trial_and_e
 
     server.start()
     assert tracking.get_run(victim.info.run_id).info.status == "RUNNING"  # nobody could end it
-    result = CliRunner().invoke(cli, ["optimize", *SMALL, "--epochs", "1", "--trials", "1", "--pruner", "none",
+    result = CliRunner().invoke(cli, ["optimize", *SMALL, "--epochs", "12", "--trials", "1", "--pruner", "none",
                                       "--storage", storage, "--experiment-name", "beyond",
                                       "--tracking-timeout", "6"])
     assert result.exit_code == 0, result.output

@@ -18,7 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from .servers import MlflowServer, free_port
-from .test_sweep import SMALL
+from .test_sweep import SLOW_EPOCHS, SMALL
 
 pytestmark = pytest.mark.slow
 
@@ -139,7 +139,9 @@ def test_postgresql_stopped_mid_sweep_stops_with_one_line_and_resume_loses_nothi
     name = f"pg-outage-{stack}"
     cmd = ["optimize", *SMALL, "--trials", str(stack), "--stack", str(stack), "--storage", postgres.url,
            "--pruner", "none", "--study-name", name, "--experiment-name", name]
-    proc = subprocess.Popen([sys.executable, "-m", "regsweep", *cmd, "--epochs", "500"], cwd=tmp_path, text=True,
+    # Slow epochs (12, each followed by 2 s), so that the outage meets training and the resume, which must
+    # train as many epochs as the study's first start, is quick.
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_EPOCHS, "2", *cmd, "--epochs", "12"], cwd=tmp_path, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     client = MlflowClient()
     victim = wait_for_epoch(client, name, proc)
@@ -162,7 +164,7 @@ def test_postgresql_stopped_mid_sweep_stops_with_one_line_and_resume_loses_nothi
     study = optuna.load_study(study_name=name, storage=postgres.url)
     assert [t.state.name for t in study.trials] == ["RUNNING"] * stack  # as far as the storage got to know
 
-    result = CliRunner().invoke(cli, [*cmd, "--epochs", "1"])
+    result = CliRunner().invoke(cli, [*cmd, "--epochs", "12"])
     assert result.exit_code == 0, result.output
     study = optuna.load_study(study_name=name, storage=postgres.url)
     assert [t.state.name for t in study.trials] == ["FAIL"] * stack + ["COMPLETE"] * stack

@@ -93,7 +93,15 @@ def test_resuming_with_a_clashing_search_space_is_refused_before_any_run(trackin
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     optimize("--grid", "l1=0,0.001", "--storage", storage, "--pruner", "none", "--epochs", "1")
     for args, message in ((["--grid", "l1=0,0.0005"], "searched l1 as one of 0.0, 0.001, not one of 0.0, 0.0005"),
-                          ([], "searched l1 as one of 0.0, 0.001, not a range (1e-06 to 0.01)")):
+                          ([], "searched l1 as one of 0.0, 0.001, not a range (1e-06 to 0.01)"),
+                          # other settings: trials that would not compare with the study's
+                          (["--grid", "l1=0,0.001", "--epochs", "2", "--repeats", "2"],
+                           "study 'regsweep' was run with epochs=1 (now 2), repeats=1 (now 2): trials trained "
+                           "otherwise would not compare"),
+                          (["--grid", "l1=0,0.001", "--epochs", "1", "--threads", "1"], None)):  # how, not what
+        if message is None:
+            optimize(*args, "--trials", "2", "--storage", storage)
+            continue
         out = optimize(*args, "--trials", "4", "--storage", storage, expect=2)
         lines = [line for line in out.output.splitlines() if line.strip()]
         assert len(lines) == 1 and message in lines[0] and "--study-name" in lines[0], out.output
@@ -160,11 +168,28 @@ def test_divergent_trial_is_pruned_with_its_reason_and_the_sweep_goes_on(trackin
         assert run.info.status == "FAILED" and run.data.tags["optuna.state"] == "PRUNED"
 
 
-def start_until_a_trial_trains(tracking_uri: str, args: list[str], capture: bool = False):
-    """Start a sweep in a subprocess; return it and the first trial run that has logged an epoch. With
-    `capture`, its output is piped (read it with communicate, which also waits for whatever inherited it)."""
+# `python -c SLOW_EPOCHS seconds optimize ...`: regsweep with every training epoch followed by a pause, so that a
+# test can stop a sweep mid-trial and resume it with the same (few) epochs. Not in spawned worker processes.
+SLOW_EPOCHS = """if True:
+    import sys, time
+    import regsweep.training as training
+    pause, epoch = float(sys.argv.pop(1)), training.train_epoch
+    def slow_epoch(*args, **kwargs):
+        out = epoch(*args, **kwargs)
+        time.sleep(pause)
+        return out
+    training.train_epoch = slow_epoch
+    from regsweep.cli import cli
+    cli(sys.argv[1:], prog_name="regsweep")
+"""
+
+
+def start_until_a_trial_trains(tracking_uri: str, args: list[str], capture: bool = False, pause: float = 0.0):
+    """Start a sweep in a subprocess (each epoch followed by `pause` seconds); return it and the first trial run
+    that has logged an epoch. With `capture`, its output is piped (read it with communicate, which also waits
+    for whatever inherited it)."""
     out = subprocess.PIPE if capture else subprocess.DEVNULL
-    proc = subprocess.Popen([sys.executable, "-m", "regsweep", "optimize", *args],
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_EPOCHS, str(pause), "optimize", *args],
                             env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}, stdout=out, stderr=out,
                             text=True)
     client = MlflowClient()
@@ -180,10 +205,14 @@ def start_until_a_trial_trains(tracking_uri: str, args: list[str], capture: bool
     return proc, victim
 
 
+KILL_EPOCHS = "4"  # of a sweep stopped mid-trial, each followed by a 2 s pause; a resume must train as many
+
+
 def start_and_kill_mid_trial(tracking_uri: str, storage: str, sig: int, *more: str):
-    """Start a long sweep in a subprocess, wait until a trial has logged an epoch, send `sig`."""
-    proc, victim = start_until_a_trial_trains(tracking_uri, [*SMALL, "--epochs", "30", "--trials", "2",
-                                                             "--storage", storage, "--pruner", "none", *more])
+    """Start a slow sweep in a subprocess, wait until a trial has logged an epoch, send `sig`."""
+    proc, victim = start_until_a_trial_trains(tracking_uri, [*SMALL, "--epochs", KILL_EPOCHS, "--trials", "2",
+                                                             "--storage", storage, "--pruner", "none", *more],
+                                              pause=2.0)
     proc.send_signal(sig)
     proc.wait(timeout=60)
     return victim
@@ -203,7 +232,7 @@ def test_sigterm_ends_parent_and_trial_killed_and_resume_reruns_the_trial(tracki
     assert study.trials[1].system_attrs["failed_trial"] == 0
     assert study.trials[0].user_attrs["fail_kind"] == "interrupted"
 
-    optimize("--epochs", "1", "--trials", "2", "--storage", storage, "--pruner", "none")
+    optimize("--epochs", KILL_EPOCHS, "--trials", "2", "--storage", storage, "--pruner", "none")  # its settings
     study = load(storage)
     assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE", "COMPLETE"]
     assert study.trials[1].params == study.trials[0].params  # the interrupted configuration ran again
@@ -218,7 +247,7 @@ def test_sigkilled_worker_trial_is_failed_its_run_killed_and_retried_on_resume(t
     client = MlflowClient()
     assert client.get_run(victim.info.run_id).info.status == "RUNNING"  # nobody could mark it
 
-    optimize("--epochs", "2", "--trials", "2", "--storage", storage, "--pruner", "none")  # resume, shorter
+    optimize("--epochs", KILL_EPOCHS, "--trials", "2", "--storage", storage, "--pruner", "none")  # resume
     killed = client.get_run(victim.info.run_id)
     assert killed.info.status == "KILLED"
     assert killed.data.tags["optuna.state"] == "FAIL" and "worker died" in killed.data.tags["regsweep.stop_reason"]

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from regsweep.cli import cli
 from regsweep.outage import pid_alive
 
-from .test_sweep import SMALL, load, start_and_kill_mid_trial, study_runs
+from .test_sweep import KILL_EPOCHS, SMALL, load, start_and_kill_mid_trial, study_runs
 
 GRID = ["--grid", "l1=0,0.001 l2=0,0.0005", "--epochs", "2", "--pruner", "none"]
 
@@ -388,7 +388,7 @@ def test_a_stacked_worker_that_dies_on_another_host_has_its_trials_found_stale_a
     watch = optuna.storages.RDBStorage(storage, heartbeat_interval=1, grace_period=2)
     assert sorted(watch._get_stale_trial_ids(study._study_id)) == sorted(t._trial_id for t in dead)
 
-    optimize("--epochs", "2", "--trials", "2", "--storage", storage, "--pruner", "none", *stacked)  # resume
+    optimize("--epochs", KILL_EPOCHS, "--trials", "2", "--storage", storage, "--pruner", "none", *stacked)  # resume
     study = load(storage)
     assert [t.state.name for t in study.trials].count("COMPLETE") == 2
     assert {t.number for t in study.trials if t.state.name == "FAIL"} == {t.number for t in dead}
@@ -430,7 +430,7 @@ def test_stacked_worker_processes_stopped_end_every_run_killed_and_queue_every_t
     SIGTERM too), or the driver dies at once (then the workers notice it is gone, and the parent run is left
     to the resume); a resume trains exactly the interrupted trials."""
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    args = [*SMALL, "--trials", "4", "--stack", "2", "--workers", "2", "--epochs", "30", "--pruner", "none",
+    args = [*SMALL, "--trials", "4", "--stack", "2", "--workers", "2", "--epochs", "12", "--pruner", "none",
             "--storage", storage, "--sampler", "random"]
     proc = subprocess.Popen([sys.executable, "-m", "regsweep", "optimize", *args], start_new_session=True,
                             env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
@@ -464,7 +464,7 @@ def test_stacked_worker_processes_stopped_end_every_run_killed_and_queue_every_t
     study = load(storage)
     assert sorted(t.state.name for t in study.trials) == ["FAIL"] * 4 + ["WAITING"] * 4
 
-    optimize("--trials", "4", "--stack", "2", "--epochs", "1", "--pruner", "none", "--storage", storage,
+    optimize("--trials", "4", "--stack", "2", "--epochs", "12", "--pruner", "none", "--storage", storage,
              "--sampler", "random")
     study = load(storage)
     assert sorted(t.state.name for t in study.trials) == ["COMPLETE"] * 4 + ["FAIL"] * 4

@@ -23,15 +23,7 @@ from ..config import TrainConfig
 from ..outage import STOP_REASON_TAG, TAG_LIMIT, Outage
 from .runs import STUDY_TAG, coefficients, create_run, repeats_params, summarise_repeats, trial_run_name
 from .space import prunable, suggest_penalties
-from .study import FINISHED, SweepSettings, queue_retry, storage_errors
-
-# Settings that say how a run executes or what it logs, not what it learns: two trials that differ only
-# in these are the same configuration, and a finished one's result is reused for the other. The device is
-# here (a study resumed on another machine reuses its results); the numerics switches (tf32, deterministic,
-# precision) are not, so a study resumed with other numerics trains anew. The report groups runs more
-# loosely (report/stats.py NOT_SETTINGS): for comparing, seeds and float rounding are noise it measures.
-RUN_ONLY = ("threads", "log_model", "log_images", "data_dir", "download", "compile", "device", "cuda_graph")
-
+from .study import FINISHED, RUN_ONLY, SweepSettings, queue_retry, storage_errors
 
 def configuration_key(settings: SweepSettings, penalties: dict[str, float]) -> str:
     """What decides a trial's result, as a short hash: l1, l2, the seeds (--seed and --repeats) and every

@@ -13,6 +13,7 @@ import socket
 import threading
 import warnings
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import dataclass
 
 import optuna
@@ -233,6 +234,23 @@ def reap_dead_local_trials(study: optuna.Study, handler: StaleTrialHandler) -> l
     return reaped
 
 
+# Settings that say how a run executes or what it logs, not what it learns: two trials that differ only
+# in these are the same configuration, and a finished one's result is reused for the other. The device is
+# here (a study resumed on another machine reuses its results); the numerics switches (tf32, deterministic,
+# precision) are not. The report groups runs more loosely (report/stats.py NOT_SETTINGS): for comparing,
+# seeds and float rounding are noise it measures.
+RUN_ONLY = ("threads", "log_model", "log_images", "data_dir", "download", "compile", "device", "cuda_graph")
+SETTINGS_ATTR = "regsweep_settings"  # the study's user attribute holding study_settings from its first start
+
+
+def study_settings(settings: SweepSettings) -> dict[str, str]:
+    """What decides a trial's value besides its l1 and l2: every setting but RUN_ONLY (the seed included), and
+    --repeats. A study keeps to those of its first start: trials trained otherwise would not compare, and its
+    best trial would be picked among values of different experiments."""
+    fields = {k: str(v) for k, v in dataclasses.asdict(settings.base).items() if k not in RUN_ONLY + ("l1", "l2")}
+    return fields | {"repeats": str(settings.repeats)}
+
+
 def load_study(settings: SweepSettings, tracking_uri: str | None = None, worker_index: int = 0) -> optuna.Study:
     study = optuna.create_study(
         study_name=settings.study_name, storage=open_storage(settings, tracking_uri), load_if_exists=True,
@@ -242,6 +260,8 @@ def load_study(settings: SweepSettings, tracking_uri: str | None = None, worker_
     # a training seed, may exceed.)
     seed = None if settings.seed is None else (settings.seed + 1000 * worker_index + len(study.trials)) % 2**32
     study.sampler = make_sampler(settings.sampler, settings.space, seed)
+    if SETTINGS_ATTR not in study.user_attrs:  # its first start (or one from before the study kept them)
+        study.set_user_attr(SETTINGS_ATTR, study_settings(settings))
     if study.metric_names != [OBJECTIVE_NAME]:
         study.set_metric_names([OBJECTIVE_NAME])
     return study
@@ -255,6 +275,12 @@ def check_resumable(settings: SweepSettings) -> None:
     except KeyError:  # no such study yet
         return
     settings.space.check_resumable(study.get_trials(deepcopy=False))
+    kept, wanted = study.user_attrs.get(SETTINGS_ATTR), study_settings(settings)
+    changed = [f"{k}={kept.get(k)} (now {v})" for k, v in wanted.items() if kept and kept.get(k) != v]
+    if changed:
+        raise ConfigError(f"study {settings.study_name!r} was run with {', '.join(changed)}: trials trained "
+                          "otherwise would not compare with its earlier ones; resume it with its settings, or "
+                          "start another with --study-name")
 
 
 def count_finished(study: optuna.Study, include_running: bool = False) -> int:
