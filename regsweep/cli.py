@@ -312,6 +312,9 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
         sampler = sampler or ("grid" if grid else "tpe")
         if grid and ctx.get_parameter_source("trials") == click.core.ParameterSource.DEFAULT:
             trials = space.grid_size()
+        elif grid and trials > space.grid_size():  # Optuna's grid sampler stops the study once the grid is used
+            raise ConfigError(f"--trials {trials} is more than the grid's {space.grid_size()} configurations, each "
+                              "trained once (more seeds of each: --repeats)")
         if stack != "auto" and not (stack.isdigit() and int(stack) >= 1):
             raise ConfigError(f"--stack must be auto or a whole number >= 1, got {stack!r}")
         if refill and base.optimizer != "sgd":
