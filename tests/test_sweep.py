@@ -87,6 +87,10 @@ def test_rerun_resumes_and_tops_up_without_duplicating(tracking_uri, tmp_path):
     parents, children = study_runs()
     assert len(parents) == 1 and len(children) == 3
     assert parents[0].info.status == "FINISHED"
+    # The study's table of trials, rewritten at each finish, lists each trial once (log_table would append).
+    table = MlflowClient().load_table(parents[0].info.experiment_id, "study/trials.json",
+                                      run_ids=[parents[0].info.run_id])
+    assert sorted(table["number"]) == [0, 1, 2]
 
 
 def test_resuming_with_a_clashing_search_space_is_refused_before_any_run(tracking_uri, tmp_path):

@@ -178,4 +178,11 @@ def log_study_plots(study: optuna.Study, parent_run_id: str) -> None:
              "l2": effective_penalties(t)[1], "epochs": len(t.intermediate_values),
              "run_ids": ",".join(t.user_attrs.get("mlflow_run_ids", []))} for t in study.trials]
     import pandas as pd
-    client.log_table(parent_run_id, pd.DataFrame(rows), "study/trials.json")
+
+    table, path = pd.DataFrame(rows), "study/trials.json"
+    if any(a.path == path for a in client.list_artifacts(parent_run_id, "study")):
+        # log_table appends to a table the run has: each resume would list the earlier trials again. The file
+        # is rewritten whole instead, in the format log_table writes (its first call marked it as a table).
+        client.log_dict(parent_run_id, json.loads(table.to_json(orient="split", index=False)), path)
+    else:
+        client.log_table(parent_run_id, table, path)
