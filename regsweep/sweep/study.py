@@ -244,10 +244,13 @@ SETTINGS_ATTR = "regsweep_settings"  # the study's user attribute holding study_
 
 
 def study_settings(settings: SweepSettings) -> dict[str, str]:
-    """What decides a trial's value besides its l1 and l2: every setting but RUN_ONLY (the seed included), and
-    --repeats. A study keeps to those of its first start: trials trained otherwise would not compare, and its
-    best trial would be picked among values of different experiments."""
-    fields = {k: str(v) for k, v in dataclasses.asdict(settings.base).items() if k not in RUN_ONLY + ("l1", "l2")}
+    """What decides a trial's value besides its l1 and l2: every setting but RUN_ONLY, and --repeats. A study
+    keeps to those of its first start: trials trained otherwise would not compare, and its best trial would be
+    picked among values of different experiments. Not the seed: it is noise the study's values carry anyway
+    (the report treats it so too), and machines sharing a study may each give their own --seed, which also
+    keeps their samplers apart."""
+    excluded = RUN_ONLY + ("l1", "l2", "seed")
+    fields = {k: str(v) for k, v in dataclasses.asdict(settings.base).items() if k not in excluded}
     return fields | {"repeats": str(settings.repeats)}
 
 
