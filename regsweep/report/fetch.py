@@ -106,7 +106,8 @@ def select(selection: Selection, client: MlflowClient) -> tuple[pd.DataFrame, di
         foreign = runs.loc[stats.classify_runs(runs) != "training", "run_id"].tolist()
         if foreign:
             raise ReportError(f"not regsweep training runs (which have l1, l2, seed and model params; a sweep's "
-                              f"study and the runs holding a trial's seeds have no seed): {', '.join(foreign)}")
+                              f"study and the runs holding a trial's seeds have no seed: give those as "
+                              f"--parent-run-id): {', '.join(foreign)}")
         experiment_id = str(runs["experiment_id"].iloc[0]) if len(runs) else "0"
         return runs, {"name": "runs", "experiment_id": experiment_id, "description": f"{len(ids)} named runs"}
 
