@@ -320,8 +320,13 @@ def coefficient_metrics(cfg: TrainConfig) -> dict[str, float]:
     return {"l1": cfg.l1, "l2": cfg.l2}
 
 
+def run_params(cfg: TrainConfig, data: MnistSplits, n_params: int) -> dict[str, str]:
+    """A training run's params: its configuration, its parameter count and its splits' sizes."""
+    return {k: str(v) for k, v in {**cfg.as_params(), "n_params": n_params, **data.sizes()}.items()}
+
+
 def log_config(cfg: TrainConfig, data: MnistSplits, n_params: int) -> None:
-    params = {**cfg.as_params(), "n_params": n_params, **data.sizes()}
+    params = run_params(cfg, data, n_params)
     # `mlflow run` has already logged the MLproject parameters as the user typed them (e.g. l1=1e-3);
     # MLflow forbids changing a param, so only the ones it has not logged are added. (A sweep has logged them
     # all, and the coefficients, when it created the run.)

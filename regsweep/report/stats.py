@@ -24,7 +24,7 @@ NO_VERDICT = "one seed: no verdict"
 
 # Params that say how or where a run was executed, or that follow from other settings; they do not make a
 # different configuration. (device, tf32, deterministic: a run of one configuration differs by float rounding
-# only; a sweep, deciding whether to reuse a result, is stricter: sweep/objective.py RUN_ONLY.)
+# only; a sweep, deciding whether to reuse a result, is stricter: sweep/study.py RUN_ONLY.)
 NOT_SETTINGS = ("seed", "data_dir", "download", "log_model", "log_images", "threads", "compile", "device",
                 "cuda_graph", "deterministic", "tf32", "n_params", "n_train", "n_val", "n_test")
 # Params every regsweep training run logs; a run without them is not one.

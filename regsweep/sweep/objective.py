@@ -7,7 +7,6 @@ A trial stopped by Ctrl-C, SIGTERM or an unreachable store is failed and queued 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -23,14 +22,13 @@ from ..config import TrainConfig
 from ..outage import STOP_REASON_TAG, TAG_LIMIT, Outage
 from .runs import STUDY_TAG, coefficients, create_run, repeats_params, summarise_repeats, trial_run_name
 from .space import prunable, suggest_penalties
-from .study import FINISHED, RUN_ONLY, SweepSettings, queue_retry, storage_errors
+from .study import FINISHED, SweepSettings, deciding_settings, queue_retry, storage_errors
 
 def configuration_key(settings: SweepSettings, penalties: dict[str, float]) -> str:
-    """What decides a trial's result, as a short hash: l1, l2, the seeds (--seed and --repeats) and every
-    fixed setting that changes what is learned. A study resumed with other settings (say --epochs) does not
-    mistake its trials for the earlier ones."""
-    cfg = dataclasses.asdict(settings.base.replace(**penalties))
-    fields = {k: v for k, v in cfg.items() if k not in RUN_ONLY} | {"repeats": settings.repeats}
+    """What decides a trial's result (study.deciding_settings: l1, l2, the seeds and every fixed setting that
+    changes what is learned), as a short hash. Trials of machines that share a study with their own --seed
+    are told apart by it."""
+    fields = deciding_settings(settings, settings.base.replace(**penalties))
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

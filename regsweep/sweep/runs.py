@@ -83,9 +83,11 @@ def repeats_params(cfg: TrainConfig, repeats: int, n_params: int, data) -> list[
     """The params of the run that holds a configuration's seeds under --repeats: those of its seed runs, so
     that it shows, sorts and filters by them beside them in the MLflow UI, with `seeds` (first-last) instead
     of `seed` (it trains nothing itself, and the report tells it from training runs by that)."""
-    params = {**cfg.as_params(), "n_params": n_params, **data.sizes()}
+    from ..tracking import run_params
+
+    params = run_params(cfg, data, n_params)
     first = int(params.pop("seed"))
-    return [Param(k, str(v)) for k, v in params.items()] + [Param("seeds", f"{first}-{first + repeats - 1}")]
+    return [Param(k, v) for k, v in params.items()] + [Param("seeds", f"{first}-{first + repeats - 1}")]
 
 
 def trial_run_name(trial_number: int, penalties: dict[str, float]) -> str:

@@ -30,7 +30,7 @@ from optuna.trial import TrialState
 from ..config import TrainConfig
 from ..models import count_parameters
 from ..outage import STOP_REASON_TAG, TAG_LIMIT, WORKER_TAG, Outage, worker_id
-from ..tracking import device_tags
+from ..tracking import device_tags, run_params
 from ..training import FitResult, fit_stack, new_model
 from .completion import Completer, worker_count
 from .objective import fail_for_retry, mark_error, prepare_trial, reuse_twin
@@ -158,8 +158,8 @@ def open_runs(settings: SweepSettings, data, trial: optuna.Trial, parent_run_id:
                              {**tags, "mlflow.parentRunId": parent})
             entry.run_ids.append(run.info.run_id)
             # The params now, so the run reads as a configuration from its first epoch on.
-            params = {**cfg.as_params(), "n_params": n_params, **data.sizes()}
-            client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()],
+            params = run_params(cfg, data, n_params)
+            client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()],
                              metrics=coefficients(cfg))
         trial.set_user_attr("mlflow_run_ids", entry.all_run_ids)
     except BaseException as exc:  # the trial is told with the stack (TrialStack.unopened); its runs end here

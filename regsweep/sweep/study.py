@@ -243,15 +243,19 @@ RUN_ONLY = ("threads", "log_model", "log_images", "data_dir", "download", "compi
 SETTINGS_ATTR = "regsweep_settings"  # the study's user attribute holding study_settings from its first start
 
 
+def deciding_settings(settings: SweepSettings, cfg: TrainConfig | None = None) -> dict:
+    """What decides a trial's value: every setting of `cfg` (default: the sweep's base) but RUN_ONLY, and
+    --repeats."""
+    fields = dataclasses.asdict(cfg or settings.base)
+    return {k: v for k, v in fields.items() if k not in RUN_ONLY} | {"repeats": settings.repeats}
+
+
 def study_settings(settings: SweepSettings) -> dict[str, str]:
-    """What decides a trial's value besides its l1 and l2: every setting but RUN_ONLY, and --repeats. A study
-    keeps to those of its first start: trials trained otherwise would not compare, and its best trial would be
-    picked among values of different experiments. Not the seed: it is noise the study's values carry anyway
-    (the report treats it so too), and machines sharing a study may each give their own --seed, which also
-    keeps their samplers apart."""
-    excluded = RUN_ONLY + ("l1", "l2", "seed")
-    fields = {k: str(v) for k, v in dataclasses.asdict(settings.base).items() if k not in excluded}
-    return fields | {"repeats": str(settings.repeats)}
+    """deciding_settings but l1, l2 and the seed, as text. A study keeps to those of its first start: trials
+    trained otherwise would not compare, and its best trial would be picked among values of different
+    experiments. Not the seed: it is noise the study's values carry anyway (the report treats it so too), and
+    machines sharing a study may each give their own --seed, which also keeps their samplers apart."""
+    return {k: str(v) for k, v in deciding_settings(settings).items() if k not in ("l1", "l2", "seed")}
 
 
 def load_study(settings: SweepSettings, tracking_uri: str | None = None, worker_index: int = 0) -> optuna.Study:
