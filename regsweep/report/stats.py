@@ -67,10 +67,11 @@ def select_training_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, in
     """The runs the statistics use, with a `configuration` label and a numeric `seed`, and what was left out.
 
     Left out, each counted by reason: runs that diverged, other FAILED, KILLED and RUNNING runs; runs a pruner
-    cut short; runs that are not regsweep's; and older repeats of the same configuration and seed (the newest
-    one counts, so that a configuration's n is its number of seeds). A configuration whose seeds diverged
-    only in part would look better than it is with them left out silently: `diverged_seeds` counts, for each
-    configuration kept, its seeds that diverged and have no run that trained.
+    cut short; sweep runs given a finished twin's result (the twin's run counts); runs that are not regsweep's;
+    and older repeats of the same configuration and seed (the newest one counts, so that a configuration's n
+    is its number of seeds). A configuration whose seeds diverged only in part would look better than it is
+    with them left out silently: `diverged_seeds` counts, for each configuration kept, its seeds that diverged
+    and have no run that trained.
     """
     kind = classify_runs(runs)
     left_out: dict[str, int] = {}
@@ -91,12 +92,15 @@ def select_training_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, in
         if n:
             left_out[status] = n
     finished = training[training["status"] == "FINISHED"]
-    if "metrics.best_val_acc" in finished:
-        finished = finished[finished["metrics.best_val_acc"].notna()]
-    else:
-        finished = finished.iloc[:0]
-    if n := len(training) - (training["status"] != "FINISHED").sum() - len(finished):
-        left_out["without a summary"] = int(n)
+    # A sweep trial given a finished twin's result trained nothing: its run names the run that trained.
+    reused = tag("regsweep.reused_run").loc[finished.index] != ""
+    if reused.any():
+        left_out["reused a twin's result (the twin's run counts)"] = int(reused.sum())
+        finished = finished[~reused]
+    summarised = finished.get("metrics.best_val_acc", pd.Series(np.nan, index=finished.index)).notna()
+    if not summarised.all():
+        left_out["without a summary"] = int((~summarised).sum())
+    finished = finished[summarised]
     short = cut_short(finished)
     if short.any():
         left_out["pruned"] = int(short.sum())
