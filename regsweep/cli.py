@@ -368,8 +368,9 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
         raise Interrupted(f"interrupted: the runs in progress ended KILLED and their trials are queued again. "
                           f"Run again with: {command_line()}", getattr(exc, "signum", signal.SIGINT)) from None
     counts = summary["counts"]
+    surplus = f" ({summary['surplus']} over --trials, not trained)" if summary.get("surplus") else ""
     click.echo(f"study {settings.study_name}: {counts['complete']} complete, {counts['pruned']} pruned, "
-               f"{counts['fail']} failed; parent run {summary['parent_run_id']}")
+               f"{counts['fail']} failed{surplus}; parent run {summary['parent_run_id']}")
     if "best_value" in summary:
         click.echo(f"best trial {summary['best_trial']}: val acc {100 * summary['best_value']:.2f}% with "
                    f"l1={summary['best_l1']:.3g} l2={summary['best_l2']:.3g} (run {summary['best_run_id']})")

@@ -160,6 +160,37 @@ def test_two_workers_share_the_study_without_duplicates(tracking_uri, tmp_path):
     assert sorted(int(c.data.tags["optuna.trial_number"]) for c in children) == [0, 1, 2, 3]
 
 
+@pytest.mark.parametrize("stack", ["1", "2"])
+def test_a_trial_asked_beyond_trials_by_a_worker_that_looked_too_early_fails_untrained(tracking_uri, tmp_path,
+                                                                                        monkeypatch, stack):
+    """Two workers that count the study one trial short at the same moment both ask one. Here the other
+    worker's trials are RUNNING already and this one counted just before they appeared: its trial is failed
+    with its reason before anything is suggested or logged, and the study keeps exactly --trials."""
+    from regsweep.sweep import driver, stacked, study as study_module
+
+    trials = int(stack)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    other = optuna.create_study(study_name="regsweep", storage=storage, direction="maximize")
+    for _ in range(trials):
+        other.ask()  # the other worker's trials, training
+
+    def looked_too_early(study, include_running=False):
+        real = study_module.count_finished(study, include_running)
+        return real - trials if len(study.trials) == trials else real
+
+    monkeypatch.setattr(driver, "count_finished", looked_too_early)
+    monkeypatch.setattr(stacked, "count_finished", looked_too_early)
+    result = optimize("--trials", str(trials), "--stack", stack, "--storage", storage, "--epochs", "1")
+    assert "0 complete, 0 pruned, 1 failed (1 over --trials, not trained)" in result.output
+    states = [(t.number, t.state.name) for t in load(storage).trials]
+    assert states == [*((n, "RUNNING") for n in range(trials)), (trials, "FAIL")]
+    surplus = load(storage).trials[trials]
+    assert surplus.user_attrs["fail_kind"] == "surplus" and surplus.params == {}
+    assert "had its" in surplus.user_attrs["fail_reason"]
+    _, children = study_runs()
+    assert children == []  # nothing trained, nothing logged for it
+
+
 def test_divergent_trial_is_pruned_with_its_reason_and_the_sweep_goes_on(tracking_uri, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     optimize("--trials", "2", "--storage", storage, "--l1-range", "1e6", "1e7", "--no-l1-zero", "--lr", "10",

@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 from ..outage import (EXIT_OUTAGE, STOP_REASON_TAG, WORKER_TAG, Outage, StorageOutage, TrackingOutage,
                       end_orphaned_runs, redact, tracking_watch, when_parent_gone, worker_id)
 from ..tracking import terminal_status, use_experiment
-from .objective import Objective
+from .objective import Objective, Surplus
 from .runs import STUDY_TAG, find_or_create_parent, finish_study
 from .stacked import run_stacked
 from .study import (FINISHED, StaleTrialHandler, SweepSettings, count_finished, end_dead_run, has_waiting,
@@ -70,7 +70,9 @@ def run_worker(settings: SweepSettings, parent_run_id: str, experiment_id: str, 
         # Running trials count towards the total so that parallel workers stop at exactly `trials`.
         stop_at_total = optuna.study.MaxTrialsCallback(settings.trials, states=FINISHED + (TrialState.RUNNING,))
         if count_finished(study, include_running=True) < settings.trials or has_waiting(study):
-            study.optimize(objective, callbacks=[stop_at_total], timeout=settings.timeout, gc_after_trial=True)
+            # A Surplus trial (asked by two workers at once) ends FAIL with its reason and stops this worker.
+            study.optimize(objective, callbacks=[stop_at_total], timeout=settings.timeout, gc_after_trial=True,
+                           catch=(Surplus,))
 
 
 def worker_process(*args) -> None:

@@ -2,7 +2,8 @@
 
 A configuration is trained once per study: a trial whose configuration equals a finished trial's takes
 that trial's result (Optuna's FAQ recipe for duplicated samples) in a run tagged `regsweep.reused_run`.
-A trial stopped by Ctrl-C, SIGTERM or an unreachable store is failed and queued again.
+A trial stopped by Ctrl-C, SIGTERM or an unreachable store is failed and queued again. A trial that parallel
+workers asked beyond `--trials` is failed before it suggests anything (Surplus).
 """
 
 from __future__ import annotations
@@ -41,10 +42,30 @@ def finished_twin(trials: list[optuna.trial.FrozenTrial], key: str, number: int)
     return None
 
 
+class Surplus(Exception):
+    """A trial asked when the study already had its `--trials`: it is failed untrained (fail_kind "surplus")."""
+
+
+def check_not_surplus(settings: SweepSettings, trial: optuna.Trial, trials: list[optuna.trial.FrozenTrial]) -> None:
+    """Parallel workers (or stacks) that see the study one trial short at the same moment each ask one. The
+    storage numbers them, so a later one knows it is over `--trials` from the trials numbered before it that
+    count (finished, running, or queued to run): it says why and raises before anything is suggested or logged."""
+    before = sum(t.number < trial.number and t.state in (*FINISHED, TrialState.RUNNING, TrialState.WAITING)
+                 for t in trials)
+    if before >= settings.trials:
+        reason = (f"not trained: the study had its {settings.trials} trials when this one was asked "
+                  f"(parallel workers asked at once)")
+        trial.set_user_attr("fail_kind", "surplus")
+        trial.set_user_attr("fail_reason", reason)
+        raise Surplus(reason)
+
+
 def prepare_trial(settings: SweepSettings, trial: optuna.Trial):
     """Suggest the trial's coefficients, record its worker and configuration, and find a finished twin.
-    Returns (penalties, twin or None, the tags its runs start with: a retry names the trial it repeats)."""
+    Returns (penalties, twin or None, the tags its runs start with: a retry names the trial it repeats).
+    Raises Surplus for a trial beyond `--trials`."""
     trials = trial.study.get_trials(deepcopy=False)
+    check_not_surplus(settings, trial, trials)
     me = next(t for t in trials if t.number == trial.number)
     # A queued trial (a retry, or enqueue_trial) has its switches decided already; they are kept.
     decided = {**me.system_attrs.get("fixed_params", {}), **me.params}

@@ -125,7 +125,9 @@ def finish_study(settings: SweepSettings, study: optuna.Study, parent_run_id: st
               for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
     for key, value in counts.items():
         client.log_metric(parent_run_id, f"trials_{key}", value)
-    summary = {"counts": counts}
+    surplus = sum(t.user_attrs.get("fail_kind") == "surplus"
+                  for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+    summary = {"counts": counts, "surplus": surplus}
     if complete:
         best = max(complete, key=lambda t: t.value)
         runs = best.user_attrs.get("mlflow_run_ids", [])

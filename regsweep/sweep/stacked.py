@@ -33,7 +33,7 @@ from ..outage import STOP_REASON_TAG, TAG_LIMIT, WORKER_TAG, Outage, worker_id
 from ..tracking import device_tags, run_params
 from ..training import FitResult, fit_stack, new_model
 from .completion import Completer, worker_count
-from .objective import fail_for_retry, mark_error, prepare_trial, reuse_twin
+from .objective import Surplus, fail_for_retry, mark_error, prepare_trial, reuse_twin
 from .runs import coefficients, create_run, repeats_params, summarise_repeats, trial_run_name
 from .space import prunable
 from .study import Heartbeats, SweepSettings, count_finished, storage_errors
@@ -130,9 +130,14 @@ def wanted(settings: SweepSettings, study: optuna.Study) -> int:
 def open_runs(settings: SweepSettings, data, trial: optuna.Trial, parent_run_id: str, experiment_id: str,
               client: MlflowClient, stack: tuple[int, int], n_params: int) -> StackedTrial | None:
     """Suggest the trial's coefficients and create its runs; None when the same configuration has finished
-    already (its result is reused and told at once, as one by one: objective.reuse_twin). `stack` is the stack's
+    already (its result is reused and told at once, as one by one: objective.reuse_twin) or when the trial is
+    over `--trials` (objective.Surplus: told FAIL at once). `stack` is the stack's
     (first trial number, members): runs tagged with the same first trial trained together."""
-    penalties, twin, tags = prepare_trial(settings, trial)
+    try:
+        penalties, twin, tags = prepare_trial(settings, trial)
+    except Surplus:
+        tell_study(trial, state=TrialState.FAIL)
+        return None
     if twin is not None:
         try:
             tell_study(trial, reuse_twin(settings, trial, twin, penalties, tags, parent_run_id, experiment_id))
