@@ -1,9 +1,9 @@
 """L1 and L2 penalties as plain functions of a list of tensors, and the weight statistics that show their effect.
 
 The penalised set is stated once, by `penalised_parameters`: the weights of every Conv and Linear layer by
-default ("weights"), or every trainable tensor including biases and norm scales/shifts ("all"). Training
-computes the penalties with `member_sums` (in step.make_step, for one model or a stack); `l1_penalty`,
-`l2_penalty` and `regularisation_loss` are the same sums for a single model, as one would write them by hand.
+default ("weights"), or every trainable tensor including biases and norm scales/shifts ("all"). The training
+step adds `member_penalties` to each member's loss (step.make_step, for one model or a stack);
+`regularisation_loss` is the same for a single model, as one would write it by hand.
 """
 
 from __future__ import annotations
@@ -37,22 +37,19 @@ def member_sums(params: list[torch.Tensor], members: int = 1) -> tuple[torch.Ten
     return w.abs().sum(1), (w * w).sum(1)
 
 
-def l1_penalty(params: list[torch.Tensor]) -> torch.Tensor:
-    """sum |w| over all given tensors."""
-    return member_sums(params)[0][0]
-
-
-def l2_penalty(params: list[torch.Tensor]) -> torch.Tensor:
-    """sum w^2 over all given tensors."""
-    return member_sums(params)[1][0]
+def member_penalties(params: list[torch.Tensor], l1, l2, members: int = 1) -> torch.Tensor:
+    """l1 * sum|w| + l2 * sum w^2 of each member, a length-`members` vector; `l1` and `l2` are numbers or one
+    coefficient per member (tensors). What the training step adds to each member's loss."""
+    sum_abs, sum_sq = member_sums(params, members)
+    return l1 * sum_abs + l2 * sum_sq
 
 
 def regularisation_loss(params: list[torch.Tensor], l1: float, l2: float) -> torch.Tensor | float:
-    """l1 * sum|w| + l2 * sum w^2 of a single model (0 when both are off)."""
+    """`member_penalties` of a single model as a scalar, as one would add it to a loss by hand (0 when both
+    coefficients are off)."""
     if l1 <= 0 and l2 <= 0:
         return 0.0
-    sum_abs, sum_sq = member_sums(params)
-    return l1 * sum_abs[0] + l2 * sum_sq[0]
+    return member_penalties(params, l1, l2)[0]
 
 
 STATS = ("mean_abs", "l2_norm", "max_abs", "frac_small")

@@ -21,7 +21,7 @@ from torch import nn
 
 from .config import TrainConfig
 from .data import Split, rotate_batch
-from .regularization import member_sums
+from .regularization import member_penalties
 
 CLASSES = 10  # MNIST's ten digits: the width of each member's logits
 
@@ -172,12 +172,11 @@ def make_step(step_model: nn.Module, optimizer: torch.optim.Optimizer, split: Sp
         with autocast(cfg.precision, x.device.type):
             logits = as_loss_dtype(step_model(x)).view(len(y), members, CLASSES)
         data_loss = member_losses(logits, y)
-        sum_abs, sum_sq = member_sums(penalised, members)
         weight = coef.active
         if schedules is not None:  # each member's own learning rate (Schedules)
             rate, ratio = schedules.factors()
             weight = weight * rate.to(data_loss.dtype)
-        loss = (weight * (data_loss + coef.l1 * sum_abs + coef.l2 * sum_sq)).sum()
+        loss = (weight * (data_loss + member_penalties(penalised, coef.l1, coef.l2, members))).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if schedules is not None:

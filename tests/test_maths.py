@@ -15,17 +15,21 @@ from regsweep.data import (MNIST_MEAN, MNIST_STD, Split, batches, normalise, rot
 from regsweep.models import MLP, GhostBatchNorm, SqueezeExpandCNN, build_model, count_parameters
 from regsweep.step import build_optimizer, build_scheduler
 from regsweep.regularization import (
-    l1_penalty, l2_penalty, penalised_parameters, regularisation_loss, weight_stats)
+    member_penalties, member_sums, penalised_parameters, regularisation_loss, weight_stats)
 from regsweep.training import (
     confusion_matrix, eval_batch_size, new_stack, per_class_metrics, predict, summarise)
 
 
 def test_penalties_match_hand_computation():
     a, b = torch.tensor([[1.0, -2.0]]), torch.tensor([3.0, -0.5, 0.0])
-    assert l1_penalty([a, b]).item() == pytest.approx(6.5)
-    assert l2_penalty([a, b]).item() == pytest.approx(1 + 4 + 9 + 0.25)
+    sum_abs, sum_sq = member_sums([a, b])
+    assert sum_abs.tolist() == pytest.approx([6.5]) and sum_sq.tolist() == pytest.approx([1 + 4 + 9 + 0.25])
     assert regularisation_loss([a, b], 0.1, 0.01).item() == pytest.approx(0.65 + 0.1425)
     assert regularisation_loss([a, b], 0.0, 0.0) == 0.0
+    # Two members, member-major (member k's part of a tensor is row k), each with its own coefficients.
+    c, d = torch.tensor([[1.0, -2.0], [0.5, 0.5]]), torch.tensor([[3.0], [-1.0]])
+    both = member_penalties([c, d], torch.tensor([0.1, 0.0]), torch.tensor([0.0, 1.0]), members=2)
+    assert both.tolist() == pytest.approx([0.1 * 6.0, 0.25 + 0.25 + 1.0])
 
 
 def test_penalty_gradients_are_sign_and_twice_w():
