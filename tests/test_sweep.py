@@ -174,12 +174,12 @@ def test_a_trial_asked_beyond_trials_by_a_worker_that_looked_too_early_fails_unt
     for _ in range(trials):
         other.ask()  # the other worker's trials, training
 
-    def looked_too_early(study, include_running=False):
-        real = study_module.count_finished(study, include_running)
+    def looked_too_early(study):
+        real = study_module.count_toward_trials(study)
         return real - trials if len(study.trials) == trials else real
 
-    monkeypatch.setattr(driver, "count_finished", looked_too_early)
-    monkeypatch.setattr(stacked, "count_finished", looked_too_early)
+    monkeypatch.setattr(driver, "count_toward_trials", looked_too_early)
+    monkeypatch.setattr(stacked, "count_toward_trials", looked_too_early)
     result = optimize("--trials", str(trials), "--stack", stack, "--storage", storage, "--epochs", "1")
     assert "0 complete, 0 pruned, 1 failed (1 over --trials, not trained)" in result.output
     states = [(t.number, t.state.name) for t in load(storage).trials]

@@ -15,7 +15,7 @@ from ..tracking import terminal_status, use_experiment
 from .objective import Objective, Surplus
 from .runs import STUDY_TAG, find_or_create_parent, finish_study
 from .stacked import run_stacked
-from .study import (FINISHED, StaleTrialHandler, SweepSettings, count_finished, end_dead_run, has_waiting,
+from .study import (FINISHED, StaleTrialHandler, SweepSettings, count_toward_trials, end_dead_run, has_waiting,
                     load_study, reap_dead_local_trials, requeue_interrupted, storage_errors)
 
 # How a worker process tells the driver which store stopped answering.
@@ -69,7 +69,7 @@ def run_worker(settings: SweepSettings, parent_run_id: str, experiment_id: str, 
         objective = Objective(settings, data, parent_run_id, experiment_id)
         # Running trials count towards the total so that parallel workers stop at exactly `trials`.
         stop_at_total = optuna.study.MaxTrialsCallback(settings.trials, states=FINISHED + (TrialState.RUNNING,))
-        if count_finished(study, include_running=True) < settings.trials or has_waiting(study):
+        if count_toward_trials(study) < settings.trials or has_waiting(study):
             # A Surplus trial (asked by two workers at once) ends FAIL with its reason and stops this worker.
             study.optimize(objective, callbacks=[stop_at_total], timeout=settings.timeout, gc_after_trial=True,
                            catch=(Surplus,))
@@ -100,7 +100,7 @@ def threads_per_worker(workers: int, threads: int = 0) -> int:
     return threads or max(1, (os.cpu_count() or 1) // workers)
 
 
-def reconcile(settings: SweepSettings, study: optuna.Study, experiment_id: str, tracking_uri: str) -> dict:
+def reconcile(settings: SweepSettings, study: optuna.Study, experiment_id: str, tracking_uri: str) -> None:
     """Make MLflow and Optuna agree, on every start and at the end of a sweep.
 
     Every run of the study that is RUNNING while its trial is not (the trial ended, or was never recorded)
@@ -109,7 +109,6 @@ def reconcile(settings: SweepSettings, study: optuna.Study, experiment_id: str, 
     Trials of dead workers must have been failed first (reap_dead_local_trials, fail_stale_trials)."""
     client = MlflowClient(tracking_uri)
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
-    ended = []
     for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=5000):
         tags = run.data.tags
         if tags.get(STUDY_TAG) != settings.study_name or tags.get("regsweep.kind") == "study":
@@ -123,11 +122,10 @@ def reconcile(settings: SweepSettings, study: optuna.Study, experiment_id: str, 
         else:
             why = trial.user_attrs.get("fail_reason") or "its worker stopped before it could end the run"
             story = f"trial {trial.number} ended {trial.state.name}: {why}"
-        if end_dead_run(run.info.run_id, f"{story}; run ended KILLED when the sweep was reconciled", tracking_uri,
-                        trial.state.name if trial is not None else "FAIL"):
-            ended.append(run.info.run_id)
-    ended += end_orphaned_runs(experiment_id, tracking_uri)
-    return {"runs_ended": ended, "trials_queued": requeue_interrupted(study)}
+        end_dead_run(run.info.run_id, f"{story}; run ended KILLED when the sweep was reconciled", tracking_uri,
+                     trial.state.name if trial is not None else "FAIL")
+    end_orphaned_runs(experiment_id, tracking_uri)
+    requeue_interrupted(study)
 
 
 def optimize(settings: SweepSettings) -> dict:

@@ -19,9 +19,9 @@ from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from ..config import TrainConfig
 from ..outage import STOP_REASON_TAG, TAG_LIMIT, Outage
-from .runs import STUDY_TAG, coefficients, create_run, repeats_params, summarise_repeats, trial_run_name
+from .runs import (STUDY_TAG, coefficients, create_run, create_trial_run, log_trial_run, prune_reason, report_step,
+                   seed_config, seed_run_name, summarise_repeats, trial_run_name)
 from .space import prunable, suggest_penalties
 from .study import FINISHED, SweepSettings, deciding_settings, queue_retry, storage_errors
 
@@ -149,33 +149,25 @@ class Objective:
         name = trial_run_name(trial.number, penalties)
         client = MlflowClient()
         # With repeats, the trial is a run of its own and each seed a child of it.
-        trial_run = None
-        if settings.repeats > 1:
-            trial_run = create_run(client, self.experiment_id, name, {
-                **tags, "mlflow.parentRunId": self.parent_run_id, "regime": TrainConfig(**penalties).regime})
-        run_ids = [trial_run.info.run_id] if trial_run else []
+        trial_run = (create_trial_run(client, self.experiment_id, self.parent_run_id, name, tags, penalties)
+                     if settings.repeats > 1 else None)
+        run_ids = [trial_run] if trial_run else []
         best_vals, state, reason, tracker_down, killed = [], "COMPLETE", "", False, False
         try:
             if trial_run is not None:  # in here, so that the run ends however this fails
-                cfg = settings.base.replace(**penalties)
-                client.log_batch(trial_run.info.run_id, metrics=coefficients(cfg), params=repeats_params(
-                    cfg, settings.repeats, count_parameters(new_model(cfg)), self.data))
+                log_trial_run(client, trial_run, settings, penalties, count_parameters(new_model(settings.base)),
+                              self.data)
             for r in range(settings.repeats):
-                cfg = settings.base.replace(**penalties, seed=settings.base.seed + r)
-                offset = r * cfg.epochs  # repeats report on consecutive steps, the same layout in every trial
+                cfg = seed_config(settings, penalties, r)
 
-                def report(epoch: int, metrics: dict[str, float], offset=offset, r=r, cfg=cfg) -> str | None:
+                def report(epoch: int, metrics: dict[str, float], r=r, cfg=cfg) -> str | None:
                     with storage_errors(settings.storage):
-                        trial.report(metrics["val/acc"], offset + epoch)
+                        trial.report(metrics["val/acc"], report_step(r, epoch, cfg.epochs))
                         prune = prunable(epoch, cfg.epochs, r == settings.repeats - 1) and trial.should_prune()
-                    if prune:
-                        return (f"pruned by {settings.pruner} pruner at epoch {epoch}: "
-                                f"val/acc {metrics['val/acc']:.4f}")
-                    return None
+                    return prune_reason(settings.pruner, epoch, metrics["val/acc"]) if prune else None
 
-                run = create_run(
-                    client, self.experiment_id, name if trial_run is None else f"{name} s{cfg.seed}",
-                    {**tags, "mlflow.parentRunId": run_ids[0] if trial_run else self.parent_run_id})
+                run = create_run(client, self.experiment_id, seed_run_name(name, cfg, settings.repeats),
+                                 {**tags, "mlflow.parentRunId": trial_run or self.parent_run_id})
                 run_ids.append(run.info.run_id)
                 with storage_errors(settings.storage):
                     trial.set_user_attr("mlflow_run_ids", run_ids)  # lets a later process end them if we die
@@ -214,7 +206,7 @@ class Objective:
                     if reason and run_id in stopped:
                         client.set_tag(run_id, STOP_REASON_TAG, reason[:TAG_LIMIT])
                 if trial_run is not None:
-                    summarise_repeats(client, trial_run.info.run_id, best_vals, state, killed)
+                    summarise_repeats(client, trial_run, best_vals, state, killed)
 
 
 def mark_error(trial: optuna.Trial, reason: str) -> None:

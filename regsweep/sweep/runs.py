@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import time
 import warnings
 
@@ -94,24 +93,53 @@ def trial_run_name(trial_number: int, penalties: dict[str, float]) -> str:
     return f"trial {trial_number:03d} l1={fmt_coef(penalties['l1'])} l2={fmt_coef(penalties['l2'])}"
 
 
+def seed_config(settings: SweepSettings, penalties: dict[str, float], repeat: int) -> TrainConfig:
+    """Repeat `repeat` (0-based) of a trial's configuration: its seed is the base seed plus the repeat."""
+    return settings.base.replace(**penalties, seed=settings.base.seed + repeat)
+
+
+def report_step(repeat: int, epoch: int, epochs: int) -> int:
+    """The step a repeat's epoch reports to its trial: repeats on consecutive steps, the same layout in every
+    trial (so the pruner compares like with like)."""
+    return repeat * epochs + epoch
+
+
+def prune_reason(pruner: str, epoch: int, val_acc: float) -> str:
+    return f"pruned by {pruner} pruner at epoch {epoch}: val/acc {val_acc:.4f}"
+
+
+def create_trial_run(client: MlflowClient, experiment_id: str, parent_run_id: str, name: str, tags: dict[str, str],
+                     penalties: dict[str, float]) -> str:
+    """Under --repeats, the run that holds a trial's seed runs (named `seed_run_name`); log_trial_run fills it."""
+    return create_run(client, experiment_id, name, {
+        **tags, "mlflow.parentRunId": parent_run_id, "regime": TrainConfig(**penalties).regime}).info.run_id
+
+
+def log_trial_run(client: MlflowClient, run_id: str, settings: SweepSettings, penalties: dict[str, float],
+                  n_params: int, data) -> None:
+    """The trial run's params (those of its seed runs: repeats_params) and coefficients."""
+    first = seed_config(settings, penalties, 0)
+    client.log_batch(run_id, metrics=coefficients(first),
+                     params=repeats_params(first, settings.repeats, n_params, data))
+
+
+def seed_run_name(trial_run: str, cfg: TrainConfig, repeats: int) -> str:
+    return trial_run if repeats == 1 else f"{trial_run} s{cfg.seed}"
+
+
 def summarise_repeats(client: MlflowClient, run_id: str, best_vals: list[float], state: str,
                       killed: bool = False) -> None:
     """The trial-level run of a repeated configuration: mean, spread and a 95% t-interval over seeds. It ends
     as its seed runs do: FINISHED for a complete or pruned trial, KILLED when stopped (`killed`: a signal, an
     outage), else FAILED."""
-    from scipy import stats
+    from ..report.stats import mean_ci
 
-    metrics = {"n_seeds": len(best_vals)}
-    if best_vals:
-        mean = statistics.mean(best_vals)
-        metrics |= {"mean_best_val_acc": mean}
-        if len(best_vals) > 1:
-            sd = statistics.stdev(best_vals)
-            half = stats.t.ppf(0.975, len(best_vals) - 1) * sd / math.sqrt(len(best_vals))
-            metrics |= {"sd_best_val_acc": sd, "ci95_low_best_val_acc": mean - half,
-                        "ci95_high_best_val_acc": mean + half}
+    summary = mean_ci(best_vals)
+    metrics = {"n_seeds": summary["n"], "mean_best_val_acc": summary["mean"], "sd_best_val_acc": summary["sd"],
+               "ci95_low_best_val_acc": summary["ci_low"], "ci95_high_best_val_acc": summary["ci_high"]}
     for key, value in metrics.items():
-        client.log_metric(run_id, key, value)
+        if not math.isnan(value):  # no mean without seeds, no spread with one
+            client.log_metric(run_id, key, value)
     client.set_terminated(run_id, "FINISHED" if state in ("COMPLETE", "PRUNED") else "KILLED" if killed else "FAILED")
 
 

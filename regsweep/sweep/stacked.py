@@ -34,9 +34,10 @@ from ..tracking import device_tags, run_params
 from ..training import FitResult, fit_stack, new_model
 from .completion import Completer, worker_count
 from .objective import Surplus, fail_for_retry, mark_error, prepare_trial, reuse_twin
-from .runs import coefficients, create_run, repeats_params, summarise_repeats, trial_run_name
+from .runs import (coefficients, create_run, create_trial_run, log_trial_run, prune_reason, report_step, seed_config,
+                   seed_run_name, summarise_repeats, trial_run_name)
 from .space import prunable
-from .study import Heartbeats, SweepSettings, count_finished, storage_errors
+from .study import Heartbeats, SweepSettings, count_toward_trials, storage_errors
 
 
 @dataclass
@@ -123,7 +124,7 @@ def ask_up_to(settings: SweepSettings, study: optuna.Study, heartbeats: Heartbea
 
 def wanted(settings: SweepSettings, study: optuna.Study) -> int:
     """How many more trials to ask: up to `settings.trials` finished or running ones, or the queued (retried) ones."""
-    room = settings.trials - count_finished(study, include_running=True)
+    room = settings.trials - count_toward_trials(study)
     return max(room, len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))))
 
 
@@ -151,15 +152,12 @@ def open_runs(settings: SweepSettings, data, trial: optuna.Trial, parent_run_id:
     parent = parent_run_id
     try:
         if settings.repeats > 1:
-            entry.trial_run_id = create_run(client, experiment_id, name, {
-                **tags, "mlflow.parentRunId": parent_run_id, "regime": TrainConfig(**penalties).regime}).info.run_id
+            entry.trial_run_id = create_trial_run(client, experiment_id, parent_run_id, name, tags, penalties)
             parent = entry.trial_run_id
-            first = member_config(settings, penalties, 0)
-            client.log_batch(parent, metrics=coefficients(first),
-                             params=repeats_params(first, settings.repeats, n_params, data))
+            log_trial_run(client, parent, settings, penalties, n_params, data)
         for r in range(settings.repeats):
-            cfg = member_config(settings, penalties, r)
-            run = create_run(client, experiment_id, name if settings.repeats == 1 else f"{name} s{cfg.seed}",
+            cfg = seed_config(settings, penalties, r)
+            run = create_run(client, experiment_id, seed_run_name(name, cfg, settings.repeats),
                              {**tags, "mlflow.parentRunId": parent})
             entry.run_ids.append(run.info.run_id)
             # The params now, so the run reads as a configuration from its first epoch on.
@@ -177,10 +175,6 @@ def open_runs(settings: SweepSettings, data, trial: optuna.Trial, parent_run_id:
             end_run(client, run_id, reason, "KILLED" if interrupted else "FAILED")
         raise
     return entry
-
-
-def member_config(settings: SweepSettings, penalties: dict[str, float], repeat: int) -> TrainConfig:
-    return settings.base.replace(**penalties, seed=settings.base.seed + repeat)
 
 
 class TrialStack:
@@ -236,7 +230,7 @@ class TrialStack:
                 for r in range(self.settings.repeats):
                     entry.members.append(len(self.members))
                     self.members.append((entry, r))
-                    new.append(member_config(self.settings, entry.penalties, r))
+                    new.append(seed_config(self.settings, entry.penalties, r))
         self.cfgs.extend(new)
         return new
 
@@ -368,7 +362,7 @@ class EpochHook:
                               synchronous=False)  # queued: K runs' epochs must not wait on the store
         if entry.pruned:
             return entry.pruned  # another seed of this trial was pruned
-        step = r * self.settings.base.epochs + epoch
+        step = report_step(r, epoch, self.settings.base.epochs)
         with storage_errors(self.settings.storage):  # unreachable: the stack stops, its trials are queued again
             self.raise_failed()
             if self.reads_storage(entry.trial.study):
@@ -378,7 +372,7 @@ class EpochHook:
             self.curves.setdefault(entry.trial.number, {})[step] = metrics["val/acc"]
             prune = prunable(epoch, self.settings.base.epochs) and self.should_prune(k, entry.trial)
         if prune:
-            entry.pruned = f"pruned by {self.settings.pruner} pruner at epoch {epoch}: val/acc {metrics['val/acc']:.4f}"
+            entry.pruned = prune_reason(self.settings.pruner, epoch, metrics["val/acc"])
             return entry.pruned
         return None
 

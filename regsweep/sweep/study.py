@@ -47,7 +47,6 @@ class SweepSettings:
     experiment_name: str
     sampler: str = "tpe"
     pruner: str = "median"
-    seed: int | None = 0
     repeats: int = 1
     timeout: float | None = None
     heartbeat: int = 60  # seconds between liveness records of a running trial (RDB storages)
@@ -84,12 +83,11 @@ def open_storage(settings: SweepSettings, tracking_uri: str | None = None):
 class StaleTrialHandler:
     """A dead worker's trial: queue the same parameters again, then end its MLflow runs KILLED."""
 
-    def __init__(self, tracking_uri: str | None = None, max_retry: int = MAX_RETRY):
+    def __init__(self, tracking_uri: str | None = None):
         self.tracking_uri = tracking_uri
-        self.max_retry = max_retry
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        queue_retry(study, trial, self.max_retry)  # first: reconciliation ends the runs if MLflow fails here
+        queue_retry(study, trial)  # first: reconciliation ends the runs if MLflow fails here
         for run_id in trial.user_attrs.get("mlflow_run_ids", []):
             end_dead_run(run_id, f"worker died during trial {trial.number}; trial retried", self.tracking_uri)
 
@@ -142,8 +140,8 @@ class Heartbeats:
                 logging.getLogger(__name__).debug("could not record the trials' heartbeat: %s", exc)  # one line
 
 
-def queue_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, max_retry: int = MAX_RETRY) -> bool:
-    """Queue `trial`'s parameters again as a WAITING trial, unless its chain of retries is `max_retry` long.
+def queue_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+    """Queue `trial`'s parameters again as a WAITING trial, unless its chain of retries is MAX_RETRY long.
 
     Optuna's own convention (RetryHeartbeatStaleTrialCallback): the system attributes `failed_trial` (the
     first attempt) and `retry_history` (every earlier attempt), so Optuna's helpers read them. The retry
@@ -151,7 +149,7 @@ def queue_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, max_retry:
     worker that queued its trial's retry and was killed before it could fail the trial leaves it RUNNING, and
     the next start fails it and comes here again."""
     history = [*trial.system_attrs.get("retry_history", []), trial.number]
-    if len(history) > max_retry:
+    if len(history) > MAX_RETRY:
         return False
     if any(trial.number in t.system_attrs.get("retry_history", ()) for t in study.get_trials(deepcopy=False)):
         return False
@@ -162,7 +160,7 @@ def queue_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, max_retry:
     return True
 
 
-def requeue_interrupted(study: optuna.Study, max_retry: int = MAX_RETRY) -> list[int]:
+def requeue_interrupted(study: optuna.Study) -> list[int]:
     """Queue again every failed trial that was interrupted (or whose worker died without a word) and has
     no retry yet: the worker queues its own, but it may have been stopped before it could."""
     trials = study.get_trials(deepcopy=False)
@@ -172,7 +170,7 @@ def requeue_interrupted(study: optuna.Study, max_retry: int = MAX_RETRY) -> list
         kind = trial.user_attrs.get("fail_kind")
         died = kind is None and "fail_reason" not in trial.user_attrs
         if trial.state == TrialState.FAIL and (kind in RETRIED_KINDS or died) and trial.number not in retried:
-            if queue_retry(study, trial, max_retry):
+            if queue_retry(study, trial):
                 queued.append(trial.number)
     return queued
 
@@ -262,10 +260,10 @@ def load_study(settings: SweepSettings, tracking_uri: str | None = None, worker_
     study = optuna.create_study(
         study_name=settings.study_name, storage=open_storage(settings, tracking_uri), load_if_exists=True,
         direction="maximize", pruner=make_pruner(settings.pruner, settings.base.epochs * settings.repeats))
-    # Seeded per worker and per resume: the same seed in every worker, or again after a restart, would
-    # repeat the same random suggestions instead of exploring. (Modulo numpy's seed range, which --seed,
+    # Seeded from --seed, per worker and per resume: the same seed in every worker, or again after a restart,
+    # would repeat the same random suggestions instead of exploring. (Modulo numpy's seed range, which --seed,
     # a training seed, may exceed.)
-    seed = None if settings.seed is None else (settings.seed + 1000 * worker_index + len(study.trials)) % 2**32
+    seed = (settings.base.seed + 1000 * worker_index + len(study.trials)) % 2**32
     study.sampler = make_sampler(settings.sampler, settings.space, seed)
     if SETTINGS_ATTR not in study.user_attrs:  # its first start (or one from before the study kept them)
         study.set_user_attr(SETTINGS_ATTR, study_settings(settings))
@@ -290,9 +288,10 @@ def check_resumable(settings: SweepSettings) -> None:
                           "start another with --study-name")
 
 
-def count_finished(study: optuna.Study, include_running: bool = False) -> int:
-    states = FINISHED + ((TrialState.RUNNING,) if include_running else ())
-    return len(study.get_trials(deepcopy=False, states=states))
+def count_toward_trials(study: optuna.Study) -> int:
+    """Trials that count towards --trials: finished ones and running ones (so that parallel workers stop at
+    --trials between them)."""
+    return len(study.get_trials(deepcopy=False, states=FINISHED + (TrialState.RUNNING,)))
 
 
 def has_waiting(study: optuna.Study) -> bool:
