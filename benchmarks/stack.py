@@ -284,9 +284,9 @@ def hooks(sizes: list[int], args) -> None:
     from regsweep.sweep.space import SearchSpace
     from regsweep.sweep.stacked import EpochHook, StackedTrial
     from regsweep.sweep.study import SweepSettings, load_study
-    from regsweep.tracking import prompt_flushes
+    from regsweep.tracking import enable_prompt_flushes
 
-    prompt_flushes()  # as `regsweep optimize` sets MLflow's logging queue up
+    enable_prompt_flushes()  # as `regsweep optimize` sets MLflow's logging queue up
 
     class PerMember(EpochHook):
         def reads_storage(self, study):  # as for Hyperband: report, then trial.should_prune()
@@ -352,7 +352,7 @@ def flushes(args) -> None:
     """What flushing MLflow's logging queue holds up. The sweep flushes whenever a member leaves its stack
     (its epochs in the store before its run is completed) while the other members wait, and once a stack
     ends; ending a run that logged asynchronously waits the same way. MLflow's own logging loop against the
-    buffered one regsweep sets (tracking.prompt_flushes), in turn, in one process, against a real SQLite
+    buffered one regsweep sets (tracking.enable_prompt_flushes), in turn, in one process, against a real SQLite
     store: each epoch queues 40 metrics, lasts `--epoch-seconds` times 0.5-1.5 (the same draws for both),
     and ends with two members leaving: two flushes in a row."""
     import random
@@ -360,7 +360,7 @@ def flushes(args) -> None:
 
     import mlflow
 
-    from regsweep.tracking import prompt_flushes
+    from regsweep.tracking import enable_prompt_flushes
 
     store = tempfile.mkdtemp()
     mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
@@ -373,7 +373,7 @@ def flushes(args) -> None:
     for name in ("MLflow's default", "buffered (regsweep's setting)"):
         os.environ.pop("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", None)
         if name.startswith("buffered"):
-            prompt_flushes()
+            enable_prompt_flushes()
         seconds = []
         with mlflow.start_run():
             mlflow.log_metrics({"warm-up": 0.0}, synchronous=False)

@@ -60,11 +60,6 @@ HELP = {
     "log_images": "Log figures: misclassified digits, curves, confusion matrix, histograms (true/false).",
     "threads": "torch intra-op threads (0 = PyTorch's default).",
 }
-CHOICES = {"model": C.MODELS, "norm": C.NORMS, "optimizer": C.OPTIMIZERS, "scheduler": C.SCHEDULERS,
-           "activation": C.ACTIVATIONS, "init": C.INITS, "precision": C.PRECISIONS, "penalize": C.PENALIZE,
-           "device": C.DEVICES}
-
-
 class UsageFailure(click.ClickException):
     """A bad input found after parsing: one line on stderr, exit code 2, nothing created."""
     exit_code = 2
@@ -148,8 +143,8 @@ def config_options(exclude: tuple[str, ...] = (), **defaults):
             if f.name in exclude:
                 continue
             kind = {float: click.FLOAT, int: WholeNumber(), bool: click.BOOL}.get(type(f.default), click.STRING)
-            if f.name in CHOICES:
-                kind = click.Choice(CHOICES[f.name])
+            if f.name in C.CHOICES:
+                kind = click.Choice(C.CHOICES[f.name])
             flag = "--" + f.name.replace("_", "-")
             # data_dir's default is "" (the repository's data/, which its help names): nothing to show.
             command = click.option(flag, f.name, type=kind, default=defaults.get(f.name, f.default),
@@ -198,7 +193,7 @@ def train_one(fields: dict, experiment_name: str | None, tracking_timeout: float
 
     from .data import DataError, load_for
     from .outage import TrackingOutage, end_orphaned_runs, tracking_watch
-    from .tracking import (TrackingError, check_experiment, check_tracking_uri, prompt_flushes, run_training,
+    from .tracking import (TrackingError, check_experiment, check_tracking_uri, enable_prompt_flushes, run_training,
                            use_experiment, viewing_hint)
     from .training import DivergedError
 
@@ -208,7 +203,7 @@ def train_one(fields: dict, experiment_name: str | None, tracking_timeout: float
         check_tracking_uri()
         if not os.environ.get("MLFLOW_RUN_ID"):  # inside `mlflow run` the run, and its experiment, exist
             check_experiment(experiment_name)
-        prompt_flushes()
+        enable_prompt_flushes()
     except (UsageFailure, DataError, TrackingError) as exc:
         mark_project_run_failed(str(exc))
         raise UsageFailure(str(exc).removeprefix("Error: ")) from None
@@ -300,7 +295,7 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
     from .data import DataError, check_available
     from .sweep import (SearchSpace, SweepSettings, WorkerFailure, check_resumable, optimize as run_study, parse_grid,
                         stack_size)
-    from .tracking import TrackingError, check_experiment, check_tracking_uri, prompt_flushes, viewing_hint
+    from .tracking import TrackingError, check_experiment, check_tracking_uri, enable_prompt_flushes, viewing_hint
 
     try:
         base = build_config(fields)
@@ -325,7 +320,7 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
             click.echo(f"note: --stack {stack} is more than the {trials} trials; stacking {members}", err=True)
         settings = SweepSettings(base=base, space=space, trials=trials, study_name=study_name or experiment_name,
                                  storage=storage, experiment_name=experiment_name, sampler=sampler,
-                                 pruner=pruner, seed=base.seed, repeats=repeats, timeout=timeout,
+                                 pruner=pruner, repeats=repeats, timeout=timeout,
                                  heartbeat=heartbeat, workers=workers, stack=members,
                                  completion_workers=completion_workers, refill=refill,
                                  tracking_timeout=tracking_timeout)
@@ -333,7 +328,7 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
         check_resumable(settings)  # a bad URL, an unreachable database or a clashing space fails here
         check_tracking_uri()
         check_experiment(experiment_name)
-        prompt_flushes()
+        enable_prompt_flushes()
     except ConfigError as exc:
         raise UsageFailure(str(exc)) from None
     except (UsageFailure, DataError, TrackingError) as exc:

@@ -20,6 +20,9 @@ INITS = ("default", "gaussian", "glorot")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 PENALIZE = ("weights", "all")
+# The settings that take one of a few names: validate checks them, and the CLI offers them as click choices.
+CHOICES = {"model": MODELS, "norm": NORMS, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS,
+           "activation": ACTIVATIONS, "init": INITS, "precision": PRECISIONS, "penalize": PENALIZE, "device": DEVICES}
 SAMPLERS = ("tpe", "random", "grid")  # for regsweep optimize
 PRUNERS = ("median", "hyperband", "none")
 REPORT_FORMATS = ("table", "markdown", "csv", "json")  # what regsweep report prints
@@ -57,7 +60,7 @@ class TrainConfig:
     dropout: float = 0.0  # after each CNN block / MLP hidden layer; off so L1/L2 are the regularisers under study
     hidden: str = "500,250,100"  # MLP hidden sizes, comma-separated (the notebooks also used 20,7,5)
     activation: str = "relu"  # MLP activation
-    init: str = "default"  # MLP weight init: PyTorch's default, gaussian N(0, 0.01), or glorot uniform
+    init: str = "default"  # MLP weight init: PyTorch's default, gaussian N(0, 0.01²) (std 0.01), or glorot uniform
 
     # --- optimisation ---
     epochs: int = 15
@@ -142,12 +145,7 @@ class TrainConfig:
             raise ConfigError(f"dropout must be < 1, got {self.dropout}")
         if self.momentum >= 1:
             raise ConfigError(f"momentum must be < 1, got {self.momentum}")
-        choices = {
-            "model": MODELS, "norm": NORMS, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS,
-            "activation": ACTIVATIONS, "init": INITS, "precision": PRECISIONS, "penalize": PENALIZE,
-            "device": DEVICES,
-        }
-        for name, allowed in choices.items():
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
         for name, low in (("epochs", 1), ("batch_size", 1), ("ghost_batch_size", 1), ("step_size", 1),

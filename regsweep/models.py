@@ -94,7 +94,7 @@ class SqueezeExpandCNN(nn.Module):
         return self.head(x).view(x.shape[0], self.members, 10).squeeze(1)  # B x 10, or B x K x 10
 
 
-ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+ACTIVATION_LAYERS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
 
 class GroupedLinear(nn.Linear):
@@ -130,7 +130,7 @@ class MLP(nn.Module):
             self.add_module(f"fc{i}", layer)
             self.add_module(f"norm{i}", make_norm(norm, members * n_out, ghost_batch_size, dims=1))
         self.out = GroupedLinear(sizes[-1], 10, members)
-        self.act = ACTIVATIONS[activation]()
+        self.act = ACTIVATION_LAYERS[activation]()
         self.dropout = nn.Dropout(dropout)
         for module in self.modules():
             if isinstance(module, nn.Linear):

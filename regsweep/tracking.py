@@ -31,7 +31,8 @@ from . import plots
 from .config import TrainConfig
 from .data import MnistSplits
 from .models import count_parameters
-from .outage import STOP_REASON_TAG, TAG_LIMIT, WORKER_TAG, Outage, health, redact, without_credentials, worker_id
+from .outage import (STOP_REASON_TAG, TAG_LIMIT, WORKER_TAG, Outage, health, is_http, redact, without_credentials,
+                     worker_id)
 from .regularization import weight_layers
 from .training import FitResult, confusion_matrix, fit, new_model, per_class_metrics
 
@@ -43,10 +44,11 @@ class TrackingError(RuntimeError):
     """The tracking store cannot be used; raised before any run is created."""
 
 
-def check_tracking_uri(uri: str | None = None) -> str:
-    """Fail fast, with one line, if the tracking store is unreachable. Returns the URI in use."""
-    uri = uri or mlflow.get_tracking_uri()
-    if uri.startswith(("http://", "https://")):
+def check_tracking_uri() -> str:
+    """Fail fast, with one line, if the tracking store is unreachable. Returns the URI in use. (For a server
+    URI with credentials in it, this also stops MLflow printing run URLs, which would show them.)"""
+    uri = mlflow.get_tracking_uri()
+    if is_http(uri):
         # MLflow's own client retries for minutes against a dead server; one short probe answers sooner.
         try:
             health(uri, timeout=5)
@@ -85,7 +87,7 @@ def check_experiment(name: str | None) -> None:
             raise TrackingError(f"MLFLOW_EXPERIMENT_ID={given} names no active MLflow experiment")
 
 
-def prompt_flushes() -> None:
+def enable_prompt_flushes() -> None:
     """Let `mlflow.flush_async_logging()`, and the end of a run that logged asynchronously, return as soon as
     the queue is written.
 
@@ -164,7 +166,7 @@ def viewing_hint(experiment_id: str, run_id: str | None = None) -> str:
     """How to look at what was logged: for a local store the `mlflow ui` command that serves it, then the
     URL of the run, or of the experiment's runs table opened on the saved comparison view."""
     uri = mlflow.get_tracking_uri()
-    if uri.startswith(("http://", "https://")):
+    if is_http(uri):
         # Without credentials in the URI: the browser asks for them, and a password is never printed.
         lines, base = [], without_credentials(uri.rstrip("/"))
     else:
@@ -214,18 +216,6 @@ def dataset_digest(data: MnistSplits) -> str:
     return h.hexdigest()[:16]
 
 
-_signals = [0]  # Ctrl-C and SIGTERM received inside the outermost terminal_status block
-
-
-def _stop(signum, frame):
-    _signals[0] += 1
-    if _signals[0] == 2:
-        return  # the stop under way is ending the runs: one more signal must not cut that short
-    interrupt = KeyboardInterrupt(f"signal {signum}")
-    interrupt.signum = signum  # a sweep's worker process ends by the same signal once it has cleaned up
-    raise interrupt
-
-
 @contextmanager
 def terminal_status():
     """Turn SIGTERM, like Ctrl-C, into KeyboardInterrupt for the duration, so a killed run is marked KILLED, not
@@ -234,14 +224,25 @@ def terminal_status():
     reaches every process, then the driver sends its SIGTERM). A third interrupts the stop itself, for
     whoever insists (the next start ends what it leaves). Ctrl-C stays ignored where it is (completion workers,
     started so that the sweep decides for them). A block inside another leaves the signals to the outer one."""
-    if signal.getsignal(signal.SIGTERM) is _stop:
+    if getattr(signal.getsignal(signal.SIGTERM), "is_terminal_status", False):
         yield
         return
-    _signals[0] = 0
+    received = 0  # Ctrl-C and SIGTERM received inside this block
+
+    def stop(signum, frame):
+        nonlocal received
+        received += 1
+        if received == 2:
+            return  # the stop under way is ending the runs: one more signal must not cut that short
+        interrupt = KeyboardInterrupt(f"signal {signum}")
+        interrupt.signum = signum  # a sweep's worker process ends by the same signal once it has cleaned up
+        raise interrupt
+
+    stop.is_terminal_status = True
     previous = {}
     try:
         for sig in [signal.SIGTERM] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) != signal.SIG_IGN else []):
-            previous[sig] = signal.signal(sig, _stop)
+            previous[sig] = signal.signal(sig, stop)
         yield
     finally:
         for sig, handler in previous.items():

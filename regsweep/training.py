@@ -1,8 +1,9 @@
 """Train one configuration, or several stacked as one network, and return numbers: per-epoch metrics, the
 best-validation weights and a summary. (The step each batch takes, and how it runs on each device: step.py.)
 
-Nothing here prints or logs. `fit` calls `on_epoch(epoch, metrics)` after every epoch; MLflow logging and
-Optuna pruning hook in there (tracking.py, sweep/objective.py). Model selection uses the validation split only; the
+Nothing here logs, and nothing prints but the progress bar a caller asks for (`show_progress`, on stderr).
+`fit` calls `on_epoch(epoch, metrics)` after every epoch; MLflow logging and Optuna pruning hook in there
+(tracking.py, sweep/objective.py). Model selection uses the validation split only; the
 test set is evaluated every epoch so its curve can be plotted, and reported, never used to choose.
 """
 

@@ -26,7 +26,7 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
     for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
-    # What regsweep's CLI sets (tracking.prompt_flushes), for tests that call the library too.
+    # What regsweep's CLI sets (tracking.enable_prompt_flushes), for tests that call the library too.
     monkeypatch.setenv("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", "1")
     monkeypatch.chdir(tmp_path)  # anything MLflow writes relative to the cwd lands in the temp dir
     import mlflow

@@ -120,7 +120,7 @@ def test_train_creates_one_named_run_in_the_chosen_experiment(tracking_uri, monk
     monkeypatch.delenv("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS")  # set by the fixture; the CLI must set it
     result = CliRunner().invoke(cli, ["train", *tiny_args(), "--l1", "0.001", "--experiment-name", "cli-test",
                                       "--log-images", "false"])
-    # Flushes of the metrics queue wait on an event, not on MLflow's one-second poll (tracking.prompt_flushes).
+    # Flushes of the metrics queue wait on an event, not on MLflow's one-second poll (tracking.enable_prompt_flushes).
     assert MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS.get() == 1
     assert result.exit_code == 0, result.output
     assert "best val acc" in result.output

@@ -1,8 +1,10 @@
 """Everything the report reads from MLflow, and nothing else does.
 
-`fetch_runs` makes one `mlflow.search_runs` call into pandas (two when a filter narrows a sweep), decides
-from that frame which metric histories the figures need, and fetches only those, concurrently. The small
-artifacts (test predictions, a study's Optuna plots) are fetched the same way for the runs that need them.
+`fetch_runs` brings the runs into pandas with `mlflow.search_runs`: one call for an experiment or `--runs`,
+one more to find a study's parent, and one more where `--filter` narrows a sweep or `--runs`. From that
+frame it decides which metric histories the figures need, and fetches only those, concurrently; the test
+predictions of the runs the figures compare come the same way. A study's Optuna plots, a few files, come
+one after another.
 Every later step takes these DataFrames, so the maths is tested without MLflow.
 """
 

@@ -54,6 +54,8 @@ def complete_run(cfg: TrainConfig, result: FitResult, data: MnistSplits, run_id:
 
 STOP_WAIT = 60  # seconds a stopping sweep waits for the runs in hand; completing one takes a few
 log = logging.getLogger(__name__)
+# A completion worker's process state, set once by the pool's initializer (_start_worker), as a
+# ProcessPoolExecutor's tasks can only reach it: unset in the sweep's own process.
 _data: MnistSplits | None = None  # a worker's own copy of the sweep's data
 _stopping = None  # set by the sweep when it stops: runs not yet begun are left to it
 

@@ -141,7 +141,7 @@ def prunable(epoch: int, epochs: int, last_seed: bool = True) -> bool:
 def make_pruner(name: str, steps: int) -> optuna.pruners.BasePruner:
     """`steps`: reports per trial (epochs x repeats)."""
     if name == "median":
-        # Compare against the median of at least 3 finished trials.
+        # Compare against the median of at least 3 complete trials (Optuna counts only COMPLETE ones).
         return optuna.pruners.MedianPruner(n_startup_trials=3)
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=steps, reduction_factor=3)
