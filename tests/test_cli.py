@@ -32,11 +32,19 @@ def tiny_args() -> list[str]:
 
 
 def test_help_lists_every_config_option_and_the_penalised_set():
+    """Every TrainConfig field is an option of train, and of optimize but the coefficients it searches."""
+    from dataclasses import fields
+
+    from regsweep.config import TrainConfig
+
+    names = {f.name for f in fields(TrainConfig)}
+    options = {command: {p.name for p in cli.commands[command].params} for command in ("train", "optimize")}
+    assert names <= options["train"] and names - {"l1", "l2"} <= options["optimize"]
+    assert not {"l1", "l2"} & options["optimize"]
     result = CliRunner().invoke(cli, ["train", "--help"])
     assert result.exit_code == 0
-    for option in ("--l1", "--l2", "--penalize", "--norm", "--ghost-batch-size", "--hidden", "--activation",
-                   "--init", "--patience", "--precision", "--max-train-samples", "--data-dir", "--log-model"):
-        assert option in result.output
+    for name in names:
+        assert "--" + name.replace("_", "-") in result.output, name
     assert "weights of conv and linear layers" in result.output
 
 
