@@ -109,8 +109,9 @@ def test_longer_outage_stops_the_sweep_in_time_and_resume_reruns_the_trial_and_e
     out, err = proc.communicate(timeout=120)
     stopped_after = time.time() - down
     assert proc.returncode == EXIT_OUTAGE, err
-    # The timeout, one probe interval, and the main thread's reaction; never MLflow's minutes of retries.
-    assert stopped_after < 6 + 6, stopped_after
+    # The timeout, one probe interval and the main thread's reaction (about 12 s), never MLflow's own minutes
+    # of retries: the bound leaves room for a loaded machine.
+    assert stopped_after < 60, stopped_after
     line = stop_line(err)
     assert line.startswith(f"Error: the MLflow tracking server at {server.url} has not answered for 6 s")
     assert "Trial 0 is failed and queued again" in line and "Run again with: regsweep optimize" in line
@@ -146,7 +147,7 @@ def test_train_stops_on_a_longer_outage_and_the_next_command_ends_its_run(server
     server.stop()
     down = time.time()
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == EXIT_OUTAGE and time.time() - down < 6 + 6, err
+    assert proc.returncode == EXIT_OUTAGE and time.time() - down < 60, err  # as above: not MLflow's minutes
     line = stop_line(err)
     assert "has not answered for 6 s" in line and "Run again with: regsweep train" in line
 

@@ -75,6 +75,26 @@ def test_tpe_study_with_pruning_builds_the_mlflow_tree(tracking_uri, tmp_path):
     assert {"study/optimization_history.png", "study/intermediate_values.png", "study/trials.json"} <= artifacts
 
 
+def test_a_trial_below_the_median_is_pruned_one_by_one_with_its_curve_and_reason(tracking_uri, tmp_path):
+    """The median pruner on the one-by-one path (--stack 1, the CPU's default): 3 complete trials first,
+    then two configurations with a crushing L1 penalty, pruned at epoch 2, the first epoch they may be."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    common = ["--epochs", "3", "--pruner", "median", "--stack", "1", "--storage", storage, "--no-l1-zero",
+              "--l2-range", "1e-6", "1e-5", "--no-l2-zero"]
+    optimize("--l1-range", "1e-6", "1e-5", "--trials", "3", *common)
+    optimize("--l1-range", "0.3", "0.5", "--trials", "5", *common)
+    study = load(storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3 + ["PRUNED"] * 2
+    _, children = study_runs()
+    pruned = [r for r in children if float(r.data.params["l1"]) >= 0.3]
+    assert len(pruned) == 2
+    for run in pruned:
+        assert run.info.status == "FINISHED" and run.data.tags["optuna.state"] == "PRUNED"
+        assert run.data.tags["regsweep.stop_reason"].startswith("pruned by median pruner at epoch 2")
+        assert len(MlflowClient().get_metric_history(run.info.run_id, "val/acc")) == 2  # its curve, 2 epochs
+    assert all(t.intermediate_values.keys() == {1, 2} for t in study.trials[3:])
+
+
 @pytest.mark.slow
 def test_rerun_resumes_and_tops_up_without_duplicating(tracking_uri, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"

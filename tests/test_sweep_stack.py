@@ -53,7 +53,12 @@ def test_a_stacked_grid_with_repeats_builds_the_same_tree_as_one_by_one(tracking
     assert len(stacked[1]) == len(alone[1]) == 12  # 4 trial runs + 8 seed runs
     assert {r.data.tags["regsweep.stack_members"] for r in stacked[1]} == {"8"}
     assert {r.data.tags["regsweep.stack"] for r in stacked[1]} == {"0"}  # one stack, from trial 0 on
-    # Completed by worker processes, with the device tags the training process gave them.
+    # Completed by worker processes (each run ends tagged with the process that completed it), with the device
+    # tags the training process gave them.
+    from regsweep.outage import worker_id
+
+    completed_by = {r.data.tags["regsweep.worker"] for r in stacked[1] if "seed" in r.data.params}
+    assert worker_id() not in completed_by and 1 <= len(completed_by) <= 2, completed_by
     assert {r.data.tags.get("regsweep.device") for r in stacked[1] if "seed" in r.data.params} == {"cpu"}
     parent = stacked[0]
     assert parent.info.status == "FINISHED" and parent.data.metrics["trials_complete"] == 4
@@ -292,6 +297,36 @@ def test_sigterm_to_the_whole_group_while_workers_complete_runs(tracking_uri, tm
     runs = MlflowClient().search_runs([exp.experiment_id])
     assert {r.info.status for r in runs} == {"KILLED"}  # parent, 4 trial runs, 8 seed runs
     assert sorted(t.state.name for t in load(storage).trials) == ["FAIL"] * 4 + ["WAITING"] * 4
+
+
+def test_a_stacked_member_is_never_pruned_at_its_last_epoch(tracking_uri, tmp_path):
+    """By then it has trained in full. The complete trials' curves climb; one member stays below their median
+    from the start (pruned at epoch 2, the first it may be: the control), the other falls below it only at
+    its last epoch, 4 (kept). (Optuna compares a trial's best value so far with the median at that step.)"""
+    import optuna
+
+    from regsweep.config import TrainConfig
+    from regsweep.sweep.space import SearchSpace
+    from regsweep.sweep.stacked import EpochHook, StackedTrial
+    from regsweep.sweep.study import SweepSettings, load_study
+
+    epochs, client = 4, MlflowClient()
+    settings = SweepSettings(base=TrainConfig(epochs=epochs), space=SearchSpace(), trials=8, study_name="last",
+                             storage=f"sqlite:///{tmp_path / 'optuna.db'}", experiment_name="last")
+    study = load_study(settings)
+    climb = {1: 0.5, 2: 0.6, 3: 0.7, 4: 0.99}
+    for _ in range(3):
+        study.add_trial(optuna.trial.create_trial(value=0.99, intermediate_values=climb))
+    entries = [StackedTrial(study.ask(), {}, run_ids=[client.create_run("0").info.run_id]) for _ in range(2)]
+    hook = EpochHook(settings, [(e, 0) for e in entries], client)
+    curves = {0: [0.4, 0.45, 0.5, 0.55], 1: [0.55, 0.65, 0.75, 0.8]}
+    stops = {}
+    for epoch in range(1, epochs + 1):
+        for k in curves:
+            if k not in stops and hook(k, epoch, {"val/acc": curves[k][epoch - 1], "val/loss": 0.1}):
+                stops[k] = epoch
+    hook.flush()
+    assert stops == {0: 2}
 
 
 @pytest.mark.parametrize("repeats", [1, 2])
