@@ -132,11 +132,13 @@ def flip_table(pairing: Pairing | None, predictions: dict[str, dict[str, np.ndar
     return pd.DataFrame(rows)
 
 
-def draw(a: Analysis, pairing: Pairing | None, predictions: dict[str, dict[str, np.ndarray]],
-         include_unfinished: bool = False) -> None:
-    """The eight figures into `a`; a figure that cannot be drawn is named with why. (`pairing` and `predictions`:
-    flip_pair's configurations and their runs' predictions, for the misclassification figure.)"""
+def draw(a: Analysis, predictions: dict[str, dict[str, np.ndarray]], include_unfinished: bool = False,
+         pairing: Pairing | None = None) -> None:
+    """The eight figures into `a`; a figure that cannot be drawn is named with why. (`predictions`: those of
+    flip_pair's configurations' runs, for the misclassification figure; `pairing`: pair_runs of them, where the
+    caller has it already.)"""
     v, t, h = a.values, a.table, a.fetched.histories
+    pairing = pairing or pair_runs(a, predictions)
     bases = sorted(set(a.baseline_of.dropna()))
     a.figures["1_consolidated.png"] = figures.consolidated(v, h, t, bases, a.unfinished if include_unfinished else None)
     a.figures["2_generalisation_gap.png"] = figures.generalisation_gap(v, h, t, bases)
@@ -290,7 +292,7 @@ def make_report(selection: Selection, out: Path | None = None, baseline: str | N
         a.study_plots = fetch_study_plots(fetched.parent_run_id)
     pairing = pair_runs(a, predictions)
     a.flips = flip_table(pairing, predictions)
-    draw(a, pairing, predictions, include_unfinished)
+    draw(a, predictions, include_unfinished, pairing)
     write(a, out)
     logged = log(a, out) if log_to_mlflow else None
     for fig in a.figures.values():
