@@ -193,14 +193,15 @@ def train_one(fields: dict, experiment_name: str | None, tracking_timeout: float
 
     from .data import DataError, load_for
     from .outage import TrackingOutage, end_orphaned_runs, tracking_watch
-    from .tracking import (TrackingError, check_experiment, check_tracking_uri, enable_prompt_flushes, run_training,
-                           use_experiment, viewing_hint)
+    from .tracking import (TrackingError, check_experiment, check_run_to_resume, check_tracking_uri,
+                           enable_prompt_flushes, run_training, use_experiment, viewing_hint)
     from .training import DivergedError
 
     try:
         cfg = build_config(fields)
         data = load_for(cfg)
         check_tracking_uri()
+        check_run_to_resume()
         if not os.environ.get("MLFLOW_RUN_ID"):  # inside `mlflow run` the run, and its experiment, exist
             check_experiment(experiment_name)
         enable_prompt_flushes()
@@ -439,7 +440,8 @@ def mark_project_run_failed(message: str) -> None:
     if run_id:
         from mlflow.tracking import MlflowClient
         try:
-            MlflowClient().set_tag(run_id, "regsweep.error", message)
+            if MlflowClient().get_run(run_id).info.status == "RUNNING":  # not a leftover id of an ended run
+                MlflowClient().set_tag(run_id, "regsweep.error", message)
         except Exception:  # noqa: BLE001 - the store itself may be the problem; the exit code still tells
             pass
 

@@ -87,6 +87,24 @@ def check_experiment(name: str | None) -> None:
             raise TrackingError(f"MLFLOW_EXPERIMENT_ID={given} names no active MLflow experiment")
 
 
+def check_run_to_resume() -> None:
+    """Where MLFLOW_RUN_ID is set, it must name a run that `mlflow run` started for this command: one that
+    exists and is RUNNING. A leftover id of a finished run would otherwise be reopened and trained into, under
+    another run's params."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return
+    try:
+        run = MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise TrackingError(f"MLFLOW_RUN_ID={run_id} names no run in this tracking store; unset it to start a "
+                            "new run") from None
+    if run.info.lifecycle_stage == "deleted" or run.info.status != "RUNNING":
+        state = "deleted" if run.info.lifecycle_stage == "deleted" else run.info.status
+        raise TrackingError(f"MLFLOW_RUN_ID={run_id} names a {state} run: regsweep train logs into the run "
+                            "`mlflow run` started for it, not into an earlier one; unset it to start a new run")
+
+
 def enable_prompt_flushes() -> None:
     """Let `mlflow.flush_async_logging()`, and the end of a run that logged asynchronously, return as soon as
     the queue is written.
