@@ -293,7 +293,7 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
     resumes the study. When it ends, the parent run carries the best trial's values, a best_run_id tag and
     the study's plots.
     """
-    from .data import DataError, check_available
+    from .data import DataError, load_raw
     from .sweep import (SearchSpace, SweepSettings, WorkerFailure, check_resumable, optimize as run_study, parse_grid,
                         stack_size)
     from .tracking import TrackingError, check_experiment, check_tracking_uri, enable_prompt_flushes, viewing_hint
@@ -325,7 +325,7 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
                                  heartbeat=heartbeat, workers=workers, stack=members,
                                  completion_workers=completion_workers, refill=refill,
                                  tracking_timeout=tracking_timeout)
-        check_available(base.resolved_data_dir(), base.download)
+        load_raw(base.resolved_data_dir(), base.download)  # readable, before a study or run exists
         check_resumable(settings)  # a bad URL, an unreachable database or a clashing space fails here
         check_tracking_uri()
         check_experiment(experiment_name)

@@ -98,7 +98,10 @@ def check_available(data_dir: str | Path, download: bool = False) -> None:
     """Raise DataError unless MNIST can be read from `data_dir` (vendored files are checked and unpacked)."""
     data_dir = Path(data_dir)
     if (data_dir / "mnist" / "SHA256SUMS").is_file():
-        prepare_vendored(data_dir)
+        try:
+            prepare_vendored(data_dir)
+        except (OSError, ValueError) as exc:  # an unreadable SHA256SUMS, MNIST/ taken by a file, a full disk...
+            raise DataError(f"cannot prepare the MNIST files in {data_dir}: {type(exc).__name__}: {exc}") from None
     elif not download and not all((data_dir / "MNIST" / "raw" / n).is_file() for n in FILES):
         raise DataError(f"no MNIST in {data_dir}: expected {data_dir}/mnist/*.gz with SHA256SUMS (as in the "
                         f"repository's data/) or {data_dir}/MNIST/raw/; pass --download to fetch it")
@@ -122,9 +125,13 @@ def load_raw(data_dir: str | Path, download: bool = False) -> tuple[torch.Tensor
     try:
         train = MNIST(str(data_dir), train=True, download=download)
         test = MNIST(str(data_dir), train=False, download=download)
-    except (RuntimeError, OSError, ValueError) as exc:
-        raise DataError(f"cannot read MNIST from {data_dir}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - whatever damaged files make torchvision's reader raise
+        raise DataError(f"cannot read MNIST from {data_dir}: {type(exc).__name__}: {exc}") from None
     tensors = (train.data, train.targets, test.data, test.targets)
+    shapes = [tuple(t.shape) for t in tensors]
+    if shapes != [(60000, 28, 28), (60000,), (10000, 28, 28), (10000,)]:
+        raise DataError(f"the MNIST files in {data_dir} are not 60,000 training and 10,000 test images of 28 x 28 "
+                        f"with their labels (read: {shapes})")
     write_cache(data_dir, tensors)
     return tensors
 

@@ -379,6 +379,45 @@ def test_bad_sweep_input_exits_2_before_anything_is_created(tmp_path, monkeypatc
     assert not Path(tmp_path / "mlruns").exists()
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("truncated", "cannot read MNIST from"),
+    ("test images as training images", "are not 60,000 training and 10,000 test images"),
+    ("a malformed SHA256SUMS", "cannot prepare the MNIST files"),
+    ("MNIST a file", "cannot prepare the MNIST files"),
+])
+def test_damaged_data_exits_2_before_anything_is_created(tmp_path, monkeypatch, damage, message):
+    """train and optimize alike: one line, exit 2, no study and no run (optimize used to read the data only in
+    its workers, after both existed)."""
+    import shutil
+
+    from regsweep.config import default_data_dir
+
+    source, data = Path(default_data_dir()), tmp_path / "data"
+    if damage in ("truncated", "test images as training images"):
+        raw = data / "MNIST" / "raw"
+        shutil.copytree(source / "MNIST" / "raw", raw)
+        images = raw / "train-images-idx3-ubyte"
+        if damage == "truncated":
+            images.write_bytes(images.read_bytes()[:1_000_000])
+        else:
+            shutil.copy(raw / "t10k-images-idx3-ubyte", images)
+    else:
+        shutil.copytree(source / "mnist", data / "mnist")
+        if damage == "a malformed SHA256SUMS":
+            with open(data / "mnist" / "SHA256SUMS", "a") as sums:
+                sums.write("one two three\n")
+        else:
+            (data / "MNIST").write_text("not a folder")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for command in (["train"], ["optimize", "--storage", f"sqlite:///{tmp_path / 'optuna.db'}"]):
+        result = CliRunner().invoke(cli, [*command, "--data-dir", str(data)])
+        assert result.exit_code == 2, result.output
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert len(lines) == 1 and message in lines[0], result.output
+        assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlflow.db").exists()
+
+
 @pytest.mark.slow
 def test_a_seed_beyond_numpys_range_trains_and_seeds_the_sampler(tracking_uri, tmp_path):
     """--seed is a training seed (torch takes up to 2**64); the samplers' numpy takes seeds below 2**32."""
