@@ -294,8 +294,8 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
     the study's plots.
     """
     from .data import DataError, load_raw
-    from .sweep import (SearchSpace, SweepSettings, WorkerFailure, check_resumable, optimize as run_study, parse_grid,
-                        stack_size)
+    from .sweep import (SearchSpace, SweepSettings, WorkerFailure, check_parent, check_resumable, optimize as run_study,
+                        parse_grid, stack_size)
     from .tracking import TrackingError, check_experiment, check_tracking_uri, enable_prompt_flushes, viewing_hint
 
     try:
@@ -326,9 +326,10 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
                                  completion_workers=completion_workers, refill=refill,
                                  tracking_timeout=tracking_timeout)
         load_raw(base.resolved_data_dir(), base.download)  # readable, before a study or run exists
-        check_resumable(settings)  # a bad URL, an unreachable database or a clashing space fails here
+        study = check_resumable(settings)  # a bad URL, an unreachable database or a clashing space fails here
         check_tracking_uri()
         check_experiment(experiment_name)
+        check_parent(settings, study)
         enable_prompt_flushes()
     except ConfigError as exc:
         raise UsageFailure(str(exc)) from None

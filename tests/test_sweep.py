@@ -418,6 +418,41 @@ def test_damaged_data_exits_2_before_anything_is_created(tmp_path, monkeypatch, 
         assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.parametrize("directions", [["minimize"], ["maximize", "maximize"]])
+def test_a_study_of_the_same_name_made_by_another_tool_is_refused(tmp_path, monkeypatch, directions):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optuna.create_study(study_name="regsweep", storage=storage, directions=directions)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    result = CliRunner().invoke(cli, ["optimize", *SMALL, "--storage", storage])
+    assert result.exit_code == 2 and "is not a regsweep study" in result.output, result.output
+    assert not (tmp_path / "mlflow.db").exists() and load(storage).trials == []
+
+
+def test_resuming_a_study_elsewhere_than_its_parent_run_is_refused_before_any_run(tracking_uri, tmp_path):
+    """Under another experiment its new runs would be apart from its earlier ones; under a deleted parent run
+    there is nothing to log to."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+
+    def run(trials: str, experiment: str, expect: int = 0):
+        return optimize("--trials", trials, "--epochs", "1", "--storage", storage, "--study-name", "s",
+                        "--experiment-name", experiment, expect=expect)
+
+    run("1", "first")
+    (parent,), _ = study_runs("first")
+    result = run("2", "second", expect=2)
+    assert "logs into MLflow experiment 'first'; resume it with --experiment-name 'first'" in result.output
+    MlflowClient().delete_run(parent.info.run_id)
+    result = run("2", "first", expect=2)
+    assert f"parent run {parent.info.run_id} is deleted" in result.output
+    assert f"mlflow runs restore --run-id {parent.info.run_id}" in result.output
+    assert len(load(storage, "s").trials) == 1 and MlflowClient().get_experiment_by_name("second") is None
+    MlflowClient().restore_run(parent.info.run_id)
+    run("2", "first")
+    (parent,), children = study_runs("first")
+    assert parent.info.status == "FINISHED" and len(children) == 2
+
+
 @pytest.mark.slow
 def test_a_seed_beyond_numpys_range_trains_and_seeds_the_sampler(tracking_uri, tmp_path):
     """--seed is a training seed (torch takes up to 2**64); the samplers' numpy takes seeds below 2**32."""

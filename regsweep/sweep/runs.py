@@ -31,6 +31,30 @@ def parent_tags(settings: SweepSettings) -> dict[str, str]:
             "regsweep.kind": "study"}
 
 
+def check_parent(settings: SweepSettings, study: optuna.Study | None) -> None:
+    """A resumed study's parent run must be one the sweep can go on under: not deleted, and in the experiment
+    this command logs into (its new trials' runs would otherwise land in another experiment than its earlier
+    ones, and a report of either would miss them). A parent that is gone altogether (a new tracking store) is
+    made anew."""
+    from ..config import ConfigError
+
+    run_id = study.user_attrs.get("mlflow_parent_run_id") if study is not None else None
+    if not run_id:
+        return
+    client = MlflowClient()
+    try:
+        parent = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return
+    if parent.info.lifecycle_stage == "deleted":
+        raise ConfigError(f"study {settings.study_name!r}'s parent run {run_id} is deleted in MLflow: restore it "
+                          f"(mlflow runs restore --run-id {run_id}) or start another study with --study-name")
+    logged_in = client.get_experiment(parent.info.experiment_id).name
+    if logged_in != settings.experiment_name:
+        raise ConfigError(f"study {settings.study_name!r} logs into MLflow experiment {logged_in!r}; resume it "
+                          f"with --experiment-name {logged_in!r}, or start another study with --study-name")
+
+
 def find_or_create_parent(settings: SweepSettings, study: optuna.Study, experiment_id: str) -> str:
     """One parent run per study, found again on resume through the study's user attribute."""
     client = MlflowClient()

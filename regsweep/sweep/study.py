@@ -272,13 +272,20 @@ def load_study(settings: SweepSettings, tracking_uri: str | None = None, worker_
     return study
 
 
-def check_resumable(settings: SweepSettings) -> None:
-    """A study this command would resume must accept its search space (SearchSpace.check_resumable)."""
+def check_resumable(settings: SweepSettings) -> optuna.Study | None:
+    """A study this command would resume must be one regsweep can take on (a single objective, maximised: one
+    another tool made under the same name may not be) and accept its search space (SearchSpace.check_resumable)
+    and settings. Returns the study, or None where there is none yet."""
     storage = open_storage(settings)
     try:
         study = optuna.load_study(study_name=settings.study_name, storage=storage)
     except KeyError:  # no such study yet
-        return
+        return None
+    if study.directions != [optuna.study.StudyDirection.MAXIMIZE]:
+        directions = ", ".join(d.name.lower() for d in study.directions)
+        raise ConfigError(f"study {settings.study_name!r} in this storage is not a regsweep study (it has "
+                          f"{len(study.directions)} objective(s): {directions}; regsweep maximises one, validation "
+                          "accuracy); choose another --study-name")
     settings.space.check_resumable(study.get_trials(deepcopy=False))
     kept, wanted = study.user_attrs.get(SETTINGS_ATTR), study_settings(settings)
     changed = [f"{k}={kept.get(k)} (now {v})" for k, v in wanted.items() if kept and kept.get(k) != v]
@@ -286,6 +293,7 @@ def check_resumable(settings: SweepSettings) -> None:
         raise ConfigError(f"study {settings.study_name!r} was run with {', '.join(changed)}: trials trained "
                           "otherwise would not compare with its earlier ones; resume it with its settings, or "
                           "start another with --study-name")
+    return study
 
 
 def count_toward_trials(study: optuna.Study) -> int:
