@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -79,15 +80,17 @@ class OutageStop(click.ClickException):
     exit_code = 75
 
 
+def a_number(ctx, param, value):
+    """A callback for seconds given as FloatRange, which lets NaN through (every comparison being false)."""
+    if value is not None and value != value:
+        raise click.BadParameter("nan is not a number of seconds", ctx=ctx, param=param)
+    return value
+
+
 def tracking_timeout_option(command):
     # A setting of how runs are tracked, not of what is trained: it is not a TrainConfig field, so it is
     # neither logged as a param nor part of what makes two sweep trials the same configuration.
     from .outage import MAX_TIMEOUT
-
-    def a_number(ctx, param, value):
-        if value != value:  # NaN: FloatRange lets it through, every comparison being false
-            raise click.BadParameter("nan is not a number of seconds", ctx=ctx, param=param)
-        return value
 
     return click.option(
         "--tracking-timeout", type=click.FloatRange(min=1, max=MAX_TIMEOUT), default=120, show_default=True,
@@ -257,7 +260,7 @@ def train_one(fields: dict, experiment_name: str | None, tracking_timeout: float
               "(the four classic scenarios); --trials defaults to the grid's size.")
 @click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
               help="Seeds per configuration (seed, seed+1, ...); the objective is their mean.")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, callback=a_number,
               help="Stop starting new trials after this many seconds (per worker).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Worker processes on this machine sharing the study, each with cores/K torch threads.")
@@ -300,7 +303,8 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
 
     try:
         base = build_config(fields)
-        space = SearchSpace(l1_range, l2_range, l1_zero, l2_zero, parse_grid(grid) if grid else {}).validate()
+        # An empty --grid "" is refused by parse_grid, not taken for no grid.
+        space = SearchSpace(l1_range, l2_range, l1_zero, l2_zero, {} if grid is None else parse_grid(grid)).validate()
         if sampler == "grid" and not grid:
             raise ConfigError("--sampler grid needs --grid, e.g. --grid \"l1=0,0.001 l2=0,0.0005\"")
         if grid and sampler not in (None, "grid"):
@@ -311,7 +315,7 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
         elif grid and trials > space.grid_size():  # Optuna's grid sampler stops the study once the grid is used
             raise ConfigError(f"--trials {trials} is more than the grid's {space.grid_size()} configurations, each "
                               "trained once (more seeds of each: --repeats)")
-        if stack != "auto" and not (stack.isdigit() and int(stack) >= 1):
+        if stack != "auto" and not (re.fullmatch(r"[0-9]+", stack) and int(stack) >= 1):
             raise ConfigError(f"--stack must be auto or a whole number >= 1, got {stack!r}")
         if refill and base.optimizer != "sgd":
             raise ConfigError(f"--refill needs --optimizer sgd: each member's learning rate scales SGD's update, "

@@ -170,6 +170,10 @@ class TrainConfig:
             raise ConfigError(f"hidden must list positive layer sizes, got {self.hidden!r}")
         if self.seed >= 2**63:  # torch takes seeds below 2**64; seed + 1, seed + repeat must fit
             raise ConfigError(f"seed must be below 2**63, got {self.seed}")
+        if self.threads > 4096:  # torch.set_num_threads takes a C int, and no machine has more cores than this
+            raise ConfigError(f"threads must be at most 4096, got {self.threads}")
+        if self.model == "mlp" and max(sizes) > 65536:  # a layer that wide only fails to allocate, after its run began
+            raise ConfigError(f"hidden layers must have at most 65,536 units, got {self.hidden!r}")
         # Ghost batch norm splits each batch into equal virtual batches (a last chunk of one sample would stop
         # the MLP's batch norm in its first step). A batch is smaller than batch_size when the training split is.
         n_train = min(60000 - self.val_size, self.max_train_samples or 60000)

@@ -259,6 +259,8 @@ def test_summary_selects_on_validation_and_reports_test_there():
     ({"norm": "gbn", "max_train_samples": 97, "ghost_batch_size": 32}, r"the batch \(97: the training split"),
     ({"norm": "gbn", "val_size": 59967, "ghost_batch_size": 32}, r"the batch \(33: the training split"),
     ({"model": "mlp", "batch_size": 1}, "the MLP's batch norm needs at least 2 samples to a batch; the batch is 1"),
+    ({"threads": 2**40}, "threads must be at most 4096"),
+    ({"model": "mlp", "hidden": "500,10000000000000"}, "hidden layers must have at most 65,536 units"),
     ({"model": "mlp", "max_train_samples": 1}, "the MLP's batch norm needs at least 2 samples"),
     ({"model": "mlp", "norm": "gbn", "ghost_batch_size": 1}, "needs at least 2 samples to a batch; ghost_batch_size"),
     ({"seed": -1}, "seed must be an integer >= 0"),

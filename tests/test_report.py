@@ -354,6 +354,8 @@ def test_runs_and_filter_select_and_one_seed_gives_no_verdict(sweep):
     (["--experiment-name", "rep", "--study-name", "pair", "--runs", "abc"], "give one of them"),
     (["--experiment-name", "rep", "--baseline", "l1=5"], "--baseline l1=5 matches no configuration"),
     (["--experiment-name", "rep", "--out", "FILE/sub"], "is not a writable folder"),
+    (["--experiment-name", "rep", "--study-name", "it's"], "no study \"it's\" in experiment 'rep' (studies there"),
+    (["--runs", "it's"], "not a run id: \"it's\""),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_and_logs_nothing(sweep, args, message):
     client = MlflowClient()
@@ -374,6 +376,17 @@ def test_bad_input_exits_2_with_one_line_and_writes_and_logs_nothing(sweep, args
     assert not (sweep["tmp"] / "never").exists()
     assert before == ({r.info.run_id for r in client.search_runs([sweep["experiment_id"], other_id])},
                       {a.path for a in client.list_artifacts(sweep["parent"])})
+
+
+def test_a_report_that_cannot_be_written_exits_2_with_one_line_and_logs_nothing(sweep):
+    out = sweep["tmp"] / "blocked"
+    (out / "report.md").mkdir(parents=True)  # the report's own file name taken by a folder
+    before = {a.path for a in MlflowClient().list_artifacts(sweep["parent"])}
+    result = CliRunner().invoke(cli, ["report", "--experiment-name", "rep", "--study-name", "pair", "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"Error: cannot write the report to {out}"), result.output
+    assert before == {a.path for a in MlflowClient().list_artifacts(sweep["parent"])}
 
 
 def test_unreachable_tracking_server_exits_2(tmp_path, monkeypatch):

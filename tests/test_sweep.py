@@ -367,6 +367,10 @@ def test_a_killed_worker_process_ends_the_sweep_killed_with_exit_1_and_resume_re
     (["--epochs", "0"], "epochs must be an integer >= 1"),
     (["--storage", "redis://localhost"], "unsupported --storage"),
     (["--storage", "sqlite:///:memory:"], "keeps the study in memory"),
+    (["--grid", ""], "--grid is empty"),
+    (["--stack", "²"], "--stack must be auto or a whole number >= 1"),
+    (["--timeout", "nan"], "nan is not a number of seconds"),
+    (["--threads", str(2**40)], "threads must be at most 4096"),
 ])
 def test_bad_sweep_input_exits_2_before_anything_is_created(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)

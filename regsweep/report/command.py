@@ -209,7 +209,8 @@ def markdown_report(a: Analysis) -> str:
 
 
 def default_out(name: str) -> Path:
-    return Path("reports") / (re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "report")
+    # At most 100 characters: a folder name has a limit (255 bytes on most file systems), a study's name none.
+    return Path("reports") / (re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")[:100] or "report")
 
 
 def check_out_dir(out: Path) -> Path:
@@ -293,7 +294,10 @@ def make_report(selection: Selection, out: Path | None = None, baseline: str | N
     pairing = pair_runs(a, predictions)
     a.flips = flip_table(pairing, predictions)
     draw(a, predictions, include_unfinished, pairing)
-    write(a, out)
+    try:
+        write(a, out)
+    except OSError as exc:  # what check_out_dir cannot foresee: a file's name taken by a folder, /proc, a full disk
+        raise ReportError(f"cannot write the report to {out}: {exc}") from None
     logged = log(a, out) if log_to_mlflow else None
     for fig in a.figures.values():
         figures.plt.close(fig)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -97,6 +98,9 @@ def select(selection: Selection, client: MlflowClient) -> tuple[pd.DataFrame, di
     selection.check()
     if selection.run_ids:
         ids = list(dict.fromkeys(selection.run_ids))
+        malformed = [i for i in ids if not re.fullmatch(r"[A-Za-z0-9_-]+", i)]
+        if malformed:  # MLflow's run ids are hex; anything else would also break the filter below
+            raise ReportError(f"not a run id: {', '.join(repr(i) for i in malformed)}")
         quoted = ", ".join(f"'{i}'" for i in ids)
         runs = search(None, f"attributes.run_id IN ({quoted})", search_all_experiments=True)
         missing = [i for i in ids if i not in set(runs.get("run_id", ()))]
@@ -124,11 +128,12 @@ def select(selection: Selection, client: MlflowClient) -> tuple[pd.DataFrame, di
                  "description": f"children of run {root} ({parent.info.run_name})"}
     elif selection.study_name:
         experiment_id = experiment_id_of(client, selection.experiment_name)
-        parents = search([experiment_id], f"tags.`regsweep.kind` = 'study' AND tags.`regsweep.study` = "
-                                          f"'{selection.study_name}'", order_by=["attributes.start_time DESC"])
+        # The name is matched here, not in the filter: a study's name may hold any character, quotes included.
+        studies = search([experiment_id], "tags.`regsweep.kind` = 'study'", order_by=["attributes.start_time DESC"])
+        names = studies.get("tags.regsweep.study", pd.Series(dtype=str))
+        parents = studies[names == selection.study_name]
         if parents.empty:
-            studies = search([experiment_id], "tags.`regsweep.kind` = 'study'")
-            known = ", ".join(sorted(studies.get("tags.regsweep.study", pd.Series(dtype=str)).dropna())) or "none"
+            known = ", ".join(sorted(names.dropna())) or "none"
             raise ReportError(f"no study {selection.study_name!r} in experiment {selection.experiment_name!r} "
                               f"(studies there: {known})")
         root = parents["run_id"].iloc[0]

@@ -369,9 +369,12 @@ def baselines(settings: pd.DataFrame, spec: dict[str, str] | None = None) -> pd.
             raise ValueError(f"--baseline names unknown setting(s) {', '.join(unknown)}")
         hits = [name for name, row in settings.iterrows() if matches(row)]
         if len(hits) != 1:
-            found = "no configuration" if not hits else f"{len(hits)} configurations ({'; '.join(hits)})"
+            def listed(names: list[str], most: int = 8) -> str:  # a sweep may have hundreds: a line, not a page
+                return "; ".join(names[:most]) + (f"; and {len(names) - most} more" if len(names) > most else "")
+
+            found = "no configuration" if not hits else f"{len(hits)} configurations ({listed(hits)})"
             raise ValueError(f"--baseline {' '.join(f'{k}={v}' for k, v in spec.items())} matches {found}; "
-                             f"configurations: {'; '.join(settings.index)}")
+                             f"configurations: {listed(list(settings.index))}")
         return pd.Series(hits[0], index=settings.index)
     others = [c for c in settings.columns if c not in ("l1", "l2")]
     zero = settings[(settings["l1"] == 0) & (settings["l2"] == 0)]
