@@ -371,6 +371,7 @@ def test_a_killed_worker_process_ends_the_sweep_killed_with_exit_1_and_resume_re
     (["--stack", "²"], "--stack must be auto or a whole number >= 1"),
     (["--timeout", "nan"], "nan is not a number of seconds"),
     (["--threads", str(2**40)], "threads must be at most 4096"),
+    (["--experiment-name", " "], "the MLflow experiment name is empty"),
 ])
 def test_bad_sweep_input_exits_2_before_anything_is_created(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
