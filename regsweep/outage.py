@@ -222,8 +222,9 @@ def end_orphaned_runs(experiment_id: str, tracking_uri: str | None = None) -> li
         if run_host != host or not pid.isdigit() or pid_alive(int(pid)):
             continue
         client.set_tag(run.info.run_id, STOP_REASON_TAG,
-                       f"its process ({worker}) ended while the run was RUNNING, most likely because the "
-                       "tracking store was unreachable; ended KILLED by the next regsweep command")
+                       f"its process ({worker}) ended while the run was RUNNING, without ending it (killed "
+                       "outright, or stopped while the tracking store was unreachable); ended KILLED by the next "
+                       "regsweep command")
         client.set_terminated(run.info.run_id, "KILLED")
         ended.append(run.info.run_id)
     return ended
