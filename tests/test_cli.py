@@ -64,6 +64,8 @@ def test_help_lists_every_config_option_and_the_penalised_set():
     (["--tracking-timeout", "nan"], "nan is not a number of seconds"),
     (["--experiment-name", "deleted"], "MLflow experiment 'deleted' is deleted: restore it"),
     (["MLFLOW_EXPERIMENT_ID=999"], "MLFLOW_EXPERIMENT_ID=999 names no active MLflow experiment"),
+    (["MLFLOW_EXPERIMENT_NAME="], "MLFLOW_EXPERIMENT_NAME is set but empty"),
+    (["--experiment-name", " "], "the MLflow experiment name is empty"),
 ])
 def test_bad_input_exits_2_with_one_line_and_creates_no_run(tracking_uri, monkeypatch, args, message):
     client = MlflowClient(tracking_uri)
