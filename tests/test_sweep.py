@@ -211,6 +211,23 @@ def test_a_trial_asked_beyond_trials_by_a_worker_that_looked_too_early_fails_unt
     assert children == []  # nothing trained, nothing logged for it
 
 
+def test_queued_trials_run_even_where_the_study_has_its_trials(tracking_uri, tmp_path):
+    """A trial given with enqueue_trial after the study is done, and the retry a worker on another host queued
+    before it was killed (its trial still RUNNING): each was asked for on purpose and trains, not a surplus."""
+    from regsweep.sweep.study import queue_retry
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="regsweep", storage=storage, direction="maximize")
+    elsewhere = study.ask({"l1_on": optuna.distributions.CategoricalDistribution([False, True])})
+    elsewhere.set_user_attr("worker", {"host": "elsewhere", "pid": 1})
+    assert queue_retry(study, study.trials[0])
+    optimize("--trials", "1", "--storage", storage, "--pruner", "none", "--epochs", "1")
+    load(storage).enqueue_trial({"l1_on": True, "l2_on": False, "l1": 1e-3})
+    optimize("--trials", "1", "--storage", storage, "--pruner", "none", "--epochs", "1")
+    states = [(t.number, t.state.name) for t in load(storage).trials]
+    assert states == [(0, "RUNNING"), (1, "COMPLETE"), (2, "COMPLETE")], states
+
+
 def test_divergent_trial_is_pruned_with_its_reason_and_the_sweep_goes_on(tracking_uri, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     optimize("--trials", "2", "--storage", storage, "--l1-range", "1e6", "1e7", "--no-l1-zero", "--lr", "10",

@@ -1,7 +1,8 @@
 """`regsweep report` as plain functions: fetch -> analyse -> draw -> write -> log.
 
 Bad input (an unknown selection, a rejected filter, no runs, an unusable --baseline or output folder) raises
-ReportError before anything is written or logged. The files go to one folder; the same folder is logged
+ReportError before anything is written or logged; so does a folder that fails while it is written (some files
+may be there then), before anything is logged. The files go to one folder; the same folder is logged
 under `report/` of the sweep's parent run, or of a run of its own (`report <experiment>`, tagged
 regsweep.kind=report) when there is no parent.
 """
@@ -295,10 +296,12 @@ def make_report(selection: Selection, out: Path | None = None, baseline: str | N
     a.flips = flip_table(pairing, predictions)
     draw(a, predictions, include_unfinished, pairing)
     try:
-        write(a, out)
-    except OSError as exc:  # what check_out_dir cannot foresee: a file's name taken by a folder, /proc, a full disk
-        raise ReportError(f"cannot write the report to {out}: {exc}") from None
-    logged = log(a, out) if log_to_mlflow else None
-    for fig in a.figures.values():
-        figures.plt.close(fig)
+        try:
+            write(a, out)
+        except OSError as exc:  # what check_out_dir cannot foresee: a name taken by a folder, /proc, a full disk
+            raise ReportError(f"cannot write the report to {out}: {exc}") from None
+        logged = log(a, out) if log_to_mlflow else None
+    finally:
+        for fig in a.figures.values():
+            figures.plt.close(fig)
     return a, out, logged

@@ -70,7 +70,8 @@ def run_worker(settings: SweepSettings, parent_run_id: str, experiment_id: str, 
         # Running trials count towards the total so that parallel workers stop at exactly `trials`.
         stop_at_total = optuna.study.MaxTrialsCallback(settings.trials, states=FINISHED + (TrialState.RUNNING,))
         if count_toward_trials(study) < settings.trials or has_waiting(study):
-            # A Surplus trial (asked by two workers at once) ends FAIL with its reason and stops this worker.
+            # A Surplus trial (asked by two workers at once) ends FAIL with its reason; the callback then counts
+            # --trials and stops this worker.
             study.optimize(objective, callbacks=[stop_at_total], timeout=settings.timeout, gc_after_trial=True,
                            catch=(Surplus,))
 

@@ -49,7 +49,11 @@ class Surplus(Exception):
 def check_not_surplus(settings: SweepSettings, trial: optuna.Trial, trials: list[optuna.trial.FrozenTrial]) -> None:
     """Parallel workers (or stacks) that see the study one trial short at the same moment each ask one. The
     storage numbers them, so a later one knows it is over `--trials` from the trials numbered before it that
-    count (finished, running, or queued to run): it says why and raises before anything is suggested or logged."""
+    count (finished, running, or queued to run): it says why and raises before anything is suggested or logged.
+    A queued trial (a retry, or one given with enqueue_trial) was asked for on purpose and always runs."""
+    me = next(t for t in trials if t.number == trial.number)
+    if "fixed_params" in me.system_attrs or "retry_history" in me.system_attrs:
+        return
     before = sum(t.number < trial.number and t.state in (*FINISHED, TrialState.RUNNING, TrialState.WAITING)
                  for t in trials)
     if before >= settings.trials:

@@ -49,7 +49,11 @@ def check_parent(settings: SweepSettings, study: optuna.Study | None) -> None:
     if parent.info.lifecycle_stage == "deleted":
         raise ConfigError(f"study {settings.study_name!r}'s parent run {run_id} is deleted in MLflow: restore it "
                           f"(mlflow runs restore --run-id {run_id}) or start another study with --study-name")
-    logged_in = client.get_experiment(parent.info.experiment_id).name
+    try:
+        logged_in = client.get_experiment(parent.info.experiment_id).name
+    except mlflow.exceptions.MlflowException as exc:
+        raise ConfigError(f"cannot read the experiment of study {settings.study_name!r}'s parent run {run_id}: "
+                          f"{str(exc).splitlines()[0]}") from None
     if logged_in != settings.experiment_name:
         raise ConfigError(f"study {settings.study_name!r} logs into MLflow experiment {logged_in!r}; resume it "
                           f"with --experiment-name {logged_in!r}, or start another study with --study-name")
