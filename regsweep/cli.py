@@ -80,10 +80,14 @@ class OutageStop(click.ClickException):
     exit_code = 75
 
 
-def not_blank(ctx, param, value):
-    """A callback for names: an empty one (MLflow refuses it, after the run's store is opened) is a typo."""
+def check_experiment_name(ctx, param, value):
+    """A callback for --experiment-name: a name MLflow would refuse (empty, a typo; or over its 500 characters)
+    is refused here, before the stores are opened."""
     if value is not None and not value.strip():
         raise click.BadParameter("the MLflow experiment name is empty", ctx=ctx, param=param)
+    if value is not None and len(value) > 500:
+        raise click.BadParameter(f"MLflow takes experiment names of at most 500 characters, not {len(value)}",
+                                 ctx=ctx, param=param)
     return value
 
 
@@ -179,7 +183,7 @@ def cli():
 
 @cli.command()
 @config_options()
-@click.option("--experiment-name", envvar="MLFLOW_EXPERIMENT_NAME", callback=not_blank, default=None,
+@click.option("--experiment-name", envvar="MLFLOW_EXPERIMENT_NAME", callback=check_experiment_name, default=None,
               help="MLflow experiment for the run (ignored inside `mlflow run`, which has made the run).")
 @tracking_timeout_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -287,7 +291,7 @@ def train_one(fields: dict, experiment_name: str | None, tracking_timeout: float
 @click.option("--heartbeat", type=click.IntRange(min=1), default=60, show_default=True,
               help="Seconds between a running trial's liveness records (RDB storages); a trial silent for "
                    "twice this is failed and retried.")
-@click.option("--experiment-name", envvar="MLFLOW_EXPERIMENT_NAME", callback=not_blank, default="regsweep",
+@click.option("--experiment-name", envvar="MLFLOW_EXPERIMENT_NAME", callback=check_experiment_name, default="regsweep",
               show_default=True, help="MLflow experiment of the parent and trial runs.")
 @tracking_timeout_option
 @config_options(exclude=("l1", "l2"), log_model=False)
@@ -386,9 +390,8 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
 
 
 @cli.command()
-@click.option("--experiment-name", envvar="MLFLOW_EXPERIMENT_NAME", callback=not_blank, default="regsweep",
-              show_default=True,
-              help="MLflow experiment to read (and of --study-name).")
+@click.option("--experiment-name", envvar="MLFLOW_EXPERIMENT_NAME", callback=check_experiment_name, default="regsweep",
+              show_default=True, help="MLflow experiment to read (and of --study-name).")
 @click.option("--study-name", default=None, help="Report a study's runs: the trials under its parent run, "
               "repeats grouped under their trial.")
 @click.option("--parent-run-id", default=None, help="Report the runs under this run (a study's parent run).")

@@ -389,6 +389,7 @@ def test_a_killed_worker_process_ends_the_sweep_killed_with_exit_1_and_resume_re
     (["--timeout", "nan"], "nan is not a number of seconds"),
     (["--threads", str(2**40)], "threads must be at most 4096"),
     (["--experiment-name", " "], "the MLflow experiment name is empty"),
+    (["--experiment-name", "x" * 501], "MLflow takes experiment names of at most 500 characters, not 501"),
 ])
 def test_bad_sweep_input_exits_2_before_anything_is_created(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
