@@ -77,7 +77,8 @@ def check_experiment(name: str | None) -> None:
             raise TrackingError(f"MLflow experiment {name!r} is deleted: restore it (mlflow experiments restore "
                                 f"--experiment-id {experiment.experiment_id}) or choose another name")
         return
-    if os.environ.get("MLFLOW_EXPERIMENT_NAME", "x").strip() == "":  # MLflow itself would read it, and fail
+    from_env = os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    if from_env is not None and not from_env.strip():  # click takes it for unset; MLflow reads it, and fails
         raise TrackingError("MLFLOW_EXPERIMENT_NAME is set but empty: unset it, or name an experiment")
     given = os.environ.get("MLFLOW_EXPERIMENT_ID")
     if given:

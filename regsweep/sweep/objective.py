@@ -46,12 +46,12 @@ class Surplus(Exception):
     """A trial asked when the study already had its `--trials`: it is failed untrained (fail_kind "surplus")."""
 
 
-def check_not_surplus(settings: SweepSettings, trial: optuna.Trial, trials: list[optuna.trial.FrozenTrial]) -> None:
+def check_not_surplus(settings: SweepSettings, trial: optuna.Trial, me: optuna.trial.FrozenTrial,
+                      trials: list[optuna.trial.FrozenTrial]) -> None:
     """Parallel workers (or stacks) that see the study one trial short at the same moment each ask one. The
     storage numbers them, so a later one knows it is over `--trials` from the trials numbered before it that
     count (finished, running, or queued to run): it says why and raises before anything is suggested or logged.
     A queued trial (a retry, or one given with enqueue_trial) was asked for on purpose and always runs."""
-    me = next(t for t in trials if t.number == trial.number)
     if "fixed_params" in me.system_attrs or "retry_history" in me.system_attrs:
         return
     before = sum(t.number < trial.number and t.state in (*FINISHED, TrialState.RUNNING, TrialState.WAITING)
@@ -69,8 +69,8 @@ def prepare_trial(settings: SweepSettings, trial: optuna.Trial):
     Returns (penalties, twin or None, the tags its runs start with: a retry names the trial it repeats).
     Raises Surplus for a trial beyond `--trials`."""
     trials = trial.study.get_trials(deepcopy=False)
-    check_not_surplus(settings, trial, trials)
     me = next(t for t in trials if t.number == trial.number)
+    check_not_surplus(settings, trial, me, trials)
     # A queued trial (a retry, or enqueue_trial) has its switches decided already; they are kept.
     decided = {**me.system_attrs.get("fixed_params", {}), **me.params}
     baseline = configuration_key(settings, {"l1": 0.0, "l2": 0.0})

@@ -151,8 +151,8 @@ def log_trial_run(client: MlflowClient, run_id: str, settings: SweepSettings, pe
                      params=repeats_params(first, settings.repeats, n_params, data))
 
 
-def seed_run_name(trial_run: str, cfg: TrainConfig, repeats: int) -> str:
-    return trial_run if repeats == 1 else f"{trial_run} s{cfg.seed}"
+def seed_run_name(trial_name: str, cfg: TrainConfig, repeats: int) -> str:
+    return trial_name if repeats == 1 else f"{trial_name} s{cfg.seed}"
 
 
 def summarise_repeats(client: MlflowClient, run_id: str, best_vals: list[float], state: str,
