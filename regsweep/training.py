@@ -186,7 +186,7 @@ class Trainer:
                            progress)
 
     def rates(self) -> list[float]:
-        """Each member's learning rate for its next step (what an epoch's metrics log)."""
+        """Each member's learning rate for its next step (read before an epoch, what its metrics log)."""
         if self.schedules is not None:
             return self.schedules.rates().tolist()
         return [float(self.optimizer.param_groups[0]["lr"])] * self.members
@@ -409,6 +409,9 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
         t0 = time.perf_counter()
         # With refilled slots the stack trains past any one member's epochs: then no total is shown.
         desc = f"epoch {epoch}/{cfg.epochs}" if refill is None else f"stack epoch {epoch}"
+        # The rate the epoch starts at is what it logs: read after it, a step schedule's decay would show an
+        # epoch early.
+        rates = trainer.rates()
         with tqdm(total=trainer.steps_per_epoch, desc=desc, disable=not show_progress, leave=False,
                   unit="batch") as progress:
             train = trainer.epoch(progress)
@@ -416,7 +419,6 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
             torch.cuda.synchronize()  # once an epoch, so that the epoch's time is its training time
         seconds = time.perf_counter() - t0
         rows, stat_names, test_pred = epoch_rows(trainer, train, cfg.precision)
-        rates = trainer.rates()
         improved = [False] * members
         for pos, values in enumerate(rows):
             rec = records[slots[pos]]

@@ -203,10 +203,11 @@ def test_a_refilled_slot_trains_its_new_member_as_a_fresh_model_on_the_stacks_ba
     alone.order_generator.set_state(warm.order_generator.get_state())
     alone.augment_generator.set_state(warm.augment_generator.get_state())
     for got in results[2].history:
+        rate = alone.rates()[0]
         train = alone.epoch()
         val = evaluate(alone.model, alone.data.val)  # the split on the stack's device
         want = {"train/loss": (train["loss_sum"] / train["images"]).item(), "val/loss": val["loss"].item(),
-                "val/acc": val["acc"].item(), "lr": alone.rates()[0],
+                "val/acc": val["acc"].item(), "lr": rate,
                 "weights/all/mean_abs": weight_stats(alone.model)["weights/all/mean_abs"]}
         for key, value in want.items():
             assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
@@ -222,3 +223,9 @@ def test_refilling_needs_sgd(tiny_data, tiny_cfg):
     cfg = tiny_cfg.replace(device="cpu", optimizer="adam")
     with pytest.raises(ValueError, match="need SGD"):
         fit_stack([cfg, cfg.replace(l1=1e-3)], tiny_data, refill=lambda free: [])
+
+
+def test_the_logged_learning_rate_is_the_one_the_epoch_trained_at(tiny_data, tiny_cfg):
+    """A step schedule decays after the epoch's last step: the epoch's lr is the rate before it."""
+    cfg = tiny_cfg.replace(device="cpu", epochs=3, lr=0.1, scheduler="step", step_size=2)
+    assert [h["lr"] for h in fit(cfg, tiny_data).history] == pytest.approx([0.1, 0.1, 0.01])
