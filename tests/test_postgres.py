@@ -174,3 +174,28 @@ def test_postgresql_stopped_mid_sweep_stops_with_one_line_and_resume_loses_nothi
     assert all(r.info.status != "RUNNING" for r in runs)
     assert sorted(r.data.tags.get("optuna.retry_of_trial") for r in runs
                   if int(r.data.tags.get("optuna.trial_number", -1)) >= stack) == [str(n) for n in range(stack)]
+
+
+@pytest.mark.parametrize("tables", ["made", "none"])
+def test_a_read_only_postgresql_database_is_refused_before_anything_is_created(postgres, tmp_path, monkeypatch,
+                                                                              tables):
+    """As a replica or a database set read-only serves it: the sweep could never write a trial there."""
+    from click.testing import CliRunner
+
+    from regsweep.cli import cli
+
+    name = f"readonly_{tables}"
+    server = ["-h", "127.0.0.1", "-p", str(postgres.port), "-U", "postgres"]
+    subprocess.run(as_postgres([f"{postgres.bindir}/createdb", *server, name]), check=True)
+    url = postgres.url.rsplit("/", 1)[0] + "/" + name
+    if tables == "made":  # Optuna's tables and a study exist; the database turns read-only after
+        optuna.create_study(study_name="regsweep", storage=url, direction="maximize")
+    subprocess.run(as_postgres([f"{postgres.bindir}/psql", "-q", *server, "-d", name, "-c",
+                                f"ALTER DATABASE {name} SET default_transaction_read_only = on"]), check=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    result = CliRunner().invoke(cli, ["optimize", *SMALL, "--storage", url])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cannot be written (cannot execute" in lines[0], lines
+    assert "read-only transaction" in lines[0] and not (tmp_path / "mlflow.db").exists()

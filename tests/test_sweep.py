@@ -452,6 +452,33 @@ def test_a_study_of_the_same_name_made_by_another_tool_is_refused(tmp_path, monk
     assert not (tmp_path / "mlflow.db").exists() and load(storage).trials == []
 
 
+@pytest.mark.parametrize("study_name", ["regsweep", "new"])
+def test_a_storage_that_cannot_be_written_is_refused_before_anything_is_created(tmp_path, monkeypatch, study_name):
+    """A read-only database used to look unreachable: exit 75 and advice to run again, which never helps."""
+    path = tmp_path / "optuna.db"
+    optuna.create_study(study_name="regsweep", storage=f"sqlite:///{path}", direction="maximize")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    read_only = f"sqlite:///file:{path}?mode=ro&uri=true"
+    result = CliRunner().invoke(cli, ["optimize", *SMALL, "--storage", read_only, "--study-name", study_name])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cannot be written (attempt to write a readonly database)" in lines[0], lines
+    assert not (tmp_path / "mlflow.db").exists()
+    assert optuna.get_all_study_names(f"sqlite:///{path}") == ["regsweep"] and load(f"sqlite:///{path}").trials == []
+
+
+def test_the_write_check_leaves_no_study_behind(tmp_path):
+    from regsweep.config import TrainConfig
+    from regsweep.sweep import SearchSpace, SweepSettings
+    from regsweep.sweep.study import check_writable
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    check_writable(SweepSettings(base=TrainConfig(), space=SearchSpace(), trials=1, study_name="s", storage=storage,
+                                 experiment_name="e"))
+    assert optuna.get_all_study_names(storage) == []
+
+
 def test_resuming_a_study_elsewhere_than_its_parent_run_is_refused_before_any_run(tracking_uri, tmp_path):
     """Under another experiment its new runs would be apart from its earlier ones; under a deleted parent run
     there is nothing to log to."""

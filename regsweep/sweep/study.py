@@ -276,7 +276,7 @@ def check_resumable(settings: SweepSettings) -> optuna.Study | None:
     """A study this command would resume must be one regsweep can take on (a single objective, maximised: one
     another tool made under the same name may not be) and accept its search space (SearchSpace.check_resumable)
     and settings. Returns the study, or None where there is none yet."""
-    storage = open_storage(settings)
+    storage = check_writable(settings)
     try:
         study = optuna.load_study(study_name=settings.study_name, storage=storage)
     except KeyError:  # no such study yet
@@ -294,6 +294,43 @@ def check_resumable(settings: SweepSettings) -> optuna.Study | None:
                           "otherwise would not compare with its earlier ones; resume it with its settings, or "
                           "start another with --study-name")
     return study
+
+
+def check_writable(settings: SweepSettings) -> optuna.storages.BaseStorage:
+    """The storage, opened, once it has taken a write. One the sweep cannot write (a read-only SQLite file or
+    PostgreSQL database, a role without write rights) is refused before anything is created: else it fails at
+    the study's first write and looks like an unreachable database, whose advice, to run the same command again,
+    never helps. The write creates a study of a name of its own and deletes it again: Optuna's storage API has no
+    other write that leaves nothing behind."""
+    import uuid
+
+    try:
+        storage = open_storage(settings)  # an RDB storage creates its tables here, where it has none
+        study_id = storage.create_new_study([optuna.study.StudyDirection.MAXIMIZE],
+                                            f"regsweep-write-check-{uuid.uuid4().hex}")
+        storage.delete_study(study_id)
+        return storage
+    except Exception as exc:
+        denied = refused_write(exc)
+        if denied is None:
+            raise
+        raise ConfigError(f"the Optuna storage {redact(settings.storage)} cannot be written ({denied}): the sweep "
+                          "keeps its trials there; give a --storage this user can write") from None
+
+
+def refused_write(exc: BaseException) -> str | None:
+    """Why the database refused a write, if that is what `exc` is (SQLite's read-only file; PostgreSQL's
+    read-only transaction, SQLSTATE 25006, or missing privilege, 42501): the first line of its message."""
+    seen = 0
+    while exc is not None and seen < 10:
+        orig = getattr(exc, "orig", None)
+        if orig is not None:
+            code = getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)  # psycopg 2 or 3
+            message = str(orig).strip()
+            if code in ("25006", "42501") or "readonly database" in message:
+                return message.splitlines()[0]
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 def count_toward_trials(study: optuna.Study) -> int:
