@@ -211,6 +211,34 @@ def test_a_trial_asked_beyond_trials_by_a_worker_that_looked_too_early_fails_unt
     assert children == []  # nothing trained, nothing logged for it
 
 
+def test_a_grid_point_given_to_a_surplus_trial_is_trained_when_the_study_grows(tracking_uri, tmp_path, monkeypatch):
+    """GridSampler assigns a trial its point as it is asked and counts the point visited once the trial is
+    finished, FAIL too: the surplus trial hands its point back, and a resume with more --trials trains it."""
+    from regsweep.sweep import driver, study as study_module
+    from regsweep.sweep.space import SearchSpace, make_sampler, parse_grid
+
+    grid = "l1=0,0.001 l2=0,0.0005"
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    other = optuna.create_study(study_name="regsweep", storage=storage, direction="maximize",
+                                sampler=make_sampler("grid", SearchSpace(grid=parse_grid(grid)), 0))
+    for _ in range(2):
+        other.ask()  # another worker's trials, training grid points 0 and 1
+
+    def looked_too_early(study):
+        real = study_module.count_toward_trials(study)
+        return real - 2 if len(study.trials) == 2 else real
+
+    with monkeypatch.context() as patch:
+        patch.setattr(driver, "count_toward_trials", looked_too_early)
+        optimize("--grid", grid, "--trials", "2", "--stack", "1", "--storage", storage, "--epochs", "1")
+    surplus = load(storage).trials[2]
+    assert surplus.state.name == "FAIL" and surplus.user_attrs["fail_kind"] == "surplus"
+    optimize("--grid", grid, "--trials", "4", "--stack", "1", "--storage", storage, "--epochs", "1")
+    trained = [t for t in load(storage).trials if t.state.name == "COMPLETE"]
+    assert sorted(t.system_attrs["grid_id"] for t in trained) == [2, 3]  # not 0 or 1 again, still running
+    assert len({(t.params["l1"], t.params["l2"]) for t in trained}) == 2
+
+
 def test_queued_trials_run_even_where_the_study_has_its_trials(tracking_uri, tmp_path):
     """A trial given with enqueue_trial after the study is done, and the retry a worker on another host queued
     before it was killed (its trial still RUNNING): each was asked for on purpose and trains, not a surplus."""

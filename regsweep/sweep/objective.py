@@ -61,6 +61,11 @@ def check_not_surplus(settings: SweepSettings, trial: optuna.Trial, me: optuna.t
                   f"(parallel workers asked at once)")
         trial.set_user_attr("fail_kind", "surplus")
         trial.set_user_attr("fail_reason", reason)
+        if "grid_id" in me.system_attrs:
+            # GridSampler gave this trial a grid point as it was asked and counts the point visited once the trial
+            # is finished, FAIL included, where the trial's "search_space" attribute is the grid's: a resume with
+            # more --trials would never train it. Another search space releases the point.
+            trial.study._storage.set_trial_system_attr(trial._trial_id, "search_space", {"released": ["surplus"]})
         raise Surplus(reason)
 
 
