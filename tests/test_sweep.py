@@ -496,15 +496,20 @@ def test_a_storage_that_cannot_be_written_is_refused_before_anything_is_created(
     assert optuna.get_all_study_names(f"sqlite:///{path}") == ["regsweep"] and load(f"sqlite:///{path}").trials == []
 
 
-def test_the_write_check_leaves_no_study_behind(tmp_path):
+def test_the_write_check_leaves_no_study_behind_and_says_nothing(tmp_path, caplog, monkeypatch):
+    import logging
+
     from regsweep.config import TrainConfig
     from regsweep.sweep import SearchSpace, SweepSettings
     from regsweep.sweep.study import check_writable
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    monkeypatch.setattr(logging.getLogger("optuna"), "propagate", True)  # to caplog, as Optuna prints it
+    caplog.set_level(logging.INFO)
     check_writable(SweepSettings(base=TrainConfig(), space=SearchSpace(), trials=1, study_name="s", storage=storage,
                                  experiment_name="e"))
     assert optuna.get_all_study_names(storage) == []
+    assert not [r for r in caplog.records if "write-check" in r.getMessage()]
 
 
 def test_resuming_a_study_elsewhere_than_its_parent_run_is_refused_before_any_run(tracking_uri, tmp_path):

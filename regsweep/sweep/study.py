@@ -304,6 +304,8 @@ def check_writable(settings: SweepSettings) -> optuna.storages.BaseStorage:
     other write that leaves nothing behind."""
     import uuid
 
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line saying that the throwaway study was made
     try:
         storage = open_storage(settings)  # an RDB storage creates its tables here, where it has none
         study_id = storage.create_new_study([optuna.study.StudyDirection.MAXIMIZE],
@@ -316,6 +318,8 @@ def check_writable(settings: SweepSettings) -> optuna.storages.BaseStorage:
             raise
         raise ConfigError(f"the Optuna storage {redact(settings.storage)} cannot be written ({denied}): the sweep "
                           "keeps its trials there; give a --storage this user can write") from None
+    finally:
+        optuna.logging.set_verbosity(verbosity)
 
 
 def refused_write(exc: BaseException) -> str | None:
