@@ -689,6 +689,28 @@ def test_a_trial_is_queued_again_once_however_often_it_is_found_failed():
     assert [t.state.name for t in study.trials] == ["FAIL", "WAITING"]
 
 
+def test_the_retry_of_a_grid_trial_keeps_its_grid_point_and_the_grid_is_trained_whole():
+    """GridSampler keeps a trial's grid point in its system attributes: a retry without them was given the next
+    point, trained the failed one's parameters on it, and that point was never trained."""
+    from regsweep.sweep.space import SearchSpace, make_sampler, parse_grid, suggest_penalties
+    from regsweep.sweep.stacked import tell_study
+    from regsweep.sweep.study import queue_retry
+
+    space = SearchSpace(grid=parse_grid("l1=0,0.001"))
+    study = optuna.create_study(direction="maximize", sampler=make_sampler("grid", space, 0))
+    first = study.ask()
+    suggest_penalties(first, space)
+    study.tell(first, state=optuna.trial.TrialState.FAIL)  # interrupted
+    assert queue_retry(study, study.trials[0])
+    trained = []
+    for _ in range(2):
+        trial = study.ask()
+        trained.append(suggest_penalties(trial, space))
+        tell_study(trial, 0.5)  # as the stacked sweep tells: GridSampler asks a finished grid to stop
+    assert sorted(p["l1"] for p in trained) == [0.0, 0.001]
+    assert study.trials[1].system_attrs["grid_id"] == study.trials[0].system_attrs["grid_id"]
+
+
 def test_terminal_status_ignores_the_second_signal_while_the_runs_end_and_not_the_third():
     from regsweep.tracking import terminal_status
 

@@ -156,7 +156,10 @@ def queue_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
     study.add_trial(optuna.trial.create_trial(
         state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
         user_attrs={k: v for k, v in trial.user_attrs.items() if k not in ATTEMPT_ATTRS},
-        system_attrs={"failed_trial": history[0], "retry_history": history}))
+        # The samplers' own attributes come along, as RetryFailedTrialCallback copies them: GridSampler's grid_id
+        # above all, else the retry would be given the next grid point to train the failed one's parameters on,
+        # and that point would never be trained.
+        system_attrs={**trial.system_attrs, "failed_trial": history[0], "retry_history": history}))
     return True
 
 
