@@ -239,6 +239,18 @@ def test_a_grid_point_given_to_a_surplus_trial_is_trained_when_the_study_grows(t
     assert len({(t.params["l1"], t.params["l2"]) for t in trained}) == 2
 
 
+def test_a_trial_whose_worker_died_before_naming_itself_is_failed_and_retried(tracking_uri, tmp_path):
+    """Killed between asking its trial and recording its pid: no worker to look up, no heartbeat for Optuna to
+    miss. It stayed RUNNING for good, counted towards --trials, and the sweep stopped one short."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optuna.create_study(study_name="regsweep", storage=storage, direction="maximize").ask()
+    time.sleep(2.5)  # longer than the grace period of --heartbeat 1
+    optimize("--trials", "1", "--storage", storage, "--pruner", "none", "--epochs", "1", "--heartbeat", "1")
+    study = load(storage)
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
+    assert study.trials[1].system_attrs["retry_history"] == [0]
+
+
 def test_queued_trials_run_even_where_the_study_has_its_trials(tracking_uri, tmp_path):
     """A trial given with enqueue_trial after the study is done, and the retry a worker on another host queued
     before it was killed (its trial still RUNNING): each was asked for on purpose and trains, not a surplus."""

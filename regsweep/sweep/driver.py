@@ -148,7 +148,7 @@ def optimize(settings: SweepSettings) -> dict:
         client.set_tag(parent_run_id, WORKER_TAG, worker_id())  # gone without ending it: the next command does
         # Trials of workers that died since the last start: fail them, end their runs KILLED, queue retries.
         handler = StaleTrialHandler(tracking_uri)
-        reap_dead_local_trials(study, handler)
+        reap_dead_local_trials(study, handler, unclaimed_after=2 * settings.heartbeat)  # Optuna's grace period
         optuna.storages.fail_stale_trials(study)
         reconcile(settings, study, experiment_id, tracking_uri)
 

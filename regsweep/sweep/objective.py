@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import socket
 import statistics
 
 import optuna
@@ -23,7 +21,7 @@ from ..outage import STOP_REASON_TAG, TAG_LIMIT, Outage
 from .runs import (STUDY_TAG, coefficients, create_run, create_trial_run, log_trial_run, prune_reason, report_step,
                    seed_config, seed_run_name, summarise_repeats, trial_run_name)
 from .space import prunable, suggest_penalties
-from .study import FINISHED, SweepSettings, deciding_settings, queue_retry, storage_errors
+from .study import FINISHED, SweepSettings, claim, deciding_settings, queue_retry, storage_errors
 
 def configuration_key(settings: SweepSettings, penalties: dict[str, float]) -> str:
     """What decides a trial's result (study.deciding_settings: l1, l2, the seeds and every fixed setting that
@@ -75,6 +73,8 @@ def prepare_trial(settings: SweepSettings, trial: optuna.Trial):
     Raises Surplus for a trial beyond `--trials`."""
     trials = trial.study.get_trials(deepcopy=False)
     me = next(t for t in trials if t.number == trial.number)
+    if "worker" not in me.user_attrs:  # asked by study.optimize; a stacked sweep claims its trials as it asks
+        claim(trial)
     check_not_surplus(settings, trial, me, trials)
     # A queued trial (a retry, or enqueue_trial) has its switches decided already; they are kept.
     decided = {**me.system_attrs.get("fixed_params", {}), **me.params}
@@ -84,7 +84,6 @@ def prepare_trial(settings: SweepSettings, trial: optuna.Trial):
         for t in trials if t.number != trial.number)
     penalties = suggest_penalties(trial, settings.space, both_off_taken)
     key = configuration_key(settings, penalties)
-    trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
     trial.set_user_attr("config_key", key)
     tags = {"optuna.trial_number": str(trial.number), STUDY_TAG: settings.study_name, "optuna.state": "RUNNING"}
     history = me.system_attrs.get("retry_history", [])

@@ -37,7 +37,7 @@ from .objective import Surplus, fail_for_retry, mark_error, prepare_trial, reuse
 from .runs import (coefficients, create_run, create_trial_run, log_trial_run, prune_reason, report_step, seed_config,
                    seed_run_name, summarise_repeats, trial_run_name)
 from .space import prunable
-from .study import Heartbeats, SweepSettings, count_toward_trials, storage_errors
+from .study import Heartbeats, SweepSettings, claim, count_toward_trials, storage_errors
 
 
 @dataclass
@@ -118,7 +118,7 @@ def ask_up_to(settings: SweepSettings, study: optuna.Study, heartbeats: Heartbea
     storage at once, so parallel workers asking side by side stop at `settings.trials` between them."""
     trials = []
     while len(trials) < most and wanted(settings, study) > 0:
-        trials.append(heartbeats.add(study.ask()))
+        trials.append(heartbeats.add(claim(study.ask())))
     return trials
 
 

@@ -8,7 +8,9 @@ KILLED.
 
 from __future__ import annotations
 
+import datetime
 import logging
+import os
 import socket
 import threading
 import warnings
@@ -218,13 +220,29 @@ def lost_connection(exc: BaseException) -> BaseException | None:
     return None
 
 
-def reap_dead_local_trials(study: optuna.Study, handler: StaleTrialHandler) -> list[int]:
+def claim(trial: optuna.Trial) -> optuna.Trial:
+    """Record the trial's worker (host and pid), right after it is asked: what tells a dead worker's trial apart
+    (reap_dead_local_trials)."""
+    trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+    return trial
+
+
+def reap_dead_local_trials(study: optuna.Study, handler: StaleTrialHandler,
+                           unclaimed_after: float | None = None) -> list[int]:
     """Fail RUNNING trials whose worker ran on this host and no longer exists, without waiting for the
-    heartbeat grace period (and on journal storages, which have no heartbeat)."""
+    heartbeat grace period (and on journal storages, which have no heartbeat). With `unclaimed_after`, also
+    those running for that many seconds without naming a worker (`claim`): a worker names itself moments
+    after it asks, so theirs died in between, before a heartbeat was recorded too, and `fail_stale_trials` would
+    never find them: they would stay RUNNING and count towards --trials for good."""
     host, reaped = socket.gethostname(), []
+    now = datetime.datetime.now()  # Optuna's datetime_start is the asking machine's local time
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = trial.user_attrs.get("worker", {})
-        if worker.get("host") != host or pid_alive(worker.get("pid", -1)):
+        worker = trial.user_attrs.get("worker")
+        if worker is None:
+            started = trial.datetime_start or now
+            if unclaimed_after is None or (now - started).total_seconds() < unclaimed_after:
+                continue
+        elif worker.get("host") != host or pid_alive(worker.get("pid", -1)):
             continue
         try:
             if study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
