@@ -237,6 +237,34 @@ def dataset_digest(data: MnistSplits) -> str:
     return h.hexdigest()[:16]
 
 
+class _Held:
+    depth = 0  # signals_held blocks entered and not yet left
+    interrupt: KeyboardInterrupt | None = None  # the signal one of them holds
+
+
+_held = _Held()
+
+
+@contextmanager
+def signals_held():
+    """Hold the first Ctrl-C or SIGTERM (under terminal_status) until the block is done, then raise it. For the
+    blocks that end runs and write their last tags: interrupted halfway, they would leave a run RUNNING or
+    tagged unlike its trial, and a store call cut short can leave SQLite's write lock with the interrupted
+    session, so that the writes of the stop itself wait on it and fail. What the block raises itself goes first.
+    A third signal is not held (terminal_status ignores the second): a block that hangs can still be stopped."""
+    _held.depth += 1
+    done = False
+    try:
+        yield
+        done = True
+    finally:
+        _held.depth -= 1
+        if _held.depth == 0 and _held.interrupt is not None:
+            interrupt, _held.interrupt = _held.interrupt, None
+            if done:
+                raise interrupt
+
+
 @contextmanager
 def terminal_status():
     """Turn SIGTERM, like Ctrl-C, into KeyboardInterrupt for the duration, so a killed run is marked KILLED, not
@@ -257,6 +285,9 @@ def terminal_status():
             return  # the stop under way is ending the runs: one more signal must not cut that short
         interrupt = KeyboardInterrupt(f"signal {signum}")
         interrupt.signum = signum  # a sweep's worker process ends by the same signal once it has cleaned up
+        if received == 1 and _held.depth:
+            _held.interrupt = interrupt  # raised as the block that holds it ends (signals_held)
+            return
         raise interrupt
 
     stop.is_terminal_status = True
@@ -305,7 +336,8 @@ def mlflow_run(cfg: TrainConfig, *, run_id: str | None = None, experiment_id: st
             raise
         finally:
             if end:
-                end_active_run(run_id, RunStatus.to_string(status), note)
+                with signals_held():  # a signal now finds the run ended, not half-way there
+                    end_active_run(run_id, RunStatus.to_string(status), note)
 
 
 def end_active_run(run_id: str, status: str, note: tuple[str, str] | None = None) -> None:
@@ -488,5 +520,6 @@ def run_training(cfg: TrainConfig, data: MnistSplits, *, run_id: str | None = No
             mlflow.flush_async_logging()  # every queued epoch lands before the run ends, whatever ends it
             raise
         mlflow.flush_async_logging()
-        log_outcome(cfg, result, data)
+        with signals_held():  # a signal stops the run once its outcome is logged: KILLED, with nothing half-written
+            log_outcome(cfg, result, data)
         return run.info.run_id, result

@@ -757,6 +757,75 @@ def test_terminal_status_ignores_the_second_signal_while_the_runs_end_and_not_th
     assert interrupted
 
 
+def test_a_held_signal_is_raised_once_the_outermost_block_ends_and_a_third_is_not_held():
+    from regsweep.tracking import signals_held, terminal_status
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with terminal_status():
+            with signals_held():
+                with signals_held():
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(0.2)
+                    done.append("inner")
+                done.append("outer")
+            done.append("after")  # not reached: raised as the outer block ends
+    assert done == ["inner", "outer"]
+    with pytest.raises(ValueError):  # what the block raises itself goes first; the held signal is dropped
+        with terminal_status():
+            with signals_held():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.2)
+                raise ValueError("the block's own")
+    with pytest.raises(KeyboardInterrupt):
+        with terminal_status():
+            with signals_held():
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    os.kill(os.getpid(), sig)
+                    time.sleep(0.2)
+                done.append("held")
+                os.kill(os.getpid(), signal.SIGTERM)  # whoever insists
+                time.sleep(1)
+                done.append("not reached")
+    assert done[2:] == ["held"]
+
+
+def test_a_signal_while_a_repeated_trial_ends_its_runs_leaves_none_running_and_the_resume_retags_them(
+        tracking_uri, tmp_path):
+    """SIGTERM as the trial's runs are being ended (sent by the sweep itself as it begins that): the runs end as
+    they were ending, then the trial fails and is retried; the resume tags the finished runs of the failed trial
+    FAIL. Before, the signal cut the ending short and left the trial's own run RUNNING."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    script = """if True:
+        import os, signal, sys, time
+        import regsweep.sweep.objective as objective
+        summarise = objective.summarise_repeats
+        def summarise_signalled(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+            return summarise(*args, **kwargs)
+        objective.summarise_repeats = summarise_signalled
+        from regsweep.cli import cli
+        cli(sys.argv[1:])
+    """
+    args = [*SMALL, "--trials", "1", "--epochs", "1", "--repeats", "2", "--storage", storage, "--pruner", "none"]
+    proc = subprocess.run([sys.executable, "-c", script, "optimize", *args], capture_output=True, text=True,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}, timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    (parent,), runs = study_runs()
+    assert parent.info.status == "KILLED" and sorted(r.info.status for r in runs) == ["FINISHED"] * 3
+    assert [t.state.name for t in load(storage).trials] == ["FAIL", "WAITING"]
+
+    optimize(*args[len(SMALL):])
+    assert [t.state.name for t in load(storage).trials] == ["FAIL", "COMPLETE"]
+    (parent,), runs = study_runs()
+    first = [r for r in runs if r.data.tags["optuna.trial_number"] == "0"]
+    assert len(first) == 3 and all(r.data.tags["optuna.state"] == "FAIL" for r in first)
+    assert all("trial 0 ended FAIL after this run ended: interrupted" in r.data.tags["regsweep.stop_reason"]
+               for r in first)
+    assert parent.info.status == "FINISHED" and all(r.info.status != "RUNNING" for r in runs)
+
+
 def test_sigterm_while_the_study_is_finished_ends_the_parent_run_killed(tracking_uri, tmp_path):
     """The signal arrives after the trials, while the study's plots are drawn (here: sent by the sweep itself
     as it begins that): the parent run ends KILLED rather than being left RUNNING by a process killed on the
@@ -783,3 +852,4 @@ def test_sigterm_while_the_study_is_finished_ends_the_parent_run_killed(tracking
         f"regsweep optimize {' '.join(args)}"], proc.stderr
     (parent,), children = study_runs()
     assert parent.info.status == "KILLED" and [c.info.status for c in children] == ["FINISHED"]
+    assert parent.data.tags["best_run_id"] == children[0].info.run_id  # the signal waited for the study's end

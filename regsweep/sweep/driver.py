@@ -9,9 +9,9 @@ import optuna
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from ..outage import (EXIT_OUTAGE, STOP_REASON_TAG, WORKER_TAG, Outage, StorageOutage, TrackingOutage,
+from ..outage import (EXIT_OUTAGE, STOP_REASON_TAG, TAG_LIMIT, WORKER_TAG, Outage, StorageOutage, TrackingOutage,
                       end_orphaned_runs, redact, tracking_watch, when_parent_gone, worker_id)
-from ..tracking import terminal_status, use_experiment
+from ..tracking import signals_held, terminal_status, use_experiment
 from .objective import Objective, Surplus
 from .runs import STUDY_TAG, find_or_create_parent, finish_study
 from .stacked import run_stacked
@@ -125,8 +125,27 @@ def reconcile(settings: SweepSettings, study: optuna.Study, experiment_id: str, 
             story = f"trial {trial.number} ended {trial.state.name}: {why}"
         end_dead_run(run.info.run_id, f"{story}; run ended KILLED when the sweep was reconciled", tracking_uri,
                      trial.state.name if trial is not None else "FAIL")
+    for trial in trials.values():
+        if trial.state == TrialState.FAIL:
+            retag_ended_runs(client, trial)
     end_orphaned_runs(experiment_id, tracking_uri)
     requeue_interrupted(study)
+
+
+def retag_ended_runs(client: MlflowClient, trial: optuna.trial.FrozenTrial) -> None:
+    """A failed trial's runs that ended before it failed (killed between a run's end and the study being told)
+    still say what they said then, RUNNING or COMPLETE: they are tagged FAIL, with the trial's reason."""
+    why = trial.user_attrs.get("fail_reason") or "its worker stopped before the study was told"
+    for run_id in trial.user_attrs.get("mlflow_run_ids", []):
+        try:
+            run = client.get_run(run_id)
+        except mlflow.exceptions.MlflowException:
+            continue  # deleted since
+        if run.info.status == "RUNNING" or run.data.tags.get("optuna.state") == "FAIL":
+            continue
+        client.set_tag(run_id, "optuna.state", "FAIL")
+        client.set_tag(run_id, STOP_REASON_TAG,
+                       f"trial {trial.number} ended FAIL after this run ended: {why}"[:TAG_LIMIT])
 
 
 def optimize(settings: SweepSettings) -> dict:
@@ -199,7 +218,9 @@ def run_and_finish(settings: SweepSettings, study: optuna.Study, parent_run_id: 
     finally:
         if outage is None:
             try:
-                with tracking_watch(settings.tracking_timeout, tracking_uri):
+                # A first signal now is held until the study is finished (its best trial, plots, runs reconciled),
+                # then ends the parent run KILLED: cut short, a store call can keep SQLite's lock from the end.
+                with tracking_watch(settings.tracking_timeout, tracking_uri), signals_held():
                     summary = finish_study(settings, study, parent_run_id)
                     if status == "FINISHED":
                         reconcile(settings, study, experiment_id, tracking_uri)
@@ -210,7 +231,8 @@ def run_and_finish(settings: SweepSettings, study: optuna.Study, parent_run_id: 
                 status = "FAILED"
                 raise
             finally:  # whatever failed above, the parent run does not stay RUNNING
-                client.set_terminated(parent_run_id, status)
+                with signals_held():
+                    client.set_terminated(parent_run_id, status)
         elif not outage.tracking:  # MLflow answers: say on the parent why the sweep stopped
             client.set_tag(parent_run_id, STOP_REASON_TAG, f"{outage}; resume with the same command")
             client.set_terminated(parent_run_id, status)

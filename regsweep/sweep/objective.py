@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from ..outage import STOP_REASON_TAG, TAG_LIMIT, Outage
+from ..tracking import signals_held
 from .runs import (STUDY_TAG, coefficients, create_run, create_trial_run, log_trial_run, prune_reason, report_step,
                    seed_config, seed_run_name, summarise_repeats, trial_run_name)
 from .space import prunable, suggest_penalties
@@ -207,14 +208,24 @@ class Objective:
             raise
         finally:
             if not tracker_down:  # an unreachable tracker is reconciled on the next start instead
-                # The reason goes to the run that stopped (and the trial's own run), not to seeds done before.
-                stopped = {run_ids[0], run_ids[-1]} if run_ids else set()
-                for run_id in run_ids:
-                    client.set_tag(run_id, "optuna.state", state)
-                    if reason and run_id in stopped:
-                        client.set_tag(run_id, STOP_REASON_TAG, reason[:TAG_LIMIT])
-                if trial_run is not None:
-                    summarise_repeats(client, trial_run, best_vals, state, killed)
+                with signals_held():  # the runs end tagged as the trial, however it stopped
+                    # The reason goes to the run that stopped (and the trial's own run), not to seeds done before.
+                    stopped = {run_ids[0], run_ids[-1]} if run_ids else set()
+                    for run_id in run_ids:
+                        client.set_tag(run_id, "optuna.state", state)
+                        if reason and run_id in stopped:
+                            client.set_tag(run_id, STOP_REASON_TAG, reason[:TAG_LIMIT])
+                    if trial_run is not None:
+                        summarise_repeats(client, trial_run, best_vals, state, killed)
+                    if state == "FAIL" and len(run_ids) > len(best_vals) + bool(trial_run):
+                        # A seed run that was created but stopped before its training began, or while it started
+                        # its run, which ends the run itself only from there on.
+                        end_if_running(client, run_ids[-1], "KILLED" if killed else "FAILED")
+
+
+def end_if_running(client: MlflowClient, run_id: str, status: str) -> None:
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, status)
 
 
 def mark_error(trial: optuna.Trial, reason: str) -> None:
