@@ -243,6 +243,14 @@ def train_one(fields: dict, experiment_name: str | None, tracking_timeout: float
 
         raise click.ClickException(f"training diverged: {exc}; run {mlflow.last_active_run().info.run_id} "
                                    "ended FAILED. A smaller lr or penalty may train.") from None
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (tracking.terminal_status): the run ended KILLED
+        import signal
+
+        import mlflow
+
+        run = mlflow.last_active_run()
+        which = f"run {run.info.run_id}" if run is not None else "the run"
+        raise Interrupted(f"interrupted: {which} ended KILLED", getattr(exc, "signum", signal.SIGINT)) from None
     s = result.summary
     click.echo(f"run {run_id}: best val acc {100 * s['best_val_acc']:.2f}% at epoch {s['best_val_epoch']}, "
                f"test acc there {100 * s['test_acc_at_best_val']:.2f}% ({s['total_train_seconds']:.0f}s)")

@@ -102,6 +102,37 @@ def test_a_diverged_train_says_so_in_one_line_and_its_run_ends_failed(tracking_u
     assert run.info.status == "FAILED" and "DivergedError" in run.data.tags["regsweep.error"]
 
 
+def test_a_signal_while_train_logs_its_model_waits_for_it_then_ends_the_run_killed(tracking_uri, tmp_path):
+    """Ctrl-C as the model is being logged (sent by train itself as it begins that): the model is logged whole,
+    then the run ends KILLED with its reason, and the exit status is that of a process ended by Ctrl-C. Cut
+    short there, an MLflow call could keep SQLite's lock, and the run's closing tag waited on it and was lost."""
+    import signal
+    import subprocess
+    import sys
+
+    script = """if True:
+        import os, signal, sys, time
+        import regsweep.tracking as tracking
+        log_model = tracking.log_model
+        def log_model_signalled(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+            return log_model(*args, **kwargs)
+        tracking.log_model = log_model_signalled
+        from regsweep.cli import cli
+        cli(sys.argv[1:])
+    """
+    proc = subprocess.run([sys.executable, "-c", script, "train", *tiny_args(), "--epochs", "1", "--log-model",
+                           "true", "--log-images", "false"], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}, timeout=600)
+    assert proc.returncode == 128 + signal.SIGINT, proc.stderr
+    (run,) = all_runs(tracking_uri)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith(("Error", "Traceback", "Aborted"))]
+    assert errors == [f"Error: interrupted: run {run.info.run_id} ended KILLED"], proc.stderr
+    assert run.info.status == "KILLED" and run.data.tags["regsweep.stop_reason"] == "interrupted (Ctrl-C or SIGTERM)"
+    assert MlflowClient(tracking_uri).search_logged_models(experiment_ids=[run.info.experiment_id])
+
+
 def test_unreachable_tracking_server_exits_2(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://user:secret@127.0.0.1:9")  # discard port: nothing listens
