@@ -47,11 +47,16 @@ def test_runs_group_by_every_setting_but_seed_and_the_unusable_are_counted():
         # a trial given a twin's result: params and coefficients only, and the run that trained it named
         {**run_row("t1", 0, 0, 1, **{"tags.regsweep.reused_run": "a1"}), "metrics.best_val_acc": np.nan},
         {**run_row("s1", 0, 0, 7), "metrics.best_val_acc": np.nan},  # finished without its summary
+        # a sweep's run holding a trial's seeds, and one stopped as it was created, before its params
+        {"run_id": "holder", "status": "FINISHED", "tags.optuna.trial_number": "3", "params.l1": "0",
+         "params.seeds": "1-3"},
+        {"run_id": "cut", "status": "KILLED", "tags.optuna.trial_number": "4"},
     )
     kept, left_out = stats.select_training_runs(runs)
     assert left_out == {"not regsweep runs": 1, "FAILED": 1, "KILLED": 1, "RUNNING": 1, "pruned": 1,
                         "older duplicates of a configuration and seed": 1, "without a summary": 1,
-                        "reused a twin's result (the twin's run counts)": 1}
+                        "reused a twin's result (the twin's run counts)": 1,
+                        "stopped before they logged their settings": 1}
     # data_dir differs on every run and is not a setting; norm is, and appears in the label because it varies
     assert dict(kept.groupby("configuration")["run_id"].apply(sorted)) == {
         "l1=0 l2=0 norm=bn": ["a1", "a2"], "l1=1e-3 l2=0 norm=bn": ["b1", "b2"], "l1=1e-3 l2=0 norm=gbn": ["c1"]}

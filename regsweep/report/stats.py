@@ -31,7 +31,7 @@ NOT_SETTINGS = ("seed", "data_dir", "download", "log_model", "log_images", "thre
 REQUIRED_PARAMS = ("l1", "l2", "seed", "model")
 # Runs regsweep itself creates that are not training runs, by their regsweep.kind tag: study parents and
 # report runs. (The trial runs that hold a configuration's seeds under `--repeats` are the third kind; they
-# are told by their optuna.trial_number tag: classify_runs.)
+# are told by their optuna.trial_number tag and their `seeds` param: classify_runs.)
 STRUCTURE_KINDS = ("study", "report")
 
 
@@ -39,14 +39,16 @@ STRUCTURE_KINDS = ("study", "report")
 
 
 def classify_runs(runs: pd.DataFrame) -> pd.Series:
-    """One word per run: 'training', 'structure' (sweep parents, repeat holders, reports) or 'foreign'."""
+    """One word per run: 'training', 'structure' (sweep parents, repeat holders, reports), 'unstarted' (a sweep's
+    run stopped before it logged its settings: Ctrl-C as it was created) or 'foreign'."""
     def column(name: str) -> pd.Series:
         return runs[name] if name in runs else pd.Series(np.nan, index=runs.index)
 
     has_params = pd.concat([column(f"params.{p}").notna() for p in REQUIRED_PARAMS], axis=1).all(axis=1)
-    structure = column("tags.regsweep.kind").isin(STRUCTURE_KINDS) | column("tags.optuna.trial_number").notna()
-    return pd.Series(np.where(has_params, "training", np.where(structure, "structure", "foreign")),
-                     index=runs.index)
+    of_sweep = column("tags.optuna.trial_number").notna()
+    structure = column("tags.regsweep.kind").isin(STRUCTURE_KINDS) | (of_sweep & column("params.seeds").notna())
+    kind = np.where(structure, "structure", np.where(of_sweep, "unstarted", "foreign"))
+    return pd.Series(np.where(has_params, "training", kind), index=runs.index)
 
 
 def cut_short(runs: pd.DataFrame) -> pd.Series:
@@ -77,6 +79,8 @@ def select_training_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, in
     left_out: dict[str, int] = {}
     if (kind == "foreign").any():
         left_out["not regsweep runs"] = int((kind == "foreign").sum())
+    if (kind == "unstarted").any():
+        left_out["stopped before they logged their settings"] = int((kind == "unstarted").sum())
     training = runs[kind == "training"]
     def tag(name: str) -> pd.Series:
         return training.get(f"tags.{name}", pd.Series("", index=training.index)).fillna("").astype(str)
