@@ -385,8 +385,10 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
 
         from .outage import command_line
 
-        raise Interrupted(f"interrupted: the runs in progress ended KILLED and their trials are queued again. "
-                          f"Run again with: {command_line()}", getattr(exc, "signum", signal.SIGINT)) from None
+        what = ("the study's trials were done; its parent run ended KILLED" if getattr(exc, "finishing", False)
+                else "the runs in progress ended KILLED and their trials are queued again")
+        raise Interrupted(f"interrupted: {what}. Run again with: {command_line()}",
+                          getattr(exc, "signum", signal.SIGINT)) from None
     counts = summary["counts"]
     surplus = f" ({summary['surplus']} over --trials, not trained)" if summary.get("surplus") else ""
     click.echo(f"study {settings.study_name}: {counts['complete']} complete, {counts['pruned']} pruned, "

@@ -338,6 +338,7 @@ def test_sigterm_ends_parent_and_trial_killed_and_resume_reruns_the_trial(tracki
     assert client.get_run(victim.info.run_id).info.status == "KILLED"
     (parent,), _ = study_runs()
     assert parent.info.status == "KILLED"
+    assert parent.data.tags["regsweep.stop_reason"].startswith("interrupted (Ctrl-C or SIGTERM) while trials trained")
     study = load(storage)
     assert [t.state.name for t in study.trials] == ["FAIL", "WAITING"]
     assert study.trials[1].params == study.trials[0].params  # queued as it was
@@ -848,8 +849,9 @@ def test_sigterm_while_the_study_is_finished_ends_the_parent_run_killed(tracking
                           env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}, timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr  # as a shell reports a process ended by it
     assert [line for line in proc.stderr.splitlines() if line.startswith(("Error", "Traceback", "[W"))] == [
-        f"Error: interrupted: the runs in progress ended KILLED and their trials are queued again. Run again with: "
+        f"Error: interrupted: the study's trials were done; its parent run ended KILLED. Run again with: "
         f"regsweep optimize {' '.join(args)}"], proc.stderr
     (parent,), children = study_runs()
     assert parent.info.status == "KILLED" and [c.info.status for c in children] == ["FINISHED"]
     assert parent.data.tags["best_run_id"] == children[0].info.run_id  # the signal waited for the study's end
+    assert parent.data.tags["regsweep.stop_reason"].startswith("interrupted (Ctrl-C or SIGTERM) as the study was")

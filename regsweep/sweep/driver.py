@@ -182,7 +182,7 @@ def run_and_finish(settings: SweepSettings, study: optuna.Study, parent_run_id: 
     import multiprocessing
 
     client = MlflowClient(tracking_uri)
-    status, procs, outage = "FINISHED", [], None
+    status, procs, outage, interrupted = "FINISHED", [], None, ""
     try:
         if settings.workers == 1:
             run_worker(settings, parent_run_id, experiment_id, tracking_uri, 0, settings.base.threads)
@@ -202,7 +202,7 @@ def run_and_finish(settings: SweepSettings, study: optuna.Study, parent_run_id: 
             if any(exitcodes):
                 raise WorkerFailure(exitcodes, requeued)
     except KeyboardInterrupt:
-        status = "KILLED"
+        status, interrupted = "KILLED", "interrupted (Ctrl-C or SIGTERM) while trials trained"
         stop_workers(procs)
         raise
     except Outage as exc:
@@ -224,14 +224,17 @@ def run_and_finish(settings: SweepSettings, study: optuna.Study, parent_run_id: 
                     summary = finish_study(settings, study, parent_run_id)
                     if status == "FINISHED":
                         reconcile(settings, study, experiment_id, tracking_uri)
-            except KeyboardInterrupt:  # the first signal, arriving while the study was being finished
-                status = "KILLED"
+            except KeyboardInterrupt as exc:  # the first signal, arriving while the study was being finished
+                status, interrupted = "KILLED", "interrupted (Ctrl-C or SIGTERM) as the study was finished"
+                exc.finishing = True  # no trial was stopped: the command's line says so
                 raise
             except BaseException:
                 status = "FAILED"
                 raise
             finally:  # whatever failed above, the parent run does not stay RUNNING
                 with signals_held():
+                    if interrupted:
+                        client.set_tag(parent_run_id, STOP_REASON_TAG, f"{interrupted}; resume with the same command")
                     client.set_terminated(parent_run_id, status)
         elif not outage.tracking:  # MLflow answers: say on the parent why the sweep stopped
             client.set_tag(parent_run_id, STOP_REASON_TAG, f"{outage}; resume with the same command")
