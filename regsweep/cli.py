@@ -243,14 +243,12 @@ def train_one(fields: dict, experiment_name: str | None, tracking_timeout: float
 
         raise click.ClickException(f"training diverged: {exc}; run {mlflow.last_active_run().info.run_id} "
                                    "ended FAILED. A smaller lr or penalty may train.") from None
-    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (tracking.terminal_status): the run ended KILLED
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (tracking.terminal_status)
         import signal
 
-        import mlflow
-
-        run = mlflow.last_active_run()
-        which = f"run {run.info.run_id}" if run is not None else "the run"
-        raise Interrupted(f"interrupted: {which} ended KILLED", getattr(exc, "signum", signal.SIGINT)) from None
+        what = (f"run {exc.run_id} ended {exc.run_status}" if hasattr(exc, "run_status")
+                else "no run was started")  # mlflow_run says which run, and how it ended
+        raise Interrupted(f"interrupted: {what}", getattr(exc, "signum", signal.SIGINT)) from None
     s = result.summary
     click.echo(f"run {run_id}: best val acc {100 * s['best_val_acc']:.2f}% at epoch {s['best_val_epoch']}, "
                f"test acc there {100 * s['test_acc_at_best_val']:.2f}% ({s['total_train_seconds']:.0f}s)")
@@ -385,7 +383,8 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
 
         from .outage import command_line
 
-        what = ("the study's trials were done; its parent run ended KILLED" if getattr(exc, "finishing", False)
+        # `when`: no trial was stopped (the signal was held until it was told, or until the study was finished)
+        what = (f"{exc.when}; the parent run ended {getattr(exc, 'parent_status', 'KILLED')}" if hasattr(exc, "when")
                 else "the runs in progress ended KILLED and their trials are queued again")
         raise Interrupted(f"interrupted: {what}. Run again with: {command_line()}",
                           getattr(exc, "signum", signal.SIGINT)) from None

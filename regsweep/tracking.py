@@ -16,6 +16,7 @@ import os
 import shlex
 import signal
 import sys
+import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -240,6 +241,7 @@ def dataset_digest(data: MnistSplits) -> str:
 class _Held:
     depth = 0  # signals_held blocks entered and not yet left
     interrupt: KeyboardInterrupt | None = None  # the signal one of them holds
+    received = 0  # Ctrl-C and SIGTERM received inside the outermost terminal_status block
 
 
 _held = _Held()
@@ -250,8 +252,13 @@ def signals_held():
     """Hold the first Ctrl-C or SIGTERM (under terminal_status) until the block is done, then raise it. For the
     blocks that end runs and write their last tags: interrupted halfway, they would leave a run RUNNING or
     tagged unlike its trial, and a store call cut short can leave SQLite's write lock with the interrupted
-    session, so that the writes of the stop itself wait on it and fail. What the block raises itself goes first.
-    A third signal is not held (terminal_status ignores the second): a block that hangs can still be stopped."""
+    session, so that the writes of the stop itself wait on it and fail. Where the block raises an error of its
+    own, that error stops what it stops instead, and the signal is forgotten: the next one counts as a first. A
+    third signal is not held (terminal_status ignores the second): a block that hangs can still be stopped.
+    Only the main thread, which signals interrupt, holds them: another thread's block must not hold its signal."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     _held.depth += 1
     done = False
     try:
@@ -263,6 +270,7 @@ def signals_held():
             interrupt, _held.interrupt = _held.interrupt, None
             if done:
                 raise interrupt
+            _held.received = 0
 
 
 @contextmanager
@@ -276,17 +284,18 @@ def terminal_status():
     if getattr(signal.getsignal(signal.SIGTERM), "is_terminal_status", False):
         yield
         return
-    received = 0  # Ctrl-C and SIGTERM received inside this block
+    _held.received = 0
 
     def stop(signum, frame):
-        nonlocal received
-        received += 1
-        if received == 2:
+        _held.received += 1
+        if _held.received == 2:
             return  # the stop under way is ending the runs: one more signal must not cut that short
         interrupt = KeyboardInterrupt(f"signal {signum}")
         interrupt.signum = signum  # a sweep's worker process ends by the same signal once it has cleaned up
-        if received == 1 and _held.depth:
+        if _held.received == 1 and _held.depth:
             _held.interrupt = interrupt  # raised as the block that holds it ends (signals_held)
+            # One line at once (os.write: safe in a handler), so that the wait does not look like a hang.
+            os.write(2, b"\nstopping once the runs in hand are ended (a third Ctrl-C stops at once)\n")
             return
         raise interrupt
 
@@ -328,16 +337,24 @@ def mlflow_run(cfg: TrainConfig, *, run_id: str | None = None, experiment_id: st
             end = not exc.tracking
             status, note = RunStatus.KILLED, (STOP_REASON_TAG, f"{exc}; the trial runs again on resume")
             raise
-        except KeyboardInterrupt:
-            status, note = RunStatus.KILLED, (STOP_REASON_TAG, "interrupted (Ctrl-C or SIGTERM)")
+        except KeyboardInterrupt as exc:
+            if getattr(exc, "outcome_logged", False):  # held until the run was complete (run_training): it is
+                status, note = RunStatus.FINISHED, None
+            else:
+                status, note = RunStatus.KILLED, (STOP_REASON_TAG, "interrupted (Ctrl-C or SIGTERM)")
+            exc.run_id, exc.run_status = run_id, RunStatus.to_string(status)  # for the command's one line
             raise
         except BaseException as exc:
             status, note = RunStatus.FAILED, ("regsweep.error", f"{type(exc).__name__}: {exc}")
             raise
         finally:
             if end:
-                with signals_held():  # a signal now finds the run ended, not half-way there
-                    end_active_run(run_id, RunStatus.to_string(status), note)
+                try:
+                    with signals_held():  # a signal now finds the run ended, not half-way there
+                        end_active_run(run_id, RunStatus.to_string(status), note)
+                except KeyboardInterrupt as exc:
+                    exc.run_id, exc.run_status = run_id, RunStatus.to_string(status)
+                    raise
 
 
 def end_active_run(run_id: str, status: str, note: tuple[str, str] | None = None) -> None:
@@ -520,6 +537,10 @@ def run_training(cfg: TrainConfig, data: MnistSplits, *, run_id: str | None = No
             mlflow.flush_async_logging()  # every queued epoch lands before the run ends, whatever ends it
             raise
         mlflow.flush_async_logging()
-        with signals_held():  # a signal stops the run once its outcome is logged: KILLED, with nothing half-written
-            log_outcome(cfg, result, data)
+        try:
+            with signals_held():  # a signal waits for the outcome, which is then complete: the run ends FINISHED
+                log_outcome(cfg, result, data)
+        except KeyboardInterrupt as exc:
+            exc.outcome_logged = True
+            raise
         return run.info.run_id, result
