@@ -72,8 +72,8 @@ def run_worker(settings: SweepSettings, parent_run_id: str, experiment_id: str, 
         if count_toward_trials(study) < settings.trials or has_waiting(study):
             # A Surplus trial (asked by two workers at once) ends FAIL with its reason; the callback then counts
             # --trials and stops this worker.
-            study.optimize(objective, callbacks=[stop_at_total], timeout=settings.timeout, gc_after_trial=True,
-                           catch=(Surplus,))
+            study.optimize(objective, callbacks=[objective.raise_held, stop_at_total], timeout=settings.timeout,
+                           gc_after_trial=True, catch=(Surplus,))
 
 
 def worker_process(*args) -> None:
@@ -106,7 +106,8 @@ def reconcile(settings: SweepSettings, study: optuna.Study, experiment_id: str, 
 
     Every run of the study that is RUNNING while its trial is not (the trial ended, or was never recorded)
     ends KILLED with the trial's story as its stop reason; so does any RUNNING run of the experiment whose
-    process on this machine is gone. Every trial that was interrupted and has no retry yet is queued again.
+    process on this machine is gone. The ended runs of failed trials are tagged FAIL (retag_ended_runs). Every
+    trial that was interrupted and has no retry yet is queued again.
     Trials of dead workers must have been failed first (reap_dead_local_trials, fail_stale_trials)."""
     client = MlflowClient(tracking_uri)
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
@@ -125,27 +126,27 @@ def reconcile(settings: SweepSettings, study: optuna.Study, experiment_id: str, 
             story = f"trial {trial.number} ended {trial.state.name}: {why}"
         end_dead_run(run.info.run_id, f"{story}; run ended KILLED when the sweep was reconciled", tracking_uri,
                      trial.state.name if trial is not None else "FAIL")
-    for trial in trials.values():
-        if trial.state == TrialState.FAIL:
-            retag_ended_runs(client, trial)
+    retag_ended_runs(client, experiment_id, list(trials.values()))
     end_orphaned_runs(experiment_id, tracking_uri)
     requeue_interrupted(study)
 
 
-def retag_ended_runs(client: MlflowClient, trial: optuna.trial.FrozenTrial) -> None:
-    """A failed trial's runs that ended before it failed (killed between a run's end and the study being told)
-    still say what they said then, RUNNING or COMPLETE: they are tagged FAIL, with the trial's reason."""
-    why = trial.user_attrs.get("fail_reason") or "its worker stopped before the study was told"
-    for run_id in trial.user_attrs.get("mlflow_run_ids", []):
-        try:
-            run = client.get_run(run_id)
-        except mlflow.exceptions.MlflowException:
-            continue  # deleted since
-        if run.info.status == "RUNNING" or run.data.tags.get("optuna.state") == "FAIL":
-            continue
-        client.set_tag(run_id, "optuna.state", "FAIL")
-        client.set_tag(run_id, STOP_REASON_TAG,
-                       f"trial {trial.number} ended FAIL after this run ended: {why}"[:TAG_LIMIT])
+def retag_ended_runs(client: MlflowClient, experiment_id: str, trials: list[optuna.trial.FrozenTrial]) -> None:
+    """The failed trials' runs that ended before their trial failed (killed between a run's end and the study
+    being told) still say what they said then, RUNNING or COMPLETE: they are tagged FAIL, with the trial's reason.
+    One search for those still tagged otherwise (deleted runs are not searched), as this runs on every start."""
+    failed = {run_id: t for t in trials if t.state == TrialState.FAIL
+              for run_id in t.user_attrs.get("mlflow_run_ids", [])}
+    ids = sorted(failed)
+    for start in range(0, len(ids), 100):
+        quoted = ", ".join(f"'{run_id}'" for run_id in ids[start:start + 100])
+        for run in client.search_runs([experiment_id], f"attributes.run_id IN ({quoted}) and "
+                                      "attributes.status != 'RUNNING' and tags.`optuna.state` != 'FAIL'"):
+            trial = failed[run.info.run_id]
+            why = trial.user_attrs.get("fail_reason") or "its worker stopped before the study was told"
+            client.set_tag(run.info.run_id, "optuna.state", "FAIL")
+            client.set_tag(run.info.run_id, STOP_REASON_TAG,
+                           f"trial {trial.number} ended FAIL after this run ended: {why}"[:TAG_LIMIT])
 
 
 def optimize(settings: SweepSettings) -> dict:
@@ -224,18 +225,26 @@ def run_and_finish(settings: SweepSettings, study: optuna.Study, parent_run_id: 
                     summary = finish_study(settings, study, parent_run_id)
                     if status == "FINISHED":
                         reconcile(settings, study, experiment_id, tracking_uri)
-            except KeyboardInterrupt as exc:  # the first signal, arriving while the study was being finished
-                status, interrupted = "KILLED", "interrupted (Ctrl-C or SIGTERM) as the study was finished"
-                exc.finishing = True  # no trial was stopped: the command's line says so
+            except KeyboardInterrupt as exc:
+                if status == "FINISHED":  # the first signal, arriving as the study was being finished
+                    status, interrupted = "KILLED", "interrupted (Ctrl-C or SIGTERM) as the study was finished"
+                    exc.when = "as the study was finished, its trials done"  # none was stopped: the line says so
                 raise
             except BaseException:
                 status = "FAILED"
                 raise
             finally:  # whatever failed above, the parent run does not stay RUNNING
-                with signals_held():
-                    if interrupted:
-                        client.set_tag(parent_run_id, STOP_REASON_TAG, f"{interrupted}; resume with the same command")
-                    client.set_terminated(parent_run_id, status)
+                try:
+                    with signals_held():
+                        if interrupted:
+                            client.set_tag(parent_run_id, STOP_REASON_TAG,
+                                           f"{interrupted}; resume with the same command")
+                        client.set_terminated(parent_run_id, status)
+                except KeyboardInterrupt as exc:  # held while the parent run ended: the sweep itself was done
+                    if status == "FINISHED":
+                        exc.when = "as the sweep ended, its trials done"
+                    exc.parent_status = status
+                    raise
         elif not outage.tracking:  # MLflow answers: say on the parent why the sweep stopped
             client.set_tag(parent_run_id, STOP_REASON_TAG, f"{outage}; resume with the same command")
             client.set_terminated(parent_run_id, status)

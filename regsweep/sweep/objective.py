@@ -128,6 +128,15 @@ class Objective:
     def __init__(self, settings: SweepSettings, data, parent_run_id: str, experiment_id: str):
         self.settings, self.data = settings, data
         self.parent_run_id, self.experiment_id = parent_run_id, experiment_id
+        self.held: KeyboardInterrupt | None = None  # a signal held as a trial's runs ended, raised once it is told
+
+    def raise_held(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """A study.optimize callback (after the trial is told): the signal held while the trial's runs ended, if
+        the trial had trained to its end. It stops the sweep now, with the trial counted, not retrained."""
+        if self.held is not None:
+            interrupt, self.held = self.held, None
+            interrupt.when = f"after trial {trial.number}, which had trained to its end and is {trial.state.name}"
+            raise interrupt
 
     def __call__(self, trial: optuna.Trial) -> float:
         try:
@@ -208,22 +217,35 @@ class Objective:
             raise
         finally:
             if not tracker_down:  # an unreachable tracker is reconciled on the next start instead
-                with signals_held():  # the runs end tagged as the trial, however it stopped
-                    # The reason goes to the run that stopped (and the trial's own run), not to seeds done before.
-                    stopped = {run_ids[0], run_ids[-1]} if run_ids else set()
-                    for run_id in run_ids:
-                        client.set_tag(run_id, "optuna.state", state)
-                        if reason and run_id in stopped:
-                            client.set_tag(run_id, STOP_REASON_TAG, reason[:TAG_LIMIT])
-                    if trial_run is not None:
-                        summarise_repeats(client, trial_run, best_vals, state, killed)
-                    if state == "FAIL" and len(run_ids) > len(best_vals) + bool(trial_run):
-                        # A seed run that was created but stopped before its training began, or while it started
-                        # its run, which ends the run itself only from there on.
-                        end_if_running(client, run_ids[-1], "KILLED" if killed else "FAILED")
+                try:
+                    self.end_runs(client, run_ids, trial_run, best_vals, state, reason, killed)
+                except KeyboardInterrupt as exc:
+                    if state == "FAIL":
+                        raise
+                    self.held = exc  # the trial is complete or pruned: told so first (raise_held)
+
+    @staticmethod
+    def end_runs(client: MlflowClient, run_ids: list[str], trial_run: str | None, best_vals: list[float], state: str,
+                 reason: str, killed: bool) -> None:
+        """The trial's runs, tagged with its state (the reason on the run that stopped), ended where they have not
+        ended themselves."""
+        with signals_held():  # the runs end tagged as the trial, however it stopped
+            # The reason goes to the run that stopped (and the trial's own run), not to seeds done before.
+            stopped = {run_ids[0], run_ids[-1]} if run_ids else set()
+            for run_id in run_ids:
+                client.set_tag(run_id, "optuna.state", state)
+                if reason and run_id in stopped:
+                    client.set_tag(run_id, STOP_REASON_TAG, reason[:TAG_LIMIT])
+            if trial_run is not None:
+                summarise_repeats(client, trial_run, best_vals, state, killed)
+            if state == "FAIL" and len(run_ids) > len(best_vals) + bool(trial_run):
+                # A seed run that was created but stopped before its training began, or while it started
+                # its run, which ends the run itself only from there on.
+                end_if_running(client, run_ids[-1], "KILLED" if killed else "FAILED")
 
 
 def end_if_running(client: MlflowClient, run_id: str, status: str) -> None:
+    """End a run its own code never got to end (mlflow_run ends its run only once it has started it)."""
     if client.get_run(run_id).info.status == "RUNNING":
         client.set_terminated(run_id, status)
 

@@ -233,7 +233,9 @@ def reap_dead_local_trials(study: optuna.Study, handler: StaleTrialHandler,
     heartbeat grace period (and on journal storages, which have no heartbeat). With `unclaimed_after`, also
     those running for that many seconds without naming a worker (`claim`): a worker names itself moments
     after it asks, so theirs died in between, before a heartbeat was recorded too, and `fail_stale_trials` would
-    never find them: they would stay RUNNING and count towards --trials for good."""
+    never find them: they would stay RUNNING and count towards --trials for good. (Their age is read against this
+    host's clock, as Optuna records the asking host's local time: hosts sharing a study are taken to agree on the
+    time, to well within the grace period.)"""
     host, reaped = socket.gethostname(), []
     now = datetime.datetime.now()  # Optuna's datetime_start is the asking machine's local time
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -331,7 +333,10 @@ def check_writable(settings: SweepSettings) -> optuna.storages.BaseStorage:
         storage = open_storage(settings)  # an RDB storage creates its tables here, where it has none
         study_id = storage.create_new_study([optuna.study.StudyDirection.MAXIMIZE],
                                             f"regsweep-write-check-{uuid.uuid4().hex}")
-        storage.delete_study(study_id)
+        try:
+            storage.delete_study(study_id)
+        except Exception:  # noqa: BLE001 - a role that may write but not delete can still sweep
+            pass  # (what it cannot delete stays, an empty study of that name)
         return storage
     except Exception as exc:
         denied = refused_write(exc)
