@@ -67,8 +67,8 @@ class UsageFailure(click.ClickException):
 
 
 class Interrupted(click.ClickException):
-    """Ctrl-C or SIGTERM stopped a sweep, which has ended its runs and queued its trials: one line, and the exit
-    status of a process ended by that signal (128 + its number), as a shell reports one."""
+    """Ctrl-C or SIGTERM stopped a train or a sweep once its runs were ended (and a sweep's trials queued): one
+    line, and the exit status of a process ended by that signal (128 + its number), as a shell reports one."""
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
