@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from regsweep.cli import cli
 
-from .conftest import TINY
+from .conftest import TINY, signalled_on_call
 
 
 def all_runs(uri: str):
@@ -110,18 +110,7 @@ def test_a_signal_while_train_logs_its_model_waits_for_the_run_to_be_complete(tr
     import subprocess
     import sys
 
-    script = """if True:
-        import os, signal, sys, time
-        import regsweep.tracking as tracking
-        log_model = tracking.log_model
-        def log_model_signalled(*args, **kwargs):
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1)
-            return log_model(*args, **kwargs)
-        tracking.log_model = log_model_signalled
-        from regsweep.cli import cli
-        cli(sys.argv[1:])
-    """
+    script = signalled_on_call("regsweep.tracking", "log_model", "SIGINT")
     proc = subprocess.run([sys.executable, "-c", script, "train", *tiny_args(), "--epochs", "1", "--log-model",
                            "true", "--log-images", "false"], capture_output=True, text=True, cwd=tmp_path,
                           env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}, timeout=600)

@@ -16,6 +16,8 @@ from mlflow.tracking import MlflowClient
 
 from regsweep.cli import cli
 
+from .conftest import signalled_on_call
+
 # 512 training images in batches of 32 (16 steps an epoch), 256 validation/test images, eager.
 SMALL = ["--max-train-samples", "512", "--max-eval-samples", "256", "--batch-size", "32", "--compile", "false",
          "--log-images", "false", "--epochs", "3"]
@@ -802,18 +804,7 @@ def test_a_signal_while_a_repeated_trial_ends_its_runs_waits_and_the_trial_count
     that): the runs end as they were ending, the trial is told COMPLETE, and then the sweep stops. Before, the
     signal cut the ending short and left the trial's own run RUNNING, and the trial was failed and retrained."""
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    script = """if True:
-        import os, signal, sys, time
-        import regsweep.sweep.objective as objective
-        summarise = objective.summarise_repeats
-        def summarise_signalled(*args, **kwargs):
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(1)
-            return summarise(*args, **kwargs)
-        objective.summarise_repeats = summarise_signalled
-        from regsweep.cli import cli
-        cli(sys.argv[1:])
-    """
+    script = signalled_on_call("regsweep.sweep.objective", "summarise_repeats", "SIGTERM")
     args = [*SMALL, "--trials", "2", "--epochs", "1", "--repeats", "2", "--storage", storage, "--pruner", "none"]
     proc = subprocess.run([sys.executable, "-c", script, "optimize", *args], capture_output=True, text=True,
                           env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}, timeout=300)
@@ -859,18 +850,7 @@ def test_sigterm_while_the_study_is_finished_ends_the_parent_run_killed(tracking
     as it begins that): the parent run ends KILLED rather than being left RUNNING by a process killed on the
     spot."""
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    script = """if True:
-        import os, signal, sys, time
-        import regsweep.sweep.driver as driver
-        finish = driver.finish_study
-        def finish_signalled(*args, **kwargs):
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(1)
-            return finish(*args, **kwargs)
-        driver.finish_study = finish_signalled
-        from regsweep.cli import cli
-        cli(sys.argv[1:])
-    """
+    script = signalled_on_call("regsweep.sweep.driver", "finish_study", "SIGTERM")
     args = [*SMALL, "--trials", "1", "--epochs", "1", "--storage", storage]
     proc = subprocess.run([sys.executable, "-c", script, "optimize", *args], capture_output=True, text=True,
                           env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}, timeout=300)
