@@ -137,6 +137,17 @@ def test_resuming_with_a_clashing_search_space_is_refused_before_any_run(trackin
 
 
 @pytest.mark.slow
+def test_a_grid_topped_up_on_resume_trains_the_points_it_had_not(tracking_uri, tmp_path):
+    """GridSampler shuffles the grid by its seed, and a trial's grid_id indexes the shuffled grid: seeded
+    differently on the resume, grid_id 1 was the point trial 0 had trained, which then trained twice while the
+    other never did."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    for trials in ("1", "2"):
+        optimize("--grid", "l1=0,0.001", "--trials", trials, "--storage", storage, "--pruner", "none",
+                 "--epochs", "1")
+    assert sorted(t.params["l1"] for t in load(storage).trials) == [0.0, 0.001]
+
+
 def test_grid_runs_exactly_the_grid_with_repeats_grouped_under_each_trial(tracking_uri, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     optimize("--grid", "l1=0,0.001 l2=0,0.0005", "--storage", storage, "--pruner", "none", "--epochs", "1",
@@ -355,6 +366,7 @@ def test_sigterm_ends_parent_and_trial_killed_and_resume_reruns_the_trial(tracki
     assert study.trials[1].params == study.trials[0].params  # the interrupted configuration ran again
     (parent,), children = study_runs()
     assert parent.info.status == "FINISHED" and all(c.info.status != "RUNNING" for c in children)
+    assert "regsweep.stop_reason" not in parent.data.tags  # why the first start stopped is not this one's story
 
 
 @pytest.mark.slow

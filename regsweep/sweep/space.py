@@ -116,7 +116,13 @@ def suggest_penalties(trial: optuna.Trial, space: SearchSpace, both_off_taken: b
 def make_sampler(name: str, space: SearchSpace, seed: int | None) -> optuna.samplers.BaseSampler:
     if name == "grid":
         grid = {k: list(space.grid.get(k, (0.0,))) for k in ("l1", "l2")}
-        return optuna.samplers.GridSampler(grid, seed=seed)
+        # GridSampler shuffles the grid by its seed, and a trial's grid_id indexes the shuffled grid: every
+        # process and every resume must shuffle it alike, else grid_id 1 is another point there, some points
+        # train twice and others never. Its choice among unvisited points then draws from fresh entropy, so that
+        # parallel workers do not all pick the same one.
+        sampler = optuna.samplers.GridSampler(grid, seed=0)
+        sampler.reseed_rng()
+        return sampler
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     # multivariate + group: TPE models l1 and l2 jointly and copes with the on/off branches. constant_liar:
