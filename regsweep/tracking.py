@@ -537,10 +537,12 @@ def run_training(cfg: TrainConfig, data: MnistSplits, *, run_id: str | None = No
             mlflow.flush_async_logging()  # every queued epoch lands before the run ends, whatever ends it
             raise
         mlflow.flush_async_logging()
+        logged = False
         try:
             with signals_held():  # a signal waits for the outcome, which is then complete: the run ends FINISHED
                 log_outcome(cfg, result, data)
+                logged = True
         except KeyboardInterrupt as exc:
-            exc.outcome_logged = True
+            exc.outcome_logged = logged  # not where a third signal cut the logging short
             raise
         return run.info.run_id, result

@@ -51,17 +51,18 @@ def tiny_cfg() -> TrainConfig:
     return TrainConfig(**TINY)
 
 
-def signalled_on_call(module: str, function: str, signame: str) -> str:
+def signalled_on_call(module: str, function: str, signame: str, times: int = 1) -> str:
     """A `python -c` script that runs the regsweep CLI (its arguments: sys.argv[1:]) with `module.function`
-    made to send the process `signame` as it is called, and to go on once the handler has run: a signal that
-    arrives at exactly that moment, every time."""
+    made to send the process `signame` (`times` times) as it is called, and to go on once the handler has run:
+    a signal that arrives at exactly that moment, every time."""
     return f"""if True:
         import os, signal, sys, time
         import {module} as target
         original = target.{function}
         def signalled(*args, **kwargs):
-            os.kill(os.getpid(), signal.{signame})
-            time.sleep(1)
+            for _ in range({times}):
+                os.kill(os.getpid(), signal.{signame})
+                time.sleep(0.5)
             return original(*args, **kwargs)
         target.{function} = signalled
         from regsweep.cli import cli

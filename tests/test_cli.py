@@ -124,6 +124,24 @@ def test_a_signal_while_train_logs_its_model_waits_for_the_run_to_be_complete(tr
     assert MlflowClient(tracking_uri).search_logged_models(experiment_ids=[run.info.experiment_id])
 
 
+def test_a_third_signal_while_train_logs_its_outcome_stops_it_at_once_and_the_run_ends_killed(tracking_uri,
+                                                                                                tmp_path):
+    """Whoever insists: the first Ctrl-C is held, the second ignored, the third stops the logging where it is,
+    and the run, incomplete, ends KILLED (not FINISHED, as a run whose outcome was logged whole does)."""
+    import signal
+    import subprocess
+    import sys
+
+    script = signalled_on_call("regsweep.tracking", "log_model", "SIGINT", times=3)
+    proc = subprocess.run([sys.executable, "-c", script, "train", *tiny_args(), "--epochs", "1", "--log-model",
+                           "true", "--log-images", "false"], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}, timeout=600)
+    assert proc.returncode == 128 + signal.SIGINT, proc.stderr
+    (run,) = all_runs(tracking_uri)
+    assert run.info.status == "KILLED", proc.stderr
+    assert not MlflowClient(tracking_uri).search_logged_models(experiment_ids=[run.info.experiment_id])
+
+
 def test_unreachable_tracking_server_exits_2(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://user:secret@127.0.0.1:9")  # discard port: nothing listens

@@ -507,3 +507,24 @@ def test_stacked_worker_processes_stopped_end_every_run_killed_and_queue_every_t
         sorted(str(t.params) for t in study.trials if t.state.name == "COMPLETE")
     (parent,), children = study_runs()
     assert parent.info.status == "FINISHED" and "RUNNING" not in {c.info.status for c in children}
+
+
+@pytest.mark.parametrize("hook", ["regsweep.sweep.completion:log_outcome", "regsweep.sweep.stacked:tell_and_tag"])
+def test_a_signal_as_a_stack_completes_and_tells_its_trials_waits_until_every_ready_one_is_told(
+        tracking_uri, tmp_path, hook):
+    """SIGTERM as the first member's run is completed (in this process, the CPU's default) or as its trial is
+    told: both trials trained to their end, and both are told COMPLETE before the sweep stops. Before, the
+    signal stopped the stack at once, or after the first tell, and trained trials were failed and retrained."""
+    from .conftest import signalled_on_call
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    module, function = hook.split(":")
+    args = [*SMALL, "--trials", "2", "--stack", "2", "--epochs", "1", "--storage", storage, "--pruner", "none"]
+    proc = subprocess.run([sys.executable, "-c", signalled_on_call(module, function, "SIGTERM"), "optimize", *args],
+                          capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
+                          timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert "stopping once the runs in hand are ended" in proc.stderr
+    assert [t.state.name for t in load(storage).trials] == ["COMPLETE", "COMPLETE"]
+    _, children = study_runs()
+    assert [(c.info.status, c.data.tags["optuna.state"]) for c in children] == [("FINISHED", "COMPLETE")] * 2

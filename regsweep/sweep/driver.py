@@ -165,6 +165,8 @@ def optimize(settings: SweepSettings) -> dict:
         study = load_study(settings, tracking_uri)
         parent_run_id = find_or_create_parent(settings, study, experiment_id)
         client.update_run(parent_run_id, status="RUNNING")
+        if STOP_REASON_TAG in client.get_run(parent_run_id).data.tags:  # why an earlier start stopped: not now
+            client.delete_tag(parent_run_id, STOP_REASON_TAG)
         client.set_tag(parent_run_id, WORKER_TAG, worker_id())  # gone without ending it: the next command does
         # Trials of workers that died since the last start: fail them, end their runs KILLED, queue retries.
         handler = StaleTrialHandler(tracking_uri)

@@ -217,31 +217,35 @@ class Objective:
             raise
         finally:
             if not tracker_down:  # an unreachable tracker is reconciled on the next start instead
+                ended = False
                 try:
-                    self.end_runs(client, run_ids, trial_run, best_vals, state, reason, killed)
+                    with signals_held():
+                        end_runs(client, run_ids, trial_run, best_vals, state, reason, killed)
+                        ended = True
                 except KeyboardInterrupt as exc:
+                    if not ended:  # the signal came before the hold began: end them now (a second is ignored)
+                        end_runs(client, run_ids, trial_run, best_vals, state, reason, killed)
                     if state == "FAIL":
                         raise
                     self.held = exc  # the trial is complete or pruned: told so first (raise_held)
 
-    @staticmethod
-    def end_runs(client: MlflowClient, run_ids: list[str], trial_run: str | None, best_vals: list[float], state: str,
-                 reason: str, killed: bool) -> None:
-        """The trial's runs, tagged with its state (the reason on the run that stopped), ended where they have not
-        ended themselves."""
-        with signals_held():  # the runs end tagged as the trial, however it stopped
-            # The reason goes to the run that stopped (and the trial's own run), not to seeds done before.
-            stopped = {run_ids[0], run_ids[-1]} if run_ids else set()
-            for run_id in run_ids:
-                client.set_tag(run_id, "optuna.state", state)
-                if reason and run_id in stopped:
-                    client.set_tag(run_id, STOP_REASON_TAG, reason[:TAG_LIMIT])
-            if trial_run is not None:
-                summarise_repeats(client, trial_run, best_vals, state, killed)
-            if state == "FAIL" and len(run_ids) > len(best_vals) + bool(trial_run):
-                # A seed run that was created but stopped before its training began, or while it started
-                # its run, which ends the run itself only from there on.
-                end_if_running(client, run_ids[-1], "KILLED" if killed else "FAILED")
+
+def end_runs(client: MlflowClient, run_ids: list[str], trial_run: str | None, best_vals: list[float], state: str,
+             reason: str, killed: bool) -> None:
+    """A trial's runs, tagged with its state (the reason on the run that stopped), ended where they have not ended
+    themselves. Called with signals held: the runs end tagged as the trial, however it stopped."""
+    # The reason goes to the run that stopped (and the trial's own run), not to seeds done before.
+    stopped = {run_ids[0], run_ids[-1]} if run_ids else set()
+    for run_id in run_ids:
+        client.set_tag(run_id, "optuna.state", state)
+        if reason and run_id in stopped:
+            client.set_tag(run_id, STOP_REASON_TAG, reason[:TAG_LIMIT])
+    if trial_run is not None:
+        summarise_repeats(client, trial_run, best_vals, state, killed)
+    if state == "FAIL" and len(run_ids) > len(best_vals) + bool(trial_run):
+        # A seed run that was created but stopped before its training began, or while it started its run, which
+        # ends the run itself only from there on.
+        end_if_running(client, run_ids[-1], "KILLED" if killed else "FAILED")
 
 
 def end_if_running(client: MlflowClient, run_id: str, status: str) -> None:

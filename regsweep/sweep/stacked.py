@@ -242,10 +242,11 @@ class TrialStack:
     def on_leave(self, k: int, result: FitResult) -> None:
         """fit_stack's on_leave: a member that left the stack is done; with workers, its run is completed while
         the stack trains on."""
-        self.done[k] = result
-        mlflow.flush_async_logging()  # its epochs in the store before a worker ends the run
-        self.completer.start(self.completion_job(k))
-        self.settle(final=False)
+        with signals_held():  # a signal waits until the trials that are ready are told (settle)
+            self.done[k] = result
+            mlflow.flush_async_logging()  # its epochs in the store before a worker ends the run
+            self.completer.start(self.completion_job(k))
+            self.settle(final=False)
 
     def settle(self, final: bool) -> None:
         """Tell the trials whose members are done and whose runs are complete (`final`: every trial left,
@@ -255,6 +256,10 @@ class TrialStack:
                  and (final or self.completer.ready(e.run_ids))]
         if not ready:
             return
+        with signals_held():  # every trial ready is completed and told before a signal stops the stack
+            self.tell_ready(ready)
+
+    def tell_ready(self, ready: list[StackedTrial]) -> None:
         with storage_errors(self.settings.storage):
             self.on_epoch.flush()  # every report in the study before its trial is told
         ks = [k for e in ready for k in e.members]
@@ -427,11 +432,14 @@ class EpochHook:
 
 
 def end_run(client: MlflowClient, run_id: str, reason: str, status: str) -> None:
-    """Best effort: in an outage the next start's reconciliation ends what this cannot."""
+    """Tag a failed trial's run FAIL with the reason and end it as `status`, unless it has ended already (a
+    completed run stays FINISHED). Best effort: in an outage the next start's reconciliation ends what this
+    cannot."""
     try:
         client.set_tag(run_id, "optuna.state", "FAIL")
         client.set_tag(run_id, STOP_REASON_TAG, reason[:TAG_LIMIT])
-        client.set_terminated(run_id, status)
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status)
     except Exception:  # noqa: BLE001 - see the docstring
         pass
 
