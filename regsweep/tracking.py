@@ -279,8 +279,9 @@ def terminal_status():
     RUNNING. The second signal is ignored: what it would interrupt is the ending of the runs KILLED and the
     queueing of their trials again, and a sweep's worker processes get two for one stop (a terminal's Ctrl-C
     reaches every process, then the driver sends its SIGTERM). A third interrupts the stop itself, for
-    whoever insists (the next start ends what it leaves). Ctrl-C stays ignored where it is (completion workers,
-    started so that the sweep decides for them). A block inside another leaves the signals to the outer one."""
+    whoever insists (the next start ends what it leaves). A signal stays ignored where it is (completion workers
+    ignore Ctrl-C and SIGTERM, so that the sweep decides for them). A block inside another leaves the signals to
+    the outer one."""
     if getattr(signal.getsignal(signal.SIGTERM), "is_terminal_status", False):
         yield
         return
@@ -302,7 +303,8 @@ def terminal_status():
     stop.is_terminal_status = True
     previous = {}
     try:
-        for sig in [signal.SIGTERM] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) != signal.SIG_IGN else []):
+        # An ignored signal stays ignored: completion workers ignore both, so that the sweep decides for them.
+        for sig in [s for s in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(s) != signal.SIG_IGN]:
             previous[sig] = signal.signal(sig, stop)
         yield
     finally:

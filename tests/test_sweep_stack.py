@@ -279,8 +279,9 @@ def test_a_completion_worker_killed_mid_run_leaves_its_runs_to_the_training_proc
 
 def test_sigterm_to_the_whole_group_while_workers_complete_runs(tracking_uri, tmp_path):
     """SIGTERM sent to the sweep's process group (as a service manager does) while worker processes complete
-    the runs: the workers finish the run in hand, the sweep ends every run KILLED and queues every trial
-    again, and no process is left behind."""
+    the runs: the workers finish the run in hand; the trials whose runs are complete are told (the signal waits
+    for that) and count; every other trial is queued again, its runs ended KILLED and tagged FAIL; no process
+    is left behind."""
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     proc, exp = start_stack_and_wait_for_completion(tracking_uri, storage)
     os.killpg(proc.pid, signal.SIGTERM)
@@ -294,9 +295,23 @@ def test_sigterm_to_the_whole_group_while_workers_complete_runs(tracking_uri, tm
     else:
         left = subprocess.run(["ps", "-o", "pid,cmd", "-g", str(proc.pid)], capture_output=True, text=True).stdout
         raise AssertionError(f"processes left behind:\n{left}")
-    runs = MlflowClient().search_runs([exp.experiment_id])
-    assert {r.info.status for r in runs} == {"KILLED"}  # parent, 4 trial runs, 8 seed runs
-    assert sorted(t.state.name for t in load(storage).trials) == ["FAIL"] * 4 + ["WAITING"] * 4
+    runs = MlflowClient().search_runs([exp.experiment_id])  # parent, 4 trial runs, 8 seed runs
+    (parent,) = [r for r in runs if r.data.tags.get("regsweep.kind") == "study"]
+    children = [r for r in runs if r is not parent]
+    assert parent.info.status == "KILLED" and len(children) == 12
+    trials = load(storage).trials
+    states = {t.number: t.state.name for t in trials}
+    for run in children:
+        state = states[int(run.data.tags["optuna.trial_number"])]
+        assert run.data.tags["optuna.state"] == state, run.info.run_name
+        if state == "COMPLETE":
+            assert run.info.status == "FINISHED", run.info.run_name
+        else:
+            assert state == "FAIL" and run.info.status == "KILLED", run.info.run_name
+            assert "interrupted" in run.data.tags["regsweep.stop_reason"], run.info.run_name
+    told = sorted(t.state.name for t in trials[:4])
+    assert set(told) <= {"COMPLETE", "FAIL"}
+    assert [t.state.name for t in trials[4:]] == ["WAITING"] * told.count("FAIL")
 
 
 def test_a_stacked_member_is_never_pruned_at_its_last_epoch(tracking_uri, tmp_path):

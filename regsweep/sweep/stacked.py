@@ -432,14 +432,11 @@ class EpochHook:
 
 
 def end_run(client: MlflowClient, run_id: str, reason: str, status: str) -> None:
-    """Tag a failed trial's run FAIL with the reason and end it as `status`, unless it has ended already (a
-    completed run stays FINISHED). Best effort: in an outage the next start's reconciliation ends what this
-    cannot."""
+    """Best effort: in an outage the next start's reconciliation ends what this cannot."""
     try:
         client.set_tag(run_id, "optuna.state", "FAIL")
         client.set_tag(run_id, STOP_REASON_TAG, reason[:TAG_LIMIT])
-        if client.get_run(run_id).info.status == "RUNNING":
-            client.set_terminated(run_id, status)
+        client.set_terminated(run_id, status)
     except Exception:  # noqa: BLE001 - see the docstring
         pass
 
