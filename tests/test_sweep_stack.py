@@ -524,7 +524,7 @@ def test_stacked_worker_processes_stopped_end_every_run_killed_and_queue_every_t
     assert parent.info.status == "FINISHED" and "RUNNING" not in {c.info.status for c in children}
 
 
-@pytest.mark.parametrize("hook", ["regsweep.sweep.completion:log_outcome", "regsweep.sweep.stacked:tell_and_tag"])
+@pytest.mark.parametrize("hook", ["regsweep.sweep.completion:log_outcome", "regsweep.sweep.stacked:tell_outcome"])
 def test_a_signal_as_a_stack_completes_and_tells_its_trials_waits_until_every_ready_one_is_told(
         tracking_uri, tmp_path, hook):
     """SIGTERM as the first member's run is completed (in this process, the CPU's default) or as its trial is

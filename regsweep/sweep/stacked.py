@@ -316,11 +316,6 @@ class TrialStack:
 def fail_trial(entry: StackedTrial, errors: dict[int, Exception | None], client: MlflowClient) -> None:
     """A trial whose runs could not all be completed: FAIL, and each run whose completion failed ended FAILED with
     the reason (the completion may have failed before it could end the run itself)."""
-    with signals_held():  # as in tell_outcome
-        fail_and_end(entry, errors, client)
-
-
-def fail_and_end(entry: StackedTrial, errors: dict[int, Exception | None], client: MlflowClient) -> None:
     error = next(errors[k] for k in entry.members if errors[k] is not None)
     mark_error(entry.trial, f"completing a run failed: {type(error).__name__}: {error}")
     tell_study(entry.trial, state=TrialState.FAIL)
@@ -455,11 +450,6 @@ def tell_outcome(entry: StackedTrial, results: list[FitResult], client: MlflowCl
     """A trial whose runs are complete: PRUNED if a seed diverged or the pruner stopped it, else COMPLETE with its
     seeds' mean best validation accuracy. Its runs are tagged with that state (and the reason); with repeats, its
     trial run gets the seeds' summary and ends."""
-    with signals_held():  # a signal waits until the trial is told and its runs are tagged as told
-        tell_and_tag(entry, results, client)
-
-
-def tell_and_tag(entry: StackedTrial, results: list[FitResult], client: MlflowClient) -> None:
     diverged = next((r.stop_reason for r in results if r.diverged), "")
     reason = diverged or entry.pruned
     state = "PRUNED" if reason else "COMPLETE"
