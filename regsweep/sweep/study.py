@@ -206,18 +206,21 @@ def storage_errors(storage: str):
                             f" ({detail[0] if detail else type(lost).__name__})") from exc
 
 
+def causes(exc: BaseException | None, most: int = 10):
+    """`exc` and the errors behind it. Optuna wraps a database error (StorageInternalError), and a failed commit
+    inside its own trial bookkeeping can surface as a different error raised while handling it, so the chain of
+    causes is followed."""
+    while exc is not None and most > 0:
+        yield exc
+        exc, most = exc.__cause__ or exc.__context__, most - 1
+
+
 def lost_connection(exc: BaseException) -> BaseException | None:
-    """The SQLAlchemy connection error behind `exc`, if there is one. Optuna wraps it (StorageInternalError),
-    and a failed commit inside its own trial bookkeeping can surface as a different error raised while
-    handling it, so the chain of causes is followed."""
+    """The SQLAlchemy connection error behind `exc`, if there is one."""
     import sqlalchemy.exc
 
-    seen = 0
-    while exc is not None and seen < 10:
-        if isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
-            return exc
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return None
+    return next((e for e in causes(exc) if isinstance(e, (sqlalchemy.exc.OperationalError,
+                                                          sqlalchemy.exc.InterfaceError))), None)
 
 
 def claim(trial: optuna.Trial) -> optuna.Trial:
@@ -351,15 +354,12 @@ def check_writable(settings: SweepSettings) -> optuna.storages.BaseStorage:
 def refused_write(exc: BaseException) -> str | None:
     """Why the database refused a write, if that is what `exc` is (SQLite's read-only file; PostgreSQL's
     read-only transaction, SQLSTATE 25006, or missing privilege, 42501): the first line of its message."""
-    seen = 0
-    while exc is not None and seen < 10:
-        orig = getattr(exc, "orig", None)
+    for orig in (getattr(e, "orig", None) for e in causes(exc)):
         if orig is not None:
             code = getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)  # psycopg 2 or 3
             message = str(orig).strip()
             if code in ("25006", "42501") or "readonly database" in message:
                 return message.splitlines()[0]
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return None
 
 
