@@ -280,8 +280,8 @@ def test_a_completion_worker_killed_mid_run_leaves_its_runs_to_the_training_proc
 def test_sigterm_to_the_whole_group_while_workers_complete_runs(tracking_uri, tmp_path):
     """SIGTERM sent to the sweep's process group (as a service manager does) while worker processes complete
     the runs: the workers finish the run in hand; the trials whose runs are complete are told (the signal waits
-    for that) and count; every other trial is queued again, its runs ended KILLED and tagged FAIL; no process
-    is left behind."""
+    for that) and count; every other trial is queued again, its runs tagged FAIL and ended KILLED (but for one
+    a worker completed whole, which stays FINISHED); no process is left behind."""
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     proc, exp = start_stack_and_wait_for_completion(tracking_uri, storage)
     os.killpg(proc.pid, signal.SIGTERM)
@@ -306,12 +306,43 @@ def test_sigterm_to_the_whole_group_while_workers_complete_runs(tracking_uri, tm
         assert run.data.tags["optuna.state"] == state, run.info.run_name
         if state == "COMPLETE":
             assert run.info.status == "FINISHED", run.info.run_name
+        elif run.info.status == "FINISHED":  # a worker had completed it whole: it stays so, its trial failed
+            assert state == "FAIL" and "best_val_acc" in run.data.metrics, run.info.run_name
         else:
             assert state == "FAIL" and run.info.status == "KILLED", run.info.run_name
             assert "interrupted" in run.data.tags["regsweep.stop_reason"], run.info.run_name
     told = sorted(t.state.name for t in trials[:4])
     assert set(told) <= {"COMPLETE", "FAIL"}
     assert [t.state.name for t in trials[4:]] == ["WAITING"] * told.count("FAIL")
+
+
+def test_a_stopped_stack_leaves_a_run_completed_whole_finished_and_ends_the_others_killed(tracking_uri, tmp_path):
+    """A stack stopped while a worker had completed one seed's run of a trial but not the other's: the trial is
+    queued again; the completed run stays FINISHED, tagged FAIL without a stop reason (as a seed run that
+    finished before its trial stopped, one by one); the seed run still running and the trial's own run end
+    KILLED with the reason. Before, every run of the trial was set KILLED, the completed one included."""
+    from regsweep.config import TrainConfig
+    from regsweep.sweep.completion import Completer
+    from regsweep.sweep.space import SearchSpace
+    from regsweep.sweep.stacked import StackedTrial, TrialStack
+    from regsweep.sweep.study import Heartbeats, SweepSettings, load_study
+
+    client = MlflowClient()
+    settings = SweepSettings(base=TrainConfig(), space=SearchSpace(), trials=1, study_name="stop", repeats=2,
+                             storage=f"sqlite:///{tmp_path / 'optuna.db'}", experiment_name="stop")
+    study = load_study(settings)
+    trial_run, done, running = (client.create_run("0").info.run_id for _ in range(3))
+    client.set_terminated(done, "FINISHED")  # the worker's completion of seed 0
+    stack = TrialStack(settings, None, "", "0", Completer(None, settings.base, 0), Heartbeats(study))
+    stack.entries.append(StackedTrial(study.ask(), {}, trial_run_id=trial_run, run_ids=[done, running]))
+    stack.abandon(KeyboardInterrupt())
+    runs = {run_id: client.get_run(run_id) for run_id in (trial_run, done, running)}
+    assert {run_id: r.info.status for run_id, r in runs.items()} == {trial_run: "KILLED", done: "FINISHED",
+                                                                     running: "KILLED"}
+    assert {r.data.tags["optuna.state"] for r in runs.values()} == {"FAIL"}
+    assert "regsweep.stop_reason" not in runs[done].data.tags
+    assert "interrupted" in runs[running].data.tags["regsweep.stop_reason"]
+    assert [t.state.name for t in load_study(settings).trials] == ["FAIL", "WAITING"]
 
 
 def test_a_stacked_member_is_never_pruned_at_its_last_epoch(tracking_uri, tmp_path):

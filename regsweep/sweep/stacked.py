@@ -290,7 +290,7 @@ class TrialStack:
     def abandon(self, exc: BaseException) -> None:
         """As one by one (Objective): an interrupted or outage-stopped stack queues every trial not yet told again;
         any other error fails them. Their runs end KILLED or FAILED with the reason, once no worker is still
-        completing one of them."""
+        completing one of them; a run a worker completed whole stays FINISHED (end_run)."""
         kind = ("interrupted" if isinstance(exc, KeyboardInterrupt)
                 else "outage" if isinstance(exc, Outage) else None)
         reason = "interrupted (Ctrl-C or SIGTERM)" if kind == "interrupted" else f"{type(exc).__name__}: {exc}"
@@ -427,9 +427,14 @@ class EpochHook:
 
 
 def end_run(client: MlflowClient, run_id: str, reason: str, status: str) -> None:
-    """Best effort: in an outage the next start's reconciliation ends what this cannot."""
+    """A run of a trial that failed: tagged FAIL and ended `status` with the reason, unless it had ended FINISHED
+    (a worker completed it whole before the stack stopped): that stays FINISHED, as a seed run that finished
+    before its trial stopped does one by one. Best effort: in an outage the next start's reconciliation ends what
+    this cannot."""
     try:
         client.set_tag(run_id, "optuna.state", "FAIL")
+        if client.get_run(run_id).info.status == "FINISHED":
+            return
         client.set_tag(run_id, STOP_REASON_TAG, reason[:TAG_LIMIT])
         client.set_terminated(run_id, status)
     except Exception:  # noqa: BLE001 - see the docstring
