@@ -254,16 +254,47 @@ def test_a_grid_point_given_to_a_surplus_trial_is_trained_when_the_study_grows(t
     assert len({(t.params["l1"], t.params["l2"]) for t in trained}) == 2
 
 
-def test_a_trial_whose_worker_died_before_naming_itself_is_failed_and_retried(tracking_uri, tmp_path):
+@pytest.mark.parametrize("grid", [None, "l1=0,0.001 l2=0"])
+def test_a_trial_whose_worker_died_before_naming_itself_is_failed_and_retried(tracking_uri, tmp_path, grid):
     """Killed between asking its trial and recording its pid: no worker to look up, no heartbeat for Optuna to
-    miss. It stayed RUNNING for good, counted towards --trials, and the sweep stopped one short."""
+    miss. It stayed RUNNING for good, counted towards --trials, and the sweep stopped one short. Now it is failed
+    and retried: on a grid, the retry trains the point the dead trial held, and each point trains once."""
+    from regsweep.sweep.space import SearchSpace, make_sampler, parse_grid
+
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    optuna.create_study(study_name="regsweep", storage=storage, direction="maximize").ask()
+    args = ["--storage", storage, "--pruner", "none", "--epochs", "1", "--heartbeat", "1"]
+    if grid:
+        args += ["--grid", grid]
+        optimize("--trials", "1", *args)
+    if grid:  # asked as `optimize` asks it: given the point not yet trained
+        sampler = make_sampler("grid", SearchSpace(grid=parse_grid(grid)), None)
+        optuna.load_study(study_name="regsweep", storage=storage, sampler=sampler).ask()
+    else:
+        optuna.create_study(study_name="regsweep", storage=storage, direction="maximize").ask()
     time.sleep(2.5)  # longer than the grace period of --heartbeat 1
-    optimize("--trials", "1", "--storage", storage, "--pruner", "none", "--epochs", "1", "--heartbeat", "1")
+    if grid:
+        assert "grid_id" in load(storage).trials[1].system_attrs
+    optimize("--trials", "2" if grid else "1", *args)
     study = load(storage)
-    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
-    assert study.trials[1].system_attrs["retry_history"] == [0]
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE"] if grid else ["FAIL", "COMPLETE"]
+    assert study.trials[-1].system_attrs["retry_history"] == [len(study.trials) - 2]
+    if grid:
+        assert sorted(t.params["l1"] for t in study.trials if t.state.name == "COMPLETE") == [0.0, 0.001]
+
+
+def test_a_trial_asked_beyond_trials_by_a_worker_that_died_at_once_trains_nothing(tracking_uri, tmp_path):
+    """The study had its --trials when a worker asked one more and died before suggesting anything: the next
+    start fails that trial, and its retry is a surplus too. Before, a retry was taken as asked for on purpose,
+    exempt from the surplus check, and the sweep trained one trial past --trials."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    args = ["--trials", "1", "--storage", storage, "--pruner", "none", "--epochs", "1", "--heartbeat", "1"]
+    optimize(*args)
+    load(storage).ask()
+    time.sleep(2.5)  # longer than the grace period of --heartbeat 1
+    optimize(*args)
+    trials = load(storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "FAIL"]
+    assert trials[2].system_attrs["retry_history"] == [1] and trials[2].user_attrs["fail_kind"] == "surplus"
 
 
 def test_queued_trials_run_even_where_the_study_has_its_trials(tracking_uri, tmp_path):

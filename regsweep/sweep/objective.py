@@ -50,8 +50,10 @@ def check_not_surplus(settings: SweepSettings, trial: optuna.Trial, me: optuna.t
     """Parallel workers (or stacks) that see the study one trial short at the same moment each ask one. The
     storage numbers them, so a later one knows it is over `--trials` from the trials numbered before it that
     count (finished, running, or queued to run): it says why and raises before anything is suggested or logged.
-    A queued trial (a retry, or one given with enqueue_trial) was asked for on purpose and always runs."""
-    if "fixed_params" in me.system_attrs or "retry_history" in me.system_attrs:
+    A queued trial (a retry, or one given with enqueue_trial) was asked for on purpose and always runs; but not the
+    retry of a trial stopped before it suggested anything, which may itself have been a surplus (its dead worker
+    asked it in such a race): it is checked as the trial it stands in for would have been."""
+    if "fixed_params" in me.system_attrs or ("retry_history" in me.system_attrs and me.params):
         return
     before = sum(t.number < trial.number and t.state in (*FINISHED, TrialState.RUNNING, TrialState.WAITING)
                  for t in trials)
