@@ -10,7 +10,6 @@ Every later step takes these DataFrames, so the maths is tested without MLflow.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import tempfile
@@ -215,15 +214,11 @@ def fetch_predictions(run_ids: list[str]) -> dict[str, dict[str, np.ndarray]]:
     """Test labels and predictions ({'true', 'pred'}) of each run that logged them; others are absent."""
     from ..tracking import PREDICTIONS  # imports torch: only when predictions are wanted
 
-    client = MlflowClient()
-
     def one(run_id):
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                path = client.download_artifacts(run_id, PREDICTIONS, tmp)
-            except (MlflowException, OSError):
-                return run_id, None
-            data = json.loads(Path(path).read_text())
+        try:
+            data = mlflow.artifacts.load_dict(f"runs:/{run_id}/{PREDICTIONS}")
+        except (MlflowException, OSError):
+            return run_id, None
         return run_id, {k: np.asarray(v, dtype=np.int64) for k, v in data.items()}
 
     with quiet_downloads(), ThreadPoolExecutor(THREADS) as pool:
