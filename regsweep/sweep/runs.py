@@ -185,6 +185,8 @@ def finish_study(settings: SweepSettings, study: optuna.Study, parent_run_id: st
                   for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
     summary = {"counts": counts, "surplus": surplus}
     if complete:
+        # As study.best_trial, but of equal values the lowest-numbered trial wins, on every storage (Optuna's
+        # query leaves a tie to the database's row order).
         best = max(complete, key=lambda t: t.value)
         runs = best.user_attrs.get("mlflow_run_ids", [])
         best_l1, best_l2 = effective_penalties(best)
