@@ -199,3 +199,28 @@ def test_a_read_only_postgresql_database_is_refused_before_anything_is_created(p
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "cannot be written (cannot execute" in lines[0], lines
     assert "read-only transaction" in lines[0] and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_role_that_may_not_delete_can_sweep_and_leaves_one_empty_check_study_at_most(postgres, tmp_path):
+    """The write check creates a study and deletes it; a role without DELETE keeps the study. It is one name, so
+    every later start finds it there (the write was taken up to the name's uniqueness): one study at most,
+    not one per start."""
+    from regsweep.config import TrainConfig
+    from regsweep.sweep.space import SearchSpace
+    from regsweep.sweep.study import SweepSettings, check_writable
+
+    name = "nodelete"
+    server = ["-h", "127.0.0.1", "-p", str(postgres.port), "-U", "postgres"]
+    subprocess.run(as_postgres([f"{postgres.bindir}/createdb", *server, name]), check=True)
+    owner_url = postgres.url.rsplit("/", 1)[0] + "/" + name
+    optuna.create_study(study_name="regsweep", storage=owner_url, direction="maximize")  # Optuna's tables
+    grants = ("CREATE ROLE sweeper LOGIN; GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO sweeper; "
+              "GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO sweeper;")
+    subprocess.run(as_postgres([f"{postgres.bindir}/psql", "-q", *server, "-d", name, "-c", grants]), check=True)
+    url = owner_url.replace("postgres@", "sweeper@")
+    settings = SweepSettings(base=TrainConfig(), space=SearchSpace(), trials=1, study_name="regsweep", storage=url,
+                             experiment_name="regsweep")
+    for _ in range(3):
+        check_writable(settings)
+    names = [s.study_name for s in optuna.get_all_study_summaries(owner_url)]
+    assert len(names) == 2 and [n for n in names if n.startswith("regsweep-write-check")], names

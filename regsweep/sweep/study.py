@@ -322,24 +322,30 @@ def check_resumable(settings: SweepSettings) -> optuna.Study | None:
     return study
 
 
+WRITE_CHECK_STUDY = "regsweep-write-check"  # the empty study check_writable creates and deletes
+
+
 def check_writable(settings: SweepSettings) -> optuna.storages.BaseStorage:
     """The storage, opened, once it has taken a write. One the sweep cannot write (a read-only SQLite file or
     PostgreSQL database, a role without write rights) is refused before anything is created: else it fails at
     the study's first write and looks like an unreachable database, whose advice, to run the same command again,
     never helps. The write creates a study of a name of its own and deletes it again: Optuna's storage API has no
     other write that leaves nothing behind."""
-    import uuid
-
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line saying that the throwaway study was made
     try:
         storage = open_storage(settings)  # an RDB storage creates its tables here, where it has none
-        study_id = storage.create_new_study([optuna.study.StudyDirection.MAXIMIZE],
-                                            f"regsweep-write-check-{uuid.uuid4().hex}")
+        try:
+            study_id = storage.create_new_study([optuna.study.StudyDirection.MAXIMIZE], WRITE_CHECK_STUDY)
+        except optuna.exceptions.DuplicatedStudyError:
+            # The database took the write up to the name's uniqueness (it refuses a read-only or forbidden write
+            # before that): another start is checking at this moment, or one that could not delete the study
+            # left it behind.
+            return storage
         try:
             storage.delete_study(study_id)
         except Exception:  # noqa: BLE001 - a role that may write but not delete can still sweep
-            pass  # (what it cannot delete stays, an empty study of that name)
+            pass  # (the study stays, empty, and the next start finds it there: one, whatever the starts)
         return storage
     except Exception as exc:
         denied = refused_write(exc)
