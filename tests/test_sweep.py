@@ -297,6 +297,31 @@ def test_a_trial_asked_beyond_trials_by_a_worker_that_died_at_once_trains_nothin
     assert trials[2].system_attrs["retry_history"] == [1] and trials[2].user_attrs["fail_kind"] == "surplus"
 
 
+def test_processes_that_join_a_study_at_once_draw_different_configurations(tmp_path):
+    """The same command started on two machines at the same moment: each loads the study before either has asked
+    a trial. Their samplers were seeded alike, from --seed and the trials they saw, and every configuration
+    trained twice. Each trial's draws now follow from its number, which the storage hands out once; one process
+    alone still draws the same from the same --seed."""
+    from regsweep.config import TrainConfig
+    from regsweep.sweep.objective import prepare_trial
+    from regsweep.sweep.space import SearchSpace
+    from regsweep.sweep.study import SweepSettings, load_study
+
+    def settings(name: str) -> SweepSettings:
+        return SweepSettings(base=TrainConfig(), space=SearchSpace(), trials=8, study_name="at-once",
+                             storage=f"sqlite:///{tmp_path / name}", experiment_name="at-once")
+
+    together = settings("together.db")
+    studies = [load_study(together), load_study(together)]  # both see no trials
+    drawn = []
+    for _ in range(3):
+        trials = [study.ask() for study in studies]
+        drawn += [prepare_trial(together, trial)[0] for trial in trials]
+    assert len({tuple(sorted(p.items())) for p in drawn}) == len(drawn), drawn
+    alone = load_study(settings("alone.db"))
+    assert [prepare_trial(settings("alone.db"), alone.ask())[0] for _ in range(6)] == drawn
+
+
 def test_queued_trials_run_even_where_the_study_has_its_trials(tracking_uri, tmp_path):
     """A trial given with enqueue_trial after the study is done, and the retry a worker on another host queued
     before it was killed (its trial still RUNNING): each was asked for on purpose and trains, not a surplus."""

@@ -50,7 +50,7 @@ def describe_exit(code: int | None) -> str:
 
 
 def run_worker(settings: SweepSettings, parent_run_id: str, experiment_id: str, tracking_uri: str,
-               worker_index: int = 0, threads: int = 0) -> None:
+               threads: int = 0) -> None:
     """One worker: load data once, then take trials until the study has `trials` finished ones."""
     import torch
 
@@ -61,7 +61,7 @@ def run_worker(settings: SweepSettings, parent_run_id: str, experiment_id: str, 
     mlflow.set_tracking_uri(tracking_uri)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # as in optimize
     with storage_errors(settings.storage), tracking_watch(settings.tracking_timeout, tracking_uri):
-        study = load_study(settings, tracking_uri, worker_index)
+        study = load_study(settings, tracking_uri)
         data = load_for(settings.base)
         if settings.stack > 1:
             run_stacked(settings, study, data, parent_run_id, experiment_id)
@@ -188,12 +188,12 @@ def run_and_finish(settings: SweepSettings, study: optuna.Study, parent_run_id: 
     status, procs, outage, interrupted = "FINISHED", [], None, ""
     try:
         if settings.workers == 1:
-            run_worker(settings, parent_run_id, experiment_id, tracking_uri, 0, settings.base.threads)
+            run_worker(settings, parent_run_id, experiment_id, tracking_uri, settings.base.threads)
         else:
             threads = threads_per_worker(settings.workers, settings.base.threads)
             ctx = multiprocessing.get_context("spawn")
             procs = [ctx.Process(target=worker_process, name=f"regsweep-worker-{i}",
-                                 args=(settings, parent_run_id, experiment_id, tracking_uri, i, threads))
+                                 args=(settings, parent_run_id, experiment_id, tracking_uri, threads))
                      for i in range(settings.workers)]
             for proc in procs:
                 proc.start()

@@ -22,7 +22,7 @@ from ..tracking import signals_held
 from .runs import (STUDY_TAG, coefficients, create_run, create_trial_run, log_trial_run, prune_reason, report_step,
                    seed_config, seed_run_name, summarise_repeats, trial_run_name)
 from .space import prunable, suggest_penalties
-from .study import FINISHED, SweepSettings, claim, deciding_settings, queue_retry, storage_errors
+from .study import FINISHED, SweepSettings, claim, deciding_settings, queue_retry, seed_sampler, storage_errors
 
 def configuration_key(settings: SweepSettings, penalties: dict[str, float]) -> str:
     """What decides a trial's result (study.deciding_settings: l1, l2, the seeds and every fixed setting that
@@ -85,6 +85,7 @@ def prepare_trial(settings: SweepSettings, trial: optuna.Trial):
     both_off_taken = "l2_on" not in decided and any(
         t.user_attrs.get("config_key") == baseline and t.state in (*FINISHED, TrialState.RUNNING)
         for t in trials if t.number != trial.number)
+    seed_sampler(trial.study, settings, trial)
     penalties = suggest_penalties(trial, settings.space, both_off_taken)
     key = configuration_key(settings, penalties)
     trial.set_user_attr("config_key", key)

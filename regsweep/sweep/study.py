@@ -282,20 +282,33 @@ def study_settings(settings: SweepSettings) -> dict[str, str]:
     return {k: str(v) for k, v in deciding_settings(settings).items() if k not in ("l1", "l2", "seed")}
 
 
-def load_study(settings: SweepSettings, tracking_uri: str | None = None, worker_index: int = 0) -> optuna.Study:
+def load_study(settings: SweepSettings, tracking_uri: str | None = None) -> optuna.Study:
     study = optuna.create_study(
         study_name=settings.study_name, storage=open_storage(settings, tracking_uri), load_if_exists=True,
         direction="maximize", pruner=make_pruner(settings.pruner, settings.base.epochs * settings.repeats))
-    # Seeded from --seed, per worker and per resume: the same seed in every worker, or again after a restart,
-    # would repeat the same random suggestions instead of exploring. (Modulo numpy's seed range, which --seed,
-    # a training seed, may exceed.)
-    seed = (settings.base.seed + 1000 * worker_index + len(study.trials)) % 2**32
-    study.sampler = make_sampler(settings.sampler, settings.space, seed)
+    study.sampler = make_sampler(settings.sampler, settings.space, sampler_seed(settings, len(study.trials)))
     if SETTINGS_ATTR not in study.user_attrs:  # its first start (or one from before the study kept them)
         study.set_user_attr(SETTINGS_ATTR, study_settings(settings))
     if study.metric_names != [OBJECTIVE_NAME]:
         study.set_metric_names([OBJECTIVE_NAME])
     return study
+
+
+def sampler_seed(settings: SweepSettings, trial_number: int) -> int:
+    """From --seed (modulo numpy's seed range, which --seed, a training seed, may exceed) and the trial's number."""
+    return (settings.base.seed + trial_number) % 2**32
+
+
+def seed_sampler(study: optuna.Study, settings: SweepSettings, trial: optuna.Trial) -> None:
+    """A sampler seeded for this trial, before it suggests anything (Optuna samples when a trial first suggests).
+
+    Seeded by the trial's number, which the storage hands out once: processes that join a study at the same
+    moment (the same command on several machines, --workers, or a resume) each see the same trials and would
+    otherwise draw the same suggestions and train them twice, and a restart would repeat the draws of the start
+    before it. One process alone draws the same suggestions from the same --seed. The grid sampler keeps its one
+    shuffle (make_sampler)."""
+    if settings.sampler != "grid":
+        study.sampler = make_sampler(settings.sampler, settings.space, sampler_seed(settings, trial.number))
 
 
 def check_resumable(settings: SweepSettings) -> optuna.Study | None:
