@@ -913,6 +913,32 @@ def test_the_ended_runs_of_a_failed_trial_are_tagged_fail_and_deleted_ones_are_l
     assert client.get_run(gone).data.tags["optuna.state"] == "COMPLETE"
 
 
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_signal_as_the_sweep_starts_ends_the_parent_run_killed_and_a_resume_runs_on(tracking_uri, tmp_path,
+                                                                                     signame):
+    """The signal arrives while the sweep starts (here: sent as it reconciles the stores, once its parent run is
+    RUNNING again). Before, the signal handlers came only after the start-up: SIGTERM killed the process on the
+    spot with no line, Ctrl-C left the parent run RUNNING too. Now the start-up is finished, then the parent run
+    ends KILLED with the reason and one line says so."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    script = signalled_on_call("regsweep.sweep.driver", "reconcile", signame)
+    args = [*SMALL, "--trials", "1", "--epochs", "1", "--storage", storage]
+    proc = subprocess.run([sys.executable, "-c", script, "optimize", *args], capture_output=True, text=True,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}, timeout=300)
+    assert proc.returncode == 128 + getattr(signal, signame), proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.startswith(("Error", "Traceback", "[W"))] == [
+        f"Error: interrupted: as the sweep started, before any trial trained; the parent run ended KILLED. Run again "
+        f"with: regsweep optimize {' '.join(args)}"], proc.stderr
+    (parent,), children = study_runs()
+    assert parent.info.status == "KILLED" and children == []
+    assert parent.data.tags["regsweep.stop_reason"].startswith("interrupted (Ctrl-C or SIGTERM) as the sweep started")
+    assert load(storage).trials == []
+    optimize(*args[len(SMALL):])
+    (parent,), children = study_runs()
+    assert parent.info.status == "FINISHED" and "regsweep.stop_reason" not in parent.data.tags
+    assert [c.info.status for c in children] == ["FINISHED"]
+
+
 def test_sigterm_while_the_study_is_finished_ends_the_parent_run_killed(tracking_uri, tmp_path):
     """The signal arrives after the trials, while the study's plots are drawn (here: sent by the sweep itself
     as it begins that): the parent run ends KILLED rather than being left RUNNING by a process killed on the
