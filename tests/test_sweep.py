@@ -322,6 +322,38 @@ def test_processes_that_join_a_study_at_once_draw_different_configurations(tmp_p
     assert [prepare_trial(settings("alone.db"), alone.ask())[0] for _ in range(6)] == drawn
 
 
+def test_a_configuration_is_retried_after_any_number_of_interruptions_but_not_after_its_worker_died_4_times(
+        tmp_path):
+    """MAX_RETRY bounds a configuration that kills its worker (out of memory, say), not the user's Ctrl-Cs: the
+    4th Ctrl-C during the same configuration dropped it, and the line said it was queued again."""
+    from regsweep.sweep.study import MAX_RETRY, queue_retry
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'optuna.db'}", direction="maximize")
+    on = {"l1_on": optuna.distributions.CategoricalDistribution([False, True])}
+
+    def attempt(kind: str | None) -> bool:
+        waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+        trial = study.ask() if waiting else study.ask(on)
+        if kind:
+            trial.set_user_attr("fail_kind", kind)
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return queue_retry(study, study.trials[trial.number])
+
+    assert all(attempt("interrupted") for _ in range(2 * MAX_RETRY))
+    assert all(attempt(None) for _ in range(MAX_RETRY))  # its worker died, 3 times: queued again each time
+    assert attempt("outage")
+    assert not attempt(None)  # a 4th death
+    assert {t.params["l1_on"] for t in study.trials} == {study.trials[0].params["l1_on"]}  # one configuration
+
+
+def test_a_dead_workers_line_says_whether_its_trial_is_queued_again():
+    from regsweep.sweep.driver import WorkerFailure
+
+    assert str(WorkerFailure([0, -9], [7, 8], {7})) == (
+        "worker 1 was killed by SIGKILL; trial 7, left running, is failed and queued again; trial 8, left running, "
+        "is failed, not queued again (its configuration's workers died 4 times)")
+
+
 def test_queued_trials_run_even_where_the_study_has_its_trials(tracking_uri, tmp_path):
     """A trial given with enqueue_trial after the study is done, and the retry a worker on another host queued
     before it was killed (its trial still RUNNING): each was asked for on purpose and trains, not a surplus."""

@@ -15,8 +15,9 @@ from ..tracking import signals_held, terminal_status, use_experiment
 from .objective import Objective, Surplus
 from .runs import STUDY_TAG, find_or_create_parent, finish_study
 from .stacked import run_stacked
-from .study import (FINISHED, StaleTrialHandler, SweepSettings, count_toward_trials, end_dead_run, has_waiting,
-                    load_study, reap_dead_local_trials, requeue_interrupted, storage_errors)
+from .study import (FINISHED, MAX_RETRY, StaleTrialHandler, SweepSettings, count_toward_trials, end_dead_run,
+                    has_waiting, load_study, reap_dead_local_trials, requeue_interrupted, retried_trials,
+                    storage_errors)
 
 # How a worker process tells the driver which store stopped answering.
 WORKER_EXIT = {TrackingOutage: EXIT_OUTAGE, StorageOutage: EXIT_OUTAGE + 1}
@@ -27,11 +28,14 @@ class WorkerFailure(Exception):
     left RUNNING is failed and queued again, and the sweep ends FAILED (crashed) or KILLED (signalled), to be
     resumed. (A worker that stopped on an error of its own has already failed its trial and printed why.)"""
 
-    def __init__(self, exitcodes: list[int | None], requeued: list[int]):
+    def __init__(self, exitcodes: list[int | None], reaped: list[int], retried: set[int]):
         self.killed = any(code is not None and code < 0 for code in exitcodes)
         dead = [f"worker {i} {describe_exit(code)}" for i, code in enumerate(exitcodes) if code != 0]
-        left = (f"; trial {', '.join(map(str, requeued))}, left running, is failed and queued again" if requeued
-                else "")
+        queued, dropped = [n for n in reaped if n in retried], [n for n in reaped if n not in retried]
+        left = "".join(f"; trial {', '.join(map(str, numbers))}, left running, is failed{outcome}"
+                       for numbers, outcome in ((queued, " and queued again"),
+                                                (dropped, f", not queued again (its configuration's workers died "
+                                                          f"{MAX_RETRY + 1} times)")) if numbers)
         super().__init__(", ".join(dead) + left)
 
 
@@ -214,9 +218,9 @@ def run_and_finish(settings: SweepSettings, study: optuna.Study, parent_run_id: 
                 proc.join()
             exitcodes = [proc.exitcode for proc in procs]
             raise_worker_outage(settings, tracking_uri, exitcodes)
-            requeued = reap_dead_local_trials(study, handler)  # a worker that crashed leaves its trial RUNNING
+            reaped = reap_dead_local_trials(study, handler)  # a worker that crashed leaves its trial RUNNING
             if any(exitcodes):
-                raise WorkerFailure(exitcodes, requeued)
+                raise WorkerFailure(exitcodes, reaped, retried_trials(study.get_trials(deepcopy=False)))
     except KeyboardInterrupt:
         status, interrupted = "KILLED", "interrupted (Ctrl-C or SIGTERM) while trials trained"
         stop_workers(procs)

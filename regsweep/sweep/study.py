@@ -29,7 +29,7 @@ from .space import SearchSpace, make_pruner, make_sampler
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 OBJECTIVE_NAME = "best_val_acc"  # how study plots and optuna-dashboard label the objective
-MAX_RETRY = 3  # times one configuration is queued again after interruptions, along one chain of retries
+MAX_RETRY = 3  # times one configuration is queued again after its worker died, along one chain of retries (deaths)
 # The `fail_kind` user attribute of a failed trial: "interrupted" (Ctrl-C, SIGTERM) and "outage" (a store
 # stopped answering) run again; "error" (an exception in training) does not, it would fail again.
 RETRIED_KINDS = ("interrupted", "outage")
@@ -151,9 +151,10 @@ def queue_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
     worker that queued its trial's retry and was killed before it could fail the trial leaves it RUNNING, and
     the next start fails it and comes here again."""
     history = [*trial.system_attrs.get("retry_history", []), trial.number]
-    if len(history) > MAX_RETRY:
+    trials = study.get_trials(deepcopy=False)
+    if any(trial.number in t.system_attrs.get("retry_history", ()) for t in trials):
         return False
-    if any(trial.number in t.system_attrs.get("retry_history", ()) for t in study.get_trials(deepcopy=False)):
+    if len(deaths(trials, history)) > MAX_RETRY:
         return False
     study.add_trial(optuna.trial.create_trial(
         state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
@@ -165,16 +166,29 @@ def queue_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
     return True
 
 
+def deaths(trials: list[optuna.trial.FrozenTrial], numbers: list[int]) -> list[int]:
+    """Those of the trials `numbers` whose worker died without a word (killed, crashed): what MAX_RETRY counts. A
+    configuration that kills its worker (out of memory, say) must not be retried for ever; a Ctrl-C, SIGTERM or
+    outage says nothing about the configuration."""
+    kinds = {t.number: t.user_attrs.get("fail_kind", "") for t in trials}
+    return [n for n in numbers if kinds.get(n) == ""]
+
+
+def retried_trials(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
+    """The numbers of the trials that have a retry queued (or run)."""
+    return {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+
+
 def requeue_interrupted(study: optuna.Study) -> list[int]:
     """Queue again every failed trial that was interrupted (or whose worker died without a word) and has
     no retry yet: the worker queues its own, but it may have been stopped before it could."""
     trials = study.get_trials(deepcopy=False)
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    retried = retried_trials(trials)
     queued = []
     for trial in trials:
         kind = trial.user_attrs.get("fail_kind")
-        died = kind is None and "fail_reason" not in trial.user_attrs
-        if trial.state == TrialState.FAIL and (kind in RETRIED_KINDS or died) and trial.number not in retried:
+        silent = kind is None and "fail_reason" not in trial.user_attrs  # its worker died without a word
+        if trial.state == TrialState.FAIL and (kind in RETRIED_KINDS or silent) and trial.number not in retried:
             if queue_retry(study, trial):
                 queued.append(trial.number)
     return queued
