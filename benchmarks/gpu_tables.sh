@@ -16,6 +16,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
+# The benchmarks run `python -m regsweep` from temporary folders: this checkout's package, installed or not.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 logs=${LOGS:-gpu-logs}
 py=${PYTHON:-python3}  # the interpreter that has torch with CUDA
 mkdir -p "$logs"
