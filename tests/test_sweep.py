@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -320,6 +321,13 @@ def test_processes_that_join_a_study_at_once_draw_different_configurations(tmp_p
     assert len({tuple(sorted(p.items())) for p in drawn}) == len(drawn), drawn
     alone = load_study(settings("alone.db"))
     assert [prepare_trial(settings("alone.db"), alone.ask())[0] for _ in range(6)] == drawn
+    # Machines that share a study may each give their own --seed: theirs must not be the same draws shifted.
+    seeds = [dataclasses.replace(settings("seeds.db"), base=together.base.replace(seed=seed)) for seed in (1, 2)]
+    studies, drawn = [load_study(seeds[0]), load_study(seeds[1])], []
+    for _ in range(4):
+        for study, own in zip(studies, seeds):
+            drawn.append(prepare_trial(own, study.ask())[0])
+    assert len({tuple(sorted(p.items())) for p in drawn}) == len(drawn), drawn
 
 
 def test_a_configuration_is_retried_after_any_number_of_interruptions_but_not_after_its_worker_died_4_times(

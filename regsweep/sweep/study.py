@@ -309,8 +309,11 @@ def load_study(settings: SweepSettings, tracking_uri: str | None = None) -> optu
 
 
 def sampler_seed(settings: SweepSettings, trial_number: int) -> int:
-    """From --seed (modulo numpy's seed range, which --seed, a training seed, may exceed) and the trial's number."""
-    return (settings.base.seed + trial_number) % 2**32
+    """From --seed and the trial's number, mixed (not added: trial n under --seed s would draw what trial n + 1
+    draws under s - 1, and machines sharing a study with their own --seed would train the same points)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([settings.base.seed % 2**32, trial_number]).generate_state(1)[0])
 
 
 def seed_sampler(study: optuna.Study, settings: SweepSettings, trial: optuna.Trial) -> None:
