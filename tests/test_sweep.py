@@ -631,10 +631,15 @@ def test_the_write_check_leaves_no_study_behind_and_says_nothing(tmp_path, caplo
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     monkeypatch.setattr(logging.getLogger("optuna"), "propagate", True)  # to caplog, as Optuna prints it
     caplog.set_level(logging.INFO)
-    check_writable(SweepSettings(base=TrainConfig(), space=SearchSpace(), trials=1, study_name="s", storage=storage,
-                                 experiment_name="e"))
+    settings = SweepSettings(base=TrainConfig(), space=SearchSpace(), trials=1, study_name="s", storage=storage,
+                             experiment_name="e")
+    check_writable(settings)
     assert optuna.get_all_study_names(storage) == []
     assert not [r for r in caplog.records if "write-check" in r.getMessage()]
+    # One left behind by a start killed between making and deleting it goes with the next check.
+    optuna.create_study(study_name="regsweep-write-check", storage=storage)
+    check_writable(settings)
+    assert optuna.get_all_study_names(storage) == []
 
 
 def test_resuming_a_study_elsewhere_than_its_parent_run_is_refused_before_any_run(tracking_uri, tmp_path):

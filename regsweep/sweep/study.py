@@ -369,11 +369,12 @@ def check_writable(settings: SweepSettings) -> optuna.storages.BaseStorage:
             study_id = storage.create_new_study([optuna.study.StudyDirection.MAXIMIZE], WRITE_CHECK_STUDY)
         except optuna.exceptions.DuplicatedStudyError:
             # The database took the write up to the name's uniqueness (it refuses a read-only or forbidden write
-            # before that): another start is checking at this moment, or one that could not delete the study
-            # left it behind.
-            return storage
+            # before that): another start is checking at this moment, or one that was killed before it could
+            # delete the study, or could not, left it behind. That one is deleted now where it can be.
+            study_id = None
         try:
-            storage.delete_study(study_id)
+            storage.delete_study(study_id if study_id is not None else storage.get_study_id_from_name(
+                WRITE_CHECK_STUDY))
         except Exception:  # noqa: BLE001 - a role that may write but not delete can still sweep
             pass  # (the study stays, empty, and the next start finds it there: one, whatever the starts)
         return storage
