@@ -384,7 +384,8 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
         from .outage import command_line
 
         # `when`: no trial was stopped (the signal was held until it was told, or until the study was finished)
-        what = (f"{exc.when}; the parent run ended {getattr(exc, 'parent_status', 'KILLED')}" if hasattr(exc, "when")
+        parent = getattr(exc, "parent_status", "KILLED")  # None: there was no parent run yet
+        what = (f"{exc.when}{f'; the parent run ended {parent}' if parent else ''}" if hasattr(exc, "when")
                 else "the runs in progress ended KILLED and their trials are queued again")
         raise Interrupted(f"interrupted: {what}. Run again with: {command_line()}",
                           getattr(exc, "signum", signal.SIGINT)) from None

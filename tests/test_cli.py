@@ -118,7 +118,7 @@ def test_a_signal_while_train_logs_its_model_waits_for_the_run_to_be_complete(tr
     (run,) = all_runs(tracking_uri)
     errors = [line for line in proc.stderr.splitlines() if line.startswith(("Error", "Traceback", "Aborted"))]
     assert errors == [f"Error: interrupted: run {run.info.run_id} ended FINISHED"], proc.stderr
-    assert "stopping once the runs in hand are ended" in proc.stderr  # said at once, not after the wait
+    assert "stopping once the work in hand is done" in proc.stderr  # said at once, not after the wait
     assert run.info.status == "FINISHED" and "regsweep.stop_reason" not in run.data.tags
     assert run.data.metrics["best_val_acc"] > 0
     assert MlflowClient(tracking_uri).search_logged_models(experiment_ids=[run.info.experiment_id])

@@ -984,6 +984,21 @@ def test_a_signal_as_the_sweep_starts_ends_the_parent_run_killed_and_a_resume_ru
     assert [c.info.status for c in children] == ["FINISHED"]
 
 
+def test_a_third_ctrl_c_before_the_sweep_has_a_parent_run_stops_at_once_and_says_so(tracking_uri, tmp_path):
+    """The first is held for the start-up, the second ignored, the third stops it on the spot: here before the
+    parent run was made, so the line speaks of no run."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    script = signalled_on_call("regsweep.sweep.driver", "find_or_create_parent", "SIGINT", times=3)
+    args = [*SMALL, "--trials", "1", "--epochs", "1", "--storage", storage]
+    proc = subprocess.run([sys.executable, "-c", script, "optimize", *args], capture_output=True, text=True,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}, timeout=300)
+    assert proc.returncode == 128 + signal.SIGINT, proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.startswith(("Error", "Traceback", "[W"))] == [
+        f"Error: interrupted: as the sweep started, before any trial trained. Run again with: regsweep optimize "
+        f"{' '.join(args)}"], proc.stderr
+    assert MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()]) == []
+
+
 def test_sigterm_while_the_study_is_finished_ends_the_parent_run_killed(tracking_uri, tmp_path):
     """The signal arrives after the trials, while the study's plots are drawn (here: sent by the sweep itself
     as it begins that): the parent run ends KILLED rather than being left RUNNING by a process killed on the

@@ -570,7 +570,7 @@ def test_a_signal_as_a_stack_completes_and_tells_its_trials_waits_until_every_re
                           capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
                           timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
-    assert "stopping once the runs in hand are ended" in proc.stderr
+    assert "stopping once the work in hand is done" in proc.stderr
     assert [t.state.name for t in load(storage).trials] == ["COMPLETE", "COMPLETE"]
     _, children = study_runs()
     assert [(c.info.status, c.data.tags["optuna.state"]) for c in children] == [("FINISHED", "COMPLETE")] * 2

@@ -184,13 +184,14 @@ def optimize(settings: SweepSettings) -> dict:
                 optuna.storages.fail_stale_trials(study)
                 reconcile(settings, study, experiment_id, tracking_uri)
         except KeyboardInterrupt as exc:  # held until the start-up was done (a third signal is not)
-            if parent_run_id is None:
+            exc.when = "as the sweep started, before any trial trained"
+            if parent_run_id is None:  # a third signal, before the parent run was found or made
+                exc.parent_status = None
                 raise
             with signals_held():
                 client.set_tag(parent_run_id, STOP_REASON_TAG,
                                "interrupted (Ctrl-C or SIGTERM) as the sweep started; resume with the same command")
                 client.set_terminated(parent_run_id, "KILLED")
-            exc.when = "as the sweep started, before any trial trained"
             raise
         summary = run_and_finish(settings, study, parent_run_id, experiment_id, tracking_uri, handler)
     return summary | {"parent_run_id": parent_run_id, "experiment_id": experiment_id}
