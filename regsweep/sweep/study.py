@@ -143,7 +143,7 @@ class Heartbeats:
 
 
 def queue_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
-    """Queue `trial`'s parameters again as a WAITING trial, unless its chain of retries is MAX_RETRY long.
+    """Queue `trial`'s parameters again as a WAITING trial, unless its chain of retries has seen MAX_RETRY deaths.
 
     Optuna's own convention (RetryHeartbeatStaleTrialCallback): the system attributes `failed_trial` (the
     first attempt) and `retry_history` (every earlier attempt), so Optuna's helpers read them. The retry
@@ -169,7 +169,8 @@ def queue_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
 def deaths(trials: list[optuna.trial.FrozenTrial], numbers: list[int]) -> list[int]:
     """Those of the trials `numbers` whose worker died without a word (killed, crashed): what MAX_RETRY counts. A
     configuration that kills its worker (out of memory, say) must not be retried for ever; a Ctrl-C, SIGTERM or
-    outage says nothing about the configuration."""
+    outage says nothing about the configuration. (An outage of the storage itself leaves no word either, and
+    counts: the worker could not record why it stopped.)"""
     kinds = {t.number: t.user_attrs.get("fail_kind", "") for t in trials}
     return [n for n in numbers if kinds.get(n) == ""]
 
