@@ -159,42 +159,49 @@ def optimize(settings: SweepSettings) -> dict:
     With workers > 1, each is a separate process (spawned, so each loads its data once and owns its torch
     threads: cores / workers). All share the study through its storage.
     """
-    client = MlflowClient()
     tracking_uri = mlflow.get_tracking_uri()
     # The sweep says what became of each trial itself (its runs' tags, the summary, one line on a stop); Optuna's
     # warnings would repeat a stopped or failed trial with a traceback, a Ctrl-C included.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    parent_run_id = None
     with terminal_status():  # SIGTERM, like Ctrl-C, ends the parent run KILLED, from start-up to the finished study
-        try:
-            # A signal during start-up waits for it (a second or two): cut short, it would leave the parent run
-            # RUNNING, a dead worker's trial half reconciled, or a new store's tables half made.
-            with storage_errors(settings.storage), tracking_watch(settings.tracking_timeout, tracking_uri), \
-                    signals_held():
-                experiment_id = use_experiment(settings.experiment_name)
-                study = load_study(settings, tracking_uri)
-                parent_run_id = find_or_create_parent(settings, study, experiment_id)
-                client.update_run(parent_run_id, status="RUNNING")
-                if STOP_REASON_TAG in client.get_run(parent_run_id).data.tags:  # an earlier start's: not now
-                    client.delete_tag(parent_run_id, STOP_REASON_TAG)
-                client.set_tag(parent_run_id, WORKER_TAG, worker_id())  # gone without ending it: the next command does
-                # Trials of workers that died since the last start: fail them, end their runs KILLED, queue retries.
-                handler = StaleTrialHandler(tracking_uri)
-                reap_dead_local_trials(study, handler, unclaimed_after=2 * settings.heartbeat)  # Optuna's grace
-                optuna.storages.fail_stale_trials(study)
-                reconcile(settings, study, experiment_id, tracking_uri)
-        except KeyboardInterrupt as exc:  # held until the start-up was done (a third signal is not)
-            exc.when = "as the sweep started, before any trial trained"
-            if parent_run_id is None:  # a third signal, before the parent run was found or made
-                exc.parent_status = None
-                raise
-            with signals_held():
-                client.set_tag(parent_run_id, STOP_REASON_TAG,
-                               "interrupted (Ctrl-C or SIGTERM) as the sweep started; resume with the same command")
-                client.set_terminated(parent_run_id, "KILLED")
-            raise
+        experiment_id, study, parent_run_id, handler = start(settings, tracking_uri)
         summary = run_and_finish(settings, study, parent_run_id, experiment_id, tracking_uri, handler)
     return summary | {"parent_run_id": parent_run_id, "experiment_id": experiment_id}
+
+
+def start(settings: SweepSettings, tracking_uri: str) -> tuple[str, optuna.Study, str, StaleTrialHandler]:
+    """Open both stores, find or make the parent run and set it RUNNING, and deal with what dead workers left.
+    Returns (experiment id, study, parent run id, the dead-worker handler).
+
+    A signal waits until this is done (a second or two): cut short, it would leave the parent run RUNNING, a dead
+    worker's trial half reconciled, or a new store's tables half made. Then the parent run ends KILLED."""
+    client, parent_run_id = MlflowClient(), None
+    try:
+        with storage_errors(settings.storage), tracking_watch(settings.tracking_timeout, tracking_uri), \
+                signals_held():
+            experiment_id = use_experiment(settings.experiment_name)
+            study = load_study(settings, tracking_uri)
+            parent_run_id = find_or_create_parent(settings, study, experiment_id)
+            client.update_run(parent_run_id, status="RUNNING")
+            if STOP_REASON_TAG in client.get_run(parent_run_id).data.tags:  # why an earlier start stopped: not now
+                client.delete_tag(parent_run_id, STOP_REASON_TAG)
+            client.set_tag(parent_run_id, WORKER_TAG, worker_id())  # gone without ending it: the next command does
+            # Trials of workers that died since the last start: fail them, end their runs KILLED, queue retries.
+            handler = StaleTrialHandler(tracking_uri)
+            reap_dead_local_trials(study, handler, unclaimed_after=2 * settings.heartbeat)  # Optuna's grace period
+            optuna.storages.fail_stale_trials(study)
+            reconcile(settings, study, experiment_id, tracking_uri)
+        return experiment_id, study, parent_run_id, handler
+    except KeyboardInterrupt as exc:  # held until the start-up was done (a third signal is not)
+        exc.when = "as the sweep started, before any trial trained"
+        if parent_run_id is None:  # a third signal, before the parent run was found or made
+            exc.parent_status = None
+            raise
+        with signals_held():
+            client.set_tag(parent_run_id, STOP_REASON_TAG,
+                           "interrupted (Ctrl-C or SIGTERM) as the sweep started; resume with the same command")
+            client.set_terminated(parent_run_id, "KILLED")
+        raise
 
 
 def run_and_finish(settings: SweepSettings, study: optuna.Study, parent_run_id: str, experiment_id: str,
