@@ -37,6 +37,24 @@ def without_credentials(url: str) -> str:
     return re.sub(r"//[^/@]*@", "//", url)
 
 
+# What a store raises where another process makes the same new database's tables at this moment: MLflow's and
+# Optuna's migrations take a new SQLite file table by table, and two at once trip over each other (the same
+# command started on two machines, or twice on one, against new stores).
+TABLES_BEING_MADE = ("already exists", "duplicate column name", "UNIQUE constraint failed: alembic_version")
+
+
+def while_tables_are_made(open_store, wait: float = 10.0):
+    """`open_store()`, tried again for up to `wait` seconds while another process makes the tables it opens."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return open_store()
+        except Exception as exc:
+            if time.monotonic() > deadline or not any(text in str(exc) for text in TABLES_BEING_MADE):
+                raise
+            time.sleep(0.5)
+
+
 class Outage(BaseException):
     """A store stopped answering. A BaseException, like KeyboardInterrupt: it stops the work in progress,
     and no `except Exception` in MLflow, Optuna or the training code may swallow it or fail a run over it."""

@@ -362,6 +362,31 @@ def test_a_dead_workers_line_says_whether_its_trial_is_queued_again():
         "is failed, not queued again (its configuration's workers died 4 times)")
 
 
+def test_the_same_command_started_twice_at_once_on_new_stores_trains_each_configuration_once(tracking_uri, tmp_path):
+    """As the same command starts on two machines, here on one, at the same moment, against new SQLite stores. The
+    second process failed at once: MLflow's and Optuna's migrations, each making the new file's tables, tripped
+    over each other ("table experiments already exists"). And the two drew the same configurations."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    start = time.time() + 20  # both past their imports: the stores are opened at the same moment
+    script = f"""if True:
+        import sys, time
+        import mlflow, optuna, torch
+        from regsweep.cli import cli
+        time.sleep(max(0.0, {start} - time.time()))
+        cli(sys.argv[1:])
+    """
+    args = [*SMALL, "--epochs", "1", "--trials", "4", "--pruner", "none", "--threads", "1", "--storage", storage]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    procs = [subprocess.Popen([sys.executable, "-c", script, "optimize", *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    trials = load(storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+    assert len({t.user_attrs["config_key"] for t in trials}) == 4
+    assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2
+
+
 def test_queued_trials_run_even_where_the_study_has_its_trials(tracking_uri, tmp_path):
     """A trial given with enqueue_trial after the study is done, and the retry a worker on another host queued
     before it was killed (its trial still RUNNING): each was asked for on purpose and trains, not a surplus."""

@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from ..config import ConfigError, TrainConfig
-from ..outage import STOP_REASON_TAG, TAG_LIMIT, StorageOutage, pid_alive, redact
+from ..outage import STOP_REASON_TAG, TAG_LIMIT, StorageOutage, pid_alive, redact, while_tables_are_made
 from .space import SearchSpace, make_pruner, make_sampler
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -365,7 +365,7 @@ def check_writable(settings: SweepSettings) -> optuna.storages.BaseStorage:
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line saying that the throwaway study was made
     try:
-        storage = open_storage(settings)  # an RDB storage creates its tables here, where it has none
+        storage = while_tables_are_made(lambda: open_storage(settings))  # an RDB storage makes its tables here
         try:
             study_id = storage.create_new_study([optuna.study.StudyDirection.MAXIMIZE], WRITE_CHECK_STUDY)
         except optuna.exceptions.DuplicatedStudyError:
