@@ -75,6 +75,15 @@ class Interrupted(click.ClickException):
         self.exit_code = 128 + signum
 
 
+def checks_interrupted() -> Interrupted:
+    """Ctrl-C while a command checks its input and stores: as any other stop, one line and exit 130 (not click's
+    "Aborted!" and 1). Nothing was started; SIGTERM, not yet turned into Ctrl-C there, ends the process as usual."""
+    import signal
+
+    return Interrupted("interrupted: while the input and the stores were checked, before any run was started",
+                       signal.SIGINT)
+
+
 class OutageStop(click.ClickException):
     """A store stopped answering mid-run: one line on stderr; exit code 75 (EX_TEMPFAIL): run it again."""
     exit_code = 75
@@ -222,6 +231,8 @@ def train_one(fields: dict, experiment_name: str | None, tracking_timeout: float
     except (UsageFailure, DataError, TrackingError) as exc:
         mark_project_run_failed(str(exc))
         raise UsageFailure(str(exc).removeprefix("Error: ")) from None
+    except KeyboardInterrupt:
+        raise checks_interrupted() from None
 
     import torch
 
@@ -358,6 +369,8 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
         raise UsageFailure(str(exc).removeprefix("Error: ")) from None
     except Exception as exc:  # noqa: BLE001 - e.g. SQLAlchemy errors for an unreachable database
         raise UsageFailure(f"cannot open Optuna storage: {str(exc).splitlines()[0]}") from None
+    except KeyboardInterrupt:
+        raise checks_interrupted() from None
 
     from .outage import Outage, mlflow_http_settings
 

@@ -142,6 +142,28 @@ def test_a_third_signal_while_train_logs_its_outcome_stops_it_at_once_and_the_ru
     assert not MlflowClient(tracking_uri).search_logged_models(experiment_ids=[run.info.experiment_id])
 
 
+@pytest.mark.parametrize("command,module,function", [("train", "regsweep.tracking", "check_experiment"),
+                                                     ("optimize", "regsweep.sweep", "check_parent")])
+def test_ctrl_c_while_a_command_checks_its_input_says_so_and_exits_130(tracking_uri, tmp_path, command, module,
+                                                                       function):
+    """Before anything is started, as after: one line and the exit status of a process ended by Ctrl-C, not
+    click's "Aborted!" and 1."""
+    import signal
+    import subprocess
+    import sys
+
+    script = signalled_on_call(module, function, "SIGINT")
+    args = [*tiny_args(), "--epochs", "1"] + (["--storage", f"sqlite:///{tmp_path / 'optuna.db'}"]
+                                              if command == "optimize" else [])
+    proc = subprocess.run([sys.executable, "-c", script, command, *args], capture_output=True, text=True,
+                          cwd=tmp_path, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}, timeout=300)
+    assert proc.returncode == 128 + signal.SIGINT, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith(("Error", "Traceback", "Aborted"))]
+    assert errors == ["Error: interrupted: while the input and the stores were checked, before any run was "
+                      "started"], proc.stderr
+    assert all_runs(tracking_uri) == []
+
+
 def test_unreachable_tracking_server_exits_2(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://user:secret@127.0.0.1:9")  # discard port: nothing listens
