@@ -319,13 +319,14 @@ def mlflow_run(cfg: TrainConfig, *, run_id: str | None = None, experiment_id: st
     FAILED (exception) or KILLED (Ctrl-C, SIGTERM). A run created elsewhere (a sweep's trial, under its
     parent) keeps the name and parent it was given."""
     with terminal_status():
-        # The worker tag goes on with the run itself: a run without it, left RUNNING by an outage in the next
-        # calls, could never be told apart from another machine's and ended (outage.end_orphaned_runs).
-        run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id,
-                               run_name=None if run_id else cfg.run_name, tags={WORKER_TAG: worker_id()})
-        run_id = run.info.run_id
-        status, note, end = RunStatus.FINISHED, None, True
+        status, note, end, started = RunStatus.FINISHED, None, True, None
         try:
+            with signals_held():  # a signal as the run is made waits for it: the run then ends KILLED below
+                # The worker tag goes on with the run itself: a run without it, left RUNNING by an outage in the
+                # next calls, could never be told apart from another machine's and ended (end_orphaned_runs).
+                run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id,
+                                       run_name=None if run_id else cfg.run_name, tags={WORKER_TAG: worker_id()})
+                started = run_id = run.info.run_id
             prepare_experiment(run.info.experiment_id)  # also the one `mlflow run` or the default chose
             tags = tags or {}
             # The device tags may come with `tags` (from a process that has the GPU open; looking its name up
@@ -344,18 +345,19 @@ def mlflow_run(cfg: TrainConfig, *, run_id: str | None = None, experiment_id: st
                 status, note = RunStatus.FINISHED, None
             else:
                 status, note = RunStatus.KILLED, (STOP_REASON_TAG, "interrupted (Ctrl-C or SIGTERM)")
-            exc.run_id, exc.run_status = run_id, RunStatus.to_string(status)  # for the command's one line
+            if started:  # for the command's one line
+                exc.run_id, exc.run_status = started, RunStatus.to_string(status)
             raise
         except BaseException as exc:
             status, note = RunStatus.FAILED, ("regsweep.error", f"{type(exc).__name__}: {exc}")
             raise
         finally:
-            if end:
+            if end and started:  # (not where making the run failed, or a third signal cut it short)
                 try:
                     with signals_held():  # a signal now finds the run ended, not half-way there
-                        end_active_run(run_id, RunStatus.to_string(status), note)
+                        end_active_run(started, RunStatus.to_string(status), note)
                 except KeyboardInterrupt as exc:
-                    exc.run_id, exc.run_status = run_id, RunStatus.to_string(status)
+                    exc.run_id, exc.run_status = started, RunStatus.to_string(status)
                     raise
 
 

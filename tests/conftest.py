@@ -51,19 +51,25 @@ def tiny_cfg() -> TrainConfig:
     return TrainConfig(**TINY)
 
 
-def signalled_on_call(module: str, function: str, signame: str, times: int = 1) -> str:
+def signalled_on_call(module: str, function: str, signame: str, times: int = 1, after: bool = False) -> str:
     """A `python -c` script that runs the regsweep CLI (its arguments: sys.argv[1:]) with `module.function`
-    made to send the process `signame` (`times` times) as it is called, and to go on once the handler has run:
-    a signal that arrives at exactly that moment, every time."""
+    made to send the process `signame` (`times` times) as it is called (`after`: once it has done its work, before
+    it returns), and to go on once the handler has run: a signal that arrives at exactly that moment, every time."""
     return f"""if True:
         import os, signal, sys, time
         import {module} as target
         original = target.{function}
-        def signalled(*args, **kwargs):
+        def signal_now():
             for _ in range({times}):
                 os.kill(os.getpid(), signal.{signame})
                 time.sleep(0.5)
-            return original(*args, **kwargs)
+        def signalled(*args, **kwargs):
+            if not {after}:
+                signal_now()
+            result = original(*args, **kwargs)
+            if {after}:
+                signal_now()
+            return result
         target.{function} = signalled
         from regsweep.cli import cli
         cli(sys.argv[1:])

@@ -124,6 +124,23 @@ def test_a_signal_while_train_logs_its_model_waits_for_the_run_to_be_complete(tr
     assert MlflowClient(tracking_uri).search_logged_models(experiment_ids=[run.info.experiment_id])
 
 
+def test_a_signal_as_train_makes_its_run_ends_that_run_killed(tracking_uri, tmp_path):
+    """Ctrl-C just as MLflow has made the run, before regsweep had it in hand: the run stayed RUNNING (until the
+    next command found its process gone) and the line said no run was started."""
+    import signal
+    import subprocess
+    import sys
+
+    script = signalled_on_call("mlflow", "start_run", "SIGINT", after=True)  # the real start_run, then the signal
+    proc = subprocess.run([sys.executable, "-c", script, "train", *tiny_args(), "--epochs", "1"], capture_output=True,
+                          text=True, cwd=tmp_path, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}, timeout=300)
+    assert proc.returncode == 128 + signal.SIGINT, proc.stderr
+    (run,) = all_runs(tracking_uri)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith(("Error", "Traceback", "Aborted"))]
+    assert errors == [f"Error: interrupted: run {run.info.run_id} ended KILLED"], proc.stderr
+    assert run.info.status == "KILLED" and run.data.tags["regsweep.stop_reason"] == "interrupted (Ctrl-C or SIGTERM)"
+
+
 def test_a_third_signal_while_train_logs_its_outcome_stops_it_at_once_and_the_run_ends_killed(tracking_uri,
                                                                                                 tmp_path):
     """Whoever insists: the first Ctrl-C is held, the second ignored, the third stops the logging where it is,
