@@ -326,7 +326,7 @@ def mlflow_run(cfg: TrainConfig, *, run_id: str | None = None, experiment_id: st
                 # next calls, could never be told apart from another machine's and ended (end_orphaned_runs).
                 run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id,
                                        run_name=None if run_id else cfg.run_name, tags={WORKER_TAG: worker_id()})
-                started = run_id = run.info.run_id
+                started = run.info.run_id
             prepare_experiment(run.info.experiment_id)  # also the one `mlflow run` or the default chose
             tags = tags or {}
             # The device tags may come with `tags` (from a process that has the GPU open; looking its name up
