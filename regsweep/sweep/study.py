@@ -301,7 +301,8 @@ def load_study(settings: SweepSettings, tracking_uri: str | None = None) -> optu
     study = optuna.create_study(
         study_name=settings.study_name, storage=open_storage(settings, tracking_uri), load_if_exists=True,
         direction="maximize", pruner=make_pruner(settings.pruner, settings.base.epochs * settings.repeats))
-    study.sampler = make_sampler(settings.sampler, settings.space, sampler_seed(settings, len(study.trials)))
+    # Unseeded: TPE and random draw from the sampler seed_sampler makes for each trial; the grid keeps its own.
+    study.sampler = make_sampler(settings.sampler, settings.space, None)
     if SETTINGS_ATTR not in study.user_attrs:  # its first start (or one from before the study kept them)
         study.set_user_attr(SETTINGS_ATTR, study_settings(settings))
     if study.metric_names != [OBJECTIVE_NAME]:
