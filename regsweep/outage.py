@@ -55,6 +55,16 @@ def while_tables_are_made(open_store, wait: float = 10.0):
             time.sleep(0.5)
 
 
+def tag_run(client, run_id: str, tags: dict[str, str]) -> None:
+    """Set `tags` on a run that another process may tag at the same moment: a sweep's parent run, which every
+    command on the study starts and ends, or a dead worker's run that two commands find at once. MLflow's
+    `set_tag` reads, then inserts, and the slower of two new writes of one key fails on the tags table's unique
+    key ("UNIQUE constraint failed: tags.key, tags.run_uuid"); `log_batch` tries such a write again."""
+    from mlflow.entities import RunTag
+
+    client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+
+
 class Outage(BaseException):
     """A store stopped answering. A BaseException, like KeyboardInterrupt: it stops the work in progress,
     and no `except Exception` in MLflow, Optuna or the training code may swallow it or fail a run over it."""
@@ -239,10 +249,9 @@ def end_orphaned_runs(experiment_id: str, tracking_uri: str | None = None) -> li
         run_host, _, pid = worker.rpartition(":")
         if run_host != host or not pid.isdigit() or pid_alive(int(pid)):
             continue
-        client.set_tag(run.info.run_id, STOP_REASON_TAG,
-                       f"its process ({worker}) ended while the run was RUNNING, without ending it (killed "
-                       "outright, or stopped while the tracking store was unreachable); ended KILLED by the next "
-                       "regsweep command")
+        tag_run(client, run.info.run_id, {STOP_REASON_TAG: (
+            f"its process ({worker}) ended while the run was RUNNING, without ending it (killed outright, or "
+            "stopped while the tracking store was unreachable); ended KILLED by the next regsweep command")})
         client.set_terminated(run.info.run_id, "KILLED")
         ended.append(run.info.run_id)
     return ended

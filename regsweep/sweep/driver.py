@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from ..outage import (EXIT_OUTAGE, STOP_REASON_TAG, TAG_LIMIT, WORKER_TAG, Outage, StorageOutage, TrackingOutage,
-                      end_orphaned_runs, redact, tracking_watch, when_parent_gone, worker_id)
+                      end_orphaned_runs, redact, tag_run, tracking_watch, when_parent_gone, worker_id)
 from ..tracking import signals_held, terminal_status, use_experiment
 from .objective import Objective, Surplus
 from .runs import STUDY_TAG, find_or_create_parent, finish_study
@@ -148,9 +148,8 @@ def retag_ended_runs(client: MlflowClient, experiment_id: str, trials: list[optu
                                       "attributes.status != 'RUNNING' and tags.`optuna.state` != 'FAIL'"):
             trial = failed[run.info.run_id]
             why = trial.user_attrs.get("fail_reason") or "its worker stopped before the study was told"
-            client.set_tag(run.info.run_id, "optuna.state", "FAIL")
-            client.set_tag(run.info.run_id, STOP_REASON_TAG,
-                           f"trial {trial.number} ended FAIL after this run ended: {why}"[:TAG_LIMIT])
+            tag_run(client, run.info.run_id, {"optuna.state": "FAIL", STOP_REASON_TAG: (
+                f"trial {trial.number} ended FAIL after this run ended: {why}"[:TAG_LIMIT])})
 
 
 def optimize(settings: SweepSettings) -> dict:
@@ -184,8 +183,13 @@ def start(settings: SweepSettings, tracking_uri: str) -> tuple[str, optuna.Study
             parent_run_id = find_or_create_parent(settings, study, experiment_id)
             client.update_run(parent_run_id, status="RUNNING")
             if STOP_REASON_TAG in client.get_run(parent_run_id).data.tags:  # why an earlier start stopped: not now
-                client.delete_tag(parent_run_id, STOP_REASON_TAG)
-            client.set_tag(parent_run_id, WORKER_TAG, worker_id())  # gone without ending it: the next command does
+                try:
+                    client.delete_tag(parent_run_id, STOP_REASON_TAG)
+                except mlflow.exceptions.MlflowException as exc:  # another command, starting at this moment, did
+                    if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                        raise
+            # Gone without ending it, the next command does. Another command on the study may start at this moment.
+            tag_run(client, parent_run_id, {WORKER_TAG: worker_id()})
             # Trials of workers that died since the last start: fail them, end their runs KILLED, queue retries.
             handler = StaleTrialHandler(tracking_uri)
             reap_dead_local_trials(study, handler, unclaimed_after=2 * settings.heartbeat)  # Optuna's grace period
@@ -198,8 +202,8 @@ def start(settings: SweepSettings, tracking_uri: str) -> tuple[str, optuna.Study
             exc.parent_status = None
             raise
         with signals_held():
-            client.set_tag(parent_run_id, STOP_REASON_TAG,
-                           "interrupted (Ctrl-C or SIGTERM) as the sweep started; resume with the same command")
+            tag_run(client, parent_run_id, {
+                STOP_REASON_TAG: "interrupted (Ctrl-C or SIGTERM) as the sweep started; resume with the same command"})
             client.set_terminated(parent_run_id, "KILLED")
         raise
 
@@ -238,7 +242,7 @@ def run_and_finish(settings: SweepSettings, study: optuna.Study, parent_run_id: 
         raise
     except WorkerFailure as exc:
         status = "KILLED" if exc.killed else "FAILED"
-        client.set_tag(parent_run_id, STOP_REASON_TAG, f"{exc}; resume with the same command")
+        tag_run(client, parent_run_id, {STOP_REASON_TAG: f"{exc}; resume with the same command"})
         raise
     except BaseException:
         status = "FAILED"
@@ -264,8 +268,8 @@ def run_and_finish(settings: SweepSettings, study: optuna.Study, parent_run_id: 
                 try:
                     with signals_held():
                         if interrupted:
-                            client.set_tag(parent_run_id, STOP_REASON_TAG,
-                                           f"{interrupted}; resume with the same command")
+                            tag_run(client, parent_run_id,
+                                    {STOP_REASON_TAG: f"{interrupted}; resume with the same command"})
                         client.set_terminated(parent_run_id, status)
                 except KeyboardInterrupt as exc:  # held while the parent run ended: the sweep itself was done
                     if status == "FINISHED":
@@ -273,7 +277,7 @@ def run_and_finish(settings: SweepSettings, study: optuna.Study, parent_run_id: 
                     exc.parent_status = status
                     raise
         elif not outage.tracking:  # MLflow answers: say on the parent why the sweep stopped
-            client.set_tag(parent_run_id, STOP_REASON_TAG, f"{outage}; resume with the same command")
+            tag_run(client, parent_run_id, {STOP_REASON_TAG: f"{outage}; resume with the same command"})
             client.set_terminated(parent_run_id, status)
     return summary
 

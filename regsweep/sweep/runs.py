@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from ..config import TrainConfig, fmt_coef
-from ..outage import redact
+from ..outage import redact, tag_run
 from .space import effective_penalties
 from .study import SweepSettings
 
@@ -193,10 +193,8 @@ def finish_study(settings: SweepSettings, study: optuna.Study, parent_run_id: st
         client.log_metric(parent_run_id, "best_value", best.value)
         client.log_metric(parent_run_id, "best_l1", best_l1)
         client.log_metric(parent_run_id, "best_l2", best_l2)
-        client.set_tag(parent_run_id, "best_trial_number", str(best.number))
-        client.set_tag(parent_run_id, "best_params", json.dumps({"l1": best_l1, "l2": best_l2}))
-        if runs:
-            client.set_tag(parent_run_id, "best_run_id", runs[0])
+        best_tags = {"best_trial_number": str(best.number), "best_params": json.dumps({"l1": best_l1, "l2": best_l2})}
+        tag_run(client, parent_run_id, best_tags | ({"best_run_id": runs[0]} if runs else {}))
         summary |= {"best_value": best.value, "best_l1": best_l1, "best_l2": best_l2,
                     "best_trial": best.number, "best_run_id": runs[0] if runs else None}
     log_study_plots(study, parent_run_id)

@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from ..config import ConfigError, TrainConfig
-from ..outage import STOP_REASON_TAG, TAG_LIMIT, StorageOutage, pid_alive, redact, while_tables_are_made
+from ..outage import STOP_REASON_TAG, TAG_LIMIT, StorageOutage, pid_alive, redact, tag_run, while_tables_are_made
 from .space import SearchSpace, make_pruner, make_sampler
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -200,8 +200,7 @@ def end_dead_run(run_id: str, reason: str, tracking_uri: str | None = None, stat
     run = client.get_run(run_id)
     if RunStatus.is_terminated(RunStatus.from_string(run.info.status)):
         return False
-    client.set_tag(run_id, STOP_REASON_TAG, reason[:TAG_LIMIT])
-    client.set_tag(run_id, "optuna.state", state)
+    tag_run(client, run_id, {STOP_REASON_TAG: reason[:TAG_LIMIT], "optuna.state": state})
     client.set_terminated(run_id, "KILLED")
     return True
 
