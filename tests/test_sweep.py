@@ -367,18 +367,22 @@ def test_the_same_command_started_twice_at_once_on_new_stores_trains_each_config
     second process failed at once: MLflow's and Optuna's migrations, each making the new file's tables, tripped
     over each other ("table experiments already exists"). And the two drew the same configurations."""
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    start = time.time() + 20  # both past their imports: the stores are opened at the same moment
-    script = f"""if True:
-        import sys, time
+    script = """if True:
+        import sys
         import mlflow, optuna, torch
         from regsweep.cli import cli
-        time.sleep(max(0.0, {start} - time.time()))
+        print("ready", flush=True)
+        sys.stdin.readline()  # both past their imports: the stores are opened at the same moment
         cli(sys.argv[1:])
     """
     args = [*SMALL, "--epochs", "1", "--trials", "4", "--pruner", "none", "--threads", "1", "--storage", storage]
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
-    procs = [subprocess.Popen([sys.executable, "-c", script, "optimize", *args], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", script, "optimize", *args], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    assert [proc.stdout.readline() for proc in procs] == ["ready\n"] * 2
+    for proc in procs:
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
     outputs = [proc.communicate(timeout=300) for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], [err[-2000:] for _, err in outputs]
     trials = load(storage).trials
