@@ -43,8 +43,32 @@ def without_credentials(url: str) -> str:
 TABLES_BEING_MADE = ("already exists", "duplicate column name", "UNIQUE constraint failed: alembic_version")
 
 
+@contextmanager
+def sqlite_file_locked(url: str):
+    """For a `sqlite:` URL, hold an exclusive lock on its database file for the duration (made empty where it is
+    missing, as SQLite would make it): one process at a time makes a new file's tables. Two that do it at once
+    can leave it half made for good (MLflow's migrations copy tables through `_alembic_tmp_*` ones), which no
+    retry repairs. SQLite's own locks are not these (flock, not fcntl), so nothing else waits on them. Another URL,
+    or a file that cannot be opened (the store reports why), is left alone."""
+    import fcntl
+
+    path = url.removeprefix("sqlite:///").split("?")[0] if url.startswith("sqlite:///") else ""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644) if path else None
+    except OSError:
+        fd = None
+    try:
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
 def while_tables_are_made(open_store, wait: float = 10.0):
-    """`open_store()`, tried again for up to `wait` seconds while another process makes the tables it opens."""
+    """`open_store()`, tried again for up to `wait` seconds while another process makes the tables it opens
+    (a server's database; SQLite files are made under `sqlite_file_locked`)."""
     deadline = time.monotonic() + wait
     while True:
         try:

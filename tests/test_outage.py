@@ -201,3 +201,28 @@ def test_two_processes_tagging_the_same_new_runs_at_once_both_succeed(tracking_u
     errors = [proc.communicate(timeout=120)[1] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], [error[-1000:] for error in errors]
     assert {client.get_run(run_id).data.tags["regsweep.worker"] in ("0", "1") for run_id in run_ids} == {True}
+
+
+def test_two_processes_opening_one_new_sqlite_tracking_store_at_once_both_use_it(tmp_path):
+    """The same command started twice at the same moment on a new mlflow.db: MLflow's migrations, run by both,
+    failed one (or both) in 6 of 10 tries, and could leave the file half made (`_alembic_tmp_tags`), refused by
+    every later command. The first opening of a SQLite store now holds a lock on its file."""
+    import sqlite3
+
+    from .test_sweep import in_step
+
+    rounds = 5
+    script = f"""
+import mlflow
+from regsweep.tracking import check_tracking_uri
+for k in range({rounds}):
+    ready()
+    mlflow.set_tracking_uri(f"sqlite:///{{sys.argv[1]}}/mlflow-{{k}}.db")
+    check_tracking_uri()
+"""
+    in_step(script, str(tmp_path), rounds=rounds)
+    for k in range(rounds):
+        path = tmp_path / f"mlflow-{k}.db"
+        MlflowClient(f"sqlite:///{path}").search_experiments()  # opens: its tables are whole
+        with sqlite3.connect(path) as db:
+            assert not db.execute("select name from sqlite_master where name like '_alembic_tmp%'").fetchall()
