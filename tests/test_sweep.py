@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -389,6 +390,67 @@ def test_the_same_command_started_twice_at_once_on_new_stores_trains_each_config
     assert [t.state.name for t in trials] == ["COMPLETE"] * 4
     assert len({t.user_attrs["config_key"] for t in trials}) == 4
     assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2
+
+
+def in_step(script: str, *args: str, rounds: int, processes: int = 2) -> list[list[str]]:
+    """Run `script` in `processes` Python processes that do each of `rounds` steps at the same moment: each
+    calls `ready()` (given to it) before a step, which waits until all are ready. Returns each process's printed
+    lines other than those."""
+    preamble = "import sys\ndef ready():\n    print('ready', flush=True)\n    sys.stdin.readline()\n"
+    procs = [subprocess.Popen([sys.executable, "-c", preamble + script, *args], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(processes)]
+    printed = [[] for _ in procs]
+    try:
+        for _ in range(rounds):
+            for proc, lines in zip(procs, printed):
+                while (line := proc.stdout.readline()) not in ("ready\n", ""):
+                    lines.append(line.strip())
+            for proc in procs:
+                try:
+                    proc.stdin.write("go\n")
+                    proc.stdin.flush()
+                except BrokenPipeError:
+                    pass  # it ended: its exit code and stderr say why
+        outputs = [proc.communicate(timeout=120) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert [proc.returncode for proc in procs] == [0] * processes, [err[-1000:] for _, err in outputs]
+    return [lines + out.split() for lines, (out, _) in zip(printed, outputs)]
+
+
+def test_processes_asking_at_once_claim_a_queued_trial_once_and_fail_a_dead_one_once(tmp_path):
+    """Optuna reads a trial, then writes it, trusting a row lock that SQLite does not have: two processes asking
+    at the same moment both took the one queued retry (8 times in 20), and two starting after a worker died both
+    failed its trial and queued two retries (11 in 20). open_storage makes every SQLite transaction take the write
+    lock first."""
+    storage, rounds = f"sqlite:///{tmp_path / 'optuna.db'}", 6
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    for k in range(rounds):
+        study = optuna.create_study(study_name=f"queued-{k}", storage=storage)
+        study.enqueue_trial({"x": 1.0})
+        study = optuna.create_study(study_name=f"dead-{k}", storage=storage)
+        trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": dead.pid})
+    script = f"""
+import types, optuna
+from regsweep.sweep.study import StaleTrialHandler, open_storage, reap_dead_local_trials
+storage = open_storage(types.SimpleNamespace(storage=sys.argv[1], heartbeat=60))
+for k in range({rounds}):
+    study = optuna.load_study(study_name=f"queued-{{k}}", storage=storage)
+    ready()
+    print(study.ask().number, flush=True)
+for k in range({rounds}):
+    study = optuna.load_study(study_name=f"dead-{{k}}", storage=storage)
+    ready()
+    reap_dead_local_trials(study, StaleTrialHandler())
+"""
+    asked = in_step(script, storage, rounds=2 * rounds)
+    assert all(sorted(numbers) == ["0", "1"] for numbers in zip(*asked))  # the queued trial 0 once, then a new one
+    for k in range(rounds):
+        states = [t.state.name for t in load(storage, f"dead-{k}").trials]
+        assert states == ["FAIL", "WAITING"]  # failed once, one retry queued
 
 
 def test_queued_trials_run_even_where_the_study_has_its_trials(tracking_uri, tmp_path):

@@ -24,7 +24,8 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from ..config import ConfigError, TrainConfig
-from ..outage import STOP_REASON_TAG, TAG_LIMIT, StorageOutage, pid_alive, redact, tag_run, while_tables_are_made
+from ..outage import (STOP_REASON_TAG, TAG_LIMIT, StorageOutage, pid_alive, redact, sqlite_file_locked, tag_run,
+                      while_tables_are_made)
 from .space import SearchSpace, make_pruner, make_sampler
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -72,14 +73,38 @@ def open_storage(settings: SweepSettings, tracking_uri: str | None = None):
         raise ConfigError(f"--storage {url} keeps the study in memory: give a file, e.g. sqlite:///optuna.db")
     if url.startswith(("sqlite:", "postgresql", "mysql")):
         engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else {"pool_pre_ping": True}
-        return optuna.storages.RDBStorage(
+        storage = optuna.storages.RDBStorage(
             url, engine_kwargs=engine_kwargs, heartbeat_interval=settings.heartbeat,
             grace_period=2 * settings.heartbeat, heartbeat_stale_trial_callback=on_stale)
+        if url.startswith("sqlite:"):
+            transactions_take_the_write_lock(storage.engine)
+        return storage
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend
         return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
     raise ConfigError(f"unsupported --storage {redact(url)!r}: use sqlite:///FILE, postgresql://..., "
                       "or journal:FILE")
+
+
+def transactions_take_the_write_lock(engine) -> None:
+    """Begin each transaction of a SQLite engine with BEGIN IMMEDIATE (SQLAlchemy's recipe for pysqlite).
+
+    Optuna reads a row, then writes it, trusting SELECT ... FOR UPDATE to keep another process out in between:
+    claiming a queued trial as it asks, failing a dead worker's trial. SQLite has no row locks, and Python's
+    driver begins no transaction before a SELECT, so two processes both read WAITING and both claimed one
+    retry (8 times in 20), or both failed one dead trial and queued two retries. Under the write lock from the
+    first statement, the second reads what the first wrote. SQLite takes one writer at a time anyway."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def driver_begins_nothing(dbapi_connection, connection_record):
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def begin_immediate(connection):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # the connections made while the storage opened began their own way
 
 
 class StaleTrialHandler:
@@ -365,7 +390,8 @@ def check_writable(settings: SweepSettings) -> optuna.storages.BaseStorage:
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line saying that the throwaway study was made
     try:
-        storage = while_tables_are_made(lambda: open_storage(settings))  # an RDB storage makes its tables here
+        with sqlite_file_locked(settings.storage):  # an RDB storage makes its tables here, one process at a time
+            storage = while_tables_are_made(lambda: open_storage(settings))
         try:
             study_id = storage.create_new_study([optuna.study.StudyDirection.MAXIMIZE], WRITE_CHECK_STUDY)
         except optuna.exceptions.DuplicatedStudyError:
