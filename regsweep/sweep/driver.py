@@ -114,8 +114,10 @@ def reconcile(settings: SweepSettings, study: optuna.Study, experiment_id: str, 
     trial that was interrupted and has no retry yet is queued again.
     Trials of dead workers must have been failed first (reap_dead_local_trials, fail_stale_trials)."""
     client = MlflowClient(tracking_uri)
+    running = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=5000)
+    # The trials after the runs: a trial another process asks in between, with its run, is then in the study.
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
-    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=5000):
+    for run in running:
         tags = run.data.tags
         if tags.get(STUDY_TAG) != settings.study_name or tags.get("regsweep.kind") == "study":
             continue

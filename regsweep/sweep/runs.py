@@ -85,6 +85,7 @@ def find_or_create_parent(settings: SweepSettings, study: optuna.Study, experime
         if all(r.data.tags.get(k) == tags[k] for k in (STUDY_TAG, "optuna.storage"))]
     winner = min([run, *rivals], key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
     if winner != run.info.run_id:
+        client.set_terminated(run.info.run_id, "KILLED")  # not RUNNING among the deleted runs
         client.delete_run(run.info.run_id)
     study.set_user_attr("mlflow_parent_run_id", winner)
     return winner

@@ -400,8 +400,10 @@ def check_writable(settings: SweepSettings) -> optuna.storages.BaseStorage:
             # delete the study, or could not, left it behind. That one is deleted now where it can be.
             study_id = None
         try:
-            storage.delete_study(study_id if study_id is not None else storage.get_study_id_from_name(
-                WRITE_CHECK_STUDY))
+            with warnings.catch_warnings():  # SQLAlchemy's, where another start deleted it a moment before
+                warnings.simplefilter("ignore")
+                storage.delete_study(study_id if study_id is not None else storage.get_study_id_from_name(
+                    WRITE_CHECK_STUDY))
         except Exception:  # noqa: BLE001 - a role that may write but not delete can still sweep
             pass  # (the study stays, empty, and the next start finds it there: one, whatever the starts)
         return storage
