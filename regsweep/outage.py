@@ -37,12 +37,6 @@ def without_credentials(url: str) -> str:
     return re.sub(r"//[^/@]*@", "//", url)
 
 
-# What a store raises where another process makes the same new database's tables at this moment: MLflow's and
-# Optuna's migrations take a new SQLite file table by table, and two at once trip over each other (the same
-# command started on two machines, or twice on one, against new stores).
-TABLES_BEING_MADE = ("already exists", "duplicate column name", "UNIQUE constraint failed: alembic_version")
-
-
 @contextmanager
 def sqlite_file_locked(url: str):
     """For a `sqlite:` URL, hold an exclusive lock on its database file for the duration (made empty where it is
@@ -64,19 +58,6 @@ def sqlite_file_locked(url: str):
     finally:
         if fd is not None:
             os.close(fd)  # releases the lock
-
-
-def while_tables_are_made(open_store, wait: float = 10.0):
-    """`open_store()`, tried again for up to `wait` seconds while another process makes the tables it opens
-    (a server's database; SQLite files are made under `sqlite_file_locked`)."""
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            return open_store()
-        except Exception as exc:
-            if time.monotonic() > deadline or not any(text in str(exc) for text in TABLES_BEING_MADE):
-                raise
-            time.sleep(0.5)
 
 
 def tag_run(client, run_id: str, tags: dict[str, str]) -> None:

@@ -33,7 +33,7 @@ from .config import TrainConfig
 from .data import MnistSplits
 from .models import count_parameters
 from .outage import (STOP_REASON_TAG, TAG_LIMIT, WORKER_TAG, Outage, health, is_http, redact, sqlite_file_locked,
-                     while_tables_are_made, without_credentials, worker_id)
+                     without_credentials, worker_id)
 from .regularization import weight_layers
 from .training import FitResult, confusion_matrix, fit, new_model, per_class_metrics
 
@@ -62,7 +62,7 @@ def check_tracking_uri() -> str:
         return uri
     try:
         with sqlite_file_locked(uri):  # a new file's tables are made here, by one process at a time
-            while_tables_are_made(lambda: MlflowClient(uri).search_experiments(max_results=1))
+            MlflowClient(uri).search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - any failure here means "cannot track", reported in one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TrackingError(f"cannot use MLflow tracking URI {redact(uri)!r}: {redact(first)}") from None
