@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,3 +76,31 @@ def signalled_on_call(module: str, function: str, signame: str, times: int = 1, 
         from regsweep.cli import cli
         cli(sys.argv[1:])
     """
+
+
+def in_step(script: str, *args: str, rounds: int, processes: int = 2, env: dict | None = None) -> list[list[str]]:
+    """Run `script` in `processes` Python processes that do each of `rounds` steps at the same moment: each
+    calls `ready()` (given to it) before a step, which waits until all are ready. Returns each process's printed
+    lines other than those."""
+    preamble = "import sys\ndef ready():\n    print('ready', flush=True)\n    sys.stdin.readline()\n"
+    procs = [subprocess.Popen([sys.executable, "-c", preamble + script, *args], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(processes)]
+    printed = [[] for _ in procs]
+    try:
+        for _ in range(rounds):
+            for proc, lines in zip(procs, printed):
+                while (line := proc.stdout.readline()) not in ("ready\n", ""):
+                    lines.append(line.strip())
+            for proc in procs:
+                try:
+                    proc.stdin.write("go\n")
+                    proc.stdin.flush()
+                except BrokenPipeError:
+                    pass  # it ended: its exit code and stderr say why
+        outputs = [proc.communicate(timeout=120) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert [proc.returncode for proc in procs] == [0] * processes, [err[-1000:] for _, err in outputs]
+    return [lines + [line.strip() for line in out.splitlines()] for lines, (out, _) in zip(printed, outputs)]

@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from regsweep.cli import cli
 from regsweep.outage import EXIT_OUTAGE
 
+from .conftest import in_step
 from .servers import MlflowServer
 from .test_sweep import SLOW_EPOCHS, SMALL
 
@@ -181,26 +182,19 @@ def test_two_processes_tagging_the_same_new_runs_at_once_both_succeed(tracking_u
     client = MlflowClient()
     experiment_id = client.create_experiment("race")
     run_ids = [client.create_run(experiment_id).info.run_id for _ in range(20)]
-    script = f"""if True:
-        import sys
-        from mlflow.tracking import MlflowClient
-        from regsweep.outage import tag_run
-        client = MlflowClient()
-        print("ready", flush=True)
-        sys.stdin.readline()  # both past their imports: they tag the same runs at the same moment
-        for run_id in {run_ids!r}:
-            tag_run(client, run_id, {{"regsweep.worker": sys.argv[1]}})
-    """
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(k)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for k in range(2)]
-    assert [proc.stdout.readline() for proc in procs] == ["ready\n"] * 2
-    for proc in procs:
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-    errors = [proc.communicate(timeout=120)[1] for proc in procs]
-    assert [proc.returncode for proc in procs] == [0, 0], [error[-1000:] for error in errors]
-    assert {client.get_run(run_id).data.tags["regsweep.worker"] in ("0", "1") for run_id in run_ids} == {True}
+    script = f"""
+import os
+from mlflow.tracking import MlflowClient
+from regsweep.outage import tag_run
+client = MlflowClient()
+print(os.getpid())
+ready()  # both past their imports: they tag the same runs at the same moment
+for run_id in {run_ids!r}:
+    tag_run(client, run_id, {{"regsweep.worker": str(os.getpid())}})
+"""
+    pids = {lines[0] for lines in in_step(script, rounds=1, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri})}
+    assert len(pids) == 2
+    assert {client.get_run(run_id).data.tags["regsweep.worker"] in pids for run_id in run_ids} == {True}
 
 
 def test_two_processes_opening_one_new_sqlite_tracking_store_at_once_both_use_it(tmp_path):
@@ -208,8 +202,6 @@ def test_two_processes_opening_one_new_sqlite_tracking_store_at_once_both_use_it
     failed one (or both) in 6 of 10 tries, and could leave the file half made (`_alembic_tmp_tags`), refused by
     every later command. The first opening of a SQLite store now holds a lock on its file."""
     import sqlite3
-
-    from .test_sweep import in_step
 
     rounds = 5
     script = f"""

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from regsweep.cli import cli
 
-from .conftest import signalled_on_call
+from .conftest import in_step, signalled_on_call
 
 # 512 training images in batches of 32 (16 steps an epoch), 256 validation/test images, eager.
 SMALL = ["--max-train-samples", "512", "--max-eval-samples", "256", "--batch-size", "32", "--compile", "false",
@@ -368,55 +368,18 @@ def test_the_same_command_started_twice_at_once_on_new_stores_trains_each_config
     second process failed at once: MLflow's and Optuna's migrations, each making the new file's tables, tripped
     over each other ("table experiments already exists"). And the two drew the same configurations."""
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    script = """if True:
-        import sys
-        import mlflow, optuna, torch
-        from regsweep.cli import cli
-        print("ready", flush=True)
-        sys.stdin.readline()  # both past their imports: the stores are opened at the same moment
-        cli(sys.argv[1:])
-    """
+    script = """
+import mlflow, optuna, torch
+from regsweep.cli import cli
+ready()  # both past their imports: the stores are opened at the same moment
+cli(sys.argv[1:])
+"""
     args = [*SMALL, "--epochs", "1", "--trials", "4", "--pruner", "none", "--threads", "1", "--storage", storage]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
-    procs = [subprocess.Popen([sys.executable, "-c", script, "optimize", *args], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
-    assert [proc.stdout.readline() for proc in procs] == ["ready\n"] * 2
-    for proc in procs:
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-    outputs = [proc.communicate(timeout=300) for proc in procs]
-    assert [proc.returncode for proc in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    in_step(script, "optimize", *args, rounds=1, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri})
     trials = load(storage).trials
     assert [t.state.name for t in trials] == ["COMPLETE"] * 4
     assert len({t.user_attrs["config_key"] for t in trials}) == 4
     assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2
-
-
-def in_step(script: str, *args: str, rounds: int, processes: int = 2) -> list[list[str]]:
-    """Run `script` in `processes` Python processes that do each of `rounds` steps at the same moment: each
-    calls `ready()` (given to it) before a step, which waits until all are ready. Returns each process's printed
-    lines other than those."""
-    preamble = "import sys\ndef ready():\n    print('ready', flush=True)\n    sys.stdin.readline()\n"
-    procs = [subprocess.Popen([sys.executable, "-c", preamble + script, *args], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(processes)]
-    printed = [[] for _ in procs]
-    try:
-        for _ in range(rounds):
-            for proc, lines in zip(procs, printed):
-                while (line := proc.stdout.readline()) not in ("ready\n", ""):
-                    lines.append(line.strip())
-            for proc in procs:
-                try:
-                    proc.stdin.write("go\n")
-                    proc.stdin.flush()
-                except BrokenPipeError:
-                    pass  # it ended: its exit code and stderr say why
-        outputs = [proc.communicate(timeout=120) for proc in procs]
-    finally:
-        for proc in procs:
-            proc.kill()
-    assert [proc.returncode for proc in procs] == [0] * processes, [err[-1000:] for _, err in outputs]
-    return [lines + out.split() for lines, (out, _) in zip(printed, outputs)]
 
 
 def test_processes_asking_at_once_claim_a_queued_trial_once_and_fail_a_dead_one_once(tmp_path):
