@@ -199,8 +199,9 @@ for run_id in {run_ids!r}:
 
 def test_two_processes_opening_one_new_sqlite_tracking_store_at_once_both_use_it(tmp_path):
     """The same command started twice at the same moment on a new mlflow.db: MLflow's migrations, run by both,
-    failed one (or both) in 6 of 10 tries, and could leave the file half made (`_alembic_tmp_tags`), refused by
-    every later command. The first opening of a SQLite store now holds a lock on its file."""
+    failed one or both (this test, 1 run of 2 without the lock), and could leave the file half made
+    (`_alembic_tmp_tags`), refused by every later command. The first opening of a SQLite store now holds a lock
+    on its file."""
     import sqlite3
 
     rounds = 5

@@ -91,7 +91,7 @@ def transactions_take_the_write_lock(engine) -> None:
     Optuna reads a row, then writes it, trusting SELECT ... FOR UPDATE to keep another process out in between:
     claiming a queued trial as it asks, failing a dead worker's trial. SQLite has no row locks, and Python's
     driver begins no transaction before a SELECT, so two processes both read WAITING and both claimed one
-    retry (8 times in 20), or both failed one dead trial and queued two retries. Under the write lock from the
+    retry, or both failed one dead trial and queued two retries. Under the write lock from the
     first statement, the second reads what the first wrote. SQLite takes one writer at a time anyway."""
     from sqlalchemy import event
 
