@@ -416,6 +416,43 @@ for k in range({rounds}):
         assert states == ["FAIL", "WAITING"]  # failed once, one retry queued
 
 
+def test_processes_finishing_a_study_at_once_leave_its_trials_table_whole(tracking_uri, tmp_path):
+    """Every command that ends a sweep rewrites the study's trials table on the parent run, and two may end at
+    the same moment. The table was made by the first to finish: two that both found it missing both made it, and
+    MLflow's log_table appended the second's rows to the first's, or raced on its tag."""
+    from regsweep.config import TrainConfig
+    from regsweep.sweep.runs import TRIALS_TABLE, find_or_create_parent
+    from regsweep.sweep.space import SearchSpace
+    from regsweep.sweep.study import SweepSettings
+
+    storage, rounds = f"sqlite:///{tmp_path / 'optuna.db'}", 8
+    client = MlflowClient()
+    experiment_id = client.create_experiment("finish")
+    parents = []
+    for k in range(rounds):
+        settings = SweepSettings(base=TrainConfig(), space=SearchSpace(), trials=3, study_name=f"finish-{k}",
+                                 storage=storage, experiment_name="finish")
+        study = optuna.create_study(study_name=settings.study_name, storage=storage, direction="maximize")
+        parents.append(find_or_create_parent(settings, study, experiment_id))
+        for value in (0.9, 0.8, 0.7):
+            study.add_trial(optuna.trial.create_trial(params={"l1": value / 1000}, value=value, distributions={
+                "l1": optuna.distributions.FloatDistribution(0, 1)}))
+    script = f"""
+import optuna
+from mlflow.tracking import MlflowClient
+from regsweep.sweep.runs import log_trials_table
+client = MlflowClient()
+for k, parent in enumerate({parents!r}):
+    study = optuna.load_study(study_name=f"finish-{{k}}", storage=sys.argv[1])
+    ready()
+    log_trials_table(client, study, parent)
+"""
+    in_step(script, storage, rounds=rounds, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri})
+    for parent in parents:
+        assert len(client.load_table(client.get_run(parent).info.experiment_id, TRIALS_TABLE, [parent])) == 3
+        assert client.get_run(parent).data.tags["mlflow.loggedArtifacts"].count(TRIALS_TABLE) == 1
+
+
 def test_queued_trials_run_even_where_the_study_has_its_trials(tracking_uri, tmp_path):
     """A trial given with enqueue_trial after the study is done, and the retry a worker on another host queued
     before it was killed (its trial still RUNNING): each was asked for on purpose and trains, not a surplus."""

@@ -20,6 +20,7 @@ from .space import effective_penalties
 from .study import SweepSettings
 
 STUDY_TAG = "regsweep.study"
+TRIALS_TABLE = "study/trials.json"  # the study's trials, on its parent run, as an MLflow table
 RACE_WINDOW_MS = 60_000  # commands racing to create a study's parent run start within this of each other
 
 
@@ -74,6 +75,9 @@ def find_or_create_parent(settings: SweepSettings, study: optuna.Study, experime
     # The settings every trial shares, as params; the trial count is a tag because a rerun may raise it.
     fixed = {k: v for k, v in settings.base.as_params().items() if k not in ("l1", "l2")}
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in fixed.items()])
+    # The trials table is made here, by the one process that made the run, and only rewritten after: made by the
+    # first command to end the sweep, two ending at once both made it (log_table appends: doubled rows).
+    client.log_table(run.info.run_id, trials_table(study), TRIALS_TABLE)
     # Commands started on the same study at the same moment (several hosts) each got here. The user attribute
     # cannot settle it (the last write wins), so every one keeps the earliest parent: whichever created its
     # run later sees the earlier one, so they all agree (as long as the hosts' clocks agree more closely than
@@ -235,15 +239,24 @@ def log_study_plots(study: optuna.Study, parent_run_id: str) -> None:
     finally:
         optuna.logging.set_verbosity(verbosity)
     client.log_dict(parent_run_id, {"skipped_plots": skipped}, "study/skipped_plots.json")
+    log_trials_table(client, study, parent_run_id)
+
+
+def trials_table(study: optuna.Study):
+    """One row per trial: its number, state, value, penalties, epochs reported and MLflow runs."""
+    import pandas as pd
+
     rows = [{"number": t.number, "state": t.state.name, "value": t.value, "l1": effective_penalties(t)[0],
              "l2": effective_penalties(t)[1], "epochs": len(t.intermediate_values),
              "run_ids": ",".join(t.user_attrs.get("mlflow_run_ids", []))} for t in study.trials]
-    import pandas as pd
+    return pd.DataFrame(rows, columns=["number", "state", "value", "l1", "l2", "epochs", "run_ids"])
 
-    table, path = pd.DataFrame(rows), "study/trials.json"
-    if any(a.path == path for a in client.list_artifacts(parent_run_id, "study")):
+
+def log_trials_table(client: MlflowClient, study: optuna.Study, parent_run_id: str) -> None:
+    table = trials_table(study)
+    if any(a.path == TRIALS_TABLE for a in client.list_artifacts(parent_run_id, "study")):
         # log_table appends to a table the run has: each resume would list the earlier trials again. The file
         # is rewritten whole instead, in the format log_table writes (its first call marked it as a table).
-        client.log_dict(parent_run_id, json.loads(table.to_json(orient="split", index=False)), path)
-    else:
-        client.log_table(parent_run_id, table, path)
+        client.log_dict(parent_run_id, json.loads(table.to_json(orient="split", index=False)), TRIALS_TABLE)
+    else:  # a parent whose command stopped between making it and making its table
+        client.log_table(parent_run_id, table, TRIALS_TABLE)
