@@ -77,7 +77,10 @@ def find_or_create_parent(settings: SweepSettings, study: optuna.Study, experime
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in fixed.items()])
     # The trials table is made here, by the one process that made the run, and only rewritten after: made by the
     # first command to end the sweep, two ending at once both made it (log_table appends: doubled rows).
-    client.log_table(run.info.run_id, trials_table(study), TRIALS_TABLE)
+    try:
+        client.log_table(run.info.run_id, trials_table(study), TRIALS_TABLE)
+    except (OSError, mlflow.exceptions.MlflowException):
+        pass  # made at the end instead, where an artifact store that cannot be written fails the run it completes
     # Commands started on the same study at the same moment (several hosts) each got here. The user attribute
     # cannot settle it (the last write wins), so every one keeps the earliest parent: whichever created its
     # run later sees the earlier one, so they all agree (as long as the hosts' clocks agree more closely than
