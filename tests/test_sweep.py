@@ -1049,6 +1049,43 @@ def test_the_ended_runs_of_a_failed_trial_are_tagged_fail_and_deleted_ones_are_l
     assert client.get_run(gone).data.tags["optuna.state"] == "COMPLETE"
 
 
+def test_a_finished_trials_run_is_left_to_its_worker_while_that_may_still_end_it(tracking_uri, tmp_path):
+    """A stack with --repeats tells a trial before it ends the trial's run. Another command reconciling the study
+    in between (starting, or ending its own sweep) ended that run KILLED, saying its worker had stopped. It now
+    leaves it while the worker lives (this host) or for the heartbeat's grace period (another host)."""
+    import datetime
+
+    from regsweep.config import TrainConfig
+    from regsweep.sweep import SearchSpace, SweepSettings
+    from regsweep.sweep.driver import reconcile
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="regsweep", storage=storage, direction="maximize")
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    now, long_ago = datetime.datetime.now(), datetime.datetime.now() - datetime.timedelta(minutes=10)
+    workers = [(socket.gethostname(), alive.pid, now), ("elsewhere", 1, now), ("elsewhere", 1, long_ago)]
+    for host, pid, told in workers:
+        study.add_trial(optuna.trial.FrozenTrial(
+            number=0, trial_id=0, state=optuna.trial.TrialState.COMPLETE, value=0.9, values=None, params={},
+            distributions={}, user_attrs={"worker": {"host": host, "pid": pid}}, system_attrs={},
+            intermediate_values={}, datetime_start=told, datetime_complete=told))
+    client = MlflowClient()
+    experiment_id = client.create_experiment("regsweep")
+    runs = [client.create_run(experiment_id, tags={"regsweep.study": "regsweep", "optuna.trial_number": str(n)})
+            .info.run_id for n in range(len(workers))]
+    settings = SweepSettings(base=TrainConfig(), space=SearchSpace(), trials=3, study_name="regsweep",
+                             storage=storage, experiment_name="regsweep", heartbeat=60)
+    try:
+        reconcile(settings, load(storage), experiment_id, tracking_uri)
+        assert [client.get_run(r).info.status for r in runs] == ["RUNNING", "RUNNING", "KILLED"]
+    finally:
+        alive.kill()
+        alive.wait()
+    reconcile(settings, load(storage), experiment_id, tracking_uri)
+    assert [client.get_run(r).info.status for r in runs] == ["KILLED", "RUNNING", "KILLED"]
+    assert client.get_run(runs[0]).data.tags["regsweep.stop_reason"].startswith("trial 0 ended COMPLETE: its worker")
+
+
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
 def test_a_signal_as_the_sweep_starts_ends_the_parent_run_killed_and_a_resume_runs_on(tracking_uri, tmp_path,
                                                                                      signame):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 import os
+import socket
 
 import mlflow
 import optuna
@@ -10,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from ..outage import (EXIT_OUTAGE, STOP_REASON_TAG, TAG_LIMIT, WORKER_TAG, Outage, StorageOutage, TrackingOutage,
-                      end_orphaned_runs, redact, tag_run, tracking_watch, when_parent_gone, worker_id)
+                      end_orphaned_runs, pid_alive, redact, tag_run, tracking_watch, when_parent_gone, worker_id)
 from ..tracking import signals_held, terminal_status, use_experiment
 from .objective import Objective, Surplus
 from .runs import STUDY_TAG, find_or_create_parent, finish_study
@@ -125,6 +127,8 @@ def reconcile(settings: SweepSettings, study: optuna.Study, experiment_id: str, 
         trial = trials.get(int(number)) if number.isdigit() else None
         if trial is not None and trial.state == TrialState.RUNNING:
             continue  # its worker is alive (dead workers' trials were failed before this)
+        if trial is not None and trial.state in FINISHED and still_ending(trial, settings.heartbeat):
+            continue  # a stack tells a repeated trial before it ends the trial's run (stacked.tell_outcome)
         if trial is None:
             story = f"its trial {number or '?'} is not in the study"
         else:
@@ -135,6 +139,17 @@ def reconcile(settings: SweepSettings, study: optuna.Study, experiment_id: str, 
     retag_ended_runs(client, experiment_id, list(trials.values()))
     end_orphaned_runs(experiment_id, tracking_uri)
     requeue_interrupted(study)
+
+
+def still_ending(trial: optuna.trial.FrozenTrial, heartbeat: int) -> bool:
+    """Whether the worker of a finished trial may still be ending its runs: a live process on this host (not this
+    one, which is reconciling), or on another host a trial told within the heartbeat's grace period (2 x
+    --heartbeat, read against this host's clock, as reap_dead_local_trials does)."""
+    worker = trial.user_attrs.get("worker") or {}
+    if worker.get("host") == socket.gethostname():
+        return worker.get("pid") != os.getpid() and pid_alive(worker.get("pid", -1))
+    told = trial.datetime_complete or datetime.datetime.min
+    return (datetime.datetime.now() - told).total_seconds() < 2 * heartbeat
 
 
 def retag_ended_runs(client: MlflowClient, experiment_id: str, trials: list[optuna.trial.FrozenTrial]) -> None:
