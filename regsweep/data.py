@@ -2,7 +2,8 @@
 
 The four IDX files ship gzip-compressed in `data/mnist/` with their SHA-256 sums. They are checked, unpacked
 into torchvision's layout (`<data_dir>/MNIST/raw/`) and read by `torchvision.datasets.MNIST`, which downloads
-nothing when the files are there; later loads read its tensors back from `<data_dir>/MNIST/processed/`. Any
+nothing when the files are there; later loads read regsweep's own copy of the tensors
+(`<data_dir>/MNIST/processed/regsweep-tensors.pt`, load_raw). Any
 other `data_dir` goes through torchvision's own download path.
 """
 
@@ -86,7 +87,8 @@ def prepare_vendored(data_dir: Path) -> None:
             raise DataError(f"checksum mismatch for {gz}: the file is corrupted; restore it with "
                             f"`git checkout -- {gz}`")
         target = raw / name
-        # Unpack once; a size check catches a half-written file from an interrupted earlier unpack.
+        # Unpack once (again where the .gz is newer or the file is empty). Written aside and renamed, so that an
+        # interrupted unpack leaves no half-written file here.
         if not target.is_file() or target.stat().st_mtime < gz.stat().st_mtime or target.stat().st_size == 0:
             tmp = target.with_name(f"{target.name}.{os.getpid()}.partial")  # parallel workers may unpack too
             with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:

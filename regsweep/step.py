@@ -37,7 +37,8 @@ def as_loss_dtype(logits: torch.Tensor) -> torch.Tensor:
 
 def build_optimizer(cfg: TrainConfig, params, device: torch.device | None = None) -> torch.optim.Optimizer:
     """On CUDA the learning rate lives in a device tensor and the update is one fused kernel: a captured step
-    (CudaGraphStep) then reads the value the scheduler writes there before each replay."""
+    (CudaGraphStep) then reads the value the scheduler writes there before each replay. SGD is Nesterov's where
+    it has momentum (momentum 0 is plain SGD)."""
     if device is not None and device.type == "cuda":
         lr = torch.tensor(cfg.lr, device=device)
         if cfg.optimizer == "adam":
@@ -45,22 +46,22 @@ def build_optimizer(cfg: TrainConfig, params, device: torch.device | None = None
         return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, fused=True)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr)
-    # Nesterov needs momentum: momentum 0 is plain SGD.
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
 
 
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
     """Stepped once per batch, so every schedule is expressed in batches."""
     if cfg.scheduler == "onecycle":
-        # Momentum stays at cfg.momentum: cycling it would bake a different constant into every captured
-        # step (the fused kernels take momentum as a number), and a schedule must act the same on every device.
-        # A short warm-up (15 epochs leave little room). It ends at step pct_start * steps - 1, and OneCycleLR
+        total = cfg.epochs * steps_per_epoch
+        # A short warm-up (15 epochs leave little room). It ends at step pct_start * total - 1, and OneCycleLR
         # divides by that: at exactly 0 (5 steps in all) by zero. Runs that short get no warm-up, as runs of
         # fewer steps already do (theirs would end before step 0).
-        total = cfg.epochs * steps_per_epoch
-        return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, total_steps=total, pct_start=0.2 if total > 5 else 0.5 / total,
-            cycle_momentum=False)
+        pct_start = 0.2 if total > 5 else 0.5 / total
+        # cycle_momentum=False: momentum stays at cfg.momentum. Cycling it would bake a different constant into
+        # every captured step (the fused kernels take momentum as a number), and a schedule must act the same on
+        # every device.
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total,
+                                                   pct_start=pct_start, cycle_momentum=False)
     if cfg.scheduler == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size * steps_per_epoch, gamma=0.1)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)

@@ -404,8 +404,8 @@ def run_params(cfg: TrainConfig, data: MnistSplits, n_params: int) -> dict[str, 
 def log_config(cfg: TrainConfig, data: MnistSplits, n_params: int) -> None:
     params = run_params(cfg, data, n_params)
     # `mlflow run` has already logged the MLproject parameters as the user typed them (e.g. l1=1e-3);
-    # MLflow forbids changing a param, so only the ones it has not logged are added. (A sweep has logged them
-    # all, and the coefficients, when it created the run.)
+    # MLflow forbids changing a param, so only the ones it has not logged are added. (A stacked sweep has logged
+    # them all, and the coefficients, when it created the run: sweep/stacked.py open_runs.)
     logged = mlflow.get_run(mlflow.active_run().info.run_id).data
     mlflow.log_params({k: v for k, v in params.items() if k not in logged.params})
     if not coefficient_metrics(cfg).keys() <= logged.metrics.keys():

@@ -35,10 +35,10 @@ class FitResult:
     model: nn.Module  # holds the best-validation weights when fit returns
     history: list[dict[str, float]] = field(default_factory=list)  # one metrics dict per finished epoch
     summary: dict[str, float] = field(default_factory=dict)
-    stop_reason: str = ""  # why training ended before cfg.epochs (early stopping, pruning); empty if it did not
+    stop_reason: str = ""  # why training ended before cfg.epochs (early stopping, pruning, divergence); else empty
     step_mode: str = "eager"  # how the training step ran: cuda-graph, compiled, eager, or "eager: <why>"
-    test_pred: torch.Tensor | None = None  # predicted test labels of the best-validation weights (CPU); None
-    # for a member that diverged in its first epoch
+    # Predicted test labels of the best-validation weights (CPU); None for a member that diverged in its first epoch.
+    test_pred: torch.Tensor | None = None
     diverged: bool = False  # the training loss stopped being finite (stop_reason says when)
 
 
@@ -404,6 +404,7 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
     shrinks = compact and trainer.mode != "compiled"  # a compiled step would compile again for a smaller stack
     epoch = 0  # the stack's: with refilled slots, members are at different epochs of their own
     while True:
+        # 1. One epoch of the whole stack.
         epoch += 1
         members, model = trainer.members, trainer.model
         t0 = time.perf_counter()
@@ -418,6 +419,7 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
         if data.train.x.is_cuda:
             torch.cuda.synchronize()  # once an epoch, so that the epoch's time is its training time
         seconds = time.perf_counter() - t0
+        # 2. Each running member: its metrics, its best weights so far, and whether it stops.
         rows, stat_names, test_pred = epoch_rows(trainer, train, cfg.precision)
         improved = [False] * members
         for pos, values in enumerate(rows):
@@ -443,6 +445,7 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
             elif own_epoch == rec.cfg.epochs:
                 rec.running = False  # done
         keep_best(best_state, model.state_dict(), improved)
+        # 3. Stopped members: their slots zeroed, their results handed over where the slots may be reused.
         free = [pos for pos, k in enumerate(slots) if not records[k].running]
         for pos in free:
             if not records[slots[pos]].retired:
@@ -454,6 +457,7 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
             for pos in free:
                 if not records[slots[pos]].left:
                     leave(pos)
+        # 4. Freed slots: refilled with new configurations, or dropped once no more will come.
         new = refill(len(free)) if refill is not None and free else None  # None: no more will come
         if len(free) == members and not new:
             break  # nothing trains on

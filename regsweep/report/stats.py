@@ -19,14 +19,14 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from ..config import APPLIES_WHERE  # settings blanked where they do not apply
+from ..config import APPLIES_WHERE, fmt_coef  # APPLIES_WHERE: settings blanked where they do not apply
 
 ALPHA = 0.05  # significance level of the verdicts
 NO_VERDICT = "one seed: no verdict"
 
 # Params that say how or where a run was executed, or that follow from other settings; they do not make a
-# different configuration. (device, tf32, deterministic: a run of one configuration differs by float rounding
-# only; a sweep, deciding whether to reuse a result, is stricter: sweep/study.py RUN_ONLY.)
+# different configuration. (tf32, deterministic: a run of one configuration differs by float rounding only; a
+# sweep, deciding whether to reuse a result, keeps those two apart: sweep/study.py RUN_ONLY.)
 NOT_SETTINGS = ("seed", "data_dir", "download", "log_model", "log_images", "threads", "compile", "device",
                 "cuda_graph", "deterministic", "tf32", "n_params", "n_train", "n_val", "n_test")
 # Params every regsweep training run logs; a run without them is not one.
@@ -84,6 +84,7 @@ def select_training_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, in
     if (kind == "unstarted").any():
         left_out["stopped before they logged their settings"] = int((kind == "unstarted").sum())
     training = runs[kind == "training"]
+
     def tag(name: str) -> pd.Series:
         return training.get(f"tags.{name}", pd.Series("", index=training.index)).fillna("").astype(str)
 
@@ -170,8 +171,6 @@ def canonical(value) -> str:
 def coefficient_labels(values: pd.Series) -> list[str]:
     """Each coefficient as `fmt_coef` writes it, with more digits where three would make two different values
     one label (a sweep samples on a continuous scale, and its trials gather near the best)."""
-    from ..config import fmt_coef
-
     distinct = {v for v in values if not math.isnan(v)}
     for digits in (3, 6, 17):
         if len({fmt_coef(v, digits) for v in distinct}) == len(distinct):

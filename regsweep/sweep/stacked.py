@@ -100,8 +100,8 @@ def run_stacked(settings: SweepSettings, study: optuna.Study, data, parent_run_i
 
 def refills(settings: SweepSettings) -> bool:
     """--refill, or by default on CUDA and wherever the step is compiled. On CUDA a fuller stack costs less per
-    member (on the H100, 8 members train at 1.6x one model's model-images/s, 32 at 1.8x: `python
-    benchmarks/stack.py --throughput 1,8,32`, docs/benchmarks.md), so a freed slot is better refilled than
+    member (on the H100, 8 members train at 3.2x one model's model-images/s, 32 at 4.4x, deterministically:
+    `python benchmarks/stack.py --throughput`, docs/benchmarks.md), so a freed slot is better refilled than
     dropped. A compiled step (the CPU's default) keeps its stack's shape, so a freed slot not refilled idles:
     refilling trained the same configurations 1.9-2.4x as fast (`python benchmarks/stack.py --small --shrink 4
     --compiled`). With an eager CPU step a step's cost grows with its members, a little more than in
