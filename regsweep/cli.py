@@ -14,8 +14,8 @@ from pathlib import Path
 
 import click
 
-from . import config as C
-from .config import PRUNERS, REPORT_FORMATS, SAMPLERS, ConfigError, TrainConfig
+from .config import CHOICES, PRUNERS, REPORT_FORMATS, SAMPLERS, ConfigError, TrainConfig
+from .outage import EXIT_OUTAGE
 
 HELP = {
     "l1": "L1 coefficient: adds l1 * sum|w| over the penalised tensors to the loss (0 = off).",
@@ -61,6 +61,8 @@ HELP = {
     "log_images": "Log figures: misclassified digits, curves, confusion matrix, histograms (true/false).",
     "threads": "torch intra-op threads (0 = PyTorch's default).",
 }
+
+
 class UsageFailure(click.ClickException):
     """A bad input found after parsing: one line on stderr, exit code 2, nothing created."""
     exit_code = 2
@@ -86,7 +88,7 @@ def checks_interrupted() -> Interrupted:
 
 class OutageStop(click.ClickException):
     """A store stopped answering mid-run: one line on stderr; exit code 75 (EX_TEMPFAIL): run it again."""
-    exit_code = 75
+    exit_code = EXIT_OUTAGE
 
 
 def check_experiment_name(ctx, param, value):
@@ -166,8 +168,8 @@ def config_options(exclude: tuple[str, ...] = (), **defaults):
             if f.name in exclude:
                 continue
             kind = {float: click.FLOAT, int: WholeNumber(), bool: click.BOOL}.get(type(f.default), click.STRING)
-            if f.name in C.CHOICES:
-                kind = click.Choice(C.CHOICES[f.name])
+            if f.name in CHOICES:
+                kind = click.Choice(CHOICES[f.name])
             flag = "--" + f.name.replace("_", "-")
             # data_dir's default is "" (the repository's data/, which its help names): nothing to show.
             command = click.option(flag, f.name, type=kind, default=defaults.get(f.name, f.default),

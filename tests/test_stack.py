@@ -20,6 +20,7 @@ from regsweep.training import Trainer, evaluate, fit, fit_stack, member_state, n
 def double(data: MnistSplits) -> MnistSplits:
     return MnistSplits(*(Split(s.x.double(), s.y) for s in (data.train, data.val, data.test)), source=data.source)
 
+
 VARIANTS = {
     "cnn-bn": dict(),
     "cnn-gbn": dict(norm="gbn", ghost_batch_size=8),

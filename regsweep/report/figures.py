@@ -20,6 +20,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from ..config import fmt_coef  # noqa: E402
 from . import stats  # noqa: E402
 
 STYLE = {"font.size": 12, "axes.titlesize": 13, "axes.labelsize": 12, "legend.fontsize": 10,
@@ -177,7 +178,6 @@ def coefficient_response(table: pd.DataFrame) -> Figure:
             cells, only = one_setting(table)  # one configuration per cell
             grid = cells.pivot_table(index="l1", columns="l2", values="best_val_acc_mean")
             im = ax.imshow(100 * grid.to_numpy(), cmap="viridis", aspect="auto", origin="lower")
-            from ..config import fmt_coef
             ax.set_xticks(range(len(grid.columns)), [fmt_coef(v) if v else "off" for v in grid.columns])
             ax.set_yticks(range(len(grid.index)), [fmt_coef(v) if v else "off" for v in grid.index])
             for (i, j), v in np.ndenumerate(100 * grid.to_numpy()):

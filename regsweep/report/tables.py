@@ -12,7 +12,6 @@ import math
 import pandas as pd
 
 
-
 def pct(x: float, digits: int = 2) -> str:
     return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.{digits}f}"
 

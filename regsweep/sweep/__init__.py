@@ -13,8 +13,8 @@ The stages, one module each:
 from .driver import WorkerFailure, optimize, run_worker, threads_per_worker
 from .objective import Objective
 from .runs import STUDY_TAG, check_parent, finish_study, trial_run_name
-from .stacked import stack_size
 from .space import SearchSpace, effective_penalties, parse_grid, suggest_penalties
+from .stacked import stack_size
 from .study import FINISHED, SweepSettings, check_resumable, load_study, open_storage
 
 __all__ = ["FINISHED", "STUDY_TAG", "Objective", "SearchSpace", "SweepSettings", "WorkerFailure", "check_parent",

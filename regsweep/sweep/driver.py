@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import datetime
+import multiprocessing
 import os
+import signal
 import socket
+import time
 
 import mlflow
 import optuna
@@ -43,8 +46,6 @@ class WorkerFailure(Exception):
 
 def describe_exit(code: int | None) -> str:
     """A process's exit code in words: multiprocessing gives -N for a process ended by signal N."""
-    import signal
-
     if code is None:
         return "did not exit"
     if code < 0:
@@ -88,8 +89,6 @@ def worker_process(*args) -> None:
     trials again, as in the driver's own process; then the worker ends by that signal, as the driver reads it.
     A driver that dies without stopping it (SIGKILL) stops it the same way, through a SIGTERM to itself: the
     next start then ends the parent run and resumes the queued trials."""
-    import signal
-
     try:
         with terminal_status():
             when_parent_gone(lambda: os.kill(os.getpid(), signal.SIGTERM))
@@ -228,8 +227,6 @@ def start(settings: SweepSettings, tracking_uri: str) -> tuple[str, optuna.Study
 def run_and_finish(settings: SweepSettings, study: optuna.Study, parent_run_id: str, experiment_id: str,
                    tracking_uri: str, handler: StaleTrialHandler) -> dict:
     """Run the workers, then finish the study and end its parent run, whatever stopped them."""
-    import multiprocessing
-
     client = MlflowClient(tracking_uri)
     status, procs, outage, interrupted = "FINISHED", [], None, ""
     try:
@@ -270,7 +267,7 @@ def run_and_finish(settings: SweepSettings, study: optuna.Study, parent_run_id: 
                 # A first signal now is held until the study is finished (its best trial, plots, runs reconciled),
                 # then ends the parent run KILLED: cut short, a store call can keep SQLite's lock from the end.
                 with tracking_watch(settings.tracking_timeout, tracking_uri), signals_held():
-                    summary = finish_study(settings, study, parent_run_id)
+                    summary = finish_study(study, parent_run_id)
                     if status == "FINISHED":
                         reconcile(settings, study, experiment_id, tracking_uri)
             except KeyboardInterrupt as exc:
@@ -306,8 +303,6 @@ def stop_workers(procs) -> None:
     """Stop the worker processes: each ends its trials' runs KILLED and queues the trials again, as on its own
     SIGTERM (worker_process); those still at it after STOP_WAIT are killed (the next start then reconciles
     what they left). A process the signal caught before it started is skipped."""
-    import time
-
     started = [proc for proc in procs if proc.pid is not None]
     for proc in started:
         proc.terminate()

@@ -17,12 +17,15 @@ from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from ..models import count_parameters
 from ..outage import STOP_REASON_TAG, TAG_LIMIT, Outage
 from ..tracking import signals_held
+from ..training import DivergedError, new_model
 from .runs import (STUDY_TAG, coefficients, create_run, create_trial_run, log_trial_run, prune_reason, report_step,
                    seed_config, seed_run_name, summarise_repeats, trial_run_name)
 from .space import prunable, suggest_penalties
 from .study import FINISHED, SweepSettings, claim, deciding_settings, queue_retry, seed_sampler, storage_errors
+
 
 def configuration_key(settings: SweepSettings, penalties: dict[str, float]) -> str:
     """What decides a trial's result (study.deciding_settings: l1, l2, the seeds and every fixed setting that
@@ -162,9 +165,7 @@ class Objective:
             raise
 
     def train(self, trial: optuna.Trial, penalties: dict[str, float], tags: dict[str, str]) -> float:
-        from ..models import count_parameters
-        from ..tracking import run_training
-        from ..training import DivergedError, new_model
+        from ..tracking import run_training  # looked up per call: a test replaces tracking.run_training
 
         settings = self.settings
         name = trial_run_name(trial.number, penalties)

@@ -14,7 +14,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from ..config import TrainConfig, fmt_coef
+from ..config import ConfigError, TrainConfig, fmt_coef
 from ..outage import redact, tag_run
 from .space import effective_penalties
 from .study import SweepSettings
@@ -37,8 +37,6 @@ def check_parent(settings: SweepSettings, study: optuna.Study | None) -> None:
     this command logs into (its new trials' runs would otherwise land in another experiment than its earlier
     ones, and a report of either would miss them). A parent that is gone altogether (a new tracking store) is
     made anew."""
-    from ..config import ConfigError
-
     run_id = study.user_attrs.get("mlflow_parent_run_id") if study is not None else None
     if not run_id:
         return
@@ -179,9 +177,7 @@ def summarise_repeats(client: MlflowClient, run_id: str, best_vals: list[float],
     client.set_terminated(run_id, "FINISHED" if state in ("COMPLETE", "PRUNED") else "KILLED" if killed else "FAILED")
 
 
-
-
-def finish_study(settings: SweepSettings, study: optuna.Study, parent_run_id: str) -> dict:
+def finish_study(study: optuna.Study, parent_run_id: str) -> dict:
     """Mark the best trial on the parent run and refresh the study's plots there."""
     client = MlflowClient()
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))

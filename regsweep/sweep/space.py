@@ -38,7 +38,6 @@ class SearchSpace:
     def grid_size(self) -> int:
         return len(self.grid.get("l1", (0,))) * len(self.grid.get("l2", (0,)))
 
-
     def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
         """What `suggest_penalties` asks Optuna for, by parameter name."""
         if self.grid:

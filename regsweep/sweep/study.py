@@ -8,6 +8,7 @@ KILLED.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import os
@@ -15,7 +16,6 @@ import socket
 import threading
 import warnings
 from contextlib import contextmanager
-import dataclasses
 from dataclasses import dataclass
 
 import optuna
