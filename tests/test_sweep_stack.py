@@ -544,6 +544,10 @@ def test_stacked_worker_processes_stopped_end_every_run_killed_and_queue_every_t
     assert all("interrupted" in c.data.tags["regsweep.stop_reason"] for c in children)
     study = load(storage)
     assert sorted(t.state.name for t in study.trials) == ["FAIL"] * 4 + ["WAITING"] * 4
+    assert sorted(str(t.params) for t in study.trials if t.state.name == "WAITING") == \
+        sorted(str(t.params) for t in study.trials if t.state.name == "FAIL")
+    if how == "Ctrl-C to the group":
+        return  # the stores are as a SIGTERM to the driver leaves them (above), and that case resumes from there
 
     optimize("--trials", "4", "--stack", "2", "--epochs", "12", "--pruner", "none", "--storage", storage,
              "--sampler", "random")
