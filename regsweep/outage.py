@@ -37,27 +37,67 @@ def without_credentials(url: str) -> str:
     return re.sub(r"//[^/@]*@", "//", url)
 
 
-@contextmanager
-def sqlite_file_locked(url: str):
-    """For a `sqlite:` URL, hold an exclusive lock on its database file for the duration (made empty where it is
-    missing, as SQLite would make it): one process at a time makes a new file's tables. Two that do it at once
-    can leave it half made for good (MLflow's migrations copy tables through `_alembic_tmp_*` ones), which no
-    retry repairs. SQLite's own locks are not these (flock, not fcntl), so nothing else waits on them. Another URL,
-    or a file that cannot be opened (the store reports why), is left alone."""
-    import fcntl
+PG_LOCK_KEY = 0x7265677377656570  # "regsweep": the PostgreSQL advisory lock under which a store is first opened
 
-    path = url.removeprefix("sqlite:///").split("?")[0] if url.startswith("sqlite:///") else ""
+
+@contextmanager
+def store_locked(url: str):
+    """Hold a lock for the duration that every process opening the same database takes, so that one at a time
+    makes a new database's tables: two that do it at once fail one of them (PostgreSQL: "duplicate key value
+    violates unique constraint pg_type_typname_nsp_index"), and on SQLite can leave the file half made for good
+    (MLflow's migrations copy tables through `_alembic_tmp_*` ones), which no retry repairs.
+
+    SQLite: an exclusive flock on the database file (made empty where it is missing, as SQLite would make it);
+    SQLite's own locks are fcntl ones, so nothing else waits on this. PostgreSQL: a session advisory lock in that
+    database, on a connection of its own. Other URLs, and a database that cannot be reached or opened (the store
+    then reports why), are left alone."""
+    if url.startswith("sqlite:///"):
+        lock = _sqlite_file_lock(url.removeprefix("sqlite:///").split("?")[0])
+    elif url.startswith("postgresql"):
+        lock = _postgres_advisory_lock(url)
+    else:
+        lock = None
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644) if path else None
-    except OSError:
-        fd = None
-    try:
-        if fd is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        if fd is not None:
-            os.close(fd)  # releases the lock
+        if lock is not None:
+            lock()
+
+
+def _sqlite_file_lock(path: str):
+    """flock the file; returns what releases it, or None where the file cannot be opened."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+    except OSError:
+        return None
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return lambda: os.close(fd)  # releases the lock
+
+
+def _postgres_advisory_lock(url: str):
+    """pg_advisory_lock on a connection of its own; returns what releases it (closing the connection ends its
+    session and so its lock), or None where the database cannot be reached."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, connect_args={"connect_timeout": 10})
+    try:
+        connection = engine.connect()
+    except Exception:  # noqa: BLE001 - unreachable or refused: the store's own opening reports why
+        engine.dispose()
+        return None
+    try:
+        connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": PG_LOCK_KEY})
+    except BaseException:
+        connection.close()
+        engine.dispose()
+        raise
+
+    def release():
+        connection.close()
+        engine.dispose()
+    return release
 
 
 def tag_run(client, run_id: str, tags: dict[str, str]) -> None:

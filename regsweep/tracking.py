@@ -32,7 +32,7 @@ from . import plots
 from .config import TrainConfig
 from .data import MnistSplits
 from .models import count_parameters
-from .outage import (STOP_REASON_TAG, TAG_LIMIT, WORKER_TAG, Outage, health, is_http, redact, sqlite_file_locked,
+from .outage import (STOP_REASON_TAG, TAG_LIMIT, WORKER_TAG, Outage, health, is_http, redact, store_locked,
                      without_credentials, worker_id)
 from .regularization import weight_layers
 from .training import FitResult, confusion_matrix, fit, new_model, per_class_metrics
@@ -61,7 +61,7 @@ def check_tracking_uri() -> str:
             os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         return uri
     try:
-        with sqlite_file_locked(uri):  # a new file's tables are made here, by one process at a time
+        with store_locked(uri):  # a new database's tables are made here, by one process at a time
             MlflowClient(uri).search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - any failure here means "cannot track", reported in one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

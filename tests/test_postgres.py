@@ -224,3 +224,31 @@ def test_a_role_that_may_not_delete_can_sweep_and_leaves_one_empty_check_study_a
         check_writable(settings)
     names = [s.study_name for s in optuna.get_all_study_summaries(owner_url)]
     assert len(names) == 2 and [n for n in names if n.startswith("regsweep-write-check")], names
+
+
+def test_two_processes_opening_one_new_postgresql_database_at_once_both_use_it(postgres):
+    """The same command started twice at the same moment on new PostgreSQL databases: both made the tables, and
+    one failed ("duplicate key value violates unique constraint pg_type_typname_nsp_index"), for MLflow's store
+    and for Optuna's, in every round of this test. The first opening of a database now holds an advisory lock."""
+    from .conftest import in_step
+
+    rounds, server = 3, ["-h", "127.0.0.1", "-p", str(postgres.port), "-U", "postgres"]
+    base = postgres.url.rsplit("/", 1)[0]
+    for k in range(rounds):
+        for kind in ("tracking", "study"):
+            subprocess.run(as_postgres([f"{postgres.bindir}/createdb", *server, f"new_{kind}_{k}"]), check=True)
+    script = f"""
+import types, mlflow
+from regsweep.sweep.study import check_writable
+from regsweep.tracking import check_tracking_uri
+for k in range({rounds}):
+    ready()
+    mlflow.set_tracking_uri(f"{base}/new_tracking_{{k}}")
+    check_tracking_uri()
+    ready()
+    check_writable(types.SimpleNamespace(storage=f"{base}/new_study_{{k}}", heartbeat=60))
+"""
+    in_step(script, rounds=2 * rounds)
+    for k in range(rounds):
+        assert MlflowClient(f"{base}/new_tracking_{k}").search_experiments()  # its tables are whole: "Default"
+        assert optuna.get_all_study_summaries(f"{base}/new_study_{k}") == []  # the write checks left nothing

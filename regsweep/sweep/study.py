@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from ..config import ConfigError, TrainConfig
-from ..outage import STOP_REASON_TAG, TAG_LIMIT, StorageOutage, pid_alive, redact, sqlite_file_locked, tag_run
+from ..outage import STOP_REASON_TAG, TAG_LIMIT, StorageOutage, pid_alive, redact, store_locked, tag_run
 from .space import SearchSpace, make_pruner, make_sampler
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -389,7 +389,7 @@ def check_writable(settings: SweepSettings) -> optuna.storages.BaseStorage:
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line saying that the throwaway study was made
     try:
-        with sqlite_file_locked(settings.storage):  # an RDB storage makes its tables here, one process at a time
+        with store_locked(settings.storage):  # an RDB storage makes its tables here, one process at a time
             storage = open_storage(settings)
         try:
             study_id = storage.create_new_study([optuna.study.StudyDirection.MAXIMIZE], WRITE_CHECK_STUDY)
