@@ -77,27 +77,35 @@ def _sqlite_file_lock(path: str):
 
 
 def _postgres_advisory_lock(url: str):
-    """pg_advisory_lock on a connection of its own; returns what releases it (closing the connection ends its
-    session and so its lock), or None where the database cannot be reached."""
+    """pg_advisory_xact_lock in a transaction of its own, on a connection of its own; returns what releases it
+    (ending the transaction), or None where the lock cannot be had: the database unreachable or refusing (the
+    store's own opening then reports why), or another process holding the lock for over 2 minutes (a hung one).
+    A transaction's lock, not a session's: behind a pooler such as PgBouncer a session outlives the connection."""
     import sqlalchemy
 
-    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, connect_args={"connect_timeout": 10})
+    engine = connection = None
     try:
+        driver = sqlalchemy.engine.make_url(url).get_driver_name()
+        connect_args = {"connect_timeout": 10} if driver in ("psycopg", "psycopg2") else {}
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, connect_args=connect_args)
         connection = engine.connect()
-    except Exception:  # noqa: BLE001 - unreachable or refused: the store's own opening reports why
-        engine.dispose()
+        connection.execute(sqlalchemy.text("SET LOCAL lock_timeout = '120s'"))
+        connection.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_LOCK_KEY})
+    except Exception:  # noqa: BLE001 - see above; a signal (a BaseException) still stops the wait
+        _end_lock(engine, connection)
         return None
-    try:
-        connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": PG_LOCK_KEY})
     except BaseException:
-        connection.close()
-        engine.dispose()
+        _end_lock(engine, connection)
         raise
+    return lambda: _end_lock(engine, connection)
 
-    def release():
+
+def _end_lock(engine, connection) -> None:
+    """End the lock's transaction (rolled back: it wrote nothing) and its connection."""
+    if connection is not None:
         connection.close()
+    if engine is not None:
         engine.dispose()
-    return release
 
 
 def tag_run(client, run_id: str, tags: dict[str, str]) -> None:
