@@ -148,7 +148,8 @@ def still_ending(trial: optuna.trial.FrozenTrial, heartbeat: int) -> bool:
     if worker.get("host") == socket.gethostname():
         return worker.get("pid") != os.getpid() and pid_alive(worker.get("pid", -1))
     told = trial.datetime_complete or datetime.datetime.min
-    return (datetime.datetime.now() - told).total_seconds() < 2 * heartbeat
+    # Not below 0: a host whose clock is ahead of this one's (another time zone) would hold the run for as long.
+    return 0 <= (datetime.datetime.now() - told).total_seconds() < 2 * heartbeat
 
 
 def retag_ended_runs(client: MlflowClient, experiment_id: str, trials: list[optuna.trial.FrozenTrial]) -> None:
