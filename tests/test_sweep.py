@@ -1063,9 +1063,10 @@ def test_a_finished_trials_run_is_left_to_its_worker_while_that_may_still_end_it
     study = optuna.create_study(study_name="regsweep", storage=storage, direction="maximize")
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     now, ten_minutes = datetime.datetime.now(), datetime.timedelta(minutes=10)
-    # The last: a host whose clock runs ahead (another time zone) is not waited for as long as it is ahead.
+    # The fourth: a host whose clock runs ahead (another time zone) is not waited for as long as it is ahead. The
+    # last: the reconciling process itself, which is not ending any run while it reconciles.
     workers = [(socket.gethostname(), alive.pid, now), ("elsewhere", 1, now), ("elsewhere", 1, now - ten_minutes),
-               ("elsewhere", 1, now + ten_minutes)]
+               ("elsewhere", 1, now + ten_minutes), (socket.gethostname(), os.getpid(), now)]
     for host, pid, told in workers:
         study.add_trial(optuna.trial.FrozenTrial(
             number=0, trial_id=0, state=optuna.trial.TrialState.COMPLETE, value=0.9, values=None, params={},
@@ -1079,12 +1080,12 @@ def test_a_finished_trials_run_is_left_to_its_worker_while_that_may_still_end_it
                              storage=storage, experiment_name="regsweep", heartbeat=60)
     try:
         reconcile(settings, load(storage), experiment_id, tracking_uri)
-        assert [client.get_run(r).info.status for r in runs] == ["RUNNING", "RUNNING", "KILLED", "KILLED"]
+        assert [client.get_run(r).info.status for r in runs] == ["RUNNING", "RUNNING", "KILLED", "KILLED", "KILLED"]
     finally:
         alive.kill()
         alive.wait()
     reconcile(settings, load(storage), experiment_id, tracking_uri)
-    assert [client.get_run(r).info.status for r in runs] == ["KILLED", "RUNNING", "KILLED", "KILLED"]
+    assert [client.get_run(r).info.status for r in runs] == ["KILLED", "RUNNING", "KILLED", "KILLED", "KILLED"]
     assert client.get_run(runs[0]).data.tags["regsweep.stop_reason"].startswith("trial 0 ended COMPLETE: its worker")
 
 
