@@ -9,6 +9,7 @@ unreachable store). The next `train` or `optimize` against the experiment ends s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -40,72 +41,56 @@ def without_credentials(url: str) -> str:
 PG_LOCK_KEY = 0x7265677377656570  # "regsweep": the PostgreSQL advisory lock under which a store is first opened
 
 
-@contextmanager
 def store_locked(url: str):
-    """Hold a lock for the duration that every process opening the same database takes, so that one at a time
+    """A lock that every process opening the same database takes, held for the duration, so that one at a time
     makes a new database's tables: two that do it at once fail one of them (PostgreSQL: "duplicate key value
     violates unique constraint pg_type_typname_nsp_index"), and on SQLite can leave the file half made for good
-    (MLflow's migrations copy tables through `_alembic_tmp_*` ones), which no retry repairs.
-
-    SQLite: an exclusive flock on the database file (made empty where it is missing, as SQLite would make it);
-    SQLite's own locks are fcntl ones, so nothing else waits on this. PostgreSQL: a session advisory lock in that
-    database, on a connection of its own. Other URLs, and a database that cannot be reached or opened (the store
-    then reports why), are left alone."""
+    (MLflow's migrations copy tables through `_alembic_tmp_*` ones), which no retry repairs. Other URLs are left
+    alone, and so is a database that cannot be reached or opened (the store then reports why)."""
     if url.startswith("sqlite:///"):
-        lock = _sqlite_file_lock(url.removeprefix("sqlite:///").split("?")[0])
-    elif url.startswith("postgresql"):
-        lock = _postgres_advisory_lock(url)
-    else:
-        lock = None
-    try:
-        yield
-    finally:
-        if lock is not None:
-            lock()
+        return _sqlite_file_locked(url.removeprefix("sqlite:///").split("?")[0])
+    if url.startswith("postgresql"):
+        return _postgres_locked(url)
+    return contextlib.nullcontext()
 
 
-def _sqlite_file_lock(path: str):
-    """flock the file; returns what releases it, or None where the file cannot be opened."""
+@contextmanager
+def _sqlite_file_locked(path: str):
+    """An exclusive flock on the database file (made empty where it is missing, as SQLite would make it).
+    SQLite's own locks are fcntl ones, so nothing else waits on this."""
     import fcntl
 
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
-    except OSError:
-        return None
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    return lambda: os.close(fd)  # releases the lock
+    with contextlib.ExitStack() as held:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+        except OSError:
+            pass  # without the lock
+        else:
+            held.callback(os.close, fd)  # closing the file releases its lock
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
 
 
-def _postgres_advisory_lock(url: str):
-    """pg_advisory_xact_lock in a transaction of its own, on a connection of its own; returns what releases it
-    (ending the transaction), or None where the lock cannot be had: the database unreachable or refusing (the
-    store's own opening then reports why), or another process holding the lock for over 2 minutes (a hung one).
-    A transaction's lock, not a session's: behind a pooler such as PgBouncer a session outlives the connection."""
+@contextmanager
+def _postgres_locked(url: str):
+    """pg_advisory_xact_lock in a transaction of its own, on a connection of its own: a transaction's lock, not a
+    session's, as behind a pooler such as PgBouncer a session outlives the connection. Without the lock where the
+    database is unreachable or refusing, or where another process has held it for over 2 minutes (a hung one)."""
     import sqlalchemy
 
-    engine = connection = None
-    try:
-        driver = sqlalchemy.engine.make_url(url).get_driver_name()
-        connect_args = {"connect_timeout": 10} if driver in ("psycopg", "psycopg2") else {}
-        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, connect_args=connect_args)
-        connection = engine.connect()
-        connection.execute(sqlalchemy.text("SET LOCAL lock_timeout = '120s'"))
-        connection.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_LOCK_KEY})
-    except Exception:  # noqa: BLE001 - see above; a signal (a BaseException) still stops the wait
-        _end_lock(engine, connection)
-        return None
-    except BaseException:
-        _end_lock(engine, connection)
-        raise
-    return lambda: _end_lock(engine, connection)
-
-
-def _end_lock(engine, connection) -> None:
-    """End the lock's transaction (rolled back: it wrote nothing) and its connection."""
-    if connection is not None:
-        connection.close()
-    if engine is not None:
-        engine.dispose()
+    with contextlib.ExitStack() as held:
+        try:
+            driver = sqlalchemy.engine.make_url(url).get_driver_name()
+            connect_args = {"connect_timeout": 10} if driver in ("psycopg", "psycopg2") else {}
+            engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, connect_args=connect_args)
+            held.callback(engine.dispose)
+            # Closing the connection ends the transaction, and the lock with it (rolled back: it wrote nothing).
+            connection = held.enter_context(engine.connect())
+            connection.execute(sqlalchemy.text("SET LOCAL lock_timeout = '120s'"))
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_LOCK_KEY})
+        except Exception:  # noqa: BLE001 - see above; a signal (a BaseException) still stops the wait
+            held.close()  # without the lock
+        yield
 
 
 def tag_run(client, run_id: str, tags: dict[str, str]) -> None:
