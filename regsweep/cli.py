@@ -218,8 +218,8 @@ def train_one(fields: dict, experiment_name: str | None, tracking_timeout: float
 
     from .data import DataError, load_for
     from .outage import TrackingOutage, end_orphaned_runs, tracking_watch
-    from .tracking import (TrackingError, check_experiment, check_run_to_resume, check_tracking_uri,
-                           enable_prompt_flushes, run_training, use_experiment, viewing_hint)
+    from .tracking import (TrackingError, check_artifact_location, check_experiment, check_run_to_resume,
+                           check_tracking_uri, enable_prompt_flushes, run_training, use_experiment, viewing_hint)
     from .training import DivergedError
 
     try:
@@ -229,6 +229,7 @@ def train_one(fields: dict, experiment_name: str | None, tracking_timeout: float
         check_run_to_resume()
         if not os.environ.get("MLFLOW_RUN_ID"):  # inside `mlflow run` the run, and its experiment, exist
             check_experiment(experiment_name)
+        check_artifact_location(experiment_name, os.environ.get("MLFLOW_RUN_ID"))
         enable_prompt_flushes()
     except (UsageFailure, DataError, TrackingError) as exc:
         mark_project_run_failed(str(exc))
@@ -329,7 +330,8 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
     from .data import DataError, load_raw
     from .sweep import (SearchSpace, SweepSettings, WorkerFailure, check_parent, check_resumable, optimize as run_study,
                         parse_grid, stack_size)
-    from .tracking import TrackingError, check_experiment, check_tracking_uri, enable_prompt_flushes, viewing_hint
+    from .tracking import (TrackingError, check_artifact_location, check_experiment, check_tracking_uri,
+                           enable_prompt_flushes, viewing_hint)
 
     try:
         base = build_config(fields)
@@ -363,6 +365,7 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
         study = check_resumable(settings)  # a bad URL, an unreachable database or a clashing space fails here
         check_tracking_uri()
         check_experiment(experiment_name)
+        check_artifact_location(experiment_name)
         check_parent(settings, study)
         enable_prompt_flushes()
     except ConfigError as exc:

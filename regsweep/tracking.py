@@ -16,8 +16,10 @@ import os
 import shlex
 import signal
 import sys
+import tempfile
 import threading
 import time
+import urllib.parse
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -90,6 +92,46 @@ def check_experiment(name: str | None) -> None:
             experiment = None
         if experiment is None or experiment.lifecycle_stage == "deleted":
             raise TrackingError(f"MLFLOW_EXPERIMENT_ID={given} names no active MLflow experiment")
+
+
+def check_artifact_location(name: str | None, run_id: str | None = None) -> None:
+    """Fail with one line, before any run, where the runs' artifacts cannot be written to this machine's file
+    system. MLflow only finds out when the first artifact is logged: `train` after its run is made, a sweep
+    once its first stack has trained. A location elsewhere (a tracking server's, a cloud bucket) is left
+    to the store: checking it would mean writing there."""
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    location, whose = artifact_location(name, run_id)
+    if location is None or urllib.parse.urlparse(location).scheme not in ("", "file"):
+        return
+    path = local_file_uri_to_path(location)
+    try:
+        os.makedirs(path, exist_ok=True)  # MLflow makes it at the first artifact; a run's folder goes inside
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".regsweep-check-"):
+            pass
+    except OSError as exc:
+        why = "a file is in its place" if isinstance(exc, FileExistsError) else exc.strerror or str(exc)
+        raise TrackingError(f"artifacts cannot be written to {path} ({whose}): {why}; fix the location or log "
+                            "into another experiment") from None
+
+
+def artifact_location(name: str | None, run_id: str | None) -> tuple[str | None, str]:
+    """Where the artifacts of the command's runs will go (None where unknown), and whose location that is:
+    run `run_id`'s, experiment `name`'s (MLflow's active experiment where None) or a new experiment's."""
+    client = MlflowClient()
+    if run_id:
+        return client.get_run(run_id).info.artifact_uri, f"the artifact location of run {run_id}"
+    if name:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            # A new experiment's artifacts go under its store's default artifact root (`mlflow server
+            # --default-artifact-root`, ./mlruns for a database store used directly). MLflow's client has no
+            # public accessor for it; a store without the attribute leaves the check to the first artifact.
+            root = getattr(client._tracking_client.store, "artifact_root_uri", None)
+            return root, f"the default artifact root, for the new MLflow experiment {name!r}"
+        return experiment.artifact_location, f"the artifact location of MLflow experiment {name!r}"
+    experiment = client.get_experiment(mlflow.tracking.fluent._get_experiment_id())
+    return experiment.artifact_location, f"the artifact location of MLflow experiment {experiment.name!r}"
 
 
 def check_run_to_resume() -> None:

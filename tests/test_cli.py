@@ -80,6 +80,40 @@ def test_bad_input_exits_2_with_one_line_and_creates_no_run(tracking_uri, monkey
     assert all_runs(tracking_uri) == []
 
 
+@pytest.mark.parametrize("command, where", [("train", "experiment"), ("train", "new experiment"),
+                                            ("train", "mlflow run"), ("optimize", "experiment"),
+                                            ("optimize", "new experiment")])
+def test_an_unwritable_artifact_location_is_refused_before_any_run(tracking_uri, tmp_path, monkeypatch, command,
+                                                                   where):
+    """MLflow finds out only at the first artifact: after `train` has made its run, after a sweep's first stack
+    has trained. The location is under a file, which not even root can write into: an existing experiment's,
+    the default root a new experiment would get (./mlruns of a database store), or `mlflow run`'s run's."""
+    client = MlflowClient(tracking_uri)
+    (tmp_path / "a-file").write_text("")
+    blocked = tmp_path / "a-file" / "artifacts"
+    if where == "new experiment":
+        blocked = tmp_path / "mlruns"
+        blocked.write_text("")
+    else:
+        client.create_experiment("unwritable", artifact_location=str(blocked))
+    if where == "mlflow run":
+        run = client.create_run(client.get_experiment_by_name("unwritable").experiment_id)
+        monkeypatch.setenv("MLFLOW_RUN_ID", run.info.run_id)
+        blocked = blocked / run.info.run_id / "artifacts"
+    options = ["--storage", f"sqlite:///{tmp_path / 'optuna.db'}"] if command == "optimize" else ["--l1", "0.001"]
+    result = CliRunner().invoke(cli, [command, *tiny_args(), *options, "--experiment-name",
+                                      "fresh" if where == "new experiment" else "unwritable"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"Error: artifacts cannot be written to {blocked} ("), lines
+    if where == "mlflow run":  # the run `mlflow run` made says why; `mlflow run` ends it FAILED on the exit code
+        (only,) = all_runs(tracking_uri)
+        assert "artifacts cannot be written" in only.data.tags["regsweep.error"] and only.data.metrics == {}
+    else:
+        assert all_runs(tracking_uri) == []
+    assert client.get_experiment_by_name("fresh") is None
+
+
 def test_integer_options_take_whole_numbers_written_as_floats_as_mlflow_run_passes_them():
     from regsweep.cli import WholeNumber
 
