@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 # (a sweep completes its runs through completion.py, which calls log_outcome; a single train calls it directly).
 STAGES = [
     (0, "open the stores (tracking, Optuna study, parent run)",
-     ["tracking.py:check_tracking_uri|use_experiment", "cli.py:run_experiment_id", "outage.py:end_orphaned_runs",
+     ["experiment.py:check_tracking_uri|use_experiment", "cli.py:run_experiment_id", "outage.py:end_orphaned_runs",
       "study.py:check_resumable|load_study", "runs.py:find_or_create_parent", "driver.py:reconcile"], []),
     (1, "MLflow creating its tables (a new store only)", ["mlflow/store/db/utils.py:_initialize_tables"], []),
     (0, "load MNIST", ["data.py:load_for"], []),

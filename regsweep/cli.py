@@ -218,8 +218,9 @@ def train_one(fields: dict, experiment_name: str | None, tracking_timeout: float
 
     from .data import DataError, load_for
     from .outage import TrackingOutage, end_orphaned_runs, tracking_watch
-    from .tracking import (TrackingError, check_artifact_location, check_experiment, check_run_to_resume,
-                           check_tracking_uri, enable_prompt_flushes, run_training, use_experiment, viewing_hint)
+    from .experiment import (TrackingError, check_artifact_location, check_experiment, check_run_to_resume,
+                             check_tracking_uri, use_experiment, viewing_hint)
+    from .tracking import enable_prompt_flushes, run_training
     from .training import DivergedError
 
     try:
@@ -330,8 +331,9 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
     from .data import DataError, load_raw
     from .sweep import (SearchSpace, SweepSettings, WorkerFailure, check_parent, check_resumable, optimize as run_study,
                         parse_grid, stack_size)
-    from .tracking import (TrackingError, check_artifact_location, check_experiment, check_tracking_uri,
-                           enable_prompt_flushes, viewing_hint)
+    from .experiment import (TrackingError, check_artifact_location, check_experiment, check_tracking_uri,
+                             viewing_hint)
+    from .tracking import enable_prompt_flushes
 
     try:
         base = build_config(fields)
@@ -452,7 +454,7 @@ def report(experiment_name, study_name, parent_run_id, filter_string, runs, out,
     from .report import ReportError, Selection, make_report
     from .report.command import left_out_line, people_tables
     from .report.tables import render
-    from .tracking import TrackingError, check_tracking_uri
+    from .experiment import TrackingError, check_tracking_uri
 
     try:
         check_tracking_uri()

@@ -30,7 +30,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from regsweep.cli import cli
-from regsweep.tracking import viewing_hint
+from regsweep.experiment import viewing_hint
 
 from .conftest import REPO
 from .servers import free_port

@@ -193,7 +193,7 @@ def test_a_third_signal_while_train_logs_its_outcome_stops_it_at_once_and_the_ru
     assert not MlflowClient(tracking_uri).search_logged_models(experiment_ids=[run.info.experiment_id])
 
 
-@pytest.mark.parametrize("command,module,function", [("train", "regsweep.tracking", "check_experiment"),
+@pytest.mark.parametrize("command,module,function", [("train", "regsweep.experiment", "check_experiment"),
                                                      ("optimize", "regsweep.sweep", "check_parent")])
 def test_ctrl_c_while_a_command_checks_its_input_says_so_and_exits_130(tracking_uri, tmp_path, command, module,
                                                                        function):

@@ -207,7 +207,7 @@ def test_two_processes_opening_one_new_sqlite_tracking_store_at_once_both_use_it
     rounds = 5
     script = f"""
 import mlflow
-from regsweep.tracking import check_tracking_uri
+from regsweep.experiment import check_tracking_uri
 for k in range({rounds}):
     ready()
     mlflow.set_tracking_uri(f"sqlite:///{{sys.argv[1]}}/mlflow-{{k}}.db")

@@ -240,7 +240,7 @@ def test_two_processes_opening_one_new_postgresql_database_at_once_both_use_it(p
     script = f"""
 import types, mlflow
 from regsweep.sweep.study import check_writable
-from regsweep.tracking import check_tracking_uri
+from regsweep.experiment import check_tracking_uri
 for k in range({rounds}):
     ready()
     mlflow.set_tracking_uri(f"{base}/new_tracking_{{k}}")

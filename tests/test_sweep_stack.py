@@ -202,9 +202,9 @@ def test_a_run_that_cannot_be_completed_fails_its_trial_and_leaves_nothing_runni
     create it) ends FAILED, its trial FAIL, and the sweep stops with the error: no run is left RUNNING,
     whether the runs are completed by worker processes or in the training process. The check that refuses
     such a location at the start is skipped, as for a store that fails after it (a full disk)."""
-    import regsweep.tracking
+    import regsweep.experiment
 
-    monkeypatch.setattr(regsweep.tracking, "check_artifact_location", lambda *args: None)
+    monkeypatch.setattr(regsweep.experiment, "check_artifact_location", lambda *args: None)
     (tmp_path / "a-file").write_text("")
     name = f"unwritable-{workers}"
     mlflow.create_experiment(name, artifact_location=str(tmp_path / "a-file" / "artifacts"))

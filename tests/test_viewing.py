@@ -10,8 +10,8 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from regsweep.cli import cli
-from regsweep.tracking import (COMPARE_VIEW_ID, COMPARE_VIEW_TAG, EXPERIMENT_KIND, EXPERIMENT_KIND_TAG,
-                               store_uri_for_ui, use_experiment, viewing_hint)
+from regsweep.experiment import (COMPARE_VIEW_ID, COMPARE_VIEW_TAG, EXPERIMENT_KIND, EXPERIMENT_KIND_TAG,
+                                 store_uri_for_ui, use_experiment, viewing_hint)
 
 TRAIN = ["--epochs", "1", "--max-train-samples", "256", "--max-eval-samples", "128", "--batch-size", "32",
          "--compile", "false", "--log-model", "false", "--log-images", "false", "--quiet"]

@@ -24,6 +24,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from ..experiment import PREDICTIONS
 from . import stats
 
 CURVES = ("val/acc", "test/loss", "train/acc")  # figures 1 and 2, and the max train accuracy of the table
@@ -212,7 +213,6 @@ def quiet_downloads():
 
 def fetch_predictions(run_ids: list[str]) -> dict[str, dict[str, np.ndarray]]:
     """Test labels and predictions ({'true', 'pred'}) of each run that logged them; others are absent."""
-    from ..tracking import PREDICTIONS  # imports torch: only when predictions are wanted
 
     def one(run_id):
         try:
