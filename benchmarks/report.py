@@ -8,6 +8,7 @@ as a user runs it (a fresh process, imports included) and, in this process, each
 
     python benchmarks/report.py               # 3 timed runs of the command
     python benchmarks/report.py --rounds 1 --seeds 2
+    python benchmarks/report.py --reference /tmp/old   # and, in turn, the command of another checkout
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+REPO = Path(__file__).resolve().parent.parent
 L1 = (0.0, 1e-5, 1e-4, 1e-3, 1e-2)
 L2 = (0.0, 1e-5, 1e-4, 1e-3)
 LAYERS = ("conv1", "conv2", "trans1", "conv3", "conv4", "conv5", "conv6", "head", "all")
@@ -126,6 +128,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="timed runs of the command")
     parser.add_argument("--seeds", type=int, default=5, help="seeds per configuration (20 configurations)")
+    parser.add_argument("--reference", type=Path, default=None,
+                        help="another checkout of regsweep (e.g. `git worktree add /tmp/old HEAD~1`) whose command "
+                             "is timed too, alternating with this one's, on the same store")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="regsweep-report-bench-") as tmp:
         uri = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
@@ -134,18 +139,22 @@ def main():
         n_runs = len(L1) * len(L2) * args.seeds
         print(f"built {n_runs} runs ({len(L1) * len(L2)} configurations x {args.seeds} seeds, 15 epochs) "
               f"in {time.perf_counter() - t:.0f} s\n")
-        env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-        walls = []
+        checkouts = {"this checkout": REPO} | ({f"reference ({args.reference})": args.reference.resolve()}
+                                               if args.reference else {})
+        walls = {name: [] for name in checkouts}
         for i in range(args.rounds):
-            t = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "regsweep", "report", "--experiment-name", "bench", "--study-name",
-                            "bench", "--out", str(Path(tmp) / f"out{i}")], env=env, cwd=tmp, check=True,
-                           stdout=subprocess.DEVNULL)
-            walls.append(time.perf_counter() - t)
-        print("| `regsweep report --study-name bench` | seconds |")
-        print("|---|---|")
-        print(f"| wall time, fresh process (median of {len(walls)}) | {statistics.median(walls):.1f} |")
-        print(f"| all rounds | {', '.join(f'{w:.1f}' for w in walls)} |")
+            for name, checkout in checkouts.items():  # in turn, so that a change in load hits both
+                env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(checkout)}
+                t = time.perf_counter()
+                subprocess.run([sys.executable, "-m", "regsweep", "report", "--experiment-name", "bench",
+                                "--study-name", "bench", "--out", str(Path(tmp) / f"out{i}")], env=env, cwd=tmp,
+                               check=True, stdout=subprocess.DEVNULL)
+                walls[name].append(time.perf_counter() - t)
+        print(f"| `regsweep report --study-name bench` | wall s, fresh process (median of {args.rounds}) | "
+              "all rounds |")
+        print("|---|---|---|")
+        for name, times in walls.items():
+            print(f"| {name} | {statistics.median(times):.1f} | {', '.join(f'{w:.1f}' for w in times)} |")
         print("\n| stage (in one process, imports paid) | seconds |")
         print("|---|---|")
         for name, value in stages(uri, Path(tmp) / "stages").items():
