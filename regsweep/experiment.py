@@ -84,7 +84,10 @@ def check_artifact_location(name: str | None, run_id: str | None = None) -> None
     to the store: checking it would mean writing there."""
     from mlflow.utils.file_utils import local_file_uri_to_path
 
-    location, whose = artifact_location(name, run_id)
+    try:
+        location, whose = artifact_location(name, run_id)
+    except mlflow.exceptions.MlflowException:  # e.g. no default experiment: MLflow says so when it makes the run
+        return
     if location is None or urllib.parse.urlparse(location).scheme not in ("", "file"):
         return
     path = local_file_uri_to_path(location)
