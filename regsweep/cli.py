@@ -309,7 +309,7 @@ def train_one(fields: dict, experiment_name: str | None, tracking_timeout: float
                    "(a compiled step's stack keeps their slots, idle). "
                    "Default: on CUDA, where a full stack costs less per member, and with a compiled step (the "
                    "CPU's default), whose freed slots would idle; off with an eager CPU step (--compile false).")
-@click.option("--heartbeat", type=click.IntRange(min=1), default=60, show_default=True,
+@click.option("--heartbeat", type=click.IntRange(min=1, max=86400), default=60, show_default=True,
               help="Seconds between a running trial's liveness records (RDB storages); a trial silent for "
                    "twice this is failed and retried.")
 @click.option("--experiment-name", envvar="MLFLOW_EXPERIMENT_NAME", callback=check_experiment_name, default="regsweep",
@@ -331,6 +331,7 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
     from .data import DataError, load_raw
     from .sweep import (SearchSpace, SweepSettings, WorkerFailure, check_parent, check_resumable, optimize as run_study,
                         parse_grid, stack_size)
+    from .sweep.study import WRITE_CHECK_STUDY
     from .experiment import (TrackingError, check_artifact_location, check_experiment, check_tracking_uri,
                              viewing_hint)
     from .tracking import enable_prompt_flushes
@@ -351,6 +352,12 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
                               "trained once (more seeds of each: --repeats)")
         if stack != "auto" and not (re.fullmatch(r"[0-9]+", stack) and int(stack) >= 1):
             raise ConfigError(f"--stack must be auto or a whole number >= 1, got {stack!r}")
+        if base.seed + repeats > 2**63:  # the seeds are seed, seed + 1, ...: each below 2**63, as --seed is
+            raise ConfigError(f"--seed {base.seed} with --repeats {repeats} gives seeds of 2**63 and more; "
+                              "use a smaller seed or fewer repeats")
+        if (study_name or experiment_name) == WRITE_CHECK_STUDY:
+            raise ConfigError(f"the study name {WRITE_CHECK_STUDY!r} is regsweep's own (it checks that the storage "
+                              "takes writes, and deletes that study again); choose another")
         if refill and base.optimizer != "sgd":
             raise ConfigError(f"--refill needs --optimizer sgd: each member's learning rate scales SGD's update, "
                               f"not {base.optimizer}'s")

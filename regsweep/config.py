@@ -34,6 +34,8 @@ APPLIES_WHERE = {"hidden": ("model", "mlp"), "activation": ("model", "mlp"), "in
                  "ghost_batch_size": ("norm", "gbn"), "step_size": ("scheduler", "step"),
                  "momentum": ("optimizer", "sgd")}
 NOT_APPLICABLE = "n/a"
+FLOAT32_MAX = 3.4028234663852886e38
+MAX_MLP_WEIGHTS = 100_000_000  # 0.4 GB of float32 weights, three times that with gradients and momentum
 
 
 class ConfigError(ValueError):
@@ -141,6 +143,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.lr == 0:
             raise ConfigError("lr must be > 0")
+        if self.lr > FLOAT32_MAX:  # the optimizer holds it as a float32 on the device: larger only overflows there
+            raise ConfigError(f"lr must be at most {FLOAT32_MAX:.4g} (float32), got {self.lr!r}")
+        if self.rotate > 180:  # +-180 degrees already covers every angle; far larger ones overflow to NaN images
+            raise ConfigError(f"rotate must be at most 180 degrees, got {self.rotate!r}")
         if self.dropout >= 1:
             raise ConfigError(f"dropout must be < 1, got {self.dropout}")
         if self.momentum >= 1:
@@ -172,8 +178,14 @@ class TrainConfig:
             raise ConfigError(f"seed must be below 2**63, got {self.seed}")
         if self.threads > 4096:  # torch.set_num_threads takes a C int, and no machine has more cores than this
             raise ConfigError(f"threads must be at most 4096, got {self.threads}")
-        if self.model == "mlp" and max(sizes) > 65536:  # a layer that wide only fails to allocate, after its run began
+        # Too large an MLP only fails to allocate, after its run began (or meets the out-of-memory killer).
+        if self.model == "mlp" and max(sizes) > 65536:
             raise ConfigError(f"hidden layers must have at most 65,536 units, got {self.hidden!r}")
+        widths = [28 * 28, *sizes, 10]
+        weights = sum(a * b for a, b in zip(widths, widths[1:]))
+        if self.model == "mlp" and weights > MAX_MLP_WEIGHTS:
+            raise ConfigError(f"the MLP {self.hidden!r} would have {weights:,} weights; at most {MAX_MLP_WEIGHTS:,} "
+                              "(the notebooks' largest has 0.5 million)")
         # Ghost batch norm splits each batch into equal virtual batches (a last chunk of one sample would stop
         # the MLP's batch norm in its first step). A batch is smaller than batch_size when the training split is.
         n_train = min(60000 - self.val_size, self.max_train_samples or 60000)

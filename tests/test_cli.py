@@ -57,6 +57,9 @@ def test_help_lists_every_config_option_and_the_penalised_set():
     (["--batch-size", "many"], "'many' is not a valid integer"),
     (["--model", "mlp", "--max-train-samples", "1"], "the MLP's batch norm needs at least 2 samples"),
     (["--seed", str(2**64)], "seed must be below 2**63"),
+    (["--lr", "1e39"], "lr must be at most 3.403e+38 (float32)"),  # overflowed in the optimizer's first step
+    (["--rotate", "1e300"], "rotate must be at most 180 degrees"),  # overflowed to NaN images: "diverged"
+    (["--model", "mlp", "--hidden", "65536,65536"], "would have 4,347,002,880 weights; at most 100,000,000"),
     (["--model", "resnet"], "'resnet' is not one of 'cnn', 'mlp'"),
     (["--norm", "layer"], "'layer' is not one of 'bn', 'gbn', 'none'"),
     (["--optimizer", "rmsprop"], "'rmsprop' is not one of 'sgd', 'adam'"),

@@ -634,6 +634,11 @@ def test_a_killed_worker_process_ends_the_sweep_killed_with_exit_1_and_resume_re
     (["--threads", str(2**40)], "threads must be at most 4096"),
     (["--experiment-name", " "], "the MLflow experiment name is empty"),
     (["--experiment-name", "x" * 501], "MLflow takes experiment names of at most 500 characters, not 501"),
+    (["--heartbeat", str(10**11)], "is not in the range 1<=x<=86400"),  # past threading's timeout: no heartbeats
+    (["--seed", str(2**63 - 2), "--repeats", "3"], "gives seeds of 2**63 and more"),
+    (["--repeats", str(10**20)], "gives seeds of 2**63 and more"),
+    (["--study-name", "regsweep-write-check"], "is regsweep's own"),  # deleted again by every start
+    (["--lr", "1e39"], "lr must be at most 3.403e+38 (float32)"),
 ])
 def test_bad_sweep_input_exits_2_before_anything_is_created(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
