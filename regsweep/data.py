@@ -134,6 +134,10 @@ def load_raw(data_dir: str | Path, download: bool = False) -> tuple[torch.Tensor
     if shapes != [(60000, 28, 28), (60000,), (10000, 28, 28), (10000,)]:
         raise DataError(f"the MNIST files in {data_dir} are not 60,000 training and 10,000 test images of 28 x 28 "
                         f"with their labels (read: {shapes})")
+    labels = torch.cat([train.targets, test.targets])
+    if labels.min() < 0 or labels.max() > 9:  # a label past the 10 classes fails only in the first step's loss
+        raise DataError(f"the MNIST labels in {data_dir} are not digits 0-9 (read {labels.min()} to "
+                        f"{labels.max()}): the label files are damaged; restore them")
     write_cache(data_dir, tensors)
     return tensors
 

@@ -654,6 +654,7 @@ def test_bad_sweep_input_exits_2_before_anything_is_created(tmp_path, monkeypatc
 @pytest.mark.parametrize("damage, message", [
     ("truncated", "cannot read MNIST from"),
     ("test images as training images", "are not 60,000 training and 10,000 test images"),
+    ("labels past 9", "are not digits 0-9 (read 0 to 200)"),
     ("a malformed SHA256SUMS", "cannot prepare the MNIST files"),
     ("MNIST a file", "cannot prepare the MNIST files"),
 ])
@@ -665,12 +666,16 @@ def test_damaged_data_exits_2_before_anything_is_created(tmp_path, monkeypatch, 
     from regsweep.config import default_data_dir
 
     source, data = Path(default_data_dir()), tmp_path / "data"
-    if damage in ("truncated", "test images as training images"):
+    if damage in ("truncated", "test images as training images", "labels past 9"):
         raw = data / "MNIST" / "raw"
         shutil.copytree(source / "MNIST" / "raw", raw)
         images = raw / "train-images-idx3-ubyte"
         if damage == "truncated":
             images.write_bytes(images.read_bytes()[:1_000_000])
+        elif damage == "labels past 9":  # the raw files have no checksums to catch it, unlike the vendored ones
+            labels = bytearray((raw / "train-labels-idx1-ubyte").read_bytes())
+            labels[8:20] = bytes([200]) * 12
+            (raw / "train-labels-idx1-ubyte").write_bytes(bytes(labels))
         else:
             shutil.copy(raw / "t10k-images-idx3-ubyte", images)
     else:
