@@ -78,17 +78,28 @@ def check_experiment(name: str | None) -> None:
 
 
 def check_artifact_location(name: str | None, run_id: str | None = None) -> None:
-    """Fail with one line, before any run, where the runs' artifacts cannot be written to this machine's file
-    system. MLflow only finds out when the first artifact is logged: `train` after its run is made, a sweep
-    once its first stack has trained. A location elsewhere (a tracking server's, a cloud bucket) is left
-    to the store: checking it would mean writing there."""
+    """Fail with one line, before any run, where the runs' artifacts cannot be written. MLflow only finds out
+    when the first artifact is logged: `train` after its run is made, a sweep once its first stack has
+    trained. A location on this machine's file system is tried; elsewhere, MLflow must have a way to write
+    there (a scheme it knows, its client library installed, a tracking server for mlflow-artifacts:), and
+    whether the server or bucket then takes the writes is left to the store: checking that would mean
+    writing there."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
     from mlflow.utils.file_utils import local_file_uri_to_path
 
     try:
         location, whose = artifact_location(name, run_id)
     except mlflow.exceptions.MlflowException:  # e.g. no default experiment: MLflow says so when it makes the run
         return
-    if location is None or urllib.parse.urlparse(location).scheme not in ("", "file"):
+    if location is None:
+        return
+    if urllib.parse.urlparse(location).scheme not in ("", "file"):
+        try:
+            get_artifact_repository(location)  # MLflow's choice of how to write there; nothing is written
+        except Exception as exc:  # noqa: BLE001 - an unknown scheme, a missing client library: one line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TrackingError(f"MLflow cannot write artifacts to {redact(location)} ({whose}): "
+                                f"{redact(first)}") from None
         return
     path = local_file_uri_to_path(location)
     try:

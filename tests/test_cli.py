@@ -117,6 +117,23 @@ def test_an_unwritable_artifact_location_is_refused_before_any_run(tracking_uri,
     assert client.get_experiment_by_name("fresh") is None
 
 
+@pytest.mark.parametrize("location, message", [
+    ("foo://bar/x", "Could not find a registered artifact repository for: foo://bar/x"),
+    ("mlflow-artifacts:/x", "the tracking URI must be a valid http or https URI"),  # a server's, on a database
+])
+def test_an_artifact_location_mlflow_cannot_write_to_is_refused_before_any_run(tracking_uri, tmp_path, location,
+                                                                               message):
+    MlflowClient(tracking_uri).create_experiment("elsewhere", artifact_location=location)
+    for command, options in (("train", ["--l1", "0.001"]),
+                             ("optimize", ["--storage", f"sqlite:///{tmp_path / 'optuna.db'}"])):
+        result = CliRunner().invoke(cli, [command, *tiny_args(), *options, "--experiment-name", "elsewhere"])
+        assert result.exit_code == 2, result.output
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith(f"Error: MLflow cannot write artifacts to {location} ("), lines
+        assert message in lines[0]
+    assert all_runs(tracking_uri) == []
+
+
 def test_integer_options_take_whole_numbers_written_as_floats_as_mlflow_run_passes_them():
     from regsweep.cli import WholeNumber
 
