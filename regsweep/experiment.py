@@ -19,7 +19,7 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from .outage import health, is_http, redact, store_locked, without_credentials
+from .outage import health, is_http, mlflow_http_settings, redact, store_locked, without_credentials
 
 # Every run's test labels and predictions (tracking.log_outcome), read back by the report: named here, where
 # importing it costs the report no torch.
@@ -41,6 +41,13 @@ def check_tracking_uri() -> str:
         except Exception as exc:  # noqa: BLE001 - requests' errors, reported in one line
             raise TrackingError(f"MLflow tracking server at {redact(uri)} is unreachable: "
                                 f"{redact(str(exc))}") from None
+        try:  # /health says little: any web server can answer it, and MLflow's API may still refuse (404, 401)
+            with mlflow_http_settings(10):  # a server failing every call is said within seconds, not minutes
+                MlflowClient(uri).search_experiments(max_results=1)
+        except Exception as exc:  # noqa: BLE001 - MLflow's and requests' errors, reported in one line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TrackingError(f"{redact(uri)} is not an MLflow tracking server, or refuses its API: "
+                                f"{redact(first)[:300]}") from None
         if without_credentials(uri) != uri:
             # MLflow prints each run's URL as it ends, credentials included; regsweep prints its own without.
             os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")

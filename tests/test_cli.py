@@ -243,6 +243,34 @@ def test_unreachable_tracking_server_exits_2(tmp_path, monkeypatch):
     assert "unreachable" in result.output and "user:***@" in result.output and "secret" not in result.output
 
 
+def test_a_web_server_that_is_not_mlflow_is_refused_in_one_line(tmp_path, monkeypatch):
+    """Any web server answers /health; MLflow's API is what says whether it is a tracking server."""
+    import functools
+    import http.server
+    import threading
+
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "health").write_text("OK")
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # its request lines would be in the command's output
+            pass
+
+    handler = functools.partial(Quiet, directory=str(tmp_path / "www"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{server.server_port}")
+    try:
+        for command in (["train", *tiny_args()], ["optimize", "--storage", f"sqlite:///{tmp_path / 'optuna.db'}"],
+                        ["report"]):
+            result = CliRunner().invoke(cli, command)
+            assert result.exit_code == 2, result.output
+            lines = [line for line in result.output.splitlines() if line.strip()]
+            assert len(lines) == 1 and "is not an MLflow tracking server, or refuses its API" in lines[0], lines
+    finally:
+        server.shutdown()
+
+
 def test_corrupted_data_file_is_named_with_the_fix(tmp_path, tracking_uri):
     import shutil
 
