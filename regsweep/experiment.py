@@ -82,6 +82,15 @@ def check_experiment(name: str | None) -> None:
             experiment = None
         if experiment is None or experiment.lifecycle_stage == "deleted":
             raise TrackingError(f"MLFLOW_EXPERIMENT_ID={given} names no active MLflow experiment")
+        return
+    try:  # MLflow's active experiment: "Default" (id 0) unless this process chose another
+        experiment = client.get_experiment(mlflow.tracking.fluent._get_experiment_id())
+    except mlflow.exceptions.MlflowException:
+        return  # none to look at: MLflow says what it makes of that when it makes the run
+    if experiment.lifecycle_stage == "deleted":
+        raise TrackingError(f"MLflow experiment {experiment.name!r}, where runs go without --experiment-name, is "
+                            f"deleted: restore it (mlflow experiments restore --experiment-id "
+                            f"{experiment.experiment_id}) or name an experiment with --experiment-name")
 
 
 def check_artifact_location(name: str | None, run_id: str | None = None) -> None:

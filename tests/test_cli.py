@@ -68,11 +68,15 @@ def test_help_lists_every_config_option_and_the_penalised_set():
     (["--experiment-name", "deleted"], "MLflow experiment 'deleted' is deleted: restore it"),
     (["MLFLOW_EXPERIMENT_ID=999"], "MLFLOW_EXPERIMENT_ID=999 names no active MLflow experiment"),
     (["MLFLOW_EXPERIMENT_NAME="], "MLFLOW_EXPERIMENT_NAME is set but empty"),
+    (["delete Default"], "MLflow experiment 'Default', where runs go without --experiment-name, is deleted"),
     (["--experiment-name", " "], "the MLflow experiment name is empty"),
 ])
 def test_bad_input_exits_2_with_one_line_and_creates_no_run(tracking_uri, monkeypatch, args, message):
     client = MlflowClient(tracking_uri)
     client.delete_experiment(client.create_experiment("deleted"))
+    if args == ["delete Default"]:
+        client.delete_experiment("0")
+        args = []
     for arg in [a for a in args if "=" in a]:
         monkeypatch.setenv(*arg.split("=", 1))
     result = CliRunner().invoke(cli, ["train", *[a for a in args if "=" not in a]])
