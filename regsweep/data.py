@@ -128,7 +128,9 @@ def load_raw(data_dir: str | Path, download: bool = False) -> tuple[torch.Tensor
         train = MNIST(str(data_dir), train=True, download=download)
         test = MNIST(str(data_dir), train=False, download=download)
     except Exception as exc:  # noqa: BLE001 - whatever damaged files make torchvision's reader raise
-        raise DataError(f"cannot read MNIST from {data_dir}: {type(exc).__name__}: {exc}") from None
+        # On one line: a failed --download lists every mirror it tried, and each one's error, on lines of their own.
+        raise DataError(f"cannot read MNIST from {data_dir}: {type(exc).__name__}: {' '.join(str(exc).split())}") \
+            from None
     tensors = (train.data, train.targets, test.data, test.targets)
     shapes = [tuple(t.shape) for t in tensors]
     if shapes != [(60000, 28, 28), (60000,), (10000, 28, 28), (10000,)]:

@@ -275,6 +275,19 @@ def test_a_web_server_that_is_not_mlflow_is_refused_in_one_line(tmp_path, monkey
         server.shutdown()
 
 
+def test_a_failed_download_is_said_in_one_line(tmp_path, tracking_uri, monkeypatch):
+    """torchvision lists every mirror it tried, and each one's error, on lines of their own."""
+    from torchvision.datasets import MNIST
+
+    monkeypatch.setattr(MNIST, "mirrors", ["http://127.0.0.1:9/a/", "http://127.0.0.1:9/b/"])  # nothing listens
+    result = CliRunner().invoke(cli, ["train", *tiny_args(), "--data-dir", str(tmp_path / "none"), "--download",
+                                      "true"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Error downloading" in lines[0] and "127.0.0.1:9/b/" in lines[0], lines
+    assert all_runs(tracking_uri) == []
+
+
 def test_corrupted_data_file_is_named_with_the_fix(tmp_path, tracking_uri):
     import shutil
 
