@@ -464,7 +464,7 @@ def report(experiment_name, study_name, parent_run_id, filter_string, runs, out,
     from .experiment import TrackingError, check_tracking_uri
 
     try:
-        check_tracking_uri()
+        check_tracking_uri(existing=True)
         ids = tuple(i.strip() for i in runs.split(",") if i.strip()) if runs is not None else ()
         if runs is not None and not ids:
             raise ReportError("--runs needs run ids: ID,ID,...")

@@ -30,10 +30,16 @@ class TrackingError(RuntimeError):
     """The tracking store cannot be used; raised before any run is created."""
 
 
-def check_tracking_uri() -> str:
+def check_tracking_uri(existing: bool = False) -> str:
     """Fail fast, with one line, if the tracking store is unreachable. Returns the URI in use. (For a server
-    URI with credentials in it, this also stops MLflow printing run URLs, which would show them.)"""
+    URI with credentials in it, this also stops MLflow printing run URLs, which would show them.) With
+    `existing`, a SQLite file that is not there is refused rather than made: a command that only reads runs
+    (report) started in the wrong folder would otherwise make an empty store and find nothing in it."""
     uri = mlflow.get_tracking_uri()
+    path = uri.removeprefix("sqlite:///").split("?")[0] if uri.startswith("sqlite:///") else None
+    if existing and path and path != ":memory:" and not Path(path).exists():
+        raise TrackingError(f"no MLflow tracking store at {Path(path).resolve()}: set MLFLOW_TRACKING_URI to the "
+                            "store the runs were logged to")
     if is_http(uri):
         # MLflow's own client retries for minutes against a dead server; one short probe answers sooner.
         try:

@@ -383,6 +383,19 @@ def test_bad_input_exits_2_with_one_line_and_writes_and_logs_nothing(sweep, args
                       {a.path for a in client.list_artifacts(sweep["parent"])})
 
 
+def test_a_report_on_a_store_that_is_not_there_says_so_and_makes_none(tmp_path, monkeypatch):
+    """Run in the wrong folder, `sqlite:///mlflow.db` names a file that is not there: MLflow would make an empty
+    store, and the report would find no experiment in it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    result = CliRunner().invoke(cli, ["report"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines == [f"Error: no MLflow tracking store at {tmp_path.resolve() / 'mlflow.db'}: set MLFLOW_TRACKING_URI "
+                     "to the store the runs were logged to"], lines
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_report_that_cannot_be_written_exits_2_with_one_line_and_logs_nothing(sweep):
     out = sweep["tmp"] / "blocked"
     (out / "report.md").mkdir(parents=True)  # the report's own file name taken by a folder
