@@ -374,8 +374,8 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
         study = check_resumable(settings)  # a bad URL, an unreachable database or a clashing space fails here
         check_tracking_uri()
         check_experiment(experiment_name)
-        check_artifact_location(experiment_name)
         check_parent(settings, study)
+        check_artifact_location(experiment_name)  # last: it makes the location's folder, where one is missing
         enable_prompt_flushes()
     except ConfigError as exc:
         raise UsageFailure(str(exc)) from None
