@@ -8,7 +8,8 @@
 #     LOGS=/elsewhere PYTHON=/opt/venv/bin/python bash benchmarks/gpu_tables.sh sweeps
 #
 # Parts and their limits (s): tests 80 (the CUDA tests; CI runs the others), gpu 200 (train 130 of it: the
-# complete `regsweep train` without the pipelines' rows), throughput 90, sweeps 210, phases 200. A part that
+# complete `regsweep train` without the pipelines' rows), throughput 90, sweeps 210, phases 200, trainphases 70
+# (where the complete train's time goes; not in the default list, as phases covers the sweep). A part that
 # runs out of time leaves its log so far; one that ignores the time's SIGTERM (regsweep's stop ends its runs
 # first) is killed 10 s later.
 # The benchmarks print first how many library modules have no compiled bytecode: compiling them is part of
@@ -41,7 +42,8 @@ run_part() {
             --variants default,channels-last,bf16,channels-last-bf16 --profile 20 ;;
         sweeps) part sweeps 210 "$py" benchmarks/stack.py --rows 32,grid ;;
         phases) part phases 200 "$py" benchmarks/phases.py optimize --trials 32 --epochs 15 --stack 32 ;;
-        *) echo "unknown part $1 (tests, gpu, train, throughput, sweeps, phases)" >&2; return 2 ;;
+        trainphases) part trainphases 70 "$py" benchmarks/phases.py train --epochs 15 --device cuda ;;
+        *) echo "unknown part $1 (tests, gpu, train, throughput, sweeps, phases, trainphases)" >&2; return 2 ;;
     esac
 }
 
