@@ -143,12 +143,13 @@ def main():
                                                if args.reference else {})
         walls = {name: [] for name in checkouts}
         for i in range(args.rounds):
-            for name, checkout in checkouts.items():  # in turn, so that a change in load hits both
-                env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(checkout)}
+            for k, (name, checkout) in enumerate(checkouts.items()):  # in turn: a change in load hits both
+                path = os.pathsep.join(filter(None, [str(checkout), os.environ.get("PYTHONPATH")]))
+                env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": path}
                 t = time.perf_counter()
                 subprocess.run([sys.executable, "-m", "regsweep", "report", "--experiment-name", "bench",
-                                "--study-name", "bench", "--out", str(Path(tmp) / f"out{i}")], env=env, cwd=tmp,
-                               check=True, stdout=subprocess.DEVNULL)
+                                "--study-name", "bench", "--out", str(Path(tmp) / f"out{i}-{k}")], env=env,
+                               cwd=tmp, check=True, stdout=subprocess.DEVNULL)
                 walls[name].append(time.perf_counter() - t)
         print(f"| `regsweep report --study-name bench` | wall s, fresh process (median of {args.rounds}) | "
               "all rounds |")

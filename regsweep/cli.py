@@ -309,6 +309,8 @@ def train_one(fields: dict, experiment_name: str | None, tracking_timeout: float
                    "(a compiled step's stack keeps their slots, idle). "
                    "Default: on CUDA, where a full stack costs less per member, and with a compiled step (the "
                    "CPU's default), whose freed slots would idle; off with an eager CPU step (--compile false).")
+# At most a day: past threading's longest wait (about 292 years) the heartbeat thread fails and a dead worker's
+# trial is never noticed, and a day already leaves a dead worker's trial running for two.
 @click.option("--heartbeat", type=click.IntRange(min=1, max=86400), default=60, show_default=True,
               help="Seconds between a running trial's liveness records (RDB storages); a trial silent for "
                    "twice this is failed and retried.")
@@ -356,8 +358,9 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
             raise ConfigError(f"--seed {base.seed} with --repeats {repeats} gives seeds of 2**63 and more; "
                               "use a smaller seed or fewer repeats")
         if (study_name or experiment_name) == WRITE_CHECK_STUDY:
-            raise ConfigError(f"the study name {WRITE_CHECK_STUDY!r} is regsweep's own (it checks that the storage "
-                              "takes writes, and deletes that study again); choose another")
+            raise ConfigError(f"the study name {WRITE_CHECK_STUDY!r} (--study-name, which defaults to the experiment "
+                              "name) is regsweep's own: it checks that the storage takes writes, and deletes that "
+                              "study again; choose another")
         if refill and base.optimizer != "sgd":
             raise ConfigError(f"--refill needs --optimizer sgd: each member's learning rate scales SGD's update, "
                               f"not {base.optimizer}'s")

@@ -35,7 +35,9 @@ APPLIES_WHERE = {"hidden": ("model", "mlp"), "activation": ("model", "mlp"), "in
                  "momentum": ("optimizer", "sgd")}
 NOT_APPLICABLE = "n/a"
 FLOAT32_MAX = 3.4028234663852886e38
-MAX_MLP_WEIGHTS = 100_000_000  # 0.4 GB of float32 weights, three times that with gradients and momentum
+# 4 GB of float32 weights, 12 GB with gradients and momentum: trainable on a 24 GB machine or a GPU, while the
+# MLP this was set for (two layers of 65,536 units: 4.3 billion weights) only failed to allocate.
+MAX_MLP_WEIGHTS = 1_000_000_000
 
 
 class ConfigError(ValueError):
@@ -145,8 +147,8 @@ class TrainConfig:
             raise ConfigError("lr must be > 0")
         if self.lr > FLOAT32_MAX:  # the optimizer holds it as a float32 on the device: larger only overflows there
             raise ConfigError(f"lr must be at most {FLOAT32_MAX:.4g} (float32), got {self.lr!r}")
-        if self.rotate > 180:  # +-180 degrees already covers every angle; far larger ones overflow to NaN images
-            raise ConfigError(f"rotate must be at most 180 degrees, got {self.rotate!r}")
+        if self.rotate > 360:  # +-360 degrees already covers every angle twice; far larger ones overflow to NaN
+            raise ConfigError(f"rotate must be at most 360 degrees, got {self.rotate!r}")
         if self.dropout >= 1:
             raise ConfigError(f"dropout must be < 1, got {self.dropout}")
         if self.momentum >= 1:

@@ -121,6 +121,7 @@ def load_raw(data_dir: str | Path, download: bool = False) -> tuple[torch.Tensor
     check_available(data_dir, download)
     cached = read_cache(data_dir)
     if cached is not None:
+        check_labels(data_dir, cached)  # also a tensor file written before labels were checked
         return cached
     from torchvision.datasets import MNIST  # heavy import, kept out of `regsweep --help`
 
@@ -136,12 +137,17 @@ def load_raw(data_dir: str | Path, download: bool = False) -> tuple[torch.Tensor
     if shapes != [(60000, 28, 28), (60000,), (10000, 28, 28), (10000,)]:
         raise DataError(f"the MNIST files in {data_dir} are not 60,000 training and 10,000 test images of 28 x 28 "
                         f"with their labels (read: {shapes})")
-    labels = torch.cat([train.targets, test.targets])
-    if labels.min() < 0 or labels.max() > 9:  # a label past the 10 classes fails only in the first step's loss
-        raise DataError(f"the MNIST labels in {data_dir} are not digits 0-9 (read {labels.min()} to "
-                        f"{labels.max()}): the label files are damaged; restore them")
+    check_labels(data_dir, tensors)
     write_cache(data_dir, tensors)
     return tensors
+
+
+def check_labels(data_dir: Path, tensors: tuple[torch.Tensor, ...]) -> None:
+    """A label past the 10 classes would fail only in the first step's loss, after the run began."""
+    labels = torch.cat([tensors[1], tensors[3]])
+    if labels.min() < 0 or labels.max() > 9:
+        raise DataError(f"the MNIST labels in {data_dir} are not digits 0-9 (read {labels.min()} to "
+                        f"{labels.max()}): the label files are damaged; restore them")
 
 
 def cache_path(data_dir: Path) -> Path:

@@ -36,10 +36,15 @@ def check_tracking_uri(existing: bool = False) -> str:
     `existing`, a SQLite file that is not there is refused rather than made: a command that only reads runs
     (report) started in the wrong folder would otherwise make an empty store and find nothing in it."""
     uri = mlflow.get_tracking_uri()
-    path = uri.removeprefix("sqlite:///").split("?")[0] if uri.startswith("sqlite:///") else None
-    if existing and path and path != ":memory:" and not Path(path).exists():
-        raise TrackingError(f"no MLflow tracking store at {Path(path).resolve()}: set MLFLOW_TRACKING_URI to the "
-                            "store the runs were logged to")
+    if existing and uri.startswith("sqlite:"):
+        import sqlalchemy
+
+        url = sqlalchemy.engine.make_url(uri)  # the file as SQLAlchemy reads it: %20 decoded, the query dropped
+        path = url.database
+        # (A `uri=true` query makes the "path" a URI of SQLite's own, whose file SQLite alone resolves.)
+        if path and path != ":memory:" and url.query.get("uri") != "true" and not Path(path).exists():
+            raise TrackingError(f"no MLflow tracking store at {Path(path).resolve()}: set MLFLOW_TRACKING_URI to "
+                                "the store the runs were logged to")
     if is_http(uri):
         # MLflow's own client retries for minutes against a dead server; one short probe answers sooner.
         try:
@@ -52,8 +57,8 @@ def check_tracking_uri(existing: bool = False) -> str:
                 MlflowClient(uri).search_experiments(max_results=1)
         except Exception as exc:  # noqa: BLE001 - MLflow's and requests' errors, reported in one line
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise TrackingError(f"{redact(uri)} is not an MLflow tracking server, or refuses its API: "
-                                f"{redact(first)[:300]}") from None
+            raise TrackingError(f"{redact(uri)} answers /health but not MLflow's API (not a tracking server, or one "
+                                f"whose store fails): {redact(first)[:300]}") from None
         if without_credentials(uri) != uri:
             # MLflow prints each run's URL as it ends, credentials included; regsweep prints its own without.
             os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
@@ -103,9 +108,9 @@ def check_artifact_location(name: str | None, run_id: str | None = None) -> None
     """Fail with one line, before any run, where the runs' artifacts cannot be written. MLflow only finds out
     when the first artifact is logged: `train` after its run is made, a sweep once its first stack has
     trained. A location on this machine's file system is tried; elsewhere, MLflow must have a way to write
-    there (a scheme it knows, its client library installed, a tracking server for mlflow-artifacts:), and
-    whether the server or bucket then takes the writes is left to the store: checking that would mean
-    writing there."""
+    there (a scheme it knows, a tracking server for mlflow-artifacts:, the client library of those whose
+    repository imports it when made, as gs:// and wasbs:// do and s3:// does not), and whether the server or
+    bucket then takes the writes is left to the store: checking that would mean writing there."""
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
     from mlflow.utils.file_utils import local_file_uri_to_path
 
@@ -118,10 +123,12 @@ def check_artifact_location(name: str | None, run_id: str | None = None) -> None
     if urllib.parse.urlparse(location).scheme not in ("", "file"):
         try:
             get_artifact_repository(location)  # MLflow's choice of how to write there; nothing is written
-        except Exception as exc:  # noqa: BLE001 - an unknown scheme, a missing client library: one line
+        except (mlflow.exceptions.MlflowException, ImportError) as exc:  # an unknown scheme, a missing library
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise TrackingError(f"MLflow cannot write artifacts to {redact(location)} ({whose}): "
                                 f"{redact(first)}") from None
+        except Exception:  # noqa: BLE001 - anything else (Databricks' dbfs: wants a run's URI) is the run's to meet
+            pass
         return
     path = local_file_uri_to_path(location)
     try:
@@ -145,8 +152,12 @@ def artifact_location(name: str | None, run_id: str | None) -> tuple[str | None,
         if experiment is None:
             # A new experiment's artifacts go under its store's default artifact root (`mlflow server
             # --default-artifact-root`, ./mlruns for a database store used directly). MLflow's client has no
-            # public accessor for it; a store without the attribute leaves the check to the first artifact.
-            root = getattr(client._tracking_client.store, "artifact_root_uri", None)
+            # public accessor for it; where the private one is missing (a server's store, another MLflow
+            # version), the check is left to the first artifact.
+            try:
+                root = client._tracking_client.store.artifact_root_uri
+            except AttributeError:
+                root = None
             return root, f"the default artifact root, for the new MLflow experiment {name!r}"
         return experiment.artifact_location, f"the artifact location of MLflow experiment {name!r}"
     experiment = client.get_experiment(mlflow.tracking.fluent._get_experiment_id())
@@ -169,7 +180,6 @@ def check_run_to_resume() -> None:
         state = "deleted" if run.info.lifecycle_stage == "deleted" else run.info.status
         raise TrackingError(f"MLFLOW_RUN_ID={run_id} names a {state} run: regsweep train logs into the run "
                             "`mlflow run` started for it, not into an earlier one; unset it to start a new run")
-
 
 
 def use_experiment(name: str) -> str:

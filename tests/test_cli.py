@@ -58,8 +58,8 @@ def test_help_lists_every_config_option_and_the_penalised_set():
     (["--model", "mlp", "--max-train-samples", "1"], "the MLP's batch norm needs at least 2 samples"),
     (["--seed", str(2**64)], "seed must be below 2**63"),
     (["--lr", "1e39"], "lr must be at most 3.403e+38 (float32)"),  # overflowed in the optimizer's first step
-    (["--rotate", "1e300"], "rotate must be at most 180 degrees"),  # overflowed to NaN images: "diverged"
-    (["--model", "mlp", "--hidden", "65536,65536"], "would have 4,347,002,880 weights; at most 100,000,000"),
+    (["--rotate", "1e300"], "rotate must be at most 360 degrees"),  # overflowed to NaN images: "diverged"
+    (["--model", "mlp", "--hidden", "65536,65536"], "would have 4,347,002,880 weights; at most 1,000,000,000"),
     (["--model", "resnet"], "'resnet' is not one of 'cnn', 'mlp'"),
     (["--norm", "layer"], "'layer' is not one of 'bn', 'gbn', 'none'"),
     (["--optimizer", "rmsprop"], "'rmsprop' is not one of 'sgd', 'adam'"),
@@ -270,7 +270,7 @@ def test_a_web_server_that_is_not_mlflow_is_refused_in_one_line(tmp_path, monkey
             result = CliRunner().invoke(cli, command)
             assert result.exit_code == 2, result.output
             lines = [line for line in result.output.splitlines() if line.strip()]
-            assert len(lines) == 1 and "is not an MLflow tracking server, or refuses its API" in lines[0], lines
+            assert len(lines) == 1 and "answers /health but not MLflow's API" in lines[0], lines
     finally:
         server.shutdown()
 

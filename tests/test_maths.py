@@ -172,6 +172,13 @@ def test_mnist_is_read_back_from_its_tensor_file_without_torchvision_and_reread_
     for damage in (b"damaged", cache_path(data).read_bytes()[:1000], b""):
         cache_path(data).write_bytes(damage)
         assert torch.equal(load_raw(data)[0], first[0]) and cache_path(data).stat().st_size > 1_000_000
+    # A readable tensor file whose labels are not digits (one written from damaged files, before labels were
+    # checked) is refused like the files themselves.
+    from regsweep.data import DataError, write_cache
+
+    write_cache(data, (first[0], torch.full_like(first[1], 200), first[2], first[3]))
+    with pytest.raises(DataError, match="are not digits 0-9"):
+        load_raw(data)
 
 
 def test_batches_cover_the_split_once_as_slices():
