@@ -155,6 +155,10 @@ class WholeNumber(click.ParamType):
             number = decimal.Decimal(str(value).strip())
         except decimal.InvalidOperation:
             self.fail(f"{value!r} is not a valid integer", param, ctx)
+        # Bounded first: 1e100000000 would overflow decimal's arithmetic or take minutes to expand, and past 4,300
+        # digits Python refuses to print an int (in the params, in an error message). No setting needs 10**30.
+        if number.is_finite() and number.adjusted() >= 30:
+            self.fail(f"{value!r} is too large (whole numbers here are below 10**30)", param, ctx)
         if not number.is_finite() or number != number.to_integral_value():
             self.fail(f"{value!r} is not a whole number", param, ctx)
         return int(number)
