@@ -54,8 +54,8 @@ def test_help_lists_every_config_option_and_the_penalised_set():
     (["--l1", "abc"], "'abc' is not a valid float"),
     (["--epochs", "0"], "epochs must be an integer >= 1"),
     (["--epochs", "2.5"], "'2.5' is not a whole number"),
-    (["--epochs", "1e5000"], "'1e5000' is too large (whole numbers here are below 10**30)"),  # a traceback, after making a run
-    (["--seed", "1e100000000"], "is too large (whole numbers here are below 10**30)"),  # minutes of int() before anything
+    (["--epochs", "1e5000"], "'1e5000' is too large (whole numbers here are below 10**30)"),  # made a run, then failed
+    (["--seed", "1e100000000"], "is too large (whole numbers here are below 10**30)"),  # minutes in int() first
     (["--batch-size", "many"], "'many' is not a valid integer"),
     (["--model", "mlp", "--max-train-samples", "1"], "the MLP's batch norm needs at least 2 samples"),
     (["--seed", str(2**64)], "seed must be below 2**63"),
