@@ -499,8 +499,10 @@ def mark_project_run_failed(message: str) -> None:
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if run_id:
         from mlflow.tracking import MlflowClient
+
+        from .experiment import not_this_commands_run
         try:
-            if MlflowClient().get_run(run_id).info.status == "RUNNING":  # not a leftover id of an ended run
+            if not not_this_commands_run(MlflowClient().get_run(run_id)):  # not a leftover id, nor another's run
                 MlflowClient().set_tag(run_id, "regsweep.error", message)
         except Exception:  # noqa: BLE001 - the store itself may be the problem; the exit code still tells
             pass

@@ -19,11 +19,12 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from .outage import health, is_http, mlflow_http_settings, redact, store_locked, without_credentials
+from .outage import WORKER_TAG, health, is_http, mlflow_http_settings, redact, store_locked, without_credentials
 
 # Every run's test labels and predictions (tracking.log_outcome), read back by the report: named here, where
 # importing it costs the report no torch.
 PREDICTIONS = "predictions/test_pred.json"
+PROJECT_ENTRY_POINT_TAG = "mlflow.project.entryPoint"  # on every run `mlflow run` starts
 
 
 class TrackingError(RuntimeError):
@@ -165,21 +166,37 @@ def artifact_location(name: str | None, run_id: str | None) -> tuple[str | None,
 
 
 def check_run_to_resume() -> None:
-    """Where MLFLOW_RUN_ID is set, it must name a run that `mlflow run` started for this command: one that
-    exists and is RUNNING. A leftover id of a finished run would otherwise be reopened and trained into, under
-    another run's params."""
+    """Where MLFLOW_RUN_ID is set, it must name the run that `mlflow run` started for this command: one that
+    exists, is RUNNING, carries the project's entry point (which `mlflow run` tags its runs with) and has no
+    regsweep process training it yet. A leftover id would otherwise be reopened and trained into, under another
+    run's params, or another command's run taken over and ended under it."""
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if not run_id:
         return
     try:
         run = MlflowClient().get_run(run_id)
     except mlflow.exceptions.MlflowException:
-        raise TrackingError(f"MLFLOW_RUN_ID={run_id} names no run in this tracking store; unset it to start a "
-                            "new run") from None
+        hint = ""
+        uri = mlflow.get_tracking_uri()
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            hint = " (a relative sqlite:/// path is read from the current folder: `mlflow run` makes it the project's)"
+        raise TrackingError(f"MLFLOW_RUN_ID={run_id} names no run in this tracking store{hint}; unset it to start "
+                            "a new run") from None
+    why = not_this_commands_run(run)
+    if why:
+        raise TrackingError(f"MLFLOW_RUN_ID={run_id} names {why}: regsweep train logs into the run `mlflow run` "
+                            "started for it; unset it to start a new run")
+
+
+def not_this_commands_run(run) -> str | None:
+    """Why `run` is not one that `mlflow run` has just started for this command (None where it is)."""
     if run.info.lifecycle_stage == "deleted" or run.info.status != "RUNNING":
-        state = "deleted" if run.info.lifecycle_stage == "deleted" else run.info.status
-        raise TrackingError(f"MLFLOW_RUN_ID={run_id} names a {state} run: regsweep train logs into the run "
-                            "`mlflow run` started for it, not into an earlier one; unset it to start a new run")
+        return f"a {'deleted' if run.info.lifecycle_stage == 'deleted' else run.info.status} run"
+    if PROJECT_ENTRY_POINT_TAG not in run.data.tags:
+        return "a run that `mlflow run` did not start"
+    if WORKER_TAG in run.data.tags:
+        return f"a run that a regsweep process ({run.data.tags[WORKER_TAG]}) already trains"
+    return None
 
 
 def use_experiment(name: str) -> str:

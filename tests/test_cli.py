@@ -106,7 +106,8 @@ def test_an_unwritable_artifact_location_is_refused_before_any_run(tracking_uri,
     else:
         client.create_experiment("unwritable", artifact_location=str(blocked))
     if where == "mlflow run":
-        run = client.create_run(client.get_experiment_by_name("unwritable").experiment_id)
+        run = client.create_run(client.get_experiment_by_name("unwritable").experiment_id,
+                                tags={"mlflow.project.entryPoint": "main"})  # as `mlflow run` makes it
         monkeypatch.setenv("MLFLOW_RUN_ID", run.info.run_id)
         blocked = blocked / run.info.run_id / "artifacts"
     options = ["--storage", f"sqlite:///{tmp_path / 'optuna.db'}"] if command == "optimize" else ["--l1", "0.001"]
@@ -392,30 +393,39 @@ def test_a_run_carries_its_worker_tag_from_its_creation(tracking_uri, monkeypatc
     assert run.info.status == "FAILED" and run.data.tags["regsweep.worker"].endswith(f":{os.getpid()}")
 
 
-@pytest.mark.parametrize("status", ["FINISHED", "deleted", "missing"])
-def test_an_mlflow_run_id_of_an_ended_deleted_or_missing_run_is_refused_and_left_as_it_was(tracking_uri, monkeypatch,
-                                                                                         status):
+@pytest.mark.parametrize("status, message", [
+    ("FINISHED", "names a FINISHED run"), ("deleted", "names a deleted run"), ("missing", "names no run"),
+    ("another command's", "names a run that `mlflow run` did not start"),
+    ("trained", "names a run that a regsweep process (elsewhere:123) already trains"),
+])
+def test_an_mlflow_run_id_of_a_run_not_started_for_this_command_is_refused_and_left_as_it_was(tracking_uri,
+                                                                                               monkeypatch, status,
+                                                                                               message):
     """MLFLOW_RUN_ID left over in the environment, outside `mlflow run`: training into that run would put a new
-    configuration under its params. Refused before anything is written, the run untouched, bad input or not."""
+    configuration under its params, and a RUNNING one would be taken from the command that runs it and ended
+    under it. Refused before anything is written, the run untouched, bad input or not."""
     client = MlflowClient(tracking_uri)
-    run = client.create_run("0")
+    tags = {"mlflow.project.entryPoint": "main"} if status != "another command's" else {}
+    run = client.create_run("0", tags=tags | ({"regsweep.worker": "elsewhere:123"} if status == "trained" else {}))
     client.log_param(run.info.run_id, "l1", "0.0")
-    client.set_terminated(run.info.run_id, "FINISHED")
+    if status in ("FINISHED", "deleted", "missing"):
+        client.set_terminated(run.info.run_id, "FINISHED")
     if status == "deleted":
         client.delete_run(run.info.run_id)
     monkeypatch.setenv("MLFLOW_RUN_ID", "0" * 32 if status == "missing" else run.info.run_id)
     result = CliRunner().invoke(cli, ["train", *tiny_args(), "--l1", "0.001"])
     assert result.exit_code == 2, result.output
-    assert f"MLFLOW_RUN_ID={'0' * 32 if status == 'missing' else run.info.run_id} names" in result.output
+    assert f"MLFLOW_RUN_ID={'0' * 32 if status == 'missing' else run.info.run_id} {message}" in result.output
     assert CliRunner().invoke(cli, ["train", *tiny_args(), "--l1", "-1"]).exit_code == 2
     after = client.get_run(run.info.run_id)
     assert after.data.params == {"l1": "0.0"} and "regsweep.error" not in after.data.tags
-    assert after.info.status == "FINISHED" and not client.get_metric_history(run.info.run_id, "val/acc")
+    assert after.info.status == ("RUNNING" if status in ("another command's", "trained") else "FINISHED")
+    assert not client.get_metric_history(run.info.run_id, "val/acc")
 
 
 def test_inside_mlflow_run_an_option_click_refuses_is_said_on_the_run(tracking_uri, monkeypatch):
     """`mlflow run . -P model=resnet`: MLflow has created the run before the options are parsed."""
-    run = MlflowClient(tracking_uri).create_run("0")
+    run = MlflowClient(tracking_uri).create_run("0", tags={"mlflow.project.entryPoint": "main"})
     monkeypatch.setenv("MLFLOW_RUN_ID", run.info.run_id)
     result = CliRunner().invoke(cli, ["train", "--model", "resnet"])
     assert result.exit_code == 2
