@@ -37,15 +37,19 @@ def check_tracking_uri(existing: bool = False) -> str:
     `existing`, a SQLite file that is not there is refused rather than made: a command that only reads runs
     (report) started in the wrong folder would otherwise make an empty store and find nothing in it."""
     uri = mlflow.get_tracking_uri()
-    if existing and uri.startswith("sqlite:"):
+    if uri.startswith("sqlite:"):
         import sqlalchemy
 
         url = sqlalchemy.engine.make_url(uri)  # the file as SQLAlchemy reads it: %20 decoded, the query dropped
         path = url.database
         # (A `uri=true` query makes the "path" a URI of SQLite's own, whose file SQLite alone resolves.)
-        if path and path != ":memory:" and url.query.get("uri") != "true" and not Path(path).exists():
-            raise TrackingError(f"no MLflow tracking store at {Path(path).resolve()}: set MLFLOW_TRACKING_URI to "
-                                "the store the runs were logged to")
+        if path and path != ":memory:" and url.query.get("uri") != "true":
+            if Path(path).is_dir():  # MLflow would try to open it for a minute and a half, then fail
+                raise TrackingError(f"MLflow tracking URI {redact(uri)!r} names a folder, {Path(path).resolve()}; "
+                                    "name a SQLite file (it is made where missing)")
+            if existing and not Path(path).exists():
+                raise TrackingError(f"no MLflow tracking store at {Path(path).resolve()}: set MLFLOW_TRACKING_URI "
+                                    "to the store the runs were logged to")
     if is_http(uri):
         # MLflow's own client retries for minutes against a dead server; one short probe answers sooner.
         try:

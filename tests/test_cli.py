@@ -278,6 +278,17 @@ def test_a_web_server_that_is_not_mlflow_is_refused_in_one_line(tmp_path, monkey
         server.shutdown()
 
 
+def test_a_sqlite_uri_naming_a_folder_is_refused_at_once(tmp_path, monkeypatch):
+    """MLflow retries opening it for about a minute and a half, printing a warning for each try."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}")
+    result = CliRunner().invoke(cli, ["train", *tiny_args()])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines == [f"Error: MLflow tracking URI 'sqlite:///{tmp_path}' names a folder, {tmp_path}; name a SQLite "
+                     "file (it is made where missing)"], lines
+
+
 def test_a_failed_download_is_said_in_one_line(tmp_path, tracking_uri, monkeypatch):
     """torchvision lists every mirror it tried, and each one's error, on lines of their own."""
     from torchvision.datasets import MNIST
