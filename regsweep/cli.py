@@ -78,12 +78,13 @@ class Interrupted(click.ClickException):
 
 
 def checks_interrupted() -> Interrupted:
-    """Ctrl-C while a command checks its input and stores: as any other stop, one line and exit 130 (not click's
-    "Aborted!" and 1). Nothing was started; SIGTERM, not yet turned into Ctrl-C there, ends the process as usual."""
+    """Ctrl-C while a command starts (imports its stages, checks its input and stores): as any other stop, one
+    line and exit 130 (not click's "Aborted!" and 1). Nothing was started; SIGTERM, not yet turned into Ctrl-C
+    there, ends the process as usual."""
     import signal
 
-    return Interrupted("interrupted: while the input and the stores were checked, before any run was started",
-                       signal.SIGINT)
+    return Interrupted("interrupted: as the command started (checking its input and stores), before any run was "
+                       "started", signal.SIGINT)
 
 
 class OutageStop(click.ClickException):
@@ -138,6 +139,12 @@ class Cli(click.Group):
         except click.UsageError as exc:
             exc.ctx = None  # one line ("Error: ..."), not a usage block
             mark_project_run_failed(exc.format_message())  # an option click refused, e.g. `-P model=resnet`
+            raise
+        except KeyboardInterrupt:
+            # train and optimize turn every Ctrl-C from their first run on into a line of their own: one that
+            # reaches here came as they started (importing torch and MLflow takes seconds), before any run.
+            if ctx.invoked_subcommand in ("train", "optimize"):
+                raise checks_interrupted() from None
             raise
 
 
