@@ -134,11 +134,21 @@ def stop_for_outage(exc, consequence: str) -> None:
 
 class Cli(click.Group):
     def invoke(self, ctx):
+        args = list(ctx.args)  # the command's; click empties ctx.args as it hands them on
         try:
             return super().invoke(ctx)
         except click.UsageError as exc:
             exc.ctx = None  # one line ("Error: ..."), not a usage block
             mark_project_run_failed(exc.format_message())  # an option click refused, e.g. `-P model=resnet`
+            raise
+        except click.exceptions.Exit as exc:
+            # `mlflow run . -P help=x` passes `--help x` on: the options are printed, nothing trains, and MLflow
+            # would end its run FINISHED, empty. Said on that run, which then ends FAILED.
+            if exc.exit_code == 0 and os.environ.get("MLFLOW_RUN_ID") and "--help" in args:
+                message = ("-P help is no parameter of this project: `mlflow run` passed it on as --help, which "
+                           "only lists the options (the parameters are in MLproject)")
+                if mark_project_run_failed(message):
+                    raise UsageFailure(message) from None
             raise
         except KeyboardInterrupt:
             # train and optimize turn every Ctrl-C from their first run on into a line of their own: one that
@@ -501,8 +511,9 @@ def run_experiment_id(experiment_id: str | None) -> str:
     return experiment_id or mlflow.tracking.fluent._get_experiment_id()
 
 
-def mark_project_run_failed(message: str) -> None:
-    """Inside `mlflow run` the run exists before we can check input: say on it why it failed."""
+def mark_project_run_failed(message: str) -> bool:
+    """Inside `mlflow run` the run exists before we can check input: say on it why it failed. Returns whether
+    there was such a run."""
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if run_id:
         from mlflow.tracking import MlflowClient
@@ -511,8 +522,10 @@ def mark_project_run_failed(message: str) -> None:
         try:
             if not not_this_commands_run(MlflowClient().get_run(run_id)):  # not a leftover id, nor another's run
                 MlflowClient().set_tag(run_id, "regsweep.error", message)
+                return True
         except Exception:  # noqa: BLE001 - the store itself may be the problem; the exit code still tells
             pass
+    return False
 
 
 def main():

@@ -244,6 +244,20 @@ def test_ctrl_c_while_a_command_checks_its_input_says_so_and_exits_130(tracking_
     assert all_runs(tracking_uri) == []
 
 
+def test_inside_mlflow_run_a_help_parameter_fails_the_run_instead_of_finishing_it_empty(tracking_uri, monkeypatch):
+    """`mlflow run . -P help=x` passes `--help x` on to the command: only the options would be listed, and
+    MLflow would end its run FINISHED with nothing in it. Outside `mlflow run`, --help is help."""
+    client = MlflowClient(tracking_uri)
+    run = client.create_run("0", tags={"mlflow.project.entryPoint": "main"})  # as `mlflow run` makes it
+    monkeypatch.setenv("MLFLOW_RUN_ID", run.info.run_id)
+    result = CliRunner().invoke(cli, ["train", *tiny_args(), "--help", "x"])
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines()[-1].startswith("Error: -P help is no parameter of this project"), result.output
+    assert "-P help is no parameter" in client.get_run(run.info.run_id).data.tags["regsweep.error"]
+    monkeypatch.delenv("MLFLOW_RUN_ID")
+    assert CliRunner().invoke(cli, ["train", "--help"]).exit_code == 0
+
+
 def test_unreachable_tracking_server_exits_2(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://user:secret@127.0.0.1:9")  # discard port: nothing listens
