@@ -68,6 +68,7 @@ def test_settings_compare_as_values_and_close_coefficients_stay_apart():
         run_row("b1", 0.001, 0, 1, **{"params.augment": "True", "params.rotate": "7.0"}),
         # as `mlflow run` logs MLproject parameters: as typed
         run_row("b2", "1e-3", 0, 2, **{"params.augment": "true", "params.rotate": "7"}),
+        run_row("b3", "1e-3", 0, 3, **{"params.augment": "yes", "params.rotate": "7"}),  # click reads it as True
         # two trials of a sweep that agree to three digits
         run_row("c1", 0.0012341, 0, 1, **{"params.augment": "True", "params.rotate": "7.0"}),
         run_row("d1", 0.0012344, 0, 1, **{"params.augment": "True", "params.rotate": "7.0"}),
@@ -75,7 +76,8 @@ def test_settings_compare_as_values_and_close_coefficients_stay_apart():
     kept, left_out = stats.select_training_runs(runs)
     assert left_out == {}
     assert dict(kept.groupby("configuration")["run_id"].apply(sorted)) == {
-        "l1=0 l2=0": ["a1"], "l1=1e-3 l2=0": ["b1", "b2"], "l1=1.2341e-3 l2=0": ["c1"], "l1=1.2344e-3 l2=0": ["d1"]}
+        "l1=0 l2=0": ["a1"], "l1=1e-3 l2=0": ["b1", "b2", "b3"], "l1=1.2341e-3 l2=0": ["c1"],
+        "l1=1.2344e-3 l2=0": ["d1"]}
     assert stats.same_value("true", "True") and stats.same_value("7", "7.0") and not stats.same_value("bn", "gbn")
 
     # A CNN ignores the MLP's activation, batch norm ignores the ghost batch size: no second configuration.

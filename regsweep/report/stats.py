@@ -9,6 +9,7 @@ luck) and Welch's t-test otherwise; with fewer than two seeds on a side there is
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import shlex
@@ -19,7 +20,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from ..config import APPLIES_WHERE, fmt_coef  # APPLIES_WHERE: settings blanked where they do not apply
+from ..config import APPLIES_WHERE, TrainConfig, fmt_coef  # APPLIES_WHERE: settings blanked where they do not apply
+
+FLAGS = {f.name for f in dataclasses.fields(TrainConfig) if isinstance(f.default, bool)}  # on/off settings
 
 ALPHA = 0.05  # significance level of the verdicts
 NO_VERDICT = "one seed: no verdict"
@@ -136,7 +139,8 @@ def label_configurations(runs: pd.DataFrame) -> pd.DataFrame:
     runs = runs.copy()
     columns = setting_columns(runs)
     for c in columns:
-        runs[c] = runs[c].map(canonical, na_action="ignore").astype(object)
+        as_value = canonical_flag if c.removeprefix("params.") in FLAGS else canonical
+        runs[c] = runs[c].map(as_value, na_action="ignore").astype(object)
     for name, (key, value) in APPLIES_WHERE.items():
         if f"params.{name}" in runs and f"params.{key}" in runs:
             runs.loc[runs[f"params.{key}"] != value, f"params.{name}"] = np.nan
@@ -166,6 +170,17 @@ def canonical(value) -> str:
     if not math.isfinite(number):
         return text
     return str(int(number)) if number.is_integer() else repr(number)  # '7', '7.0' and '7e0' alike
+
+
+def canonical_flag(value) -> str:
+    """A logged on/off setting as True or False: `mlflow run -P augment=yes` logs 'yes', which click reads as
+    regsweep's True (as it does 1, on, y, t)."""
+    text = str(value).strip().lower()
+    if text in ("1", "true", "t", "yes", "y", "on"):
+        return "True"
+    if text in ("0", "false", "f", "no", "n", "off"):
+        return "False"
+    return str(value).strip()
 
 
 def coefficient_labels(values: pd.Series) -> list[str]:
