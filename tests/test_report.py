@@ -385,6 +385,23 @@ def test_bad_input_exits_2_with_one_line_and_writes_and_logs_nothing(sweep, args
                       {a.path for a in client.list_artifacts(sweep["parent"])})
 
 
+def test_a_study_name_that_two_parent_runs_carry_reports_the_newest_and_names_the_other(sweep):
+    client = MlflowClient()
+    older = client.create_run(sweep["experiment_id"], start_time=1000,  # a study of that name in another storage
+                              tags={"regsweep.kind": "study", "regsweep.study": "pair"}).info.run_id
+    client.set_terminated(older, "FINISHED")
+    try:
+        out = sweep["tmp"] / "two-pairs"
+        result = CliRunner().invoke(cli, ["report", "--experiment-name", "rep", "--study-name", "pair",
+                                          "--no-log-to-mlflow", "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        text = (out / "report.md").read_text()
+        assert (f"study pair (parent run {sweep['parent']}; the newest of 2 studies of that name here, the others "
+                f"under parent runs {older}: choose one with --parent-run-id)") in text
+    finally:
+        client.delete_run(older)
+
+
 def test_a_report_on_a_store_that_is_not_there_says_so_and_makes_none(tmp_path, monkeypatch):
     """Run in the wrong folder, `sqlite:///mlflow.db` names a file that is not there: MLflow would make an empty
     store, and the report would find no experiment in it."""

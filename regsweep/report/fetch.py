@@ -137,8 +137,13 @@ def select(selection: Selection, client: MlflowClient) -> tuple[pd.DataFrame, di
             raise ReportError(f"no study {selection.study_name!r} in experiment {selection.experiment_name!r} "
                               f"(studies there: {known})")
         root = parents["run_id"].iloc[0]
+        # Two studies of one name in one experiment (two Optuna storages, or a study made anew): the newest is
+        # reported, and the report says which others there are.
+        others = "" if len(parents) == 1 else (
+            f"; the newest of {len(parents)} studies of that name here, the others under parent runs "
+            f"{', '.join(parents['run_id'].iloc[1:])}: choose one with --parent-run-id")
         where = {"name": selection.study_name, "experiment_id": experiment_id, "parent_run_id": root,
-                 "description": f"study {selection.study_name} (parent run {root})"}
+                 "description": f"study {selection.study_name} (parent run {root}{others})"}
     else:
         experiment_id = experiment_id_of(client, selection.experiment_name)
         runs = search([experiment_id], selection.filter_string)
