@@ -32,8 +32,9 @@ class TrackingError(RuntimeError):
 
 
 def check_tracking_uri(existing: bool = False) -> str:
-    """Fail fast, with one line, if the tracking store is unreachable. Returns the URI in use. (For a server
-    URI with credentials in it, this also stops MLflow printing run URLs, which would show them.) With
+    """Fail fast, with one line, where the tracking store cannot be used: a server that does not answer, or not
+    MLflow's API; a SQLite URI naming a folder; a database that cannot be opened. Returns the URI in use. (For a
+    server URI with credentials in it, this also stops MLflow printing run URLs, which would show them.) With
     `existing`, a SQLite file that is not there is refused rather than made: a command that only reads runs
     (report) started in the wrong folder would otherwise make an empty store and find nothing in it."""
     uri = mlflow.get_tracking_uri()
