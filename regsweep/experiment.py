@@ -19,7 +19,8 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from .outage import WORKER_TAG, health, is_http, mlflow_http_settings, redact, store_locked, without_credentials
+from .outage import (WORKER_TAG, health, is_http, mlflow_http_settings, redact, sqlite_file, store_locked,
+                     without_credentials)
 
 # Every run's test labels and predictions (tracking.log_outcome), read back by the report: named here, where
 # importing it costs the report no torch.
@@ -31,6 +32,12 @@ class TrackingError(RuntimeError):
     """The tracking store cannot be used; raised before any run is created."""
 
 
+def first_line(exc: BaseException) -> str:
+    """An error in one line: MLflow's and SQLAlchemy's messages go on with bodies, SQL and links."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def check_tracking_uri(existing: bool = False) -> str:
     """Fail fast, with one line, where the tracking store cannot be used: a server that does not answer, or not
     MLflow's API; a SQLite URI naming a folder; a database that cannot be opened. Returns the URI in use. (For a
@@ -38,19 +45,13 @@ def check_tracking_uri(existing: bool = False) -> str:
     `existing`, a SQLite file that is not there is refused rather than made: a command that only reads runs
     (report) started in the wrong folder would otherwise make an empty store and find nothing in it."""
     uri = mlflow.get_tracking_uri()
-    if uri.startswith("sqlite:"):
-        import sqlalchemy
-
-        url = sqlalchemy.engine.make_url(uri)  # the file as SQLAlchemy reads it: %20 decoded, the query dropped
-        path = url.database
-        # (A `uri=true` query makes the "path" a URI of SQLite's own, whose file SQLite alone resolves.)
-        if path and path != ":memory:" and url.query.get("uri") != "true":
-            if Path(path).is_dir():  # MLflow would try to open it for a minute and a half, then fail
-                raise TrackingError(f"MLflow tracking URI {redact(uri)!r} names a folder, {Path(path).resolve()}; "
-                                    "name a SQLite file (it is made where missing)")
-            if existing and not Path(path).exists():
-                raise TrackingError(f"no MLflow tracking store at {Path(path).resolve()}: set MLFLOW_TRACKING_URI "
-                                    "to the store the runs were logged to")
+    path = sqlite_file(uri)
+    if path and Path(path).is_dir():  # MLflow would try to open it for a minute and a half, then fail
+        raise TrackingError(f"MLflow tracking URI {redact(uri)!r} names a folder, {Path(path).resolve()}; name a "
+                            "SQLite file (it is made where missing)")
+    if path and existing and not Path(path).exists():
+        raise TrackingError(f"no MLflow tracking store at {Path(path).resolve()}: set MLFLOW_TRACKING_URI to the "
+                            "store the runs were logged to")
     if is_http(uri):
         # MLflow's own client retries for minutes against a dead server; one short probe answers sooner.
         try:
@@ -62,9 +63,8 @@ def check_tracking_uri(existing: bool = False) -> str:
             with mlflow_http_settings(10):  # a server failing every call is said within seconds, not minutes
                 MlflowClient(uri).search_experiments(max_results=1)
         except Exception as exc:  # noqa: BLE001 - MLflow's and requests' errors, reported in one line
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise TrackingError(f"{redact(uri)} answers /health but not MLflow's API (not a tracking server, or one "
-                                f"whose store fails): {redact(first)[:300]}") from None
+                                f"whose store fails): {redact(first_line(exc))[:300]}") from None
         if without_credentials(uri) != uri:
             # MLflow prints each run's URL as it ends, credentials included; regsweep prints its own without.
             os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
@@ -73,8 +73,7 @@ def check_tracking_uri(existing: bool = False) -> str:
         with store_locked(uri):  # a new database's tables are made here, by one process at a time
             MlflowClient(uri).search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - any failure here means "cannot track", reported in one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TrackingError(f"cannot use MLflow tracking URI {redact(uri)!r}: {redact(first)}") from None
+        raise TrackingError(f"cannot use MLflow tracking URI {redact(uri)!r}: {redact(first_line(exc))}") from None
     return uri
 
 
@@ -130,9 +129,8 @@ def check_artifact_location(name: str | None, run_id: str | None = None) -> None
         try:
             get_artifact_repository(location)  # MLflow's choice of how to write there; nothing is written
         except (mlflow.exceptions.MlflowException, ImportError) as exc:  # an unknown scheme, a missing library
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise TrackingError(f"MLflow cannot write artifacts to {redact(location)} ({whose}): "
-                                f"{redact(first)}") from None
+                                f"{redact(first_line(exc))}") from None
         except Exception:  # noqa: BLE001 - anything else (Databricks' dbfs: wants a run's URI) is the run's to meet
             pass
         return

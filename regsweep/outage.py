@@ -47,11 +47,25 @@ def store_locked(url: str):
     violates unique constraint pg_type_typname_nsp_index"), and on SQLite can leave the file half made for good
     (MLflow's migrations copy tables through `_alembic_tmp_*` ones), which no retry repairs. Other URLs are left
     alone, and so is a database that cannot be reached or opened (the store then reports why)."""
-    if url.startswith("sqlite:///"):
-        return _sqlite_file_locked(url.removeprefix("sqlite:///").split("?")[0])
+    path = sqlite_file(url)
+    if path:
+        return _sqlite_file_locked(path)
     if url.startswith("postgresql"):
         return _postgres_locked(url)
     return contextlib.nullcontext()
+
+
+def sqlite_file(url: str) -> str | None:
+    """The file a sqlite: URL names, as SQLAlchemy opens it (%20 decoded, the query dropped); None for other URLs,
+    an in-memory database, or a `uri=true` one, whose "path" is a URI that SQLite alone resolves."""
+    if not url.startswith("sqlite:"):
+        return None
+    import sqlalchemy
+
+    parsed = sqlalchemy.engine.make_url(url)
+    if not parsed.database or parsed.database == ":memory:" or parsed.query.get("uri") == "true":
+        return None
+    return parsed.database
 
 
 @contextmanager

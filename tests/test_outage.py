@@ -197,6 +197,19 @@ for run_id in {run_ids!r}:
     assert {client.get_run(run_id).data.tags["regsweep.worker"] in pids for run_id in run_ids} == {True}
 
 
+def test_a_sqlite_store_is_locked_and_checked_at_the_file_sqlalchemy_opens(tmp_path):
+    """store_locked and the tracking URI's check read a sqlite: URL as SQLAlchemy does: a %20 in the path was taken
+    literally, so the lock went to a file that is not the database (or to none, its folder missing)."""
+    from regsweep.outage import sqlite_file, store_locked
+
+    (tmp_path / "a b").mkdir()
+    with store_locked(f"sqlite:///{tmp_path}/a%20b/m.db?timeout=30"):
+        assert (tmp_path / "a b" / "m.db").exists()
+    assert not (tmp_path / "a%20b").exists()
+    assert sqlite_file("sqlite:///rel.db") == "rel.db" and sqlite_file("postgresql://host/db") is None
+    assert sqlite_file("sqlite:///:memory:") is None and sqlite_file("sqlite:///file:x.db?mode=ro&uri=true") is None
+
+
 def test_two_processes_opening_one_new_sqlite_tracking_store_at_once_both_use_it(tmp_path):
     """The same command started twice at the same moment on a new mlflow.db: MLflow's migrations, run by both,
     failed one or both (this test, 1 run of 2 without the lock), and could leave the file half made
