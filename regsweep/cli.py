@@ -10,12 +10,13 @@ import dataclasses
 import os
 import re
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 from .config import CHOICES, PRUNERS, REPORT_FORMATS, SAMPLERS, ConfigError, TrainConfig
-from .outage import EXIT_OUTAGE
+from .outage import EXIT_OUTAGE, STOP_REASON_TAG
 
 HELP = {
     "l1": "L1 coefficient: adds l1 * sum|w| over the penalised tensors to the loss (0 = off).",
@@ -77,14 +78,41 @@ class Interrupted(click.ClickException):
         self.exit_code = 128 + signum
 
 
-def checks_interrupted() -> Interrupted:
-    """Ctrl-C while a command starts (imports its stages, checks its input and stores): as any other stop, one
-    line and exit 130 (not click's "Aborted!" and 1). Nothing was started; SIGTERM, not yet turned into Ctrl-C
-    there, ends the process as usual."""
+def checks_interrupted(exc: KeyboardInterrupt) -> Interrupted:
+    """Ctrl-C or SIGTERM while a command starts (imports its stages, checks its input and stores): as any other
+    stop, one line and the signal's exit status (not click's "Aborted!" and 1). Nothing was started, except
+    inside `mlflow run`, whose run then ends KILLED, as a run stopped later does."""
     import signal
 
-    return Interrupted("interrupted: as the command started (checking its input and stores), before any run was "
-                       "started", signal.SIGINT)
+    if end_project_run("KILLED", STOP_REASON_TAG, "interrupted (Ctrl-C or SIGTERM) as the command started"):
+        what = f"run {os.environ['MLFLOW_RUN_ID']} ended KILLED"
+    else:
+        what = "before any run was started"
+    return Interrupted(f"interrupted: as the command started (checking its input and stores), {what}",
+                       getattr(exc, "signum", signal.SIGINT))
+
+
+@contextmanager
+def sigterm_interrupts():
+    """SIGTERM raises KeyboardInterrupt, as Ctrl-C does, from the moment a command starts: `mlflow run` has
+    made its run before `regsweep train` even imports MLflow (seconds), and a SIGTERM to its process group then
+    must end that run KILLED, not leave it RUNNING. The blocks that train (tracking.terminal_status) put their
+    own handler on top of this one. A handler someone else set is kept."""
+    import signal
+
+    def stop(signum, frame):
+        interrupt = KeyboardInterrupt(f"signal {signum}")
+        interrupt.signum = signum
+        raise interrupt
+
+    if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class OutageStop(click.ClickException):
@@ -136,7 +164,8 @@ class Cli(click.Group):
     def invoke(self, ctx):
         args = list(ctx.args)  # the command's; click empties ctx.args as it hands them on
         try:
-            return super().invoke(ctx)
+            with sigterm_interrupts():
+                return super().invoke(ctx)
         except click.UsageError as exc:
             exc.ctx = None  # one line ("Error: ..."), not a usage block
             mark_project_run_failed(exc.format_message())  # an option click refused, e.g. `-P model=resnet`
@@ -150,11 +179,13 @@ class Cli(click.Group):
                 if mark_project_run_failed(message):
                     raise UsageFailure(message) from None
             raise
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             # train and optimize turn every Ctrl-C from their first run on into a line of their own: one that
             # reaches here came as they started (importing torch and MLflow takes seconds), before any run.
             if ctx.invoked_subcommand in ("train", "optimize"):
-                raise checks_interrupted() from None
+                raise checks_interrupted(exc) from None
+            if hasattr(exc, "signum"):  # SIGTERM: the exit status it would give, with a line, not "Aborted!"
+                raise Interrupted("interrupted", exc.signum) from None
             raise
 
 
@@ -256,8 +287,8 @@ def train_one(fields: dict, experiment_name: str | None, tracking_timeout: float
     except (UsageFailure, DataError, TrackingError) as exc:
         mark_project_run_failed(str(exc))
         raise UsageFailure(str(exc).removeprefix("Error: ")) from None
-    except KeyboardInterrupt:
-        raise checks_interrupted() from None
+    except KeyboardInterrupt as exc:
+        raise checks_interrupted(exc) from None
 
     import torch
 
@@ -282,8 +313,12 @@ def train_one(fields: dict, experiment_name: str | None, tracking_timeout: float
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (tracking.terminal_status)
         import signal
 
-        what = (f"run {exc.run_id} ended {exc.run_status}" if hasattr(exc, "run_status")
-                else "no run was started")  # mlflow_run says which run, and how it ended
+        if hasattr(exc, "run_status"):  # mlflow_run says which run, and how it ended
+            what = f"run {exc.run_id} ended {exc.run_status}"
+        elif end_project_run("KILLED", STOP_REASON_TAG, "interrupted (Ctrl-C or SIGTERM)"):  # before it resumed it
+            what = f"run {os.environ['MLFLOW_RUN_ID']} ended KILLED"
+        else:
+            what = "no run was started"
         raise Interrupted(f"interrupted: {what}", getattr(exc, "signum", signal.SIGINT)) from None
     s = result.summary
     click.echo(f"run {run_id}: best val acc {100 * s['best_val_acc']:.2f}% at epoch {s['best_val_epoch']}, "
@@ -407,8 +442,8 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
         raise UsageFailure(str(exc).removeprefix("Error: ")) from None
     except Exception as exc:  # noqa: BLE001 - e.g. SQLAlchemy errors for an unreachable database
         raise UsageFailure(f"cannot open Optuna storage: {str(exc).splitlines()[0]}") from None
-    except KeyboardInterrupt:
-        raise checks_interrupted() from None
+    except KeyboardInterrupt as exc:
+        raise checks_interrupted(exc) from None
 
     from .outage import Outage, mlflow_http_settings
 
@@ -512,19 +547,28 @@ def run_experiment_id(experiment_id: str | None) -> str:
 
 
 def mark_project_run_failed(message: str) -> bool:
-    """Inside `mlflow run` the run exists before we can check input: say on it why it failed. Returns whether
-    there was such a run."""
+    """Inside `mlflow run` the run exists before we can check input: say on it why it failed (`mlflow run` ends
+    it FAILED on the exit code). Returns whether there was such a run."""
+    return end_project_run(None, "regsweep.error", message)
+
+
+def end_project_run(status: str | None, tag: str, message: str) -> bool:
+    """Tag the run `mlflow run` made for this command with why it stops, and end it as `status` (None: leave
+    that to `mlflow run`). Returns whether there was such a run, not yet trained by regsweep."""
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if run_id:
-        from mlflow.tracking import MlflowClient
-
-        from .experiment import not_this_commands_run
         try:
-            if not not_this_commands_run(MlflowClient().get_run(run_id)):  # not a leftover id, nor another's run
-                MlflowClient().set_tag(run_id, "regsweep.error", message)
+            from mlflow.tracking import MlflowClient
+
+            from .experiment import not_this_commands_run
+            client = MlflowClient()
+            if not not_this_commands_run(client.get_run(run_id)):  # not a leftover id, nor another's run
+                client.set_tag(run_id, tag, message)
+                if status:
+                    client.set_terminated(run_id, status)
                 return True
-        except Exception:  # noqa: BLE001 - the store itself may be the problem; the exit code still tells
-            pass
+        except Exception:  # noqa: BLE001 - the store (or an import cut short) may be the problem; the exit code
+            pass          # still tells
     return False
 
 

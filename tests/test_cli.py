@@ -220,28 +220,55 @@ def test_a_third_signal_while_train_logs_its_outcome_stops_it_at_once_and_the_ru
     assert not MlflowClient(tracking_uri).search_logged_models(experiment_ids=[run.info.experiment_id])
 
 
-@pytest.mark.parametrize("command,module,function", [("train", "regsweep.experiment", "check_experiment"),
-                                                     ("optimize", "regsweep.sweep", "check_parent"),
-                                                     # before train imports its stages:
-                                                     ("train", "regsweep.outage", "mlflow_http_settings")])
-def test_ctrl_c_while_a_command_checks_its_input_says_so_and_exits_130(tracking_uri, tmp_path, command, module,
-                                                                       function):
-    """Before anything is started, as after: one line and the exit status of a process ended by Ctrl-C, not
-    click's "Aborted!" and 1."""
+@pytest.mark.parametrize("command,module,function,signame", [
+    ("train", "regsweep.experiment", "check_experiment", "SIGINT"),
+    ("optimize", "regsweep.sweep", "check_parent", "SIGTERM"),
+    ("train", "regsweep.outage", "mlflow_http_settings", "SIGTERM"),  # before train imports its stages
+])
+def test_a_signal_while_a_command_checks_its_input_says_so_and_exits_as_by_that_signal(tracking_uri, tmp_path,
+                                                                                        command, module, function,
+                                                                                        signame):
+    """Before anything is started, as after: one line and the exit status of a process ended by Ctrl-C or
+    SIGTERM, not click's "Aborted!" and 1, nor a silent death by SIGTERM."""
     import signal
     import subprocess
     import sys
 
-    script = signalled_on_call(module, function, "SIGINT")
+    script = signalled_on_call(module, function, signame)
     args = [*tiny_args(), "--epochs", "1"] + (["--storage", f"sqlite:///{tmp_path / 'optuna.db'}"]
                                               if command == "optimize" else [])
     proc = subprocess.run([sys.executable, "-c", script, command, *args], capture_output=True, text=True,
                           cwd=tmp_path, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}, timeout=300)
-    assert proc.returncode == 128 + signal.SIGINT, proc.stderr
+    assert proc.returncode == 128 + getattr(signal, signame), proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith(("Error", "Traceback", "Aborted"))]
     assert errors == ["Error: interrupted: as the command started (checking its input and stores), before any "
                       "run was started"], proc.stderr
     assert all_runs(tracking_uri) == []
+
+
+@pytest.mark.parametrize("module,function", [("regsweep.outage", "mlflow_http_settings"),  # importing MLflow
+                                             ("regsweep.outage", "end_orphaned_runs")])  # checked, not yet trained
+def test_sigterm_to_mlflow_runs_group_as_train_starts_ends_its_run_killed(tracking_uri, tmp_path, module, function):
+    """`mlflow run` makes its run, then starts `regsweep train`, which takes seconds to import MLflow and torch
+    and check its input: a SIGTERM to the group then (the launcher dies of it) must not leave the run RUNNING."""
+    import signal
+    import subprocess
+    import sys
+
+    client = MlflowClient(tracking_uri)
+    run = client.create_run("0", tags={"mlflow.project.entryPoint": "main"})  # as `mlflow run` makes it
+    script = signalled_on_call(module, function, "SIGTERM")
+    proc = subprocess.run([sys.executable, "-c", script, "train", *tiny_args(), "--epochs", "1"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_RUN_ID": run.info.run_id})
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith(("Error", "Traceback", "Aborted"))]
+    assert len(errors) == 1 and errors[0].startswith("Error: interrupted: ") and errors[0].endswith(
+        f"run {run.info.run_id} ended KILLED"), proc.stderr
+    ended = client.get_run(run.info.run_id)
+    assert ended.info.status == "KILLED", proc.stderr
+    assert ended.data.tags["regsweep.stop_reason"].startswith("interrupted (Ctrl-C or SIGTERM)")
+    assert [r.info.run_id for r in all_runs(tracking_uri)] == [run.info.run_id]
 
 
 def test_inside_mlflow_run_a_help_parameter_fails_the_run_instead_of_finishing_it_empty(tracking_uri, monkeypatch):
