@@ -1,18 +1,36 @@
 """Servers the tests start on loopback: a free port, and a real `mlflow server` that can be killed and
-started again on the same port and store."""
+started again on the same port and store; Debian's packages for the other servers, where they are missing."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+
+def apt_install(package: str, present) -> bool:
+    """Install Debian's `package` unless `present()` already says it is there; returns `present()` after.
+    One process at a time: the test runner's workers collect every test file, and dpkg refuses a second
+    install while one holds its lock. Nothing is tried without apt or root."""
+    if present() or not shutil.which("apt-get") or os.geteuid() != 0:
+        return present()
+    with open(Path(tempfile.gettempdir()) / "regsweep-tests-apt.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not present():  # another worker may have installed it while this one waited
+            env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+            subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True)
+            subprocess.run(["apt-get", "install", "-y", "-qq", package], env=env, capture_output=True)
+    return present()
 
 
 def free_port() -> int:

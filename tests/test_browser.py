@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import shutil
 import signal
 import struct
 import subprocess
@@ -33,7 +32,7 @@ from regsweep.cli import cli
 from regsweep.experiment import viewing_hint
 
 from .conftest import REPO
-from .servers import free_port
+from .servers import apt_install, free_port
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -41,16 +40,13 @@ CHROMIUM = "/usr/bin/chromium"
 def ensure_chromium() -> bool:
     """Debian's Chromium, installed from Debian's packages if this machine lacks it (as the PostgreSQL test
     does its server); False where that is not possible (no apt, no root, no registry)."""
-    if not Path(CHROMIUM).exists() and shutil.which("apt-get") and os.geteuid() == 0:
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], env=env, capture_output=True)
-    return Path(CHROMIUM).exists()
+    return apt_install("chromium", Path(CHROMIUM).exists)
 
 
 # Skipped as a whole, before any run is made, where there is no browser to drive.
 pytest.importorskip("playwright", reason="Playwright's Python package is missing (pip install -e '.[test]')")
 pytestmark = [pytest.mark.browser,
+              pytest.mark.xdist_group("browser"),  # one worker makes the module's runs and server, once
               pytest.mark.skipif(not ensure_chromium(),
                                  reason=f"no Chromium at {CHROMIUM} and it could not be installed "
                                         "(Debian: apt-get install -y chromium)")]

@@ -23,7 +23,7 @@ from .conftest import in_step
 from .servers import MlflowServer
 from .test_sweep import SLOW_EPOCHS, SMALL
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("outage")]  # one server for the module, once
 
 
 @pytest.fixture(scope="module")

@@ -17,21 +17,19 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from .servers import MlflowServer, free_port
+from .servers import MlflowServer, apt_install, free_port
 from .test_sweep import SLOW_EPOCHS, SMALL
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("postgres")]  # module-wide servers, once
 
 
 def postgres_bin() -> str:
     """Debian's PostgreSQL server binaries, installed from Debian's packages if this machine lacks them."""
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    if not found:
-        subprocess.run(["apt-get", "update", "-qq"], check=True)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "postgresql"], check=True,
-                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    return os.path.dirname(found[-1])
+    def found() -> list[str]:
+        return sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+
+    assert apt_install("postgresql", found), "no PostgreSQL server, and apt-get could not install Debian's"
+    return os.path.dirname(found()[-1])
 
 
 def as_postgres(args: list[str]) -> list[str]:

@@ -17,6 +17,9 @@ from regsweep.cli import cli
 from regsweep.report import stats
 from regsweep.report.command import FIGURES
 
+# The command's tests share one sweep (a module fixture): one pytest-xdist worker runs the module, once.
+pytestmark = pytest.mark.xdist_group("report")
+
 # ---------------------------------------------------------------- pure functions, known answers
 
 
