@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import signal
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -82,8 +84,6 @@ def checks_interrupted(exc: KeyboardInterrupt) -> Interrupted:
     """Ctrl-C or SIGTERM while a command starts (imports its stages, checks its input and stores): as any other
     stop, one line and the signal's exit status (not click's "Aborted!" and 1). Nothing was started, except
     inside `mlflow run`, whose run then ends KILLED, as a run stopped later does."""
-    import signal
-
     if end_project_run("KILLED", STOP_REASON_TAG, "interrupted (Ctrl-C or SIGTERM) as the command started"):
         what = f"run {os.environ['MLFLOW_RUN_ID']} ended KILLED"
     else:
@@ -98,14 +98,13 @@ def sigterm_interrupts():
     made its run before `regsweep train` even imports MLflow (seconds), and a SIGTERM to its process group then
     must end that run KILLED, not leave it RUNNING. The blocks that train (tracking.terminal_status) put their
     own handler on top of this one. A handler someone else set is kept."""
-    import signal
-
     def stop(signum, frame):
         interrupt = KeyboardInterrupt(f"signal {signum}")
         interrupt.signum = signum
         raise interrupt
 
-    if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+    main_thread = threading.current_thread() is threading.main_thread()  # the only one that may set handlers
+    if not main_thread or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
         yield
         return
     signal.signal(signal.SIGTERM, stop)
@@ -269,7 +268,7 @@ def train_one(fields: dict, experiment_name: str | None, tracking_timeout: float
     from mlflow.tracking import MlflowClient
 
     from .data import DataError, load_for
-    from .outage import TrackingOutage, end_orphaned_runs, tracking_watch
+    from .outage import TrackingOutage, end_orphaned_runs, parent_is_mlflow_run, tracking_watch, when_parent_gone
     from .experiment import (TrackingError, check_artifact_location, check_experiment, check_run_to_resume,
                              check_tracking_uri, use_experiment, viewing_hint)
     from .tracking import enable_prompt_flushes, run_training
@@ -289,6 +288,11 @@ def train_one(fields: dict, experiment_name: str | None, tracking_timeout: float
         raise UsageFailure(str(exc).removeprefix("Error: ")) from None
     except KeyboardInterrupt as exc:
         raise checks_interrupted(exc) from None
+
+    if os.environ.get("MLFLOW_RUN_ID") and parent_is_mlflow_run():
+        # `mlflow run` stops its command on Ctrl-C, but dies of a SIGTERM (`timeout`, a job scheduler) without
+        # telling it: training would go on, orphaned. Its going stops the training as a SIGTERM does.
+        when_parent_gone(lambda: os.kill(os.getpid(), signal.SIGTERM))
 
     import torch
 
@@ -311,8 +315,6 @@ def train_one(fields: dict, experiment_name: str | None, tracking_timeout: float
         raise click.ClickException(f"training diverged: {exc}; run {mlflow.last_active_run().info.run_id} "
                                    "ended FAILED. A smaller lr or penalty may train.") from None
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (tracking.terminal_status)
-        import signal
-
         if hasattr(exc, "run_status"):  # mlflow_run says which run, and how it ended
             what = f"run {exc.run_id} ended {exc.run_status}"
         elif end_project_run("KILLED", STOP_REASON_TAG, "interrupted (Ctrl-C or SIGTERM)"):  # before it resumed it
@@ -465,8 +467,6 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
         raise click.ClickException(f"{exc}; the other workers finished their trials. Run again with: "
                                    f"{command_line()}") from None
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (tracking.terminal_status), after the runs ended KILLED
-        import signal
-
         from .outage import command_line
 
         # `when`: no trial was stopped (the signal was held until it was told, or until the study was finished)

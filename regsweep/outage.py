@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 EXIT_OUTAGE = 75  # sysexits' EX_TEMPFAIL: nothing is wrong with the input; run the same command again later
 WORKER_TAG = "regsweep.worker"  # host:pid of the process training a run, so a later command can tell it is gone
@@ -270,6 +271,16 @@ def when_parent_gone(act) -> None:
         act()
 
     threading.Thread(target=watch, name="regsweep-parent-watch", daemon=True).start()
+
+
+def parent_is_mlflow_run() -> bool:
+    """Whether this process was started by `mlflow run` itself (`mlflow run ...` or `python -m mlflow run ...`
+    as the parent's command line; read from /proc, so Linux only)."""
+    try:
+        args = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return False
+    return any(os.path.basename(a) == "mlflow" and b == "run" for a, b in zip(args, args[1:]))
 
 
 def pid_alive(pid: int) -> bool:

@@ -171,6 +171,39 @@ def test_sigterm_marks_the_run_killed(tracking_uri):
 
 
 @pytest.mark.slow
+def test_sigterm_to_mlflow_run_alone_stops_its_training_and_ends_the_run_killed(tracking_uri):
+    """`timeout` or a job scheduler signals `mlflow run` alone. MLflow's launcher dies of a SIGTERM without
+    stopping its command: regsweep train notices its parent gone, and stops as if signalled itself."""
+    from regsweep.outage import WORKER_TAG, pid_alive
+
+    cmd = ["mlflow", "run", str(REPO), "--env-manager", "local", "--experiment-name", "orphan"]
+    for key, value in {"epochs": 200, "max_train_samples": 1024, "max_eval_samples": 256, "batch_size": 32,
+                       "compile": "false", "log_model": "false"}.items():
+        cmd += ["-P", f"{key}={value}"]
+    launcher = subprocess.Popen(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client, deadline, run = MlflowClient(tracking_uri), time.time() + 180, None
+    while time.time() < deadline and run is None:  # until the run trains: it has logged an epoch
+        assert launcher.poll() is None
+        exp = client.get_experiment_by_name("orphan")
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        if runs and client.get_metric_history(runs[0].info.run_id, "val/acc"):
+            run = runs[0]
+        time.sleep(0.5)
+    assert run is not None, "the run did not start training"
+    trainer = int(run.data.tags[WORKER_TAG].rsplit(":", 1)[1])
+    assert trainer != launcher.pid
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=60) == -signal.SIGTERM  # MLflow's launcher is gone, nothing ended its run
+    deadline = time.time() + 60  # the trainer is not this test's child: poll until it is gone
+    while pid_alive(trainer) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not pid_alive(trainer), "training went on without the mlflow run that started it"
+    ended = client.get_run(run.info.run_id)
+    assert ended.info.status == "KILLED" and "SIGTERM" in ended.data.tags["regsweep.stop_reason"]
+
+
+@pytest.mark.slow
 def test_walkthrough_notebook_runs(tracking_uri):
     """The notebook's code cells run top to bottom (it sets up its own temporary store)."""
     import json
