@@ -224,6 +224,7 @@ def test_a_third_signal_while_train_logs_its_outcome_stops_it_at_once_and_the_ru
     ("train", "regsweep.experiment", "check_experiment", "SIGINT"),
     ("optimize", "regsweep.sweep", "check_parent", "SIGTERM"),
     ("train", "regsweep.outage", "mlflow_http_settings", "SIGTERM"),  # before train imports its stages
+    ("report", "regsweep.experiment", "check_tracking_uri", "SIGTERM"),
 ])
 def test_a_signal_while_a_command_checks_its_input_says_so_and_exits_as_by_that_signal(tracking_uri, tmp_path,
                                                                                         command, module, function,
@@ -235,13 +236,14 @@ def test_a_signal_while_a_command_checks_its_input_says_so_and_exits_as_by_that_
     import sys
 
     script = signalled_on_call(module, function, signame)
-    args = [*tiny_args(), "--epochs", "1"] + (["--storage", f"sqlite:///{tmp_path / 'optuna.db'}"]
-                                              if command == "optimize" else [])
+    args = {"train": [*tiny_args(), "--epochs", "1"], "report": ["--out", str(tmp_path / "report")],
+            "optimize": [*tiny_args(), "--epochs", "1", "--storage", f"sqlite:///{tmp_path / 'optuna.db'}"]}[command]
     proc = subprocess.run([sys.executable, "-c", script, command, *args], capture_output=True, text=True,
                           cwd=tmp_path, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}, timeout=300)
     assert proc.returncode == 128 + getattr(signal, signame), proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith(("Error", "Traceback", "Aborted"))]
-    assert errors == ["Error: interrupted: as the command started (checking its input and stores), before any "
+    assert errors == ["Error: interrupted" if command == "report" else  # it starts no run
+                      "Error: interrupted: as the command started (checking its input and stores), before any "
                       "run was started"], proc.stderr
     assert all_runs(tracking_uri) == []
 
