@@ -11,14 +11,13 @@ import os
 import re
 import signal
 import sys
-import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 from .config import CHOICES, PRUNERS, REPORT_FORMATS, SAMPLERS, ConfigError, TrainConfig
 from .outage import EXIT_OUTAGE, STOP_REASON_TAG
+from .signals import terminal_status
 
 HELP = {
     "l1": "L1 coefficient: adds l1 * sum|w| over the penalised tensors to the loss (0 = off).",
@@ -66,6 +65,9 @@ HELP = {
 }
 
 
+DONE = "regsweep.done"  # ctx.meta: what a command had finished (for the line of a signal that comes after it)
+
+
 class UsageFailure(click.ClickException):
     """A bad input found after parsing: one line on stderr, exit code 2, nothing created."""
     exit_code = 2
@@ -90,28 +92,6 @@ def checks_interrupted(exc: KeyboardInterrupt) -> Interrupted:
         what = "before any run was started"
     return Interrupted(f"interrupted: as the command started (checking its input and stores), {what}",
                        getattr(exc, "signum", signal.SIGINT))
-
-
-@contextmanager
-def sigterm_interrupts():
-    """SIGTERM raises KeyboardInterrupt, as Ctrl-C does, from the moment a command starts: `mlflow run` has
-    made its run before `regsweep train` even imports MLflow (seconds), and a SIGTERM to its process group then
-    must end that run KILLED, not leave it RUNNING. The blocks that train (tracking.terminal_status) put their
-    own handler on top of this one. A handler someone else set is kept."""
-    def stop(signum, frame):
-        interrupt = KeyboardInterrupt(f"signal {signum}")
-        interrupt.signum = signum
-        raise interrupt
-
-    main_thread = threading.current_thread() is threading.main_thread()  # the only one that may set handlers
-    if not main_thread or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-        yield
-        return
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class OutageStop(click.ClickException):
@@ -162,30 +142,35 @@ def stop_for_outage(exc, consequence: str) -> None:
 class Cli(click.Group):
     def invoke(self, ctx):
         args = list(ctx.args)  # the command's; click empties ctx.args as it hands them on
-        try:
-            with sigterm_interrupts():
+        # Ctrl-C and SIGTERM raise KeyboardInterrupt from the moment the command is invoked (signals.py): `mlflow
+        # run` has made its run before `regsweep train` has even imported MLflow (seconds), and a stop then must
+        # end that run KILLED, not leave it RUNNING. The handlers below run under the same policy: a second
+        # signal (`mlflow run` sends a SIGTERM after the terminal's Ctrl-C) does not cut them short.
+        with terminal_status():
+            try:
                 return super().invoke(ctx)
-        except click.UsageError as exc:
-            exc.ctx = None  # one line ("Error: ..."), not a usage block
-            mark_project_run_failed(exc.format_message())  # an option click refused, e.g. `-P model=resnet`
-            raise
-        except click.exceptions.Exit as exc:
-            # `mlflow run . -P help=x` passes `--help x` on: the options are printed, nothing trains, and MLflow
-            # would end its run FINISHED, empty. Said on that run, which then ends FAILED.
-            if exc.exit_code == 0 and os.environ.get("MLFLOW_RUN_ID") and "--help" in args:
-                message = ("-P help is no parameter of this project: `mlflow run` passed it on as --help, which "
-                           "only lists the options (the parameters are in MLproject)")
-                if mark_project_run_failed(message):
-                    raise UsageFailure(message) from None
-            raise
-        except KeyboardInterrupt as exc:
-            # train and optimize turn every Ctrl-C from their first run on into a line of their own: one that
-            # reaches here came as they started (importing torch and MLflow takes seconds), before any run.
-            if ctx.invoked_subcommand in ("train", "optimize"):
-                raise checks_interrupted(exc) from None
-            if hasattr(exc, "signum"):  # SIGTERM: the exit status it would give, with a line, not "Aborted!"
-                raise Interrupted("interrupted", exc.signum) from None
-            raise
+            except click.UsageError as exc:
+                exc.ctx = None  # one line ("Error: ..."), not a usage block
+                mark_project_run_failed(exc.format_message())  # an option click refused, e.g. `-P model=resnet`
+                raise
+            except click.exceptions.Exit as exc:
+                # `mlflow run . -P help=x` passes `--help x` on: the options are printed, nothing trains, and
+                # MLflow would end its run FINISHED, empty. Said on that run, which then ends FAILED.
+                if exc.exit_code == 0 and os.environ.get("MLFLOW_RUN_ID") and "--help" in args:
+                    message = ("-P help is no parameter of this project: `mlflow run` passed it on as --help, "
+                               "which only lists the options (the parameters are in MLproject)")
+                    if mark_project_run_failed(message):
+                        raise UsageFailure(message) from None
+                raise
+            except KeyboardInterrupt as exc:
+                signum = getattr(exc, "signum", signal.SIGINT)
+                if DONE in ctx.meta:  # the work was done, and said so, before the signal came
+                    raise Interrupted(f"interrupted after {ctx.meta[DONE]}", signum) from None
+                # train and optimize turn every stop from their first run on into a line of their own: one that
+                # reaches here came as they started (importing torch and MLflow takes seconds), before any run.
+                if ctx.invoked_subcommand in ("train", "optimize"):
+                    raise checks_interrupted(exc) from None
+                raise Interrupted("interrupted", signum) from None  # the exit status of a process the signal ended
 
 
 class WholeNumber(click.ParamType):
@@ -258,8 +243,13 @@ def train(experiment_name, tracking_timeout, quiet, **fields):
     MLFLOW_TRACKING_URI (MLflow's default: sqlite:///mlflow.db). Inside `mlflow run` it logs into the run
     MLflow created.
     """
-    from .outage import mlflow_http_settings
+    from .outage import mlflow_http_settings, parent_is_mlflow_run, when_parent_gone
 
+    if os.environ.get("MLFLOW_RUN_ID") and parent_is_mlflow_run():
+        # `mlflow run` stops its command on Ctrl-C, but dies of a SIGTERM (`timeout`, a job scheduler) without
+        # telling it: training would go on, orphaned. Its going stops this command as a SIGTERM does, from the
+        # start (the imports take seconds).
+        when_parent_gone(lambda: os.kill(os.getpid(), signal.SIGTERM))
     with mlflow_http_settings(tracking_timeout):
         train_one(fields, experiment_name, tracking_timeout, quiet)
 
@@ -268,7 +258,7 @@ def train_one(fields: dict, experiment_name: str | None, tracking_timeout: float
     from mlflow.tracking import MlflowClient
 
     from .data import DataError, load_for
-    from .outage import TrackingOutage, end_orphaned_runs, parent_is_mlflow_run, tracking_watch, when_parent_gone
+    from .outage import TrackingOutage, end_orphaned_runs, tracking_watch
     from .experiment import (TrackingError, check_artifact_location, check_experiment, check_run_to_resume,
                              check_tracking_uri, use_experiment, viewing_hint)
     from .tracking import enable_prompt_flushes, run_training
@@ -288,11 +278,6 @@ def train_one(fields: dict, experiment_name: str | None, tracking_timeout: float
         raise UsageFailure(str(exc).removeprefix("Error: ")) from None
     except KeyboardInterrupt as exc:
         raise checks_interrupted(exc) from None
-
-    if os.environ.get("MLFLOW_RUN_ID") and parent_is_mlflow_run():
-        # `mlflow run` stops its command on Ctrl-C, but dies of a SIGTERM (`timeout`, a job scheduler) without
-        # telling it: training would go on, orphaned. Its going stops the training as a SIGTERM does.
-        when_parent_gone(lambda: os.kill(os.getpid(), signal.SIGTERM))
 
     import torch
 
@@ -314,7 +299,7 @@ def train_one(fields: dict, experiment_name: str | None, tracking_timeout: float
 
         raise click.ClickException(f"training diverged: {exc}; run {mlflow.last_active_run().info.run_id} "
                                    "ended FAILED. A smaller lr or penalty may train.") from None
-    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (tracking.terminal_status)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (signals.terminal_status)
         if hasattr(exc, "run_status"):  # mlflow_run says which run, and how it ended
             what = f"run {exc.run_id} ended {exc.run_status}"
         elif end_project_run("KILLED", STOP_REASON_TAG, "interrupted (Ctrl-C or SIGTERM)"):  # before it resumed it
@@ -322,6 +307,7 @@ def train_one(fields: dict, experiment_name: str | None, tracking_timeout: float
         else:
             what = "no run was started"
         raise Interrupted(f"interrupted: {what}", getattr(exc, "signum", signal.SIGINT)) from None
+    click.get_current_context().meta[DONE] = f"run {run_id} ended FINISHED"
     s = result.summary
     click.echo(f"run {run_id}: best val acc {100 * s['best_val_acc']:.2f}% at epoch {s['best_val_epoch']}, "
                f"test acc there {100 * s['test_acc_at_best_val']:.2f}% ({s['total_train_seconds']:.0f}s)")
@@ -466,7 +452,7 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
 
         raise click.ClickException(f"{exc}; the other workers finished their trials. Run again with: "
                                    f"{command_line()}") from None
-    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (tracking.terminal_status), after the runs ended KILLED
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (signals.terminal_status), after the runs ended KILLED
         from .outage import command_line
 
         # `when`: no trial was stopped (the signal was held until it was told, or until the study was finished)
@@ -475,6 +461,7 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
                 else "the runs in progress ended KILLED and their trials are queued again")
         raise Interrupted(f"interrupted: {what}. Run again with: {command_line()}",
                           getattr(exc, "signum", signal.SIGINT)) from None
+    click.get_current_context().meta[DONE] = f"study {settings.study_name} was finished"
     counts = summary["counts"]
     surplus = f" ({summary['surplus']} over --trials, not trained)" if summary.get("surplus") else ""
     click.echo(f"study {settings.study_name}: {counts['complete']} complete, {counts['pruned']} pruned, "
@@ -552,24 +539,52 @@ def mark_project_run_failed(message: str) -> bool:
     return end_project_run(None, "regsweep.error", message)
 
 
+# end_project_run's work in a fresh interpreter: sys.argv[1:] = run id, status ('' = none), tag, message.
+END_PROJECT_RUN = """if True:
+    import sys
+    from mlflow.tracking import MlflowClient
+    from regsweep.experiment import not_this_commands_run
+    run_id, status, tag, message = sys.argv[1:]
+    client = MlflowClient()
+    if not_this_commands_run(client.get_run(run_id)):
+        sys.exit(3)
+    client.set_tag(run_id, tag, message)
+    if status:
+        client.set_terminated(run_id, status)
+"""
+
+
 def end_project_run(status: str | None, tag: str, message: str) -> bool:
     """Tag the run `mlflow run` made for this command with why it stops, and end it as `status` (None: leave
-    that to `mlflow run`). Returns whether there was such a run, not yet trained by regsweep."""
-    run_id = os.environ.get("MLFLOW_RUN_ID")
-    if run_id:
-        try:
-            from mlflow.tracking import MlflowClient
+    that to `mlflow run`). Returns whether there was such a run, not yet trained by regsweep.
 
-            from .experiment import not_this_commands_run
-            client = MlflowClient()
-            if not not_this_commands_run(client.get_run(run_id)):  # not a leftover id, nor another's run
-                client.set_tag(run_id, tag, message)
-                if status:
-                    client.set_terminated(run_id, status)
-                return True
-        except Exception:  # noqa: BLE001 - the store (or an import cut short) may be the problem; the exit code
-            pass          # still tells
-    return False
+    A signal that stopped the command as it imported MLflow (or its database layer) leaves those modules half
+    made in this process, and every use of them fails: then the run is ended from a fresh interpreter."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return False
+    try:
+        from mlflow.tracking import MlflowClient
+
+        from .experiment import not_this_commands_run
+        client = MlflowClient()
+        if not_this_commands_run(client.get_run(run_id)):  # a leftover id, or another's run
+            return False
+        client.set_tag(run_id, tag, message)
+        if status:
+            client.set_terminated(run_id, status)
+        return True
+    except Exception:  # noqa: BLE001 - a module cut short, or the store itself: the fresh interpreter tells
+        pass
+    import subprocess
+
+    # MLflow's own retries of an unreachable server would take minutes.
+    env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10", **os.environ}
+    try:
+        return subprocess.run([sys.executable, "-c", END_PROJECT_RUN, run_id, status or "", tag, message], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 def main():

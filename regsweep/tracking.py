@@ -12,9 +12,7 @@ import dataclasses
 import hashlib
 import importlib
 import os
-import signal
 import sys
-import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -33,6 +31,7 @@ from .experiment import PREDICTIONS, prepare_experiment
 from .models import count_parameters
 from .outage import STOP_REASON_TAG, TAG_LIMIT, WORKER_TAG, Outage, worker_id
 from .regularization import weight_layers
+from .signals import signals_held, terminal_status
 from .training import FitResult, confusion_matrix, fit, new_model, per_class_metrics
 
 
@@ -56,80 +55,6 @@ def dataset_digest(data: MnistSplits) -> str:
         h.update(split.y.numpy().tobytes())
         h.update(split.x[:: max(1, len(split) // 64)].numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-class _Held:
-    depth = 0  # signals_held blocks entered and not yet left
-    interrupt: KeyboardInterrupt | None = None  # the signal one of them holds
-    received = 0  # Ctrl-C and SIGTERM received inside the outermost terminal_status block
-
-
-_held = _Held()
-
-
-@contextmanager
-def signals_held():
-    """Hold the first Ctrl-C or SIGTERM (under terminal_status) until the block is done, then raise it. For the
-    blocks that end runs and write their last tags: interrupted halfway, they would leave a run RUNNING or
-    tagged unlike its trial, and a store call cut short can leave SQLite's write lock with the interrupted
-    session, so that the writes of the stop itself wait on it and fail. Where the block raises an error of its
-    own, that error stops what it stops instead, and the signal is forgotten: the next one counts as a first. A
-    third signal is not held (terminal_status ignores the second): a block that hangs can still be stopped.
-    Only the main thread, which signals interrupt, holds them: another thread's block must not hold its signal."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    _held.depth += 1
-    done = False
-    try:
-        yield
-        done = True
-    finally:
-        _held.depth -= 1
-        if _held.depth == 0 and _held.interrupt is not None:
-            interrupt, _held.interrupt = _held.interrupt, None
-            if done:
-                raise interrupt
-            _held.received = 0
-
-
-@contextmanager
-def terminal_status():
-    """Turn SIGTERM, like Ctrl-C, into KeyboardInterrupt for the duration, so a killed run is marked KILLED, not
-    RUNNING. The second signal is ignored: what it would interrupt is the ending of the runs KILLED and the
-    queueing of their trials again, and a sweep's worker processes get two for one stop (a terminal's Ctrl-C
-    reaches every process, then the driver sends its SIGTERM). A third interrupts the stop itself, for
-    whoever insists (the next start ends what it leaves). A signal stays ignored where it is (completion workers
-    ignore Ctrl-C and SIGTERM, so that the sweep decides for them). A block inside another leaves the signals to
-    the outer one."""
-    if getattr(signal.getsignal(signal.SIGTERM), "is_terminal_status", False):
-        yield
-        return
-    _held.received = 0
-
-    def stop(signum, frame):
-        _held.received += 1
-        if _held.received == 2:
-            return  # the stop under way is ending the runs: one more signal must not cut that short
-        interrupt = KeyboardInterrupt(f"signal {signum}")
-        interrupt.signum = signum  # a sweep's worker process ends by the same signal once it has cleaned up
-        if _held.received == 1 and _held.depth:
-            _held.interrupt = interrupt  # raised as the block that holds it ends (signals_held)
-            # One line at once (os.write: safe in a handler), so that the wait does not look like a hang.
-            os.write(2, b"\nstopping once the work in hand is done (a third Ctrl-C stops at once)\n")
-            return
-        raise interrupt
-
-    stop.is_terminal_status = True
-    previous = {}
-    try:
-        # An ignored signal stays ignored: completion workers ignore both, so that the sweep decides for them.
-        for sig in [s for s in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(s) != signal.SIG_IGN]:
-            previous[sig] = signal.signal(sig, stop)
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 @contextmanager

@@ -78,6 +78,23 @@ def signalled_on_call(module: str, function: str, signame: str, times: int = 1, 
     """
 
 
+def signalled_on_import(module: str, signame: str) -> str:
+    """A `python -c` script that runs the regsweep CLI (its arguments: sys.argv[1:]) and sends the process
+    `signame` as `module` starts to be imported: a signal that cuts that import short, every time."""
+    return f"""if True:
+        import os, signal, sys
+        class SignalOnImport:
+            def find_spec(self, name, path=None, target=None):
+                if name == {module!r}:
+                    sys.meta_path.remove(self)
+                    os.kill(os.getpid(), signal.{signame})
+                return None
+        sys.meta_path.insert(0, SignalOnImport())
+        from regsweep.cli import cli
+        cli(sys.argv[1:])
+    """
+
+
 def in_step(script: str, *args: str, rounds: int, processes: int = 2, env: dict | None = None) -> list[list[str]]:
     """Run `script` in `processes` Python processes that do each of `rounds` steps at the same moment: each
     calls `ready()` (given to it) before a step, which waits until all are ready. Returns each process's printed

@@ -248,8 +248,14 @@ def test_a_signal_while_a_command_checks_its_input_says_so_and_exits_as_by_that_
     assert all_runs(tracking_uri) == []
 
 
-@pytest.mark.parametrize("module,function", [("regsweep.outage", "mlflow_http_settings"),  # importing MLflow
-                                             ("regsweep.outage", "end_orphaned_runs")])  # checked, not yet trained
+@pytest.mark.parametrize("module,function", [
+    ("regsweep.outage", "mlflow_http_settings"),  # before train imports MLflow
+    ("mlflow.artifacts", None),  # as it imports MLflow: MLflow is left half imported in the process
+    ("regsweep.outage", "end_orphaned_runs"),  # checked, not yet trained
+    # on each call: in the checks, then again as the run is ended, as a second signal comes when `mlflow run`
+    # sends its SIGTERM after a terminal's Ctrl-C
+    ("regsweep.experiment", "not_this_commands_run"),
+])
 def test_sigterm_to_mlflow_runs_group_as_train_starts_ends_its_run_killed(tracking_uri, tmp_path, module, function):
     """`mlflow run` makes its run, then starts `regsweep train`, which takes seconds to import MLflow and torch
     and check its input: a SIGTERM to the group then (the launcher dies of it) must not leave the run RUNNING."""
@@ -257,9 +263,12 @@ def test_sigterm_to_mlflow_runs_group_as_train_starts_ends_its_run_killed(tracki
     import subprocess
     import sys
 
+    from .conftest import signalled_on_import
+
     client = MlflowClient(tracking_uri)
     run = client.create_run("0", tags={"mlflow.project.entryPoint": "main"})  # as `mlflow run` makes it
-    script = signalled_on_call(module, function, "SIGTERM")
+    script = (signalled_on_call(module, function, "SIGTERM") if function else
+              signalled_on_import(module, "SIGTERM"))
     proc = subprocess.run([sys.executable, "-c", script, "train", *tiny_args(), "--epochs", "1"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=300,
                           env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_RUN_ID": run.info.run_id})
@@ -271,6 +280,23 @@ def test_sigterm_to_mlflow_runs_group_as_train_starts_ends_its_run_killed(tracki
     assert ended.info.status == "KILLED", proc.stderr
     assert ended.data.tags["regsweep.stop_reason"].startswith("interrupted (Ctrl-C or SIGTERM)")
     assert [r.info.run_id for r in all_runs(tracking_uri)] == [run.info.run_id]
+
+
+def test_a_signal_once_train_has_finished_says_so(tracking_uri, tmp_path):
+    """A SIGTERM after the run ended FINISHED (as the command prints where to look): exit 143, and the line
+    says the run had finished, not that nothing was started."""
+    import signal
+    import subprocess
+    import sys
+
+    script = signalled_on_call("regsweep.experiment", "viewing_hint", "SIGTERM")
+    proc = subprocess.run([sys.executable, "-c", script, "train", *tiny_args(), "--epochs", "1"], capture_output=True,
+                          text=True, cwd=tmp_path, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}, timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    (run,) = all_runs(tracking_uri)
+    assert run.info.status == "FINISHED"
+    errors = [line for line in proc.stderr.splitlines() if line.startswith(("Error", "Traceback", "Aborted"))]
+    assert errors == [f"Error: interrupted after run {run.info.run_id} ended FINISHED"], proc.stderr
 
 
 def test_inside_mlflow_run_a_help_parameter_fails_the_run_instead_of_finishing_it_empty(tracking_uri, monkeypatch):

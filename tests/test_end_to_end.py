@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -170,11 +171,26 @@ def test_sigterm_marks_the_run_killed(tracking_uri):
     assert "SIGTERM" in run.data.tags["regsweep.stop_reason"]
 
 
+def children_of(pid: int, running: str) -> list[int]:
+    """The processes whose parent is `pid` and whose command line holds `running` (Linux)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid and \
+                    running in (stat.parent / "cmdline").read_text():
+                found.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            pass
+    return found
+
+
 @pytest.mark.slow
-def test_sigterm_to_mlflow_run_alone_stops_its_training_and_ends_the_run_killed(tracking_uri):
+@pytest.mark.parametrize("when", ["training", "starting"])
+def test_sigterm_to_mlflow_run_alone_stops_its_training_and_ends_the_run_killed(tracking_uri, when):
     """`timeout` or a job scheduler signals `mlflow run` alone. MLflow's launcher dies of a SIGTERM without
-    stopping its command: regsweep train notices its parent gone, and stops as if signalled itself."""
-    from regsweep.outage import WORKER_TAG, pid_alive
+    stopping its command: regsweep train notices its parent gone, and stops as if signalled itself, also
+    while it is still importing its stages (`starting`, a second after it began)."""
+    from regsweep.outage import pid_alive
 
     cmd = ["mlflow", "run", str(REPO), "--env-manager", "local", "--experiment-name", "orphan"]
     for key, value in {"epochs": 200, "max_train_samples": 1024, "max_eval_samples": 256, "batch_size": 32,
@@ -182,25 +198,30 @@ def test_sigterm_to_mlflow_run_alone_stops_its_training_and_ends_the_run_killed(
         cmd += ["-P", f"{key}={value}"]
     launcher = subprocess.Popen(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client, deadline, run = MlflowClient(tracking_uri), time.time() + 180, None
-    while time.time() < deadline and run is None:  # until the run trains: it has logged an epoch
-        assert launcher.poll() is None
-        exp = client.get_experiment_by_name("orphan")
-        runs = client.search_runs([exp.experiment_id]) if exp else []
-        if runs and client.get_metric_history(runs[0].info.run_id, "val/acc"):
-            run = runs[0]
-        time.sleep(0.5)
-    assert run is not None, "the run did not start training"
-    trainer = int(run.data.tags[WORKER_TAG].rsplit(":", 1)[1])
-    assert trainer != launcher.pid
-    launcher.send_signal(signal.SIGTERM)
-    assert launcher.wait(timeout=60) == -signal.SIGTERM  # MLflow's launcher is gone, nothing ended its run
-    deadline = time.time() + 60  # the trainer is not this test's child: poll until it is gone
-    while pid_alive(trainer) and time.time() < deadline:
-        time.sleep(0.5)
-    assert not pid_alive(trainer), "training went on without the mlflow run that started it"
-    ended = client.get_run(run.info.run_id)
-    assert ended.info.status == "KILLED" and "SIGTERM" in ended.data.tags["regsweep.stop_reason"]
+    client, deadline, trainer = MlflowClient(tracking_uri), time.time() + 180, None
+    try:
+        while time.time() < deadline and trainer is None:  # `mlflow run` starts the command once its run exists
+            assert launcher.poll() is None
+            trainer = next(iter(children_of(launcher.pid, "regsweep")), None)  # bash execs it
+            time.sleep(0.1)
+        assert trainer is not None, "mlflow run started no command"
+        while when == "training" and time.time() < deadline:  # until the run has logged an epoch
+            runs = client.search_runs([client.get_experiment_by_name("orphan").experiment_id])
+            if runs and client.get_metric_history(runs[0].info.run_id, "val/acc"):
+                break
+            time.sleep(0.5)
+        time.sleep(1 if when == "starting" else 0)
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=60) == -signal.SIGTERM  # MLflow's launcher is gone, nothing ended its run
+        deadline = time.time() + 90  # the trainer is not this test's child: poll until it is gone
+        while pid_alive(trainer) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not pid_alive(trainer), "training went on without the mlflow run that started it"
+    finally:
+        for pid in [trainer] if trainer and pid_alive(trainer) else []:
+            os.kill(pid, signal.SIGKILL)
+    (run,) = client.search_runs([client.get_experiment_by_name("orphan").experiment_id])
+    assert run.info.status == "KILLED" and "SIGTERM" in run.data.tags["regsweep.stop_reason"]
 
 
 @pytest.mark.slow

@@ -943,7 +943,7 @@ def test_the_retry_of_a_grid_trial_keeps_its_grid_point_and_the_grid_is_trained_
 
 
 def test_terminal_status_ignores_the_second_signal_while_the_runs_end_and_not_the_third():
-    from regsweep.tracking import terminal_status
+    from regsweep.signals import terminal_status
 
     previous, ended = signal.getsignal(signal.SIGTERM), []
     with pytest.raises(KeyboardInterrupt):
@@ -977,7 +977,7 @@ def test_terminal_status_ignores_the_second_signal_while_the_runs_end_and_not_th
 
 
 def test_a_held_signal_is_raised_once_the_outermost_block_ends_and_a_third_is_not_held():
-    from regsweep.tracking import signals_held, terminal_status
+    from regsweep.signals import signals_held, terminal_status
 
     done = []
     with pytest.raises(KeyboardInterrupt):

@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 from ..outage import (EXIT_OUTAGE, STOP_REASON_TAG, TAG_LIMIT, WORKER_TAG, Outage, StorageOutage, TrackingOutage,
                       end_orphaned_runs, pid_alive, redact, tag_run, tracking_watch, when_parent_gone, worker_id)
 from ..experiment import use_experiment
-from ..tracking import signals_held, terminal_status
+from ..signals import signals_held, terminal_status
 from .objective import Objective, Surplus
 from .runs import STUDY_TAG, find_or_create_parent, finish_study
 from .stacked import run_stacked

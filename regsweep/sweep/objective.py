@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 
 from ..models import count_parameters
 from ..outage import STOP_REASON_TAG, TAG_LIMIT, Outage
-from ..tracking import signals_held
+from ..signals import signals_held
 from ..training import DivergedError, new_model
 from .runs import (STUDY_TAG, coefficients, create_run, create_trial_run, log_trial_run, prune_reason, report_step,
                    seed_config, seed_run_name, summarise_repeats, trial_run_name)

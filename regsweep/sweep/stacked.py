@@ -30,7 +30,8 @@ from optuna.trial import TrialState
 from ..config import TrainConfig
 from ..models import count_parameters
 from ..outage import STOP_REASON_TAG, TAG_LIMIT, WORKER_TAG, Outage, worker_id
-from ..tracking import device_tags, run_params, signals_held
+from ..signals import signals_held
+from ..tracking import device_tags, run_params
 from ..training import FitResult, fit_stack, new_model
 from .completion import Completer, worker_count
 from .objective import Surplus, fail_for_retry, mark_error, prepare_trial, reuse_twin
