@@ -249,7 +249,6 @@ def test_a_signal_while_a_command_checks_its_input_says_so_and_exits_as_by_that_
 
 
 @pytest.mark.parametrize("module,function", [
-    ("regsweep.outage", "mlflow_http_settings"),  # before train imports MLflow
     ("mlflow.artifacts", None),  # as it imports MLflow: MLflow is left half imported in the process
     ("regsweep.outage", "end_orphaned_runs"),  # checked, not yet trained
     # on each call: in the checks, then again as the run is ended, as a second signal comes when `mlflow run`
