@@ -539,52 +539,46 @@ def mark_project_run_failed(message: str) -> bool:
     return end_project_run(None, "regsweep.error", message)
 
 
-# end_project_run's work in a fresh interpreter: sys.argv[1:] = run id, status ('' = none), tag, message.
-END_PROJECT_RUN = """if True:
-    import sys
-    from mlflow.tracking import MlflowClient
-    from regsweep.experiment import not_this_commands_run
-    run_id, status, tag, message = sys.argv[1:]
-    client = MlflowClient()
-    if not_this_commands_run(client.get_run(run_id)):
-        sys.exit(3)
-    client.set_tag(run_id, tag, message)
-    if status:
-        client.set_terminated(run_id, status)
-"""
-
-
 def end_project_run(status: str | None, tag: str, message: str) -> bool:
     """Tag the run `mlflow run` made for this command with why it stops, and end it as `status` (None: leave
     that to `mlflow run`). Returns whether there was such a run, not yet trained by regsweep.
 
     A signal that stopped the command as it imported MLflow (or its database layer) leaves those modules half
-    made in this process, and every use of them fails: then the run is ended from a fresh interpreter."""
+    made in this process, and every use of them fails: a run to be ended is then ended from a fresh
+    interpreter. (A run only to be tagged, after bad input, is not worth that: the exit code still tells.)"""
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if not run_id:
         return False
     try:
-        from mlflow.tracking import MlflowClient
-
-        from .experiment import not_this_commands_run
-        client = MlflowClient()
-        if not_this_commands_run(client.get_run(run_id)):  # a leftover id, or another's run
+        return tell_project_run(run_id, status or "", tag, message)
+    except Exception:  # noqa: BLE001 - a module cut short, or the store itself
+        if not status:
             return False
-        client.set_tag(run_id, tag, message)
-        if status:
-            client.set_terminated(run_id, status)
-        return True
-    except Exception:  # noqa: BLE001 - a module cut short, or the store itself: the fresh interpreter tells
-        pass
     import subprocess
 
     # MLflow's own retries of an unreachable server would take minutes.
     env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10", **os.environ}
+    script = ("import sys; from regsweep.cli import tell_project_run; "
+              "sys.exit(0 if tell_project_run(*sys.argv[1:]) else 3)")
     try:
-        return subprocess.run([sys.executable, "-c", END_PROJECT_RUN, run_id, status or "", tag, message], env=env,
+        return subprocess.run([sys.executable, "-c", script, run_id, status, tag, message], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
+
+
+def tell_project_run(run_id: str, status: str, tag: str, message: str) -> bool:
+    """end_project_run's work, here or in a fresh interpreter (status '': only the tag)."""
+    from mlflow.tracking import MlflowClient
+
+    from .experiment import not_this_commands_run
+    client = MlflowClient()
+    if not_this_commands_run(client.get_run(run_id)):  # a leftover id, or another's run
+        return False
+    client.set_tag(run_id, tag, message)
+    if status:
+        client.set_terminated(run_id, status)
+    return True
 
 
 def main():
