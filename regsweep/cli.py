@@ -518,6 +518,11 @@ def report(experiment_name, study_name, parent_run_id, filter_string, runs, out,
         analysis, folder, logged = make_report(selection, out, baseline, include_unfinished, log_to_mlflow)
     except (ReportError, TrackingError) as exc:
         raise UsageFailure(str(exc)) from None
+    except KeyboardInterrupt as exc:
+        if not hasattr(exc, "killed_run"):
+            raise
+        raise Interrupted(f"interrupted: report run {exc.killed_run} ended KILLED",
+                          getattr(exc, "signum", signal.SIGINT)) from None
     click.echo(render(people_tables(analysis), fmt))
     click.echo(left_out_line(analysis))
     where = f"; logged under report/ of run {logged}" if logged else ""

@@ -429,6 +429,28 @@ def test_a_report_that_cannot_be_written_exits_2_with_one_line_and_logs_nothing(
     assert before == {a.path for a in MlflowClient().list_artifacts(sweep["parent"])}
 
 
+@pytest.mark.slow
+def test_a_signal_as_the_report_is_logged_ends_its_report_run_killed(sweep):
+    """Stopped, not failed: Ctrl-C or SIGTERM while a report run's files upload ends that run KILLED, with why."""
+    import signal
+    import subprocess
+    import sys
+
+    from .conftest import signalled_on_call
+
+    script = signalled_on_call("mlflow.tracking", "MlflowClient.log_artifacts", "SIGTERM")
+    out = sweep["tmp"] / "stopped-report"
+    proc = subprocess.run([sys.executable, "-c", script, "report", "--experiment-name", "rep", "--out", str(out)],
+                          capture_output=True, text=True, cwd=sweep["tmp"], timeout=600)
+    client = MlflowClient()
+    (run,) = client.search_runs([sweep["experiment_id"]], "tags.`regsweep.kind` = 'report' and "
+                                                          "attributes.status = 'KILLED'")
+    client.delete_run(run.info.run_id)  # the later tests see the experiment as before
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"Error: interrupted: report run {run.info.run_id} ended KILLED"
+    assert "interrupted" in run.data.tags["regsweep.stop_reason"]
+
+
 def test_unreachable_tracking_server_exits_2(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # discard port: nothing listens

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from ..outage import STOP_REASON_TAG
 from . import figures, stats, tables
 from .fetch import Fetched, ReportError, Selection, fetch_predictions, fetch_runs, fetch_study_plots
 
@@ -274,6 +275,11 @@ def log(a: Analysis, out: Path) -> str:
     try:
         client.log_artifacts(run.info.run_id, str(out), "report")
         status = "FINISHED"
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (signals.terminal_status): stopped, not failed
+        status = "KILLED"
+        client.set_tag(run.info.run_id, STOP_REASON_TAG, "interrupted (Ctrl-C or SIGTERM) as its files were logged")
+        exc.killed_run = run.info.run_id  # for the command's one line
+        raise
     finally:
         client.set_terminated(run.info.run_id, status)  # never left RUNNING
     return run.info.run_id
