@@ -1,7 +1,8 @@
 """The `regsweep` command: a thin click adapter over TrainConfig and the stage modules.
 
-Every TrainConfig field is one option of the same name (dashes for underscores), so `regsweep train`, the
-MLproject entry point and `regsweep optimize` accept the same settings.
+Every TrainConfig field is one option of the same name (dashes for underscores), so `regsweep train` and the
+MLproject entry point accept the same settings; `regsweep optimize` takes them all but --l1 and --l2, which it
+searches (and logs no model by default).
 """
 
 from __future__ import annotations
@@ -81,8 +82,13 @@ class Interrupted(click.ClickException):
         super().__init__(message)
         self.exit_code = 128 + signum
 
+    @classmethod
+    def by(cls, exc: KeyboardInterrupt, message: str) -> Interrupted:
+        """The line for the signal behind `exc` (signals.terminal_status records which; Ctrl-C otherwise)."""
+        return cls(message, getattr(exc, "signum", signal.SIGINT))
 
-def checks_interrupted(exc: KeyboardInterrupt) -> Interrupted:
+
+def interrupted_at_start(exc: KeyboardInterrupt) -> Interrupted:
     """Ctrl-C or SIGTERM while a command starts (imports its stages, checks its input and stores): as any other
     stop, one line and the signal's exit status (not click's "Aborted!" and 1). Nothing was started, except
     inside `mlflow run`, whose run then ends KILLED, as a run stopped later does."""
@@ -90,8 +96,7 @@ def checks_interrupted(exc: KeyboardInterrupt) -> Interrupted:
         what = f"run {os.environ['MLFLOW_RUN_ID']} ended KILLED"
     else:
         what = "before any run was started"
-    return Interrupted(f"interrupted: as the command started (checking its input and stores), {what}",
-                       getattr(exc, "signum", signal.SIGINT))
+    return Interrupted.by(exc, f"interrupted: as the command started (checking its input and stores), {what}")
 
 
 class OutageStop(click.ClickException):
@@ -163,14 +168,13 @@ class Cli(click.Group):
                         raise UsageFailure(message) from None
                 raise
             except KeyboardInterrupt as exc:
-                signum = getattr(exc, "signum", signal.SIGINT)
                 if DONE in ctx.meta:  # the work was done, and said so, before the signal came
-                    raise Interrupted(f"interrupted after {ctx.meta[DONE]}", signum) from None
+                    raise Interrupted.by(exc, f"interrupted after {ctx.meta[DONE]}") from None
                 # train and optimize turn every stop from their first run on into a line of their own: one that
                 # reaches here came as they started (importing torch and MLflow takes seconds), before any run.
                 if ctx.invoked_subcommand in ("train", "optimize"):
-                    raise checks_interrupted(exc) from None
-                raise Interrupted("interrupted", signum) from None  # the exit status of a process the signal ended
+                    raise interrupted_at_start(exc) from None
+                raise Interrupted.by(exc, "interrupted") from None  # the exit status of a process the signal ended
 
 
 class WholeNumber(click.ParamType):
@@ -277,7 +281,7 @@ def train_one(fields: dict, experiment_name: str | None, tracking_timeout: float
         mark_project_run_failed(str(exc))
         raise UsageFailure(str(exc).removeprefix("Error: ")) from None
     except KeyboardInterrupt as exc:
-        raise checks_interrupted(exc) from None
+        raise interrupted_at_start(exc) from None
 
     import torch
 
@@ -306,7 +310,7 @@ def train_one(fields: dict, experiment_name: str | None, tracking_timeout: float
             what = f"run {os.environ['MLFLOW_RUN_ID']} ended KILLED"
         else:
             what = "no run was started"
-        raise Interrupted(f"interrupted: {what}", getattr(exc, "signum", signal.SIGINT)) from None
+        raise Interrupted.by(exc, f"interrupted: {what}") from None
     click.get_current_context().meta[DONE] = f"run {run_id} ended FINISHED"
     s = result.summary
     click.echo(f"run {run_id}: best val acc {100 * s['best_val_acc']:.2f}% at epoch {s['best_val_epoch']}, "
@@ -431,7 +435,7 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
     except Exception as exc:  # noqa: BLE001 - e.g. SQLAlchemy errors for an unreachable database
         raise UsageFailure(f"cannot open Optuna storage: {str(exc).splitlines()[0]}") from None
     except KeyboardInterrupt as exc:
-        raise checks_interrupted(exc) from None
+        raise interrupted_at_start(exc) from None
 
     from .outage import Outage, mlflow_http_settings
 
@@ -459,8 +463,7 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
         parent = getattr(exc, "parent_status", "KILLED")  # None: there was no parent run yet
         what = (f"{exc.when}{f'; the parent run ended {parent}' if parent else ''}" if hasattr(exc, "when")
                 else "the runs in progress ended KILLED and their trials are queued again")
-        raise Interrupted(f"interrupted: {what}. Run again with: {command_line()}",
-                          getattr(exc, "signum", signal.SIGINT)) from None
+        raise Interrupted.by(exc, f"interrupted: {what}. Run again with: {command_line()}") from None
     click.get_current_context().meta[DONE] = f"study {settings.study_name} was finished"
     counts = summary["counts"]
     surplus = f" ({summary['surplus']} over --trials, not trained)" if summary.get("surplus") else ""
@@ -521,8 +524,7 @@ def report(experiment_name, study_name, parent_run_id, filter_string, runs, out,
     except KeyboardInterrupt as exc:
         if not hasattr(exc, "killed_run"):
             raise
-        raise Interrupted(f"interrupted: report run {exc.killed_run} ended KILLED",
-                          getattr(exc, "signum", signal.SIGINT)) from None
+        raise Interrupted.by(exc, f"interrupted: report run {exc.killed_run} ended KILLED") from None
     click.echo(render(people_tables(analysis), fmt))
     click.echo(left_out_line(analysis))
     where = f"; logged under report/ of run {logged}" if logged else ""
@@ -561,8 +563,9 @@ def end_project_run(status: str | None, tag: str, message: str) -> bool:
             return False
     import subprocess
 
-    # MLflow's own retries of an unreachable server would take minutes.
-    env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10", **os.environ}
+    # MLflow's own retries of an unreachable server would take minutes: one try, bounded, over the settings the
+    # command made for its training (mlflow_http_settings, from --tracking-timeout) and whatever the user set.
+    env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
     script = ("import sys; from regsweep.cli import tell_project_run; "
               "sys.exit(0 if tell_project_run(*sys.argv[1:]) else 3)")
     try:

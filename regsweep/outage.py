@@ -1,4 +1,9 @@
-"""What regsweep does when a store stops answering: the MLflow tracking server or the Optuna storage.
+"""What regsweep does when a store stops answering (the MLflow tracking server or the Optuna storage), and the
+bookkeeping that lets a later command clean up after a process that is gone.
+
+Also here, as they serve the same end: `store_locked` (one process at a time creates a new database's tables),
+`tag_run` (tags that survive a concurrent writer), URLs without credentials for messages, and process liveness
+(`worker_id` on each run, `pid_alive`, `when_parent_gone`, `end_orphaned_runs`).
 
 Training never waits on the tracker: per-epoch metrics are queued (MLflow's async logging) and MLflow's own
 HTTP retries, set from `--tracking-timeout`, keep every request alive through a short outage. A watch thread

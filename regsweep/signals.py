@@ -14,6 +14,8 @@ import threading
 from contextlib import contextmanager
 
 
+# Process-wide on purpose: a signal handler belongs to the process and runs in its main thread, so terminal_status's
+# handler and the signals_held blocks can share what they know only here. Only those two write it.
 class _Held:
     depth = 0  # signals_held blocks entered and not yet left
     interrupt: KeyboardInterrupt | None = None  # the signal one of them holds

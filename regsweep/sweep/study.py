@@ -220,6 +220,9 @@ def requeue_interrupted(study: optuna.Study) -> list[int]:
 
 
 def end_dead_run(run_id: str, reason: str, tracking_uri: str | None = None, state: str = "FAIL") -> bool:
+    """End KILLED a RUNNING run that no live process will end (its worker died, or its trial ended without it),
+    with the reason and its trial's state as `optuna.state`; a run already ended is left alone. Returns whether
+    it ended it."""
     client = MlflowClient(tracking_uri)
     run = client.get_run(run_id)
     if RunStatus.is_terminated(RunStatus.from_string(run.info.status)):
