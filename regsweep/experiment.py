@@ -217,7 +217,7 @@ def use_experiment(name: str) -> str:
 
 
 # The experiment's kind as MLflow 3 records it: model training runs, not a GenAI app. UIs that go by it open
-# the experiment on its runs table instead of an empty traces overview; MLflow 3.17's own UI goes by its
+# the experiment on its runs table instead of an empty traces overview; MLflow's own UI (3.17, 3.18) goes by its
 # GenAI / Model training switch instead, which the printed URLs set (see `viewing_hint`).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
@@ -275,8 +275,9 @@ def viewing_hint(experiment_id: str, run_id: str | None = None) -> str:
         # A comment, not prose, after the command: the line stays copy-pastable into a shell.
         lines = [f"mlflow ui --backend-store-uri {shlex.quote(store_uri_for_ui(uri))}    # then open:"]
         base = "http://127.0.0.1:5000"  # where `mlflow ui` listens by default
-    # MLflow 3.17's UI chooses between its GenAI pages and its model-training pages by a switch it
-    # remembers per browser (GenAI unless changed), not by the experiment's kind; the URL can set it.
+    # MLflow's UI (3.17, 3.18) chooses between its GenAI pages and its model-training pages by a switch it
+    # remembers per browser once clicked (GenAI until then), not by the experiment's kind; the URL sets it for
+    # the page it opens.
     query = "?workflowType=machine_learning"
     if run_id:
         lines.append(f"{base}/#/experiments/{experiment_id}/runs/{run_id}{query}")
