@@ -381,7 +381,6 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
     from .data import DataError, load_raw
     from .sweep import (SearchSpace, SweepSettings, WorkerFailure, check_parent, check_resumable, optimize as run_study,
                         parse_grid, stack_size)
-    from .sweep.study import WRITE_CHECK_STUDY
     from .experiment import (TrackingError, check_artifact_location, check_experiment, check_tracking_uri,
                              viewing_hint)
     from .tracking import enable_prompt_flushes
@@ -390,37 +389,19 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
         base = build_config(fields)
         # An empty --grid "" is refused by parse_grid, not taken for no grid.
         space = SearchSpace(l1_range, l2_range, l1_zero, l2_zero, {} if grid is None else parse_grid(grid)).validate()
-        if sampler == "grid" and not grid:
-            raise ConfigError("--sampler grid needs --grid, e.g. --grid \"l1=0,0.001 l2=0,0.0005\"")
-        if grid and sampler not in (None, "grid"):
-            raise ConfigError(f"--grid runs the grid sampler; it cannot be combined with --sampler {sampler}")
-        sampler = sampler or ("grid" if grid else "tpe")
         if grid and ctx.get_parameter_source("trials") == click.core.ParameterSource.DEFAULT:
-            trials = space.grid_size()
-        elif grid and trials > space.grid_size():  # Optuna's grid sampler stops the study once the grid is used
-            raise ConfigError(f"--trials {trials} is more than the grid's {space.grid_size()} configurations, each "
-                              "trained once (more seeds of each: --repeats)")
+            trials = space.grid_size()  # the whole grid, each configuration once
         if stack != "auto" and not (re.fullmatch(r"[0-9]+", stack) and int(stack) >= 1):
             raise ConfigError(f"--stack must be auto or a whole number >= 1, got {stack!r}")
-        if base.seed + repeats > 2**63:  # the seeds are seed, seed + 1, ...: each below 2**63, as --seed is
-            raise ConfigError(f"--seed {base.seed} with --repeats {repeats} gives seeds of 2**63 and more; "
-                              "use a smaller seed or fewer repeats")
-        if (study_name or experiment_name) == WRITE_CHECK_STUDY:
-            raise ConfigError(f"the study name {WRITE_CHECK_STUDY!r} (--study-name, which defaults to the experiment "
-                              "name) is regsweep's own: it checks that the storage takes writes, and deletes that "
-                              "study again; choose another")
-        if refill and base.optimizer != "sgd":
-            raise ConfigError(f"--refill needs --optimizer sgd: each member's learning rate scales SGD's update, "
-                              f"not {base.optimizer}'s")
         members = stack_size(None if stack == "auto" else int(stack), trials, base.resolved_device())
+        settings = SweepSettings(base=base, space=space, trials=trials, study_name=study_name or experiment_name,
+                                 storage=storage, experiment_name=experiment_name,
+                                 sampler=sampler or ("grid" if grid else "tpe"), pruner=pruner, repeats=repeats,
+                                 timeout=timeout, heartbeat=heartbeat, workers=workers, stack=members,
+                                 completion_workers=completion_workers, refill=refill,
+                                 tracking_timeout=tracking_timeout).validate()
         if stack != "auto" and members < int(stack):
             click.echo(f"note: --stack {stack} is more than the {trials} trials; stacking {members}", err=True)
-        settings = SweepSettings(base=base, space=space, trials=trials, study_name=study_name or experiment_name,
-                                 storage=storage, experiment_name=experiment_name, sampler=sampler,
-                                 pruner=pruner, repeats=repeats, timeout=timeout,
-                                 heartbeat=heartbeat, workers=workers, stack=members,
-                                 completion_workers=completion_workers, refill=refill,
-                                 tracking_timeout=tracking_timeout)
         load_raw(base.resolved_data_dir(), base.download)  # readable, before a study or run exists
         study = check_resumable(settings)  # a bad URL, an unreachable database or a clashing space fails here
         check_tracking_uri()

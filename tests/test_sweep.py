@@ -623,6 +623,7 @@ def test_a_killed_worker_process_ends_the_sweep_killed_with_exit_1_and_resume_re
     (["--grid", "l3=0.1"], "malformed --grid entry 'l3=0.1'"),
     (["--grid", "l1=-0.1"], "grid values for l1 must be finite and >= 0"),
     (["--sampler", "grid"], "--sampler grid needs --grid"),
+    (["--grid", "l1=0,0.001", "--sampler", "tpe"], "it cannot be combined with --sampler tpe"),
     (["--grid", "l1=0,0.001", "--trials", "3"], "--trials 3 is more than the grid's 2 configurations"),
     (["--trials", "0"], "0 is not in the range x>=1"),
     (["--epochs", "0"], "epochs must be an integer >= 1"),

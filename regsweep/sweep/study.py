@@ -58,6 +58,29 @@ class SweepSettings:
     refill: bool | None = None  # freed slots take the next trial; None: stacked.refills decides
     tracking_timeout: float = 120.0  # seconds the MLflow tracking server may be silent before a worker stops
 
+    def validate(self) -> SweepSettings:
+        """Raise ConfigError on the first setting that cannot go with the others; return self so calls chain.
+        (Each setting alone is checked where it is parsed: TrainConfig.validate, SearchSpace.validate.)"""
+        grid = bool(self.space.grid)
+        if self.sampler == "grid" and not grid:
+            raise ConfigError("--sampler grid needs --grid, e.g. --grid \"l1=0,0.001 l2=0,0.0005\"")
+        if grid and self.sampler != "grid":
+            raise ConfigError(f"--grid runs the grid sampler; it cannot be combined with --sampler {self.sampler}")
+        if grid and self.trials > self.space.grid_size():  # Optuna's grid sampler stops the study once it is used
+            raise ConfigError(f"--trials {self.trials} is more than the grid's {self.space.grid_size()} "
+                              "configurations, each trained once (more seeds of each: --repeats)")
+        if self.base.seed + self.repeats > 2**63:  # the seeds are seed, seed + 1, ...: each below 2**63, as --seed is
+            raise ConfigError(f"--seed {self.base.seed} with --repeats {self.repeats} gives seeds of 2**63 and more; "
+                              "use a smaller seed or fewer repeats")
+        if self.study_name == WRITE_CHECK_STUDY:
+            raise ConfigError(f"the study name {WRITE_CHECK_STUDY!r} (--study-name, which defaults to the experiment "
+                              "name) is regsweep's own: it checks that the storage takes writes, and deletes that "
+                              "study again; choose another")
+        if self.refill and self.base.optimizer != "sgd":
+            raise ConfigError(f"--refill needs --optimizer sgd: each member's learning rate scales SGD's update, "
+                              f"not {self.base.optimizer}'s")
+        return self
+
 
 def open_storage(settings: SweepSettings, tracking_uri: str | None = None):
     """The Optuna storage, with heartbeats and a retry-and-mark-KILLED callback where the backend has them."""
