@@ -30,6 +30,9 @@ class DivergedError(RuntimeError):
     """The training loss became NaN or infinite (e.g. a huge L1 coefficient)."""
 
 
+DIVERGED = "diverged: "  # how a diverged member's stop_reason begins; a DivergedError carries the rest
+
+
 @dataclass
 class FitResult:
     model: nn.Module  # holds the best-validation weights when fit returns
@@ -40,6 +43,11 @@ class FitResult:
     # Predicted test labels of the best-validation weights (CPU); None for a member that diverged in its first epoch.
     test_pred: torch.Tensor | None = None
     diverged: bool = False  # the training loss stopped being finite (stop_reason says when)
+
+    def raise_if_diverged(self) -> None:
+        """A member that diverged trained to no result: DivergedError, with when and why."""
+        if self.diverged:
+            raise DivergedError(self.stop_reason.removeprefix(DIVERGED))
 
 
 EVAL_IMAGES_CPU = 512  # model-images (images x members) per evaluation batch on the CPU: see eval_batch_size
@@ -323,8 +331,7 @@ def fit(cfg: TrainConfig, data: MnistSplits, on_epoch: Callable[[int, dict], str
     """
     hook = None if on_epoch is None else (lambda k, epoch, metrics: on_epoch(epoch, metrics))
     (result,) = fit_stack([cfg], data, hook, show_progress, model)
-    if result.diverged:
-        raise DivergedError(result.stop_reason.removeprefix("diverged: "))
+    result.raise_if_diverged()
     return result
 
 
@@ -429,7 +436,7 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
             own_epoch = epoch - rec.joined
             metrics = epoch_metrics(values, stat_names, rec.cfg, rates[pos], seconds, train["images"])
             if not math.isfinite(metrics["train/loss"]):
-                rec.result.stop_reason = (f"diverged: training loss is {metrics['train/loss']} (l1={rec.cfg.l1}, "
+                rec.result.stop_reason = (f"{DIVERGED}training loss is {metrics['train/loss']} (l1={rec.cfg.l1}, "
                                           f"l2={rec.cfg.l2}, lr={rec.cfg.lr})")
                 rec.result.diverged, rec.running = True, False
                 continue

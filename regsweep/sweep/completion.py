@@ -45,8 +45,7 @@ def complete_run(cfg: TrainConfig, result: FitResult, data: MnistSplits, run_id:
     try:
         with mlflow_run(cfg, run_id=run_id, tags=tags):
             log_config(cfg, data, count_parameters(result.model))
-            if result.diverged:
-                raise DivergedError(result.stop_reason.removeprefix("diverged: "))
+            result.raise_if_diverged()
             log_outcome(cfg, result, data)
     except DivergedError:
         pass

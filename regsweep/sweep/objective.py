@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 from ..models import count_parameters
 from ..outage import STOP_REASON_TAG, TAG_LIMIT, Outage
 from ..signals import signals_held
-from ..training import DivergedError, new_model
+from ..training import DIVERGED, DivergedError, new_model
 from .runs import (STUDY_TAG, coefficients, create_run, create_trial_run, log_trial_run, prune_reason, report_step,
                    seed_config, seed_run_name, summarise_repeats, trial_run_name)
 from .space import prunable, suggest_penalties
@@ -198,7 +198,7 @@ class Objective:
                 except DivergedError as exc:
                     # Pruned, not failed: a diverging configuration is a (bad) result, and failed trials do
                     # not count towards --trials, so a region of divergence would keep the sweep going forever.
-                    state, reason = "PRUNED", f"diverged: {exc}"
+                    state, reason = "PRUNED", f"{DIVERGED}{exc}"
                     raise optuna.TrialPruned(reason) from exc
                 best_vals.append(result.summary["best_val_acc"])
                 if result.stop_reason.startswith("pruned"):
