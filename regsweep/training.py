@@ -9,6 +9,7 @@ test set is evaluated every epoch so its curve can be plotted, and reported, nev
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -365,6 +366,29 @@ class MemberRecord:
             self.since_best_loss += 1
         return improved
 
+    def end_epoch(self, own_epoch: int, metrics: dict[str, float], test_pred: torch.Tensor,
+                  on_epoch: Callable[[int, dict], str | None] | None) -> bool:
+        """Take one of its epochs: stop on a loss that is not finite; else note its numbers and best weights,
+        then stop where `on_epoch` says why (a pruner), for early stopping, or with its epochs done. True when
+        its weights are the best yet, so that fit_stack keeps them."""
+        if not math.isfinite(metrics["train/loss"]):
+            self.result.stop_reason = (f"{DIVERGED}training loss is {metrics['train/loss']} (l1={self.cfg.l1}, "
+                                       f"l2={self.cfg.l2}, lr={self.cfg.lr})")
+            self.result.diverged, self.running = True, False
+            return False
+        self.result.history.append(metrics)
+        improved = self.track_best(metrics["val/acc"], metrics["val/loss"], test_pred)
+        hook_start = time.perf_counter()
+        stop = on_epoch(own_epoch, metrics) if on_epoch is not None else None
+        self.hook_seconds += time.perf_counter() - hook_start
+        if not stop and self.cfg.patience and self.since_best_loss >= self.cfg.patience:
+            stop = f"early stopping: val/loss did not improve for {self.cfg.patience} epochs"
+        if stop:
+            self.result.stop_reason, self.running = stop, False
+        elif own_epoch == self.cfg.epochs:
+            self.running = False  # done
+        return improved
+
 
 def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
               on_epoch: Callable[[int, int, dict], str | None] | None = None,
@@ -430,27 +454,12 @@ def fit_stack(cfgs: list[TrainConfig], data: MnistSplits,
         rows, stat_names, test_pred = epoch_rows(trainer, train, cfg.precision)
         improved = [False] * members
         for pos, values in enumerate(rows):
-            rec = records[slots[pos]]
-            if not rec.running:
-                continue
-            own_epoch = epoch - rec.joined
-            metrics = epoch_metrics(values, stat_names, rec.cfg, rates[pos], seconds, train["images"])
-            if not math.isfinite(metrics["train/loss"]):
-                rec.result.stop_reason = (f"{DIVERGED}training loss is {metrics['train/loss']} (l1={rec.cfg.l1}, "
-                                          f"l2={rec.cfg.l2}, lr={rec.cfg.lr})")
-                rec.result.diverged, rec.running = True, False
-                continue
-            rec.result.history.append(metrics)
-            improved[pos] = rec.track_best(metrics["val/acc"], metrics["val/loss"], test_pred[:, pos])
-            hook_start = time.perf_counter()
-            stop = on_epoch(slots[pos], own_epoch, metrics) if on_epoch is not None else None
-            rec.hook_seconds += time.perf_counter() - hook_start
-            if not stop and rec.cfg.patience and rec.since_best_loss >= rec.cfg.patience:
-                stop = f"early stopping: val/loss did not improve for {rec.cfg.patience} epochs"
-            if stop:
-                rec.result.stop_reason, rec.running = stop, False
-            elif own_epoch == rec.cfg.epochs:
-                rec.running = False  # done
+            k = slots[pos]
+            rec = records[k]
+            if rec.running:
+                metrics = epoch_metrics(values, stat_names, rec.cfg, rates[pos], seconds, train["images"])
+                hook = None if on_epoch is None else functools.partial(on_epoch, k)
+                improved[pos] = rec.end_epoch(epoch - rec.joined, metrics, test_pred[:, pos], hook)
         keep_best(best_state, model.state_dict(), improved)
         # 3. Stopped members: their slots zeroed, their results handed over where the slots may be reused.
         free = [pos for pos, k in enumerate(slots) if not records[k].running]
