@@ -215,27 +215,34 @@ def log_outcome(cfg: TrainConfig, result: FitResult, data: MnistSplits) -> None:
         log_model(model, data)
 
 
+@contextmanager
+def hidden_imports(*names: str):
+    """`import name` raises ImportError in the block (a None in sys.modules does that), unless something in the
+    process has imported it already. For the optional integrations that a library imports only to offer, which
+    regsweep does not use and which cost a second or more to import; the libraries go on without them."""
+    hidden = [name for name in names if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None
+    try:
+        yield
+    finally:
+        for name in hidden:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
+
+
 def pytorch_flavour():
     """`mlflow.pytorch`, imported without Lightning.
 
     Where pytorch-lightning is installed, importing `mlflow.pytorch` imports it too (with torchmetrics and
     whatever they pull in), only to offer a checkpoint callback for Lightning's autologging, which regsweep
     does not use: seconds of a run whose epochs take half a second each (`python benchmarks/gpu.py
-    --startup`). `mlflow.pytorch` already goes on without the callback when that import fails, so Lightning
-    is hidden for this one import (a None in sys.modules makes `import` raise ImportError), unless something
-    in the process has imported it already.
+    --startup`). `mlflow.pytorch` already goes on without the callback when that import fails.
     """
     if "mlflow.pytorch" in sys.modules:  # imported already (mlflow's lazy attribute is not put there)
         return sys.modules["mlflow.pytorch"]
-    hidden = [name for name in ("pytorch_lightning", "lightning") if name not in sys.modules]
-    for name in hidden:
-        sys.modules[name] = None
-    try:
+    with hidden_imports("pytorch_lightning", "lightning"):
         return importlib.import_module("mlflow.pytorch")
-    finally:
-        for name in hidden:
-            if name in sys.modules and sys.modules[name] is None:
-                del sys.modules[name]
 
 
 def log_model(model, data: MnistSplits) -> None:

@@ -76,7 +76,8 @@ def test_tpe_study_with_pruning_builds_the_mlflow_tree(tracking_uri, tmp_path):
     # the objective is validation accuracy, never test accuracy
     assert best.value == pytest.approx(by_number[best.number].data.metrics["best_val_acc"])
     artifacts = {a.path for a in MlflowClient().list_artifacts(parent.info.run_id, "study")}
-    assert {"study/optimization_history.png", "study/intermediate_values.png", "study/trials.json"} <= artifacts
+    assert {"study/optimization_history.png", "study/intermediate_values.png", "study/trials.json",
+            "study/param_importances.png"} <= artifacts, artifacts
 
 
 def test_a_trial_below_the_median_is_pruned_one_by_one_with_its_curve_and_reason(tracking_uri, tmp_path):
