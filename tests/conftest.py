@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from regsweep.config import TrainConfig
 from regsweep.data import load_mnist
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`-n N`) each worker gets its share of the cores for torch's threads, and so do the
+    commands it starts (OMP_NUM_THREADS). With torch's default of a thread per core in every worker, two workers
+    on two cores made the CPU-bound tests of test_stack.py take 91 s instead of 40 s: OpenMP's threads spin
+    waiting for cores the other worker holds."""
+    workers = getattr(config, "workerinput", {}).get("workercount")
+    if workers:
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # Small, fast, real: 1,024 training images (64 steps over 2 epochs), 512 validation and 512 test images,
 # eager (compiling costs more than these runs take).
