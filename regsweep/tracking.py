@@ -219,7 +219,8 @@ def log_outcome(cfg: TrainConfig, result: FitResult, data: MnistSplits) -> None:
 def hidden_imports(*names: str):
     """`import name` raises ImportError in the block (a None in sys.modules does that), unless something in the
     process has imported it already. For the optional integrations that a library imports only to offer, which
-    regsweep does not use and which cost a second or more to import; the libraries go on without them."""
+    regsweep does not use and which cost a second or more to import. The library goes on without them, and for
+    the rest of the process: it keeps the failed import (MLflow's Lightning callback, Optuna's try_import)."""
     hidden = [name for name in names if name not in sys.modules]
     for name in hidden:
         sys.modules[name] = None

@@ -9,6 +9,7 @@ regsweep.kind=report) when there is no parent.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -276,9 +277,9 @@ def log(a: Analysis, out: Path) -> str:
         client.log_artifacts(run.info.run_id, str(out), "report")
         status = "FINISHED"
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (signals.terminal_status): stopped, not failed
-        status = "KILLED"
-        client.set_tag(run.info.run_id, STOP_REASON_TAG, "interrupted (Ctrl-C or SIGTERM) as its files were logged")
-        exc.killed_run = run.info.run_id  # for the command's one line
+        status, exc.killed_run = "KILLED", run.info.run_id  # the run, for the command's one line
+        with contextlib.suppress(Exception):  # the reason is a courtesy: the run ends KILLED below regardless
+            client.set_tag(run.info.run_id, STOP_REASON_TAG, "interrupted (Ctrl-C or SIGTERM) as its files were logged")
         raise
     finally:
         client.set_terminated(run.info.run_id, status)  # never left RUNNING

@@ -216,7 +216,8 @@ def log_study_plots(study: optuna.Study, parent_run_id: str) -> None:
 
     # optuna.importance imports scikit-learn for its fANOVA evaluator: a second on a fast machine, in a sweep's
     # last seconds. The importance plot uses PED-ANOVA (Optuna's default from 5.0 on, and much faster), which
-    # does not need it.
+    # does not need it. Optuna's scikit-learn evaluators (fANOVA, mean decrease impurity) then stay unavailable
+    # in this process; a caller that wants them imports optuna.importance before the sweep, and this hides nothing.
     with hidden_imports("sklearn"):
         from optuna.importance import PedAnovaImportanceEvaluator
 
