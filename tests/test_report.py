@@ -99,10 +99,11 @@ def test_descendants_of_a_run_in_an_experiment_without_nested_runs_are_none():
     assert descendants(runs, "a1").empty
 
 
-def test_seeds_lost_to_divergence_are_counted_with_their_configuration():
+def test_seeds_lost_to_divergence_or_pruning_are_counted_with_their_configuration():
     from regsweep.report import tables
 
     diverged = {"metrics.best_val_acc": np.nan, "metrics.test_acc_at_best_val": np.nan}
+    pruned = {"tags.regsweep.stop_reason": "pruned by median pruner at epoch 1", "metrics.epochs_trained": 1}
     runs = frame(
         run_row("a1", 0, 0, 1), run_row("a2", 0, 0, 2),
         run_row("b1", 0.01, 0, 1, best_val=0.95), run_row("b2", 0.01, 0, 2, best_val=0.97),
@@ -113,14 +114,37 @@ def test_seeds_lost_to_divergence_are_counted_with_their_configuration():
         run_row("f1", 0, 0, 3, status="FAILED", **{"tags.regsweep.error": "RuntimeError: disk full"}),
         run_row("b1-old", 0.01, 0, 1, status="FAILED", start=-1, **diverged,  # rerun since, and trained: not lost
                 **{"tags.regsweep.stop_reason": "diverged: training loss is nan"}),
+        # --repeats: seed 3 fell behind and its trial was pruned; seeds 1 and 2 had trained
+        run_row("d1", 0.001, 0, 1), run_row("d2", 0.001, 0, 2), run_row("d3", 0.001, 0, 3, **pruned),
+        run_row("e1", 0.002, 0, 1, **pruned),  # a trial pruned on its only seed: counted as pruned, not named
     )
     kept, left_out = stats.select_training_runs(runs)
-    assert left_out == {"diverged": 3, "FAILED": 1}
+    assert left_out == {"diverged": 3, "FAILED": 1, "pruned": 2,
+                        "configuration(s) that diverged on every seed (l1=1e-1 l2=0)": 1}
     table = stats.configuration_table(stats.per_run(kept, pd.DataFrame(columns=["run_id", "key", "step", "value"])))
-    assert dict(zip(table["configuration"], zip(table["n"], table["diverged"]))) == {
-        "l1=0 l2=0": (2, 0), "l1=1e-2 l2=0": (2, 1)}
-    assert list(tables.configurations_for_people(table)["seeds lost to divergence"]) == [0, 1]
-    assert "seeds lost to divergence" not in tables.configurations_for_people(table.assign(diverged=0))
+    assert table[["configuration", "n", "diverged", "pruned"]].values.tolist() == [
+        ["l1=0 l2=0", 2, 0, 0], ["l1=1e-3 l2=0", 2, 0, 1], ["l1=1e-2 l2=0", 2, 1, 0]]
+    people = tables.configurations_for_people(table)
+    assert list(people["seeds lost to divergence"]) == [0, 0, 1] and list(people["seeds pruned"]) == [0, 1, 0]
+    assert "seeds lost to divergence" not in tables.configurations_for_people(table.assign(diverged=0, pruned=0))
+
+
+def test_seeds_that_trained_in_one_stack_are_marked_as_sharing_their_batches():
+    from regsweep.report import tables
+
+    def member(run_id, l1, seed, study="s", stack=""):
+        return run_row(run_id, l1, 0, seed, **({"tags.regsweep.study": study, "tags.regsweep.stack": stack}
+                                                if stack else {}))
+
+    runs = frame(member("a1", 0, 1, stack="0"), member("a2", 0, 2, stack="0"),  # one stack, two seeds
+                 member("b1", 1e-3, 1, stack="0"), member("b2", 1e-3, 2, stack="2"),  # two stacks, a seed each
+                 member("c1", 1e-2, 1, study="s", stack="4"), member("c2", 1e-2, 2, study="t", stack="4"),
+                 member("d1", 1e-1, 1), member("d2", 1e-1, 2))  # one by one
+    kept, _ = stats.select_training_runs(runs)
+    table = stats.configuration_table(stats.per_run(kept, pd.DataFrame(columns=["run_id", "key", "step", "value"])))
+    assert dict(zip(table["configuration"], table["shared_batches"])) == {
+        "l1=0 l2=0": True, "l1=1e-3 l2=0": False, "l1=1e-2 l2=0": False, "l1=1e-1 l2=0": False}
+    assert list(tables.configurations_for_people(table)["seeds on one stack's batches"]) == ["yes", "", "", ""]
 
 
 def test_verdicts_go_by_p_adjusted_for_the_number_of_comparisons():
@@ -184,10 +208,21 @@ def test_verdicts_and_degenerate_spreads():
     assert stats.verdict(-0.01, 0.001, 3, 3) == "worse"
     assert stats.verdict(0.01, 0.2, 3, 3) == "not distinguishable"
     assert stats.verdict(0.05, 0.0, 1, 3) == stats.verdict(0.05, 0.0, 3, 1) == "one seed: no verdict"
+    assert stats.verdict(0.05, math.nan, 3, 3) == stats.NO_VERDICT  # no p: the values were missing
     same = stats.compare(pd.Series([0.9, 0.8], index=[1, 2]), pd.Series([0.9, 0.8], index=[1, 2]))
     assert same["p_value"] == 1.0 and same["diff"] == 0
-    shifted = stats.compare(pd.Series([0.91, 0.81], index=[1, 2]), pd.Series([0.9, 0.8], index=[1, 2]))
-    assert shifted["p_value"] == 0.0 and shifted["ci_low"] == pytest.approx(0.01)
+    # One image more on each of two seeds (a tie in counts; the floats differ in the 17th digit): a t-test
+    # gives p = 0, a zero-width interval and "better". Without spread the signs are flipped: p = 2 / 2^n.
+    one_image = stats.compare(pd.Series([.9913, .9951], index=[1, 2]), pd.Series([.9912, .9950], index=[1, 2]))
+    assert one_image["p_value"] == 0.5 and one_image["test"] == "sign-flip (no spread)"
+    assert math.isnan(one_image["ci_low"]) and one_image["diff"] == pytest.approx(1e-4)
+    seeds = range(1, 7)
+    six = stats.compare(pd.Series([0.9 + s / 100 + 1e-4 for s in seeds], index=seeds),
+                        pd.Series([0.9 + s / 100 for s in seeds], index=seeds))
+    assert six["p_value"] == pytest.approx(2 / 2 ** 6) and stats.verdict(six["diff"], six["p_value"], 6, 6) == "better"
+    # Unpaired, every value the same on each side: the 6 ways to split 4 values 2 + 2, 2 of them as far apart
+    apart = stats.compare(pd.Series([0.9, 0.9], index=[1, 2]), pd.Series([0.8, 0.8], index=[3, 4]))
+    assert apart["p_value"] == pytest.approx(1 / 3) and apart["test"] == "permutation (no spread)"
     single = stats.compare(pd.Series([0.95], index=[1]), pd.Series([0.9, 0.8], index=[1, 2]))
     assert single["diff"] == pytest.approx(0.1) and math.isnan(single["p_value"]) and single["test"] == ""
 
@@ -195,20 +230,28 @@ def test_verdicts_and_degenerate_spreads():
 def test_verdict_table_against_each_configurations_own_baseline():
     runs = frame(*(run_row(f"{n}{s}", l1, 0, s, norm=norm, test=t, best_val=t)
                    for n, l1, norm, tests in (("a", 0, "bn", (0.90, 0.91, 0.92)),
-                                              ("b", 0.001, "bn", (0.95, 0.96, 0.97)),
+                                              ("b", 0.001, "bn", (0.95, 0.965, 0.97)),
                                               ("c", 0, "gbn", (0.80, 0.81, 0.82)), ("d", 0.001, "gbn", (0.5,)))
-                   for s, t in zip((1, 2, 3), tests)))
+                   for s, t in zip((1, 2, 3), tests)),
+                 *(run_row(f"e{s}", 0.002, 0, s, norm="gbn", test=t, best_val=v)
+                   for s, t, v in zip((1, 2, 3), (0.85, math.nan, math.nan), (0.85, 0.865, 0.87))))
     kept, _ = stats.select_training_runs(runs)
     base = stats.baselines(stats.settings_of(kept))
     assert dict(base) == {"l1=0 l2=0 norm=bn": "l1=0 l2=0 norm=bn", "l1=1e-3 l2=0 norm=bn": "l1=0 l2=0 norm=bn",
-                          "l1=0 l2=0 norm=gbn": "l1=0 l2=0 norm=gbn", "l1=1e-3 l2=0 norm=gbn": "l1=0 l2=0 norm=gbn"}
+                          "l1=0 l2=0 norm=gbn": "l1=0 l2=0 norm=gbn", "l1=1e-3 l2=0 norm=gbn": "l1=0 l2=0 norm=gbn",
+                          "l1=2e-3 l2=0 norm=gbn": "l1=0 l2=0 norm=gbn"}
     values = stats.per_run(kept, pd.DataFrame(columns=["run_id", "key", "step", "value"]))
     table = stats.verdict_table(values, base).set_index("configuration")
     b = table.loc["l1=1e-3 l2=0 norm=bn"]
-    assert b["test_diff"] == pytest.approx(0.05) and b["test_p"] == 0.0 and b["test_verdict"] == "better"
-    assert b["test_used"] == "paired t"
+    assert b["test_diff"] == pytest.approx(0.155 / 3) and b["test_p"] < 0.01 and b["test_verdict"] == "better"
+    assert b["test_used"] == b["val_test_used"] == "paired t"
     assert table.loc["l1=1e-3 l2=0 norm=gbn", "test_verdict"] == "one seed: no verdict"
-    assert len(table) == 2  # baselines are not compared with themselves
+    # Two of e's three runs have no test accuracy: its n and verdict are those of the one value there is,
+    # while its validation accuracy (three seeds) is compared in full.
+    e = table.loc["l1=2e-3 l2=0 norm=gbn"]
+    assert (e["n"], e["n_baseline"], e["test_verdict"], e["test_used"]) == (1, 3, "one seed: no verdict", "")
+    assert e["val_test_used"] == "paired t" and e["val_verdict"] == "better"
+    assert len(table) == 3  # baselines are not compared with themselves
 
     chosen = stats.baselines(stats.settings_of(kept), stats.parse_baseline("l1=0 l2=0 norm=gbn"))
     assert set(chosen) == {"l1=0 l2=0 norm=gbn"}

@@ -178,6 +178,18 @@ def left_out_line(a: Analysis) -> str:
     return (f"{n_runs} runs in {n_conf} configurations; left out of the statistics: {counts or 'none'}")
 
 
+def shared_batches_note(a: Analysis) -> list[str]:
+    """What the intervals cover where seeds trained side by side in one stack (stats.shared_batches)."""
+    shared = a.table.loc[a.table["shared_batches"], "configuration"].tolist() if "shared_batches" in a.table else []
+    if not shared:
+        return []
+    which = "every configuration" if len(shared) == len(a.table) else f"{len(shared)} configuration(s)"
+    return [f"The seeds of {which} (marked in the table above) trained in one stack, on the same batches and "
+            f"rotations: they differ in their initialisation only, so their spread, intervals and tests leave out "
+            f"what batch order and augmentation vary, and a verdict holds for that batch order. Trained one by one "
+            f"(`--stack 1`), each seed draws its own.", ""]
+
+
 def markdown_report(a: Analysis) -> str:
     """report.md: what was selected, the tables, the figures, and how to read the verdicts."""
     people = people_tables(a)
@@ -192,7 +204,10 @@ def markdown_report(a: Analysis) -> str:
              f"paired t-test when both ran the same seeds, Welch's t-test otherwise; a verdict of better or worse "
              f"needs p < {stats.ALPHA} once adjusted for the number of comparisons in the table (Benjamini-Hochberg: "
              f"among many comparisons, some pass p < {stats.ALPHA} by chance; the intervals are each comparison's "
-             f"own). With one seed on either side there is no verdict.", "",
+             f"own). Where the seeds leave no spread (every paired difference the same, as with one image more on "
+             f"each seed), the p-value is an exact permutation test's (signs flipped; it needs six pairs to reach "
+             f"0.05) and there is no interval. With one seed on either side there is no verdict.", "",
+             *shared_batches_note(a),
              tables.markdown(people["verdicts against the baseline"][1]) if len(a.verdicts)
              else "No baseline: no configuration has l1 = l2 = 0 with the others' settings (see `--baseline`).",
              ""]

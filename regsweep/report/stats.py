@@ -3,8 +3,10 @@
 `runs` is MLflow's `search_runs` frame (`run_id`, `status`, `start_time`, `params.*`, `metrics.*`, `tags.*`);
 `histories` is a long frame with columns run_id, key, step, value. A *configuration* is every setting of a
 run except its seed; its runs are its seeds. Comparisons against a baseline use a paired t-test when both
-sides ran the same seeds (the seed fixes initialisation, batch order and augmentation, so the pair shares its
-luck) and Welch's t-test otherwise; with fewer than two seeds on a side there is no verdict.
+sides ran the same seeds (the seed fixes initialisation, and, trained one by one, batch order and augmentation, so
+the pair shares its luck) and Welch's t-test otherwise; an exact permutation test where the seeds leave no spread;
+with fewer than two seeds on a side there is no verdict. Seeds that trained in one stack shared its batches: they
+differ in initialisation only, and their spread says nothing of batch order's (`shared_batches`).
 """
 
 from __future__ import annotations
@@ -76,9 +78,11 @@ def select_training_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, in
     Left out, each counted by reason: runs that diverged, other FAILED, KILLED and RUNNING runs; runs a pruner
     cut short; sweep runs given a finished twin's result (the twin's run counts); runs that are not regsweep's;
     and older repeats of the same configuration and seed (the newest one counts, so that a configuration's n
-    is its number of seeds). A configuration whose seeds diverged only in part would look better than it is
-    with them left out silently: `diverged_seeds` counts, for each configuration kept, its seeds that diverged
-    and have no run that trained.
+    is its number of seeds). A configuration whose seeds diverged or were pruned only in part (a trial of
+    --repeats is pruned on the seed that falls behind) would look better than it is with them left out
+    silently: `diverged_seeds` and `pruned_seeds` count, for each configuration kept, its seeds stopped that way
+    that have no run that trained; a configuration that diverged on every seed is named in what was left out.
+    `shared_batches`: see that function.
     """
     kind = classify_runs(runs)
     left_out: dict[str, int] = {}
@@ -115,21 +119,49 @@ def select_training_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, in
     if short.any():
         left_out["pruned"] = int(short.sum())
     # Labelled after the unusable runs are gone: a failed run's missing params would otherwise count as a
-    # setting that varies, and lengthen every label. (Diverged runs have every param: they stopped in training.)
-    labelled = label_configurations(pd.concat([finished[~short], diverged]))
-    failed = labelled["run_id"].isin(diverged["run_id"])
-    finished = labelled[~failed].sort_values("start_time", ascending=False)
+    # setting that varies, and lengthen every label. (Diverged and pruned runs have every param: they stopped
+    # in training.)
+    labelled = label_configurations(pd.concat([finished[~short], finished[short], diverged]))
+    pruned_ids = finished.loc[short, "run_id"]
+    stopped = labelled["run_id"].isin(diverged["run_id"]) | labelled["run_id"].isin(pruned_ids)
+    finished = labelled[~stopped].sort_values("start_time", ascending=False)
     newest = finished.drop_duplicates(["configuration", "seed"])
     if len(newest) < len(finished):
         left_out["older duplicates of a configuration and seed"] = len(finished) - len(newest)
-    # Seeds lost: those that diverged and have no run that trained (a seed rerun to the end is not lost).
-    lost = labelled.loc[failed, ["configuration", "seed"]].drop_duplicates()
     trained = set(zip(newest["configuration"], newest["seed"]))
-    lost = lost[pd.Series([pair not in trained for pair in zip(lost["configuration"], lost["seed"])],
-                          index=lost.index, dtype=bool)]
-    counts = lost["configuration"].value_counts()
-    newest = newest.assign(diverged_seeds=newest["configuration"].map(counts).fillna(0).astype(int))
+
+    def lost_seeds(run_ids: pd.Series) -> pd.Series:
+        """Per configuration, its seeds stopped in these runs that have no run that trained (a seed rerun to
+        the end is not lost)."""
+        lost = labelled.loc[labelled["run_id"].isin(run_ids), ["configuration", "seed"]].drop_duplicates()
+        lost = lost[pd.Series([pair not in trained for pair in zip(lost["configuration"], lost["seed"])],
+                              index=lost.index, dtype=bool)]
+        return lost["configuration"].value_counts()
+
+    diverged_seeds, pruned_seeds = lost_seeds(diverged["run_id"]), lost_seeds(pruned_ids)
+    # A configuration none of whose seeds trained has no row to carry its count: it is named here instead. (One
+    # that was pruned is not: without --repeats every pruned trial is one, and "pruned" counts them.)
+    gone = sorted(set(diverged_seeds.index) - set(newest["configuration"]))
+    if gone:
+        left_out[f"configuration(s) that diverged on every seed ({'; '.join(gone)})"] = len(gone)
+    newest = newest.assign(diverged_seeds=newest["configuration"].map(diverged_seeds).fillna(0).astype(int),
+                           pruned_seeds=newest["configuration"].map(pruned_seeds).fillna(0).astype(int),
+                           shared_batches=shared_batches(newest))
     return newest.sort_values(["configuration", "seed"]).reset_index(drop=True), left_out
+
+
+def shared_batches(runs: pd.DataFrame) -> pd.Series:
+    """Per run, whether its configuration has two seeds that trained in one stack (the same `regsweep.stack` of
+    the same study). A stack's members train on the same batches and rotations (training.setup), so such seeds
+    differ in their initialisation only: their spread, and the intervals and tests built on it, leave out what
+    batch order and augmentation would add. (Paired against a baseline in the same stack, the comparison is as
+    close as it gets; what it shows holds for that batch order.)"""
+    def tag(name: str) -> pd.Series:
+        return runs.get(f"tags.{name}", pd.Series("", index=runs.index)).fillna("").astype(str)
+
+    stack = tag("regsweep.study") + "\x00" + tag("regsweep.stack")
+    together = (tag("regsweep.stack") != "") & stack.groupby([runs["configuration"], stack]).transform("size").gt(1)
+    return together.groupby(runs["configuration"]).transform("any").astype(bool)
 
 
 def label_configurations(runs: pd.DataFrame) -> pd.DataFrame:
@@ -218,38 +250,66 @@ def mean_ci(values, level: float = 0.95) -> dict[str, float]:
 
 
 def compare(values: pd.Series, baseline: pd.Series, level: float = 0.95) -> dict:
-    """Difference of means (values - baseline), its confidence interval, the p-value and the test used.
+    """Difference of means (values - baseline), its confidence interval, the p-value, the test used and the
+    number of values each side had.
 
     Both Series are indexed by seed. Paired t-test when both ran exactly the same seeds, Welch's t-test
-    otherwise; with fewer than two seeds on either side only the difference is given.
+    otherwise; with fewer than two seeds on either side only the difference is given. Where the seeds leave no
+    spread to estimate (every paired difference the same; unpaired, every value the same on each side), a
+    t-test would read a constant shift as certainty: p = 0 and a zero-width interval, for one image more on each
+    of two seeds. Accuracies count images, so such ties are common with few seeds. There the p-value is the
+    exact permutation test's (the differences' signs flipped, or the values shuffled between the sides), whose
+    smallest p with n pairs is 2 / 2^n, and there is no interval.
     """
     a, b = values.dropna().astype(float), baseline.dropna().astype(float)
     out = {"diff": float(a.mean() - b.mean()) if len(a) and len(b) else math.nan,
-           "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan, "test": ""}
+           "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan, "test": "", "n": len(a),
+           "n_baseline": len(b)}
     if len(a) < 2 or len(b) < 2:
         return out
     paired = a.index.is_unique and b.index.is_unique and set(a.index) == set(b.index)
+    if paired and (a - b.reindex(a.index)).round(DIGITS).nunique() == 1:
+        return out | {"p_value": permutation_p(((a - b.reindex(a.index)).round(DIGITS),), "samples"),
+                      "test": "sign-flip (no spread)"}
+    if not paired and a.round(DIGITS).nunique() == 1 and b.round(DIGITS).nunique() == 1:
+        return out | {"p_value": permutation_p((a.round(DIGITS), b.round(DIGITS)), "independent"),
+                      "test": "permutation (no spread)"}
     with spread_warnings_off():
         result = stats.ttest_rel(a, b.reindex(a.index)) if paired else stats.ttest_ind(a, b, equal_var=False)
         ci = result.confidence_interval(level)
-    # No spread at all: a constant shift gets p = 0 and a zero-width interval from scipy; identical results
-    # get p = 0/0, and are indistinguishable.
-    p = 1.0 if math.isnan(result.pvalue) else float(result.pvalue)
-    return out | {"ci_low": float(ci.low), "ci_high": float(ci.high), "p_value": p,
+    return out | {"ci_low": float(ci.low), "ci_high": float(ci.high), "p_value": float(result.pvalue),
                   "test": "paired t" if paired else "Welch t"}
+
+
+# Decimals a value is compared to when looking for spread: accuracies are counts of at most 10^5 images, so
+# this keeps every real difference and drops float rounding (0.9913 - 0.9912 and 0.9951 - 0.9950 differ by 1e-17).
+DIGITS = 12
+
+
+def permutation_p(samples: tuple[pd.Series, ...], permutation_type: str) -> float:
+    """Two-sided p of the difference of means under scipy's permutation test: one sample of paired differences
+    with their signs flipped ("samples"), or two samples shuffled between them ("independent"). Exact up to
+    2^14 arrangements (14 pairs), a fixed-seed sample of that many beyond."""
+    def mean_difference(*xs, axis):
+        return np.mean(xs[0], axis=axis) - (np.mean(xs[1], axis=axis) if len(xs) > 1 else 0)
+
+    result = stats.permutation_test(tuple(x.to_numpy() for x in samples), mean_difference, vectorized=True,
+                                    permutation_type=permutation_type, n_resamples=2 ** 14, rng=0)
+    return float(result.pvalue)
 
 
 @contextmanager
 def spread_warnings_off():
-    """scipy warns where seeds agree to the last digit (catastrophic cancellation, a zero variance); the answer it
-    gives then is the right one (see compare)."""
+    """scipy warns where seeds agree to the last digit (catastrophic cancellation, a zero variance). mean_ci then
+    gives the zero-width interval the seeds show (with an sd of 0); compare tests those cases otherwise."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         yield
 
 
 def verdict(diff: float, p_value: float, n: int, n_baseline: int, alpha: float = ALPHA) -> str:
-    if n < 2 or n_baseline < 2:
+    """`n`, `n_baseline`: the values the comparison had (a run without the metric has none to give)."""
+    if n < 2 or n_baseline < 2 or math.isnan(p_value):
         return NO_VERDICT
     if p_value < alpha:
         return "better" if diff > 0 else "worse"
@@ -293,7 +353,8 @@ def per_run(runs: pd.DataFrame, histories: pd.DataFrame) -> pd.DataFrame:
     r = runs.set_index("run_id")
     metric = lambda name: pd.to_numeric(r.get(f"metrics.{name}"), errors="coerce")  # noqa: E731
     out = pd.DataFrame({"configuration": r["configuration"], "seed": r["seed"], "l1": r["l1"], "l2": r["l2"],
-                        "diverged_seeds": r.get("diverged_seeds", 0)})
+                        "diverged_seeds": r.get("diverged_seeds", 0), "pruned_seeds": r.get("pruned_seeds", 0),
+                        "shared_batches": r.get("shared_batches", False)})
     for name in ("best_val_acc", "best_val_epoch", "test_acc_at_best_val", "test_loss_at_best_val",
                  "best_test_acc", "best_test_epoch", "final_val_loss", "epochs_trained", "total_train_seconds"):
         out[name] = metric(name)
@@ -328,7 +389,9 @@ def configuration_table(values: pd.DataFrame) -> pd.DataFrame:
     for name, group in values.groupby("configuration", sort=True):
         row = {"configuration": name, "l1": group["l1"].iloc[0], "l2": group["l2"].iloc[0], "n": len(group),
                "seeds": ",".join(str(s) for s in sorted(group["seed"].dropna())),
-               "diverged": int(group["diverged_seeds"].iloc[0]) if "diverged_seeds" in group else 0}
+               "diverged": int(group["diverged_seeds"].iloc[0]) if "diverged_seeds" in group else 0,
+               "pruned": int(group["pruned_seeds"].iloc[0]) if "pruned_seeds" in group else 0,
+               "shared_batches": bool(group["shared_batches"].any()) if "shared_batches" in group else False}
         for column, how in SUMMARISED.items():
             if column not in group:
                 continue
@@ -414,22 +477,26 @@ def verdict_table(values: pd.DataFrame, baseline_of: pd.Series) -> pd.DataFrame:
             continue
         mine = values[values["configuration"] == name].set_index("seed")
         theirs = values[values["configuration"] == base].set_index("seed")
-        row = {"configuration": name, "baseline": base, "n": len(mine), "n_baseline": len(theirs)}
+        row = {"configuration": name, "baseline": base}
         for column, prefix in (("test_acc_at_best_val", "test"), ("best_val_acc", "val")):
             c = compare(mine[column], theirs[column])
             row |= {f"{prefix}_diff": c["diff"], f"{prefix}_ci_low": c["ci_low"], f"{prefix}_ci_high": c["ci_high"],
-                    f"{prefix}_p": c["p_value"]}
-            row["test_used"] = c["test"]
+                    f"{prefix}_p": c["p_value"], f"{prefix}_test_used": c["test"], f"{prefix}_n": c["n"],
+                    f"{prefix}_n_baseline": c["n_baseline"]}
         rows.append(row)
     columns = ["configuration", "baseline", "n", "n_baseline", "test_diff", "test_ci_low", "test_ci_high", "test_p",
                "test_p_adjusted", "test_verdict", "val_diff", "val_ci_low", "val_ci_high", "val_p", "val_p_adjusted",
-               "val_verdict", "test_used"]
-    table = pd.DataFrame(rows, columns=columns)
+               "val_verdict", "test_used", "val_test_used"]
+    table = pd.DataFrame(rows, columns=[*columns, "test_test_used", "val_n", "val_n_baseline", "test_n",
+                                        "test_n_baseline"])
+    # n is that of the verdict's comparison (test accuracy); the validation one's verdict goes by its own.
+    table = table.assign(n=table["test_n"], n_baseline=table["test_n_baseline"], test_used=table["test_test_used"])
     for prefix in ("test", "val"):
         table[f"{prefix}_p_adjusted"] = adjusted_p(table[f"{prefix}_p"])
         table[f"{prefix}_verdict"] = [verdict(d, p, n, nb) for d, p, n, nb in zip(
-            table[f"{prefix}_diff"], table[f"{prefix}_p_adjusted"], table["n"], table["n_baseline"])]
-    return table
+            table[f"{prefix}_diff"], table[f"{prefix}_p_adjusted"], table[f"{prefix}_n"],
+            table[f"{prefix}_n_baseline"])]
+    return table[columns]
 
 
 def adjusted_p(p_values: pd.Series) -> pd.Series:

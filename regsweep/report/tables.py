@@ -55,11 +55,15 @@ def configurations_for_people(table: pd.DataFrame) -> pd.DataFrame:
             "s / epoch": num(r["epoch_seconds"]),
             "|w| < 1e-3 (%)": pct(r.get("all/frac_small", math.nan), 1),
             "seeds lost to divergence": r.get("diverged", 0),
+            "seeds pruned": r.get("pruned", 0),
+            "seeds on one stack's batches": "yes" if r.get("shared_batches", False) else "",
         })
     people = pd.DataFrame(rows)
-    # Shown where some configuration lost seeds that way: its n and mean are then of the seeds that trained.
-    if "seeds lost to divergence" in people and not people["seeds lost to divergence"].any():
-        people = people.drop(columns="seeds lost to divergence")
+    # Shown where some configuration lost seeds that way (its n and mean are then of the seeds that trained), or
+    # had seeds that shared their batches (stats.shared_batches).
+    for column in ("seeds lost to divergence", "seeds pruned", "seeds on one stack's batches"):
+        if column in people and not people[column].astype(bool).any():
+            people = people.drop(columns=column)
     return people
 
 
@@ -79,7 +83,9 @@ def verdicts_for_people(verdicts: pd.DataFrame) -> pd.DataFrame:
             "95% CI ": interval(r["val_ci_low"], r["val_ci_high"]),
             "p ": num(r["val_p"], 2),
             "p adjusted ": num(r["val_p_adjusted"], 2),
-            "test": r["test_used"],
+            # The two comparisons use the same test unless one had no spread (stats.compare).
+            "test": r["test_used"] if r["val_test_used"] == r["test_used"]
+            else f"{r['test_used'] or '-'} / {r['val_test_used'] or '-'}",
         })
     columns = ["configuration", "baseline", "n / n baseline", "Δ test acc at best val (points)", "95% CI", "p",
                "p adjusted", "verdict", "Δ best val acc (points)", "95% CI ", "p ", "p adjusted ", "test"]
