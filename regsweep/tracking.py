@@ -275,31 +275,36 @@ def run_training(cfg: TrainConfig, data: MnistSplits, *, run_id: str | None = No
     its tags, then trains in it). `on_epoch` is called after the epoch's metrics are logged; a string it
     returns stops training with that reason (the sweep uses this for pruning).
     """
-    with mlflow_run(cfg, run_id=run_id, experiment_id=experiment_id) as run:
-        model = new_model(cfg)
-        log_config(cfg, data, count_parameters(model))
+    logged = None  # the result, once its outcome is logged
+    try:
+        with mlflow_run(cfg, run_id=run_id, experiment_id=experiment_id) as run:
+            model = new_model(cfg)
+            log_config(cfg, data, count_parameters(model))
 
-        def log_epoch(epoch: int, metrics: dict[str, float]) -> str | None:
-            # Queued, not waited for: on a GPU an epoch can take less time than a synchronous write.
-            mlflow.log_metrics(metrics, step=epoch, synchronous=False)
-            return on_epoch(epoch, metrics) if on_epoch else None
+            def log_epoch(epoch: int, metrics: dict[str, float]) -> str | None:
+                # Queued, not waited for: on a GPU an epoch can take less time than a synchronous write.
+                mlflow.log_metrics(metrics, step=epoch, synchronous=False)
+                return on_epoch(epoch, metrics) if on_epoch else None
 
-        try:
-            result = fit(cfg, data, log_epoch, show_progress=show_progress, model=model)
-        except Outage as exc:
-            if not exc.tracking:  # with the tracker unreachable, flushing would wait on it
-                mlflow.flush_async_logging()
-            raise
-        except BaseException:
-            mlflow.flush_async_logging()  # every queued epoch lands before the run ends, whatever ends it
-            raise
-        mlflow.flush_async_logging()
-        logged = False
-        try:
-            with signals_held():  # a signal waits for the outcome, which is then complete: the run ends FINISHED
-                log_outcome(cfg, result, data)
-                logged = True
-        except KeyboardInterrupt as exc:
-            exc.outcome_logged = logged  # not where a third signal cut the logging short
-            raise
-        return run.info.run_id, result
+            try:
+                result = fit(cfg, data, log_epoch, show_progress=show_progress, model=model)
+            except Outage as exc:
+                if not exc.tracking:  # with the tracker unreachable, flushing would wait on it
+                    mlflow.flush_async_logging()
+                raise
+            except BaseException:
+                mlflow.flush_async_logging()  # every queued epoch lands before the run ends, whatever ends it
+                raise
+            mlflow.flush_async_logging()
+            try:
+                with signals_held():  # a signal waits for the outcome, which is then complete: the run ends FINISHED
+                    log_outcome(cfg, result, data)
+                    logged = result
+            except KeyboardInterrupt as exc:
+                exc.outcome_logged = logged is not None  # not where a third signal cut the logging short
+                raise
+            return run.info.run_id, result
+    except KeyboardInterrupt as exc:
+        if logged is not None:  # held as the outcome was logged or the run ended: the run ended FINISHED, complete,
+            exc.result = logged  # and a sweep counts its trial before it stops
+        raise

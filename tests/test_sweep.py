@@ -1033,6 +1033,26 @@ def test_a_signal_while_a_repeated_trial_ends_its_runs_waits_and_the_trial_count
     assert [t.state.name for t in load(storage).trials] == ["COMPLETE"]
 
 
+@pytest.mark.parametrize("function", ["log_outcome", "end_active_run"])
+def test_a_signal_as_a_trial_logs_its_outcome_waits_and_the_trial_counts(tracking_uri, tmp_path, function):
+    """SIGTERM as a trial's only run logs its summary and figures, or as that run is ended (one by one, the CPU's
+    default): the run ends FINISHED, complete, the trial is told COMPLETE, and then the sweep stops, with nothing
+    queued to train again. Before, the trial was failed as interrupted and trained again on resume, though its
+    run had finished."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    script = signalled_on_call("regsweep.tracking", function, "SIGTERM")
+    args = [*SMALL, "--trials", "2", "--epochs", "1", "--storage", storage, "--pruner", "none"]
+    proc = subprocess.run([sys.executable, "-c", script, "optimize", *args], capture_output=True, text=True,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}, timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert ("Error: interrupted: after trial 0, which had trained to its end and is COMPLETE; the parent run ended "
+            "KILLED") in proc.stderr
+    (parent,), (run,) = study_runs()
+    assert (run.info.status, run.data.tags["optuna.state"]) == ("FINISHED", "COMPLETE")
+    assert "regsweep.stop_reason" not in run.data.tags and "test_macro_f1_at_best_val" in run.data.metrics
+    assert [t.state.name for t in load(storage).trials] == ["COMPLETE"]
+
+
 def test_the_ended_runs_of_a_failed_trial_are_tagged_fail_and_deleted_ones_are_left_alone(tracking_uri, tmp_path):
     """Killed between a run's end and the study being told: the run says COMPLETE, its trial FAIL. The next
     start tags it FAIL with the trial's reason; a run of such a trial deleted in MLflow is skipped, not a crash."""

@@ -195,6 +195,15 @@ class Objective:
                     trial.set_user_attr("mlflow_run_ids", run_ids)  # lets a later process end them if we die
                 try:
                     _, result = run_training(cfg, self.data, run_id=run.info.run_id, on_epoch=report)
+                except KeyboardInterrupt as exc:
+                    # The signal came as the seed's outcome was logged, and waited for it: the run ended FINISHED,
+                    # complete. On the trial's last seed, or one the pruner stopped, the trial is over too: it is
+                    # told first, and the signal stops the sweep after (raise_held), rather than failing a trial
+                    # that trained to its end and training it again on resume.
+                    result = getattr(exc, "result", None)
+                    if result is None or not (r == settings.repeats - 1 or result.stop_reason.startswith("pruned")):
+                        raise
+                    self.held = exc
                 except DivergedError as exc:
                     # Pruned, not failed: a diverging configuration is a (bad) result, and failed trials do
                     # not count towards --trials, so a region of divergence would keep the sweep going forever.
