@@ -489,7 +489,7 @@ def report(experiment_name, study_name, parent_run_id, filter_string, runs, out,
     and running runs are counted, not used.
     """
     from .report import ReportError, Selection, make_report
-    from .report.command import left_out_line, people_tables
+    from .report.command import left_out_line, no_verdicts, people_tables
     from .report.tables import render
     from .experiment import TrackingError, check_tracking_uri
 
@@ -507,9 +507,13 @@ def report(experiment_name, study_name, parent_run_id, filter_string, runs, out,
             raise
         raise Interrupted.by(exc, f"interrupted: report run {exc.killed_run} ended KILLED") from None
     click.echo(render(people_tables(analysis), fmt))
-    click.echo(left_out_line(analysis))
+    # CSV and JSON go to a pipe as they are: what is said about them goes to stderr.
+    said = fmt in ("csv", "json")
+    click.echo(f"Runs: {analysis.fetched.description}. {left_out_line(analysis)}.", err=said)
+    if analysis.verdicts.empty:
+        click.echo(no_verdicts(analysis), err=said)
     where = f"; logged under report/ of run {logged}" if logged else ""
-    click.echo(f"report: {folder / 'report.md'} ({len(analysis.figures)} figures){where}")
+    click.echo(f"report: {folder / 'report.md'} ({len(analysis.figures)} figures){where}", err=said)
 
 
 def run_experiment_id(experiment_id: str | None) -> str:

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from regsweep.cli import cli
 from regsweep.report import stats
-from regsweep.report.command import FIGURES
+from regsweep.report.command import FIGURES, default_out
 
 # The command's tests share one sweep (a module fixture): one pytest-xdist worker runs the module, once.
 pytestmark = pytest.mark.xdist_group("report")
@@ -366,9 +366,9 @@ def test_study_report_tables_match_the_logged_metrics_and_files_land_on_the_pare
 def test_experiment_report_counts_the_failed_run_and_logs_a_report_run(sweep):
     out = sweep["tmp"] / "experiment-report"
     result = report("--experiment-name", "rep", "--out", str(out), "--format", "json", "--include-unfinished")
-    printed = json.loads(result.output[:result.output.rindex("}") + 1])
+    printed = json.loads(result.stdout)  # JSON alone on stdout, for a pipe; what is said of it on stderr
     assert [row["configuration"] for row in printed["configurations"]] == ["l1=0 l2=0", "l1=1e-3 l2=0"]
-    assert "left out of the statistics: 1 FAILED" in result.output
+    assert "left out of the statistics: 1 FAILED." in result.stderr
     client = MlflowClient()
     (run,) = client.search_runs([sweep["experiment_id"]], "tags.`regsweep.kind` = 'report'")
     assert run.info.status == "FINISHED" and run.info.run_name == "report rep"
@@ -376,7 +376,7 @@ def test_experiment_report_counts_the_failed_run_and_logs_a_report_run(sweep):
     assert json.loads((out / "report.json").read_text())["left_out"] == {"FAILED": 1}
     # a second report leaves the report run out of its statistics (it is not a training run)
     again = report("--experiment-name", "rep", "--no-log-to-mlflow", "--out", str(out), "--format", "csv")
-    assert "left out of the statistics: 1 FAILED\n" in again.output
+    assert "left out of the statistics: 1 FAILED.\n" in again.stderr and "FAILED" not in again.stdout
 
 
 @pytest.mark.slow
@@ -441,11 +441,25 @@ def test_a_study_name_that_two_parent_runs_carry_reports_the_newest_and_names_th
         result = CliRunner().invoke(cli, ["report", "--experiment-name", "rep", "--study-name", "pair",
                                           "--no-log-to-mlflow", "--out", str(out)])
         assert result.exit_code == 0, result.output
-        text = (out / "report.md").read_text()
-        assert (f"study pair (parent run {sweep['parent']}; the newest of 2 studies of that name here, the others "
-                f"under parent runs {older}: choose one with --parent-run-id)") in text
+        said = (f"study pair (parent run {sweep['parent']}; the newest of 2 studies of that name here, the others "
+                f"under parent runs {older}: choose one with --parent-run-id)")
+        assert said in (out / "report.md").read_text() and f"Runs: {said}." in result.output
     finally:
         client.delete_run(older)
+
+
+def test_a_report_on_a_trials_runs_goes_to_a_folder_of_its_own_and_says_why_there_is_no_verdict(sweep, monkeypatch):
+    """--parent-run-id of a trial (whose runs carry the study's tag too) must not replace the study's report, which
+    is where a report named after the study would go; with no configuration to compare, the command says why."""
+    monkeypatch.chdir(sweep["tmp"])
+    client = MlflowClient()
+    (trial,) = client.search_runs([sweep["experiment_id"]], "tags.`optuna.trial_number` = '0' and params.seeds != ''")
+    result = report("--parent-run-id", trial.info.run_id, "--no-log-to-mlflow")
+    folder = default_out(f"{trial.info.run_name} {trial.info.run_id[:8]}")
+    assert (sweep["tmp"] / folder / "report.md").exists() and folder != default_out("pair")
+    # One configuration (the trial's two seeds): the baseline itself, or one without a baseline.
+    assert ("No verdicts: no configuration but the baselines" if float(trial.data.params["l1"]) == 0 else
+            "No baseline: no configuration has l1 = l2 = 0") in result.output
 
 
 def test_a_report_on_a_store_that_is_not_there_says_so_and_makes_none(tmp_path, monkeypatch):

@@ -175,7 +175,16 @@ def people_tables(a: Analysis) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
 def left_out_line(a: Analysis) -> str:
     n_runs, n_conf = len(a.values), len(a.table)
     counts = ", ".join(f"{n} {why}" for why, n in a.left_out.items())
-    return (f"{n_runs} runs in {n_conf} configurations; left out of the statistics: {counts or 'none'}")
+    return (f"{n_runs} run{'s' * (n_runs != 1)} in {n_conf} configuration{'s' * (n_conf != 1)}; left out of the "
+            f"statistics: {counts or 'none'}")
+
+
+def no_verdicts(a: Analysis) -> str:
+    """Why the verdict table is empty."""
+    if a.baseline_of.notna().any():
+        return ("No verdicts: no configuration but the baselines themselves has one (l1 = l2 = 0 with the same "
+                "other settings; see `--baseline`).")
+    return "No baseline: no configuration has l1 = l2 = 0 with the others' settings (see `--baseline`)."
 
 
 def shared_batches_note(a: Analysis) -> list[str]:
@@ -208,8 +217,7 @@ def markdown_report(a: Analysis) -> str:
              f"each seed), the p-value is an exact permutation test's (signs flipped; it needs six pairs to reach "
              f"0.05) and there is no interval. With one seed on either side there is no verdict.", "",
              *shared_batches_note(a),
-             tables.markdown(people["verdicts against the baseline"][1]) if len(a.verdicts)
-             else "No baseline: no configuration has l1 = l2 = 0 with the others' settings (see `--baseline`).",
+             tables.markdown(people["verdicts against the baseline"][1]) if len(a.verdicts) else no_verdicts(a),
              ""]
     if len(a.flips):
         lines += ["## Flips", "", "Test images the baseline gets wrong and the best regularised configuration (by "

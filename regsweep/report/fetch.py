@@ -123,7 +123,10 @@ def select(selection: Selection, client: MlflowClient) -> tuple[pd.DataFrame, di
         except MlflowException:
             raise ReportError(f"no run with id {selection.parent_run_id!r} (--parent-run-id)") from None
         experiment_id, root = parent.info.experiment_id, parent.info.run_id
-        name = parent.data.tags.get("regsweep.study") or parent.info.run_name or root[:8]
+        # A study's parent names the report after the study; any other run (a trial's, whose runs carry the study's
+        # tag too) after itself, so that its report does not land in, and replace, the study's folder.
+        study = parent.data.tags.get("regsweep.study") if parent.data.tags.get("regsweep.kind") == "study" else None
+        name = study or f"{parent.info.run_name or 'run'} {root[:8]}"
         where = {"name": name, "experiment_id": experiment_id, "parent_run_id": root,
                  "description": f"children of run {root} ({parent.info.run_name})"}
     elif selection.study_name:
