@@ -143,11 +143,10 @@ def test_resuming_with_a_clashing_search_space_is_refused_before_any_run(trackin
 def test_a_grid_topped_up_on_resume_trains_the_points_it_had_not(tracking_uri, tmp_path):
     """GridSampler shuffles the grid by its seed, and a trial's grid_id indexes the shuffled grid: seeded
     differently on the resume, grid_id 1 was the point trial 0 had trained, which then trained twice while the
-    other never did."""
+    other never did. The values written in another order are the same grid (they were refused as another)."""
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    for trials in ("1", "2"):
-        optimize("--grid", "l1=0,0.001", "--trials", trials, "--storage", storage, "--pruner", "none",
-                 "--epochs", "1")
+    for trials, grid in (("1", "l1=0,0.001"), ("2", "l1=0.001,0")):
+        optimize("--grid", grid, "--trials", trials, "--storage", storage, "--pruner", "none", "--epochs", "1")
     assert sorted(t.params["l1"] for t in load(storage).trials) == [0.0, 0.001]
 
 

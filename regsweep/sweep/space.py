@@ -62,9 +62,13 @@ class SearchSpace:
                 try:
                     optuna.distributions.check_distribution_compatibility(old, wanted[name])
                 except ValueError:
+                    # (A study started before grids were sorted may hold its values in another order.)
+                    reordered = {*getattr(old, "choices", ())} == {*getattr(wanted[name], "choices", (None,))}
+                    order = " (in that order)" if reordered else ""
                     raise ConfigError(
-                        f"the study's earlier trials searched {name} as {describe(old)}, not {describe(wanted[name])}: "
-                        "resume it with the same --grid or ranges, or start another with --study-name") from None
+                        f"the study's earlier trials searched {name} as {describe(old)}{order}, not "
+                        f"{describe(wanted[name])}: resume it with the same --grid or ranges, or start another with "
+                        "--study-name") from None
 
 
 def describe(dist: optuna.distributions.BaseDistribution) -> str:
@@ -74,7 +78,7 @@ def describe(dist: optuna.distributions.BaseDistribution) -> str:
 
 
 def parse_grid(text: str) -> dict[str, tuple[float, ...]]:
-    """'l1=0,0.001 l2=0,0.0005' -> {'l1': (0.0, 0.001), 'l2': (0.0, 0.0005)}."""
+    """'l1=0.001,0 l2=0,0.0005' -> {'l1': (0.0, 0.001), 'l2': (0.0, 0.0005)}."""
     grid = {}
     for part in text.split():
         match = re.fullmatch(r"(l1|l2)=([^=]+)", part)
@@ -86,7 +90,9 @@ def parse_grid(text: str) -> dict[str, tuple[float, ...]]:
             raise ConfigError(f"malformed --grid values in {part!r}: not numbers") from None
         if match.group(1) in grid:
             raise ConfigError(f"--grid names {match.group(1)} twice")
-        grid[match.group(1)] = tuple(dict.fromkeys(values))  # keep order, drop repeats
+        # In ascending order, repeats dropped: the same values in another order are the same grid (Optuna's grid
+        # and its trials' grid_id follow the order, so a study resumed with them reordered would be refused).
+        grid[match.group(1)] = tuple(sorted(set(values)))
     if not grid:
         raise ConfigError("--grid is empty; expected e.g. \"l1=0,0.001 l2=0,0.0005\"")
     return grid
