@@ -104,6 +104,25 @@ class OutageStop(click.ClickException):
     exit_code = EXIT_OUTAGE
 
 
+def check_study_name(ctx, param, value):
+    """A callback for --study-name: an empty one would quietly stand for the default (the experiment's name), and
+    Optuna's storages keep at most 512 characters of one."""
+    if value is not None and not value.strip():
+        raise click.BadParameter("the Optuna study name is empty", ctx=ctx, param=param)
+    if value is not None and len(value) > 512:
+        raise click.BadParameter(f"Optuna takes study names of at most 512 characters, not {len(value)}",
+                                 ctx=ctx, param=param)
+    return value
+
+
+def searched_here(ctx, param, value):
+    """A callback for optimize's hidden --l1 and --l2: what they would fix is what optimize searches."""
+    if value is not None:
+        raise click.BadParameter(f"optimize searches {param.name}: give its range (--{param.name}-range LOW HIGH) "
+                                 f"or values (--grid \"{param.name}=0,{value}\"); `regsweep train --{param.name} "
+                                 f"{value}` trains one value", ctx=ctx, param=param)
+
+
 def check_experiment_name(ctx, param, value):
     """A callback for --experiment-name: a name MLflow would refuse (empty, a typo; or over its 500 characters)
     is refused here, before the stores are opened."""
@@ -321,7 +340,8 @@ def train_one(fields: dict, experiment_name: str | None, tracking_timeout: float
 @cli.command()
 @click.option("--trials", type=click.IntRange(min=1), default=30, show_default=True,
               help="Finished (complete or pruned) trials the study should have; a rerun tops up to this.")
-@click.option("--study-name", default=None, help="Optuna study name [default: the experiment name].")
+@click.option("--study-name", default=None, callback=check_study_name,
+              help="Optuna study name [default: the experiment name].")
 @click.option("--storage", default="sqlite:///optuna.db", show_default=True,
               help="Optuna storage: sqlite:///FILE, postgresql://USER:PASSWORD@HOST/DB, or journal:FILE.")
 @click.option("--sampler", type=click.Choice(SAMPLERS), default=None,
@@ -366,6 +386,8 @@ def train_one(fields: dict, experiment_name: str | None, tracking_timeout: float
               show_default=True, help="MLflow experiment of the parent and trial runs.")
 @tracking_timeout_option
 @config_options(exclude=("l1", "l2"), log_model=False)
+@click.option("--l1", hidden=True, expose_value=False, callback=searched_here)
+@click.option("--l2", hidden=True, expose_value=False, callback=searched_here)
 @click.pass_context
 def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_range, l1_zero, l2_zero, grid,
              repeats, timeout, workers, stack, completion_workers, refill, heartbeat, experiment_name,
@@ -373,8 +395,9 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
     """Search L1/L2 with Optuna; one MLflow parent run per study and one child run per trial.
 
     The objective is the trial's best validation accuracy (mean over --repeats seeds), reported every epoch
-    so the pruner can stop weak trials; the test set is only reported. Every `regsweep train` option is
-    accepted and fixed for all trials (--seed also seeds the sampler). Running the same command again
+    so the pruner can stop weak trials; the test set is only reported. Every `regsweep train` option but
+    --l1 and --l2 (searched: --l1-range, --l2-range, --grid) is accepted and fixed for all trials (--seed also
+    seeds the sampler). Running the same command again
     resumes the study. When it ends, the parent run carries the best trial's values, a best_run_id tag and
     the study's plots.
     """
@@ -448,19 +471,24 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
     click.get_current_context().meta[DONE] = f"study {settings.study_name} was finished"
     counts = summary["counts"]
     surplus = f" ({summary['surplus']} over --trials, not trained)" if summary.get("surplus") else ""
-    click.echo(f"study {settings.study_name}: {counts['complete']} complete, {counts['pruned']} pruned, "
+    diverged = f" ({summary['diverged']} of them diverged)" if summary.get("diverged") else ""
+    click.echo(f"study {settings.study_name}: {counts['complete']} complete, {counts['pruned']} pruned{diverged}, "
                f"{counts['fail']} failed{surplus}; parent run {summary['parent_run_id']}")
     if "best_value" in summary:
         click.echo(f"best trial {summary['best_trial']}: val acc {100 * summary['best_value']:.2f}% with "
                    f"l1={summary['best_l1']:.3g} l2={summary['best_l2']:.3g} (run {summary['best_run_id']})")
+    else:
+        why = (f"; {summary['diverged']} diverged (e.g. {summary['diverged_example']}): a smaller --lr or "
+               f"penalty range may train" if summary.get("diverged") else "")
+        click.echo(f"no trial completed, so there is no best trial{why}")
     click.echo(viewing_hint(summary["experiment_id"]))
 
 
 @cli.command()
 @click.option("--experiment-name", envvar="MLFLOW_EXPERIMENT_NAME", callback=check_experiment_name, default="regsweep",
               show_default=True, help="MLflow experiment to read (and of --study-name).")
-@click.option("--study-name", default=None, help="Report a study's runs: the trials under its parent run, "
-              "repeats grouped under their trial.")
+@click.option("--study-name", default=None, callback=check_study_name, help="Report a study's runs: the trials "
+              "under its parent run, repeats grouped under their trial.")
 @click.option("--parent-run-id", default=None, help="Report the runs under this run (a study's parent run).")
 @click.option("--filter", "filter_string", default=None,
               help="MLflow search filter narrowing the runs, e.g. \"params.model = 'cnn'\".")

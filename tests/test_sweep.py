@@ -472,10 +472,14 @@ def test_queued_trials_run_even_where_the_study_has_its_trials(tracking_uri, tmp
 
 def test_divergent_trial_is_pruned_with_its_reason_and_the_sweep_goes_on(tracking_uri, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    optimize("--trials", "2", "--storage", storage, "--l1-range", "1e6", "1e7", "--no-l1-zero", "--lr", "10",
-             "--norm", "none", "--epochs", "1", "--pruner", "none")
+    result = optimize("--trials", "2", "--storage", storage, "--l1-range", "1e6", "1e7", "--no-l1-zero", "--lr",
+                      "10", "--norm", "none", "--epochs", "1", "--pruner", "none")
     study = load(storage)
     assert [t.state.name for t in study.trials] == ["PRUNED", "PRUNED"]
+    # The command says so: not a sweep of pruned trials that only looks short of a best trial.
+    assert "0 complete, 2 pruned (2 of them diverged), 0 failed" in result.output
+    assert "no trial completed, so there is no best trial; 2 diverged (e.g. diverged: training loss is nan" in \
+        result.output
     _, children = study_runs()
     for run in children:
         assert run.data.tags["regsweep.stop_reason"].startswith("diverged: training loss is nan")
@@ -639,6 +643,10 @@ def test_a_killed_worker_process_ends_the_sweep_killed_with_exit_1_and_resume_re
     (["--seed", str(2**63 - 2), "--repeats", "3"], "gives seeds of 2**63 and more"),
     (["--repeats", str(10**20)], "gives seeds of 2**63 and more"),
     (["--study-name", "regsweep-write-check"], "is regsweep's own"),  # deleted again by every start
+    (["--study-name", ""], "the Optuna study name is empty"),  # not the default, quietly
+    (["--study-name", "s" * 513], "Optuna takes study names of at most 512 characters, not 513"),
+    (["--lr", "0"], "lr must be a finite number > 0, got 0.0"),
+    (["--l1", "0.001"], "optimize searches l1: give its range (--l1-range LOW HIGH) or values (--grid \"l1=0,0.001\")"),
     (["--lr", "1e39"], "lr must be at most 3.403e+38 (float32)"),
 ])
 def test_bad_sweep_input_exits_2_before_anything_is_created(tmp_path, monkeypatch, args, message):

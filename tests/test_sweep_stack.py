@@ -78,8 +78,9 @@ def test_a_stacked_grid_with_repeats_builds_the_same_tree_as_one_by_one(tracking
 def test_a_diverging_member_is_pruned_with_its_reason_and_the_stack_goes_on(tracking_uri, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     # With a worker, which completes the diverged member's run as soon as it leaves the stack.
-    optimize("--grid", "l1=0,1e30", "--epochs", "2", "--pruner", "none", "--stack", "2", "--storage", storage,
-             "--completion-workers", "1")
+    result = optimize("--grid", "l1=0,1e30", "--epochs", "2", "--pruner", "none", "--stack", "2", "--storage",
+                      storage, "--completion-workers", "1")
+    assert "1 complete, 1 pruned (1 of them diverged), 0 failed" in result.output
     study = load(storage)
     states = {t.params["l1"]: t.state.name for t in study.trials}
     assert states == {0.0: "COMPLETE", 1e30: "PRUNED"}

@@ -24,7 +24,8 @@ from ..training import DIVERGED, DivergedError, new_model
 from .runs import (STUDY_TAG, coefficients, create_run, create_trial_run, log_trial_run, prune_reason, report_step,
                    seed_config, seed_run_name, summarise_repeats, trial_run_name)
 from .space import prunable, suggest_penalties
-from .study import FINISHED, SweepSettings, claim, deciding_settings, queue_retry, seed_sampler, storage_errors
+from .study import (DIVERGED_ATTR, FINISHED, SweepSettings, claim, deciding_settings, queue_retry, seed_sampler,
+                    storage_errors)
 
 
 def configuration_key(settings: SweepSettings, penalties: dict[str, float]) -> str:
@@ -111,6 +112,8 @@ def reuse_twin(settings: SweepSettings, trial: optuna.Trial, twin: optuna.trial.
         for step, value in sorted(twin.intermediate_values.items()):
             trial.report(value, step)  # the same curve, for the pruner and the study plots
         trial.set_user_attr("reused_trial", twin.number)
+        if DIVERGED_ATTR in twin.user_attrs:
+            trial.set_user_attr(DIVERGED_ATTR, twin.user_attrs[DIVERGED_ATTR])
     note = (f"same configuration as trial {twin.number} ({twin.state.name}): its result is reused, "
             f"not trained again (run {source})")
     cfg = settings.base.replace(**penalties)
@@ -208,6 +211,8 @@ class Objective:
                     # Pruned, not failed: a diverging configuration is a (bad) result, and failed trials do
                     # not count towards --trials, so a region of divergence would keep the sweep going forever.
                     state, reason = "PRUNED", f"{DIVERGED}{exc}"
+                    with storage_errors(settings.storage):
+                        trial.set_user_attr(DIVERGED_ATTR, reason[:TAG_LIMIT])
                     raise optuna.TrialPruned(reason) from exc
                 best_vals.append(result.summary["best_val_acc"])
                 if result.stop_reason.startswith("pruned"):

@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 from ..config import ConfigError, TrainConfig, fmt_coef
 from ..outage import redact, tag_run
 from .space import effective_penalties
-from .study import SweepSettings
+from .study import DIVERGED_ATTR, SweepSettings
 
 STUDY_TAG = "regsweep.study"
 TRIALS_TABLE = "study/trials.json"  # the study's trials, on its parent run, as an MLflow table
@@ -187,7 +187,10 @@ def finish_study(study: optuna.Study, parent_run_id: str) -> dict:
         client.log_metric(parent_run_id, f"trials_{key}", value)
     surplus = sum(t.user_attrs.get("fail_kind") == "surplus"
                   for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
-    summary = {"counts": counts, "surplus": surplus}
+    diverged = [t.user_attrs[DIVERGED_ATTR] for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+                if DIVERGED_ATTR in t.user_attrs]
+    summary = {"counts": counts, "surplus": surplus, "diverged": len(diverged),
+               "diverged_example": diverged[0] if diverged else ""}
     if complete:
         # As study.best_trial, but of equal values the lowest-numbered trial wins, on every storage (Optuna's
         # query leaves a tie to the database's row order).

@@ -38,7 +38,7 @@ from .objective import Surplus, fail_for_retry, mark_error, prepare_trial, reuse
 from .runs import (coefficients, create_run, create_trial_run, log_trial_run, prune_reason, report_step, seed_config,
                    seed_run_name, summarise_repeats, trial_run_name)
 from .space import prunable
-from .study import Heartbeats, SweepSettings, claim, count_toward_trials, storage_errors
+from .study import DIVERGED_ATTR, Heartbeats, SweepSettings, claim, count_toward_trials, storage_errors
 
 
 @dataclass
@@ -460,6 +460,8 @@ def tell_outcome(entry: StackedTrial, results: list[FitResult], client: MlflowCl
     reason = diverged or entry.pruned
     state = "PRUNED" if reason else "COMPLETE"
     best_vals = [r.summary["best_val_acc"] for r in results if r.summary]
+    if diverged:
+        entry.trial.set_user_attr(DIVERGED_ATTR, diverged[:TAG_LIMIT])
     if reason:
         tell_study(entry.trial, state=TrialState.PRUNED)
     else:

@@ -35,7 +35,8 @@ MAX_RETRY = 3  # times one configuration is queued again after its worker died, 
 RETRIED_KINDS = ("interrupted", "outage")
 # User attributes that describe one attempt, not the configuration: a retry starts without them.
 ATTEMPT_ATTRS = ("worker", "mlflow_run_ids", "fail_reason", "fail_kind", "config_key", "reused_trial",
-                 "trial_number")
+                 "trial_number", "diverged")
+DIVERGED_ATTR = "diverged"  # a pruned trial's user attribute: why its training diverged (finish_study counts them)
 
 
 @dataclass(frozen=True)
