@@ -141,10 +141,10 @@ class TrainConfig:
         """Raise ConfigError on the first problem; return self so calls chain."""
         for name in ("l1", "l2", "lr", "dropout", "momentum", "rotate"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or math.isnan(value) or math.isinf(value) or value < 0:
-                raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
-        if self.lr == 0:
-            raise ConfigError("lr must be > 0")
+            low = "> 0" if name == "lr" else ">= 0"  # a learning rate of 0 trains nothing
+            if not isinstance(value, (int, float)) or math.isnan(value) or math.isinf(value) or value < 0 or (
+                    name == "lr" and value == 0):
+                raise ConfigError(f"{name} must be a finite number {low}, got {value!r}")
         if self.lr > FLOAT32_MAX:  # the optimizer holds it as a float32 on the device: larger only overflows there
             raise ConfigError(f"lr must be at most {FLOAT32_MAX:.4g} (float32), got {self.lr!r}")
         if self.rotate > 360:  # +-360 degrees already covers every angle twice; far larger ones overflow to NaN

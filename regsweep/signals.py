@@ -75,7 +75,7 @@ def terminal_status():
         if _held.received == 1 and _held.depth:
             _held.interrupt = interrupt  # raised as the block that holds it ends (signals_held)
             # One line at once (os.write: safe in a handler), so that the wait does not look like a hang.
-            os.write(2, b"\nstopping once the work in hand is done (a third Ctrl-C stops at once)\n")
+            os.write(2, b"\nstopping once the work in hand is done (a third Ctrl-C or SIGTERM stops at once)\n")
             return
         raise interrupt
 
