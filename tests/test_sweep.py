@@ -148,6 +148,8 @@ def test_a_grid_topped_up_on_resume_trains_the_points_it_had_not(tracking_uri, t
     for trials, grid in (("1", "l1=0,0.001"), ("2", "l1=0.001,0")):
         optimize("--grid", grid, "--trials", trials, "--storage", storage, "--pruner", "none", "--epochs", "1")
     assert sorted(t.params["l1"] for t in load(storage).trials) == [0.0, 0.001]
+    (parent,), _ = study_runs()
+    assert parent.data.tags["optuna.n_trials"] == "2"  # what the study was topped up to, not its first --trials
 
 
 def test_grid_runs_exactly_the_grid_with_repeats_grouped_under_each_trial(tracking_uri, tmp_path):

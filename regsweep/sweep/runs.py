@@ -24,6 +24,9 @@ TRIALS_TABLE = "study/trials.json"  # the study's trials, on its parent run, as 
 RACE_WINDOW_MS = 60_000  # commands racing to create a study's parent run start within this of each other
 
 
+SEARCH_TAGS = ("optuna.sampler", "optuna.pruner", "optuna.search_space", "optuna.n_trials")  # may change on resume
+
+
 def parent_tags(settings: SweepSettings) -> dict[str, str]:
     return {STUDY_TAG: settings.study_name, "optuna.storage": redact(settings.storage),
             "optuna.sampler": settings.sampler, "optuna.pruner": settings.pruner,
@@ -62,13 +65,19 @@ def find_or_create_parent(settings: SweepSettings, study: optuna.Study, experime
     """One parent run per study, found again on resume through the study's user attribute."""
     client = MlflowClient()
     run_id = study.user_attrs.get("mlflow_parent_run_id")
+    tags = parent_tags(settings)
     if run_id:
         try:
-            client.get_run(run_id)
-            return run_id
+            kept = client.get_run(run_id).data.tags
         except mlflow.exceptions.MlflowException:
             pass  # the tracking store was reset; make a new parent
-    tags = parent_tags(settings)
+        else:
+            # A resume may raise --trials or search on with another sampler, pruner or range: the parent says
+            # what the study is now searching for.
+            changed = {k: tags[k] for k in SEARCH_TAGS if kept.get(k) != tags[k]}
+            if changed:
+                tag_run(client, run_id, changed)
+            return run_id
     run = create_run(client, experiment_id, f"study {settings.study_name}", tags)
     # The settings every trial shares, as params; the trial count is a tag because a rerun may raise it.
     fixed = {k: v for k, v in settings.base.as_params().items() if k not in ("l1", "l2")}
