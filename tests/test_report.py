@@ -184,6 +184,10 @@ def test_mean_and_t_interval():
     assert s["ci_high"] == pytest.approx(2 + 4.302652729749464 / math.sqrt(3))
     one = stats.mean_ci([0.5])
     assert one["mean"] == 0.5 and math.isnan(one["sd"]) and math.isnan(one["ci_low"])
+    # Two seeds of an accuracy: t(0.975, 1 df) = 12.706 sd each way, cut to where an accuracy can be
+    two = stats.mean_ci([0.10, 0.12], bounds=(0.0, 1.0))
+    assert two["ci_low"] == 0.0 and two["ci_high"] == pytest.approx(0.11 + 12.706204736 * 0.01)
+    assert stats.mean_ci([0.97, 0.99], bounds=(0.0, 1.0))["ci_high"] == 1.0
 
 
 def test_matching_seeds_are_paired_others_use_welch():

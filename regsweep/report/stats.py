@@ -235,8 +235,12 @@ def settings_of(runs: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------- mean, spread, comparison
 
 
-def mean_ci(values, level: float = 0.95) -> dict[str, float]:
-    """n, mean, sample sd and the t-interval for the mean (sd and interval NaN for a single value)."""
+def mean_ci(values, level: float = 0.95, bounds: tuple[float, float] = (-math.inf, math.inf)) -> dict[str, float]:
+    """n, mean, sample sd and the t-interval for the mean (sd and interval NaN for a single value).
+
+    `bounds`: where the mean can lie (an accuracy: 0 to 1). The interval is cut to them: with two seeds a
+    t-interval spans 12.7 sd each way, past 100% for an accuracy. The mean lies inside them, so the cut interval
+    covers it at least as often."""
     x = np.asarray(pd.Series(values).dropna(), dtype=float)
     n = len(x)
     if n == 0:
@@ -246,7 +250,8 @@ def mean_ci(values, level: float = 0.95) -> dict[str, float]:
         return {"n": 1, "mean": mean, "sd": math.nan, "ci_low": math.nan, "ci_high": math.nan}
     with spread_warnings_off():
         ci = stats.ttest_1samp(x, 0.0).confidence_interval(level)
-    return {"n": n, "mean": mean, "sd": float(x.std(ddof=1)), "ci_low": float(ci.low), "ci_high": float(ci.high)}
+    return {"n": n, "mean": mean, "sd": float(x.std(ddof=1)), "ci_low": max(float(ci.low), bounds[0]),
+            "ci_high": min(float(ci.high), bounds[1])}
 
 
 def compare(values: pd.Series, baseline: pd.Series, level: float = 0.95) -> dict:
@@ -396,7 +401,7 @@ def configuration_table(values: pd.DataFrame) -> pd.DataFrame:
             if column not in group:
                 continue
             if how == "ci":
-                summary = mean_ci(group[column])
+                summary = mean_ci(group[column], bounds=(0.0, 1.0))  # accuracies
                 row |= {f"{column}_{k}": v for k, v in summary.items() if k != "n"}
             else:
                 row[column] = group[column].mean()

@@ -177,7 +177,7 @@ def summarise_repeats(client: MlflowClient, run_id: str, best_vals: list[float],
     outage), else FAILED."""
     from ..report.stats import mean_ci
 
-    summary = mean_ci(best_vals)
+    summary = mean_ci(best_vals, bounds=(0.0, 1.0))
     metrics = {"n_seeds": summary["n"], "mean_best_val_acc": summary["mean"], "sd_best_val_acc": summary["sd"],
                "ci95_low_best_val_acc": summary["ci_low"], "ci95_high_best_val_acc": summary["ci_high"]}
     for key, value in metrics.items():
