@@ -413,6 +413,10 @@ def test_runs_and_filter_select_and_one_seed_gives_no_verdict(sweep):
     (["--experiment-name", "rep", "--out", "FILE/sub"], "is not a writable folder"),
     (["--experiment-name", "rep", "--study-name", "it's"], "no study \"it's\" in experiment 'rep' (studies there"),
     (["--runs", "it's"], "not a run id: \"it's\""),
+    (["--experiment-name", "rep", "--filter", "attributes.status = 'FAILED'", "--include-unfinished"],
+     "no finished regsweep runs to report in experiment rep, filter attributes.status = 'FAILED' (1 FAILED); a "
+     "report needs one, also with --include-unfinished"),
+    (["--experiment-name", "rep", "--study-name", ""], "the Optuna study name is empty"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_and_logs_nothing(sweep, args, message):
     client = MlflowClient()

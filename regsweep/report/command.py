@@ -59,7 +59,10 @@ def analyse(fetched: Fetched, baseline: str | None = None) -> Analysis:
     runs, left_out = stats.select_training_runs(fetched.runs)
     if runs.empty:
         counts = ", ".join(f"{n} {why}" for why, n in left_out.items())
-        raise ReportError(f"no finished regsweep runs to report in {fetched.description} ({counts})")
+        # (--include-unfinished draws unfinished runs beside finished ones, in figures laid out by configuration;
+        # alone, their curves are in the MLflow UI's chart view.)
+        raise ReportError(f"no finished regsweep runs to report in {fetched.description} ({counts}); a report needs "
+                          "one, also with --include-unfinished: compare unfinished runs' curves in the MLflow UI")
     values = stats.per_run(runs, fetched.histories)
     table = stats.configuration_table(values)
     try:
