@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from .config import CHOICES, PRUNERS, REPORT_FORMATS, SAMPLERS, ConfigError, TrainConfig
+from .config import CHOICES, PRUNERS, REPORT_FORMATS, SAMPLERS, ConfigError, TrainConfig, fmt_coef
 from .outage import EXIT_OUTAGE, STOP_REASON_TAG
 from .signals import terminal_status
 
@@ -476,7 +476,8 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
                f"{counts['fail']} failed{surplus}; parent run {summary['parent_run_id']}")
     if "best_value" in summary:
         click.echo(f"best trial {summary['best_trial']}: val acc {100 * summary['best_value']:.2f}% with "
-                   f"l1={summary['best_l1']:.3g} l2={summary['best_l2']:.3g} (run {summary['best_run_id']})")
+                   f"l1={fmt_coef(summary['best_l1'])} l2={fmt_coef(summary['best_l2'])} "
+                   f"(run {summary['best_run_id']})")
     else:
         why = (f"; {summary['diverged']} diverged (e.g. {summary['diverged_example']}): a smaller --lr or "
                f"penalty range may train" if summary.get("diverged") else "")

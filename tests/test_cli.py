@@ -38,9 +38,10 @@ def test_help_lists_every_config_option_and_the_penalised_set():
     from regsweep.config import TrainConfig
 
     names = {f.name for f in fields(TrainConfig)}
-    options = {command: {p.name for p in cli.commands[command].params} for command in ("train", "optimize")}
+    options = {command: {p.name for p in cli.commands[command].params if not getattr(p, "hidden", False)}
+               for command in ("train", "optimize")}
     assert names <= options["train"] and names - {"l1", "l2"} <= options["optimize"]
-    assert not {"l1", "l2"} & options["optimize"]
+    assert not {"l1", "l2"} & options["optimize"]  # searched: hidden, only to say so (test_sweep's bad input)
     result = CliRunner().invoke(cli, ["train", "--help"])
     assert result.exit_code == 0
     for name in names:

@@ -16,8 +16,11 @@ def pct(x: float, digits: int = 2) -> str:
     return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.{digits}f}"
 
 
-def num(x: float, digits: int = 3) -> str:
-    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}g}"
+def num(x: float, digits: int = 3, zeros: bool = False) -> str:
+    """`digits` significant digits; `zeros` keeps trailing ones, so that a column's numbers line up (1.50, 1.66)."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return ""
+    return f"{x:{'#' if zeros else ''}.{digits}g}".rstrip(".")
 
 
 def mean_sd(mean: float, sd: float) -> str:
@@ -49,10 +52,10 @@ def configurations_for_people(table: pd.DataFrame) -> pd.DataFrame:
             "notebooks: max test acc (%) @ epoch": at_epoch(r["best_test_acc"], r["best_test_epoch"]),
             "notebooks: max train acc (%) @ epoch": at_epoch(r.get("max_train_acc", math.nan),
                                                              r.get("max_train_epoch", math.nan)),
-            "final loss train / val / test": " / ".join(num(r[k]) for k in ("final_train_loss", "final_val_loss",
-                                                                            "final_test_loss")),
+            "final loss train / val / test": " / ".join(
+                num(r[k], zeros=True) for k in ("final_train_loss", "final_val_loss", "final_test_loss")),
             "params": f"{r['n_params']:,.0f}" if not math.isnan(r["n_params"]) else "",
-            "s / epoch": num(r["epoch_seconds"]),
+            "s / epoch": num(r["epoch_seconds"], zeros=True),
             "|w| < 1e-3 (%)": pct(r.get("all/frac_small", math.nan), 1),
             "seeds lost to divergence": r.get("diverged", 0),
             "seeds pruned": r.get("pruned", 0),
