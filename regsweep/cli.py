@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from .config import CHOICES, PRUNERS, REPORT_FORMATS, SAMPLERS, ConfigError, TrainConfig, fmt_coef
-from .outage import EXIT_OUTAGE, STOP_REASON_TAG
+from .outage import EXIT_OUTAGE, STOP_REASON_TAG, redact
 from .signals import terminal_status
 
 HELP = {
@@ -403,7 +403,7 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
     """
     from .data import DataError, load_raw
     from .sweep import (SearchSpace, SweepSettings, WorkerFailure, check_parent, check_resumable, optimize as run_study,
-                        parse_grid, stack_size)
+                        parse_grid, same_name_elsewhere, stack_size)
     from .experiment import (TrackingError, check_artifact_location, check_experiment, check_tracking_uri,
                              viewing_hint)
     from .tracking import enable_prompt_flushes
@@ -430,6 +430,7 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
         check_tracking_uri()
         check_experiment(experiment_name)
         check_parent(settings, study)
+        others = same_name_elsewhere(settings) if study is None else []
         check_artifact_location(experiment_name)  # last: it makes the location's folder, where one is missing
         enable_prompt_flushes()
     except ConfigError as exc:
@@ -440,6 +441,11 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
         raise UsageFailure(f"cannot open Optuna storage: {str(exc).splitlines()[0]}") from None
     except KeyboardInterrupt as exc:
         raise interrupted_at_start(exc) from None
+    for run_id, kept_in in others:
+        here = f"sqlite:///{Path(storage[10:]).resolve()}" if storage.startswith("sqlite:///") else redact(storage)
+        click.echo(f"note: a new study {settings.study_name!r} in {here}, while experiment {experiment_name!r} has "
+                   f"one of that name under parent run {run_id} (storage {kept_in}, as given): to resume that one, "
+                   "give its --storage (a relative sqlite:/// path from the folder it was given in)", err=True)
 
     from .outage import Outage, mlflow_http_settings
 

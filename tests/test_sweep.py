@@ -152,6 +152,19 @@ def test_a_grid_topped_up_on_resume_trains_the_points_it_had_not(tracking_uri, t
     assert parent.data.tags["optuna.n_trials"] == "2"  # what the study was topped up to, not its first --trials
 
 
+def test_a_new_study_named_as_one_in_another_storage_says_so(tracking_uri, tmp_path):
+    """Run from another folder, the default `sqlite:///optuna.db` is another file: the command would start a new
+    study where its user meant to resume one. It goes on (two storages may be meant), with a note that says so."""
+    first, second = (f"sqlite:///{tmp_path / name}" for name in ("first.db", "second.db"))
+    optimize("--trials", "1", "--epochs", "1", "--storage", first, "--study-name", "s", "--pruner", "none")
+    result = optimize("--trials", "1", "--epochs", "1", "--storage", second, "--study-name", "s", "--pruner", "none")
+    (old, _new) = sorted(study_runs()[0], key=lambda r: r.info.start_time)
+    assert (f"note: a new study 's' in {second}, while experiment 'regsweep' has one of that name under parent run "
+            f"{old.info.run_id} (storage {first}, as given)") in result.stderr
+    again = optimize("--trials", "1", "--epochs", "1", "--storage", second, "--study-name", "s", "--pruner", "none")
+    assert "note: a new study" not in again.output  # resumed: nothing to say
+
+
 def test_grid_runs_exactly_the_grid_with_repeats_grouped_under_each_trial(tracking_uri, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     optimize("--grid", "l1=0,0.001 l2=0,0.0005", "--storage", storage, "--pruner", "none", "--epochs", "1",

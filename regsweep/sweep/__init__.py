@@ -12,11 +12,12 @@ The stages, one module each:
 
 from .driver import WorkerFailure, optimize, run_worker, threads_per_worker
 from .objective import Objective
-from .runs import STUDY_TAG, check_parent, finish_study, trial_run_name
+from .runs import STUDY_TAG, check_parent, finish_study, same_name_elsewhere, trial_run_name
 from .space import SearchSpace, effective_penalties, parse_grid, suggest_penalties
 from .stacked import stack_size
 from .study import FINISHED, SweepSettings, check_resumable, load_study, open_storage
 
 __all__ = ["FINISHED", "STUDY_TAG", "Objective", "SearchSpace", "SweepSettings", "WorkerFailure", "check_parent",
            "check_resumable", "effective_penalties", "finish_study", "load_study", "open_storage", "optimize",
-           "parse_grid", "run_worker", "stack_size", "suggest_penalties", "threads_per_worker", "trial_run_name"]
+           "parse_grid", "run_worker", "same_name_elsewhere", "stack_size", "suggest_penalties",
+           "threads_per_worker", "trial_run_name"]

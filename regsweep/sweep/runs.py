@@ -61,6 +61,20 @@ def check_parent(settings: SweepSettings, study: optuna.Study | None) -> None:
                           f"with --experiment-name {logged_in!r}, or start another study with --study-name")
 
 
+def same_name_elsewhere(settings: SweepSettings) -> list[tuple[str, str]]:
+    """(parent run, storage as given) of the studies of this name in the experiment, for a study about to be made
+    in this storage: so they are kept in another (or in a storage since deleted). With the default storage, a
+    relative `sqlite:///optuna.db`, a command run from another folder starts a new study where its user meant to
+    resume one; the storage tags, as given, are then the same."""
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(settings.experiment_name)
+    if experiment is None:
+        return []
+    parents = client.search_runs([experiment.experiment_id], "tags.`regsweep.kind` = 'study'", max_results=1000)
+    return [(r.info.run_id, r.data.tags.get("optuna.storage", "")) for r in parents  # names may hold any character:
+            if r.data.tags.get(STUDY_TAG) == settings.study_name]  # compared here, not in the filter
+
+
 def find_or_create_parent(settings: SweepSettings, study: optuna.Study, experiment_id: str) -> str:
     """One parent run per study, found again on resume through the study's user attribute."""
     client = MlflowClient()
