@@ -117,9 +117,12 @@ def test_seeds_lost_to_divergence_or_pruning_are_counted_with_their_configuratio
         # --repeats: seed 3 fell behind and its trial was pruned; seeds 1 and 2 had trained
         run_row("d1", 0.001, 0, 1), run_row("d2", 0.001, 0, 2), run_row("d3", 0.001, 0, 3, **pruned),
         run_row("e1", 0.002, 0, 1, **pruned),  # a trial pruned on its only seed: counted as pruned, not named
+        run_row("g1", 0.003, 0, 1, status="FAILED", **diverged,  # one seed diverged, the other pruned: not named
+                **{"tags.regsweep.stop_reason": "diverged: training loss is nan"}),
+        run_row("g2", 0.003, 0, 2, **pruned),
     )
     kept, left_out = stats.select_training_runs(runs)
-    assert left_out == {"diverged": 3, "FAILED": 1, "pruned": 2,
+    assert left_out == {"diverged": 4, "FAILED": 1, "pruned": 3,
                         "configuration(s) that diverged on every seed (l1=1e-1 l2=0)": 1}
     table = stats.configuration_table(stats.per_run(kept, pd.DataFrame(columns=["run_id", "key", "step", "value"])))
     assert table[["configuration", "n", "diverged", "pruned"]].values.tolist() == [
@@ -132,13 +135,14 @@ def test_seeds_lost_to_divergence_or_pruning_are_counted_with_their_configuratio
 def test_seeds_that_trained_in_one_stack_are_marked_as_sharing_their_batches():
     from regsweep.report import tables
 
-    def member(run_id, l1, seed, study="s", stack=""):
-        return run_row(run_id, l1, 0, seed, **({"tags.regsweep.study": study, "tags.regsweep.stack": stack}
+    def member(run_id, l1, seed, parent="p", stack=""):
+        return run_row(run_id, l1, 0, seed, **({"tags.mlflow.parentRunId": parent, "tags.regsweep.stack": stack}
                                                 if stack else {}))
 
     runs = frame(member("a1", 0, 1, stack="0"), member("a2", 0, 2, stack="0"),  # one stack, two seeds
                  member("b1", 1e-3, 1, stack="0"), member("b2", 1e-3, 2, stack="2"),  # two stacks, a seed each
-                 member("c1", 1e-2, 1, study="s", stack="4"), member("c2", 1e-2, 2, study="t", stack="4"),
+                 # stack 4 of two studies (two of one name, in two storages, number their stacks alike)
+                 member("c1", 1e-2, 1, parent="p", stack="4"), member("c2", 1e-2, 2, parent="q", stack="4"),
                  member("d1", 1e-1, 1), member("d2", 1e-1, 2))  # one by one
     kept, _ = stats.select_training_runs(runs)
     table = stats.configuration_table(stats.per_run(kept, pd.DataFrame(columns=["run_id", "key", "step", "value"])))
@@ -215,11 +219,16 @@ def test_verdicts_and_degenerate_spreads():
     assert stats.verdict(0.05, math.nan, 3, 3) == stats.NO_VERDICT  # no p: the values were missing
     same = stats.compare(pd.Series([0.9, 0.8], index=[1, 2]), pd.Series([0.9, 0.8], index=[1, 2]))
     assert same["p_value"] == 1.0 and same["diff"] == 0
-    # One image more on each of two seeds (a tie in counts; the floats differ in the 17th digit): a t-test
-    # gives p = 0, a zero-width interval and "better". Without spread the signs are flipped: p = 2 / 2^n.
-    one_image = stats.compare(pd.Series([.9913, .9951], index=[1, 2]), pd.Series([.9912, .9950], index=[1, 2]))
-    assert one_image["p_value"] == 0.5 and one_image["test"] == "sign-flip (no spread)"
-    assert math.isnan(one_image["ci_low"]) and one_image["diff"] == pytest.approx(1e-4)
+    # One image more on each seed, as the runs log it (float32: the differences are 1.00017e-4 or 0.99957e-4 by the
+    # count): a t-test gives p = 0 or close, a narrow interval and "better". Without spread the signs are flipped:
+    # p = 2 / 2^n.
+    for counts in ([9913, 9951], [9800, 9801, 9802]):
+        seeds = range(1, len(counts) + 1)
+        logged = [pd.Series(np.float32(np.array(counts) + extra) / np.float32(10_000), index=seeds, dtype=float)
+                  for extra in (1, 0)]
+        one_image = stats.compare(*logged)
+        assert one_image["p_value"] == 2 / 2 ** len(counts) and one_image["test"] == "sign-flip (no spread)"
+        assert math.isnan(one_image["ci_low"]) and one_image["diff"] == pytest.approx(1e-4, rel=1e-3)
     seeds = range(1, 7)
     six = stats.compare(pd.Series([0.9 + s / 100 + 1e-4 for s in seeds], index=seeds),
                         pd.Series([0.9 + s / 100 for s in seeds], index=seeds))

@@ -141,7 +141,7 @@ def select_training_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, in
     diverged_seeds, pruned_seeds = lost_seeds(diverged["run_id"]), lost_seeds(pruned_ids)
     # A configuration none of whose seeds trained has no row to carry its count: it is named here instead. (One
     # that was pruned is not: without --repeats every pruned trial is one, and "pruned" counts them.)
-    gone = sorted(set(diverged_seeds.index) - set(newest["configuration"]))
+    gone = sorted(set(diverged_seeds.index) - set(newest["configuration"]) - set(pruned_seeds.index))
     if gone:
         left_out[f"configuration(s) that diverged on every seed ({'; '.join(gone)})"] = len(gone)
     newest = newest.assign(diverged_seeds=newest["configuration"].map(diverged_seeds).fillna(0).astype(int),
@@ -151,15 +151,17 @@ def select_training_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, in
 
 
 def shared_batches(runs: pd.DataFrame) -> pd.Series:
-    """Per run, whether its configuration has two seeds that trained in one stack (the same `regsweep.stack` of
-    the same study). A stack's members train on the same batches and rotations (training.setup), so such seeds
+    """Per run, whether its configuration has two seeds that trained in one stack (the same `regsweep.stack` under
+    the same parent run). A stack's members train on the same batches and rotations (training.setup), so such seeds
     differ in their initialisation only: their spread, and the intervals and tests built on it, leave out what
     batch order and augmentation would add. (Paired against a baseline in the same stack, the comparison is as
     close as it gets; what it shows holds for that batch order.)"""
     def tag(name: str) -> pd.Series:
         return runs.get(f"tags.{name}", pd.Series("", index=runs.index)).fillna("").astype(str)
 
-    stack = tag("regsweep.study") + "\x00" + tag("regsweep.stack")
+    # A stack's number is the first trial's: the same in two studies of one name (another storage), so the runs'
+    # parent (the study's parent run, or under --repeats the trial's run) tells the stack apart.
+    stack = tag("mlflow.parentRunId") + "\x00" + tag("regsweep.stack")
     together = (tag("regsweep.stack") != "") & stack.groupby([runs["configuration"], stack]).transform("size").gt(1)
     return together.groupby(runs["configuration"]).transform("any").astype(bool)
 
@@ -286,9 +288,11 @@ def compare(values: pd.Series, baseline: pd.Series, level: float = 0.95) -> dict
                   "test": "paired t" if paired else "Welch t"}
 
 
-# Decimals a value is compared to when looking for spread: accuracies are counts of at most 10^5 images, so
-# this keeps every real difference and drops float rounding (0.9913 - 0.9912 and 0.9951 - 0.9950 differ by 1e-17).
-DIGITS = 12
+# Decimals a value is compared to when looking for spread. Accuracies are counts of at most 10^5 images, so their
+# differences lie on a grid of 1e-5 or finer steps that are whole multiples of it; they are logged as float32 (one
+# image more is 1.00017e-4 or 0.99957e-4 apart, by the count): six decimals keep every real difference and drop the
+# rounding.
+DIGITS = 6
 
 
 def permutation_p(samples: tuple[pd.Series, ...], permutation_type: str) -> float:
@@ -491,9 +495,8 @@ def verdict_table(values: pd.DataFrame, baseline_of: pd.Series) -> pd.DataFrame:
         rows.append(row)
     columns = ["configuration", "baseline", "n", "n_baseline", "test_diff", "test_ci_low", "test_ci_high", "test_p",
                "test_p_adjusted", "test_verdict", "val_diff", "val_ci_low", "val_ci_high", "val_p", "val_p_adjusted",
-               "val_verdict", "test_used", "val_test_used"]
-    table = pd.DataFrame(rows, columns=[*columns, "test_test_used", "val_n", "val_n_baseline", "test_n",
-                                        "test_n_baseline"])
+               "val_verdict", "test_used", "val_test_used", "val_n", "val_n_baseline"]
+    table = pd.DataFrame(rows, columns=[*columns, "test_test_used", "test_n", "test_n_baseline"])
     # n is that of the verdict's comparison (test accuracy); the validation one's verdict goes by its own.
     table = table.assign(n=table["test_n"], n_baseline=table["test_n_baseline"], test_used=table["test_test_used"])
     for prefix in ("test", "val"):

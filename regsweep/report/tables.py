@@ -76,7 +76,10 @@ def verdicts_for_people(verdicts: pd.DataFrame) -> pd.DataFrame:
         rows.append({
             "configuration": r["configuration"],
             "baseline": r["baseline"],
-            "n / n baseline": f"{r['n']} / {r['n_baseline']}",
+            # The verdict's n; the validation comparison's where it differs (a run without a test accuracy)
+            "n / n baseline": f"{r['n']} / {r['n_baseline']}" + (
+                "" if (r["val_n"], r["val_n_baseline"]) == (r["n"], r["n_baseline"])
+                else f" (val {r['val_n']} / {r['val_n_baseline']})"),
             "Δ test acc at best val (points)": f"{100 * r['test_diff']:+.2f}",
             "95% CI": interval(r["test_ci_low"], r["test_ci_high"]),
             "p": num(r["test_p"], 2),
