@@ -426,7 +426,7 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
         if stack != "auto" and members < int(stack):
             click.echo(f"note: --stack {stack} is more than the {trials} trials; stacking {members}", err=True)
         load_raw(base.resolved_data_dir(), base.download)  # readable, before a study or run exists
-        study = check_resumable(settings)  # a bad URL, an unreachable database or a clashing space fails here
+        study, settings = check_resumable(settings)  # a bad URL, an unreachable database or a clashing space fails
         check_tracking_uri()
         check_experiment(experiment_name)
         check_parent(settings, study)
@@ -501,7 +501,8 @@ def optimize(ctx, trials, study_name, storage, sampler, pruner, l1_range, l2_ran
               help="MLflow search filter narrowing the runs, e.g. \"params.model = 'cnn'\".")
 @click.option("--runs", default=None, help="Report exactly these runs: ID,ID,...")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder for the report [default: reports/<study or experiment>/].")
+              help="Folder for the report [default: reports/<study or experiment>/, or <run name>_<id8>/ for "
+                   "--parent-run-id of a run other than a study's].")
 @click.option("--log-to-mlflow/--no-log-to-mlflow", default=True, show_default=True,
               help="Also log the report's files under report/ of the study's parent run, or of a new run "
                    "'report <experiment>' tagged regsweep.kind=report.")
@@ -518,13 +519,13 @@ def report(experiment_name, study_name, parent_run_id, filter_string, runs, out,
     Groups the selected runs into configurations (every setting except the seed; n = seeds) and writes, to
     --out: a table per configuration (best validation accuracy and the test accuracy at that epoch, mean ±
     sd and 95% CI, and the course notebooks' summary, labelled as such), a verdict per configuration against
-    the baseline (difference, 95% CI, p-value of a paired t-test over matching seeds or Welch's test, and
-    better / worse / not distinguishable at 0.05 on the p-values adjusted for the table's comparisons by
-    Benjamini-Hochberg; "one seed: no verdict" below two seeds), eight figures and report.md. Failed, killed
-    and running runs are counted, not used.
+    the baseline (difference, 95% CI, p-value of a paired t-test over matching seeds or Welch's test, or an
+    exact permutation test where the seeds show no spread, and better / worse / not distinguishable at 0.05 on
+    the p-values adjusted for the table's comparisons by Benjamini-Hochberg; "one seed: no verdict" below two
+    seeds), eight figures and report.md. Failed, killed and running runs are counted, not used.
     """
     from .report import ReportError, Selection, make_report
-    from .report.command import left_out_line, no_verdicts, people_tables
+    from .report.command import left_out_line, no_verdicts, people_tables, shared_batches_note
     from .report.tables import render
     from .experiment import TrackingError, check_tracking_uri
 
@@ -547,6 +548,8 @@ def report(experiment_name, study_name, parent_run_id, filter_string, runs, out,
     click.echo(f"Runs: {analysis.fetched.description}. {left_out_line(analysis)}.", err=said)
     if analysis.verdicts.empty:
         click.echo(no_verdicts(analysis), err=said)
+    for line in shared_batches_note(analysis)[:1]:
+        click.echo(line, err=said)
     where = f"; logged under report/ of run {logged}" if logged else ""
     click.echo(f"report: {folder / 'report.md'} ({len(analysis.figures)} figures){where}", err=said)
 

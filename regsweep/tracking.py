@@ -305,6 +305,8 @@ def run_training(cfg: TrainConfig, data: MnistSplits, *, run_id: str | None = No
                 raise
             return run.info.run_id, result
     except KeyboardInterrupt as exc:
-        if logged is not None:  # held as the outcome was logged or the run ended: the run ended FINISHED, complete,
-            exc.result = logged  # and a sweep counts its trial before it stops
+        # Held as the outcome was logged or as the run ended: the run ended FINISHED, complete, and a sweep counts
+        # its trial before it stops. (Not one that came between the two holds: that run ended KILLED.)
+        if logged is not None and getattr(exc, "run_status", "") == "FINISHED":
+            exc.result = logged
         raise

@@ -944,6 +944,25 @@ def test_a_trial_is_queued_again_once_however_often_it_is_found_failed():
     assert [t.state.name for t in study.trials] == ["FAIL", "WAITING"]
 
 
+def test_a_study_holding_its_grid_in_another_order_resumes_in_that_order():
+    """Grids are read sorted; a study started before that may hold '--grid l1=0.001,0' as written. Optuna compares
+    a categorical's order (and a trial's grid_id indexes it): the study's order is kept, not refused."""
+    from regsweep.config import ConfigError
+    from regsweep.sweep.space import SearchSpace, parse_grid
+
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(optuna.trial.create_trial(
+        params={"l1": 0.001, "l2": 0.0}, value=0.9,
+        distributions={"l1": optuna.distributions.CategoricalDistribution([0.001, 0.0]),
+                       "l2": optuna.distributions.CategoricalDistribution([0.0])}))
+    space = SearchSpace(grid=parse_grid("l1=0.001,0")).check_resumable(study.trials)
+    assert space.grid == {"l1": (0.001, 0.0)}
+    for name, dist in space.distributions().items():  # what Optuna checks as the next trial asks
+        optuna.distributions.check_distribution_compatibility(study.trials[0].distributions[name], dist)
+    with pytest.raises(ConfigError, match="searched l1 as one of 0.001, 0.0, not one of 0.0, 0.002"):
+        SearchSpace(grid=parse_grid("l1=0,0.002")).check_resumable(study.trials)
+
+
 def test_the_retry_of_a_grid_trial_keeps_its_grid_point_and_the_grid_is_trained_whole():
     """GridSampler keeps a trial's grid point in its system attributes: a retry without them was given the next
     point, trained the failed one's parameters on it, and that point was never trained."""

@@ -67,10 +67,12 @@ def same_name_elsewhere(settings: SweepSettings) -> list[tuple[str, str]]:
     relative `sqlite:///optuna.db`, a command run from another folder starts a new study where its user meant to
     resume one; the storage tags, as given, are then the same."""
     client = MlflowClient()
-    experiment = client.get_experiment_by_name(settings.experiment_name)
-    if experiment is None:
+    try:
+        experiment = client.get_experiment_by_name(settings.experiment_name)
+        parents = [] if experiment is None else client.search_runs(
+            [experiment.experiment_id], "tags.`regsweep.kind` = 'study'", max_results=1000)
+    except Exception:  # noqa: BLE001 - for a note only: the store's own errors come up where the sweep needs it
         return []
-    parents = client.search_runs([experiment.experiment_id], "tags.`regsweep.kind` = 'study'", max_results=1000)
     return [(r.info.run_id, r.data.tags.get("optuna.storage", "")) for r in parents  # names may hold any character:
             if r.data.tags.get(STUDY_TAG) == settings.study_name]  # compared here, not in the filter
 

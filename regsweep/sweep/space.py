@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -50,25 +51,29 @@ class SearchSpace:
                 dists[f"{name}_on"] = optuna.distributions.CategoricalDistribution([False, True])
         return dists
 
-    def check_resumable(self, trials: list[optuna.trial.FrozenTrial]) -> None:
+    def check_resumable(self, trials: list[optuna.trial.FrozenTrial]) -> SearchSpace:
         """Raise ConfigError if an existing study's trials cannot share it with this space: Optuna refuses a
         parameter whose kind changes (a grid's categories against a range) or a grid whose values change,
-        but only once a trial asks, with a run already open."""
-        wanted = self.distributions()
+        but only once a trial asks, with a run already open. Returns the space to resume with: this one, or
+        with a grid's values in the study's order where it holds the same values in another (a study started
+        before grids were sorted; Optuna compares the order, and the trials' grid_id indexes it)."""
+        wanted, grid = self.distributions(), dict(self.grid)
         for trial in trials:
             for name, old in trial.distributions.items():
                 if name not in wanted:
                     continue
+                if name in grid and isinstance(old, optuna.distributions.CategoricalDistribution) and \
+                        sorted(old.choices) == sorted(grid[name]):
+                    wanted[name], grid[name] = old, tuple(old.choices)  # its order, for this trial and the next
+                    continue
                 try:
                     optuna.distributions.check_distribution_compatibility(old, wanted[name])
                 except ValueError:
-                    # (A study started before grids were sorted may hold its values in another order.)
-                    reordered = {*getattr(old, "choices", ())} == {*getattr(wanted[name], "choices", (None,))}
-                    order = " (in that order)" if reordered else ""
                     raise ConfigError(
-                        f"the study's earlier trials searched {name} as {describe(old)}{order}, not "
+                        f"the study's earlier trials searched {name} as {describe(old)}, not "
                         f"{describe(wanted[name])}: resume it with the same --grid or ranges, or start another with "
                         "--study-name") from None
+        return self if grid == self.grid else dataclasses.replace(self, grid=grid)
 
 
 def describe(dist: optuna.distributions.BaseDistribution) -> str:

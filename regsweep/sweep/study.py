@@ -380,28 +380,29 @@ def seed_sampler(study: optuna.Study, settings: SweepSettings, trial: optuna.Tri
         study.sampler = make_sampler(settings.sampler, settings.space, sampler_seed(settings, trial.number))
 
 
-def check_resumable(settings: SweepSettings) -> optuna.Study | None:
+def check_resumable(settings: SweepSettings) -> tuple[optuna.Study | None, SweepSettings]:
     """A study this command would resume must be one regsweep can take on (a single objective, maximised: one
     another tool made under the same name may not be) and accept its search space (SearchSpace.check_resumable)
-    and settings. Returns the study, or None where there is none yet."""
+    and settings. Returns the study, or None where there is none yet, and the settings to resume it with (a grid
+    in the study's order)."""
     storage = check_writable(settings)
     try:
         study = optuna.load_study(study_name=settings.study_name, storage=storage)
     except KeyError:  # no such study yet
-        return None
+        return None, settings
     if study.directions != [optuna.study.StudyDirection.MAXIMIZE]:
         directions = ", ".join(d.name.lower() for d in study.directions)
         raise ConfigError(f"study {settings.study_name!r} in this storage is not a regsweep study (it has "
                           f"{len(study.directions)} objective(s): {directions}; regsweep maximises one, validation "
                           "accuracy); choose another --study-name")
-    settings.space.check_resumable(study.get_trials(deepcopy=False))
+    settings = dataclasses.replace(settings, space=settings.space.check_resumable(study.get_trials(deepcopy=False)))
     kept, wanted = study.user_attrs.get(SETTINGS_ATTR), study_settings(settings)
     changed = [f"{k}={kept.get(k)} (now {v})" for k, v in wanted.items() if kept and kept.get(k) != v]
     if changed:
         raise ConfigError(f"study {settings.study_name!r} was run with {', '.join(changed)}: trials trained "
                           "otherwise would not compare with its earlier ones; resume it with its settings, or "
                           "start another with --study-name")
-    return study
+    return study, settings
 
 
 WRITE_CHECK_STUDY = "regsweep-write-check"  # the empty study check_writable creates and deletes
