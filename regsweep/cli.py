@@ -104,17 +104,6 @@ class OutageStop(click.ClickException):
     exit_code = EXIT_OUTAGE
 
 
-def check_study_name(ctx, param, value):
-    """A callback for --study-name: an empty one would quietly stand for the default (the experiment's name), and
-    Optuna's storages keep at most 512 characters of one."""
-    if value is not None and not value.strip():
-        raise click.BadParameter("the Optuna study name is empty", ctx=ctx, param=param)
-    if value is not None and len(value) > 512:
-        raise click.BadParameter(f"Optuna takes study names of at most 512 characters, not {len(value)}",
-                                 ctx=ctx, param=param)
-    return value
-
-
 def searched_here(ctx, param, value):
     """A callback for optimize's hidden --l1 and --l2: what they would fix is what optimize searches."""
     if value is not None:
@@ -123,15 +112,22 @@ def searched_here(ctx, param, value):
                                  f"{value}` trains one value", ctx=ctx, param=param)
 
 
-def check_experiment_name(ctx, param, value):
-    """A callback for --experiment-name: a name MLflow would refuse (empty, a typo; or over its 500 characters)
-    is refused here, before the stores are opened."""
-    if value is not None and not value.strip():
-        raise click.BadParameter("the MLflow experiment name is empty", ctx=ctx, param=param)
-    if value is not None and len(value) > 500:
-        raise click.BadParameter(f"MLflow takes experiment names of at most 500 characters, not {len(value)}",
-                                 ctx=ctx, param=param)
-    return value
+def name_check(library: str, kind: str, most: int):
+    """A callback for a name option: a name the library would refuse (over `most` characters) or that would quietly
+    stand for the default (empty, a typo) is refused here, before the stores are opened."""
+    def check(ctx, param, value):
+        if value is not None and not value.strip():
+            raise click.BadParameter(f"the {library} {kind} name is empty", ctx=ctx, param=param)
+        if value is not None and len(value) > most:
+            raise click.BadParameter(f"{library} takes {kind} names of at most {most} characters, not {len(value)}",
+                                     ctx=ctx, param=param)
+        return value
+
+    return check
+
+
+check_experiment_name = name_check("MLflow", "experiment", 500)
+check_study_name = name_check("Optuna", "study", 512)  # the length of its storages' name column
 
 
 def a_number(ctx, param, value):
