@@ -544,8 +544,9 @@ def report(experiment_name, study_name, parent_run_id, filter_string, runs, out,
     click.echo(f"Runs: {analysis.fetched.description}. {left_out_line(analysis)}.", err=said)
     if analysis.verdicts.empty:
         click.echo(no_verdicts(analysis), err=said)
-    for line in shared_batches_note(analysis)[:1]:
-        click.echo(line, err=said)
+    shared = shared_batches_note(analysis)
+    if shared:
+        click.echo(shared, err=said)
     where = f"; logged under report/ of run {logged}" if logged else ""
     click.echo(f"report: {folder / 'report.md'} ({len(analysis.figures)} figures){where}", err=said)
 

@@ -190,21 +190,22 @@ def no_verdicts(a: Analysis) -> str:
     return "No baseline: no configuration has l1 = l2 = 0 with the others' settings (see `--baseline`)."
 
 
-def shared_batches_note(a: Analysis) -> list[str]:
-    """What the intervals cover where seeds trained side by side in one stack (stats.shared_batches)."""
+def shared_batches_note(a: Analysis) -> str:
+    """What the intervals cover where seeds trained side by side in one stack (stats.shared_batches); "" if none."""
     shared = a.table.loc[a.table["shared_batches"], "configuration"].tolist() if "shared_batches" in a.table else []
     if not shared:
-        return []
+        return ""
     which = "every configuration" if len(shared) == len(a.table) else f"{len(shared)} configuration(s)"
-    return [f"The seeds of {which} (marked in the table above) trained in one stack, on the same batches and "
+    return (f"The seeds of {which} (marked in the table above) trained in one stack, on the same batches and "
             f"rotations: they differ in their initialisation only, so their spread, intervals and tests leave out "
             f"what batch order and augmentation vary, and a verdict holds for that batch order. Trained one by one "
-            f"(`--stack 1`), each seed draws its own.", ""]
+            f"(`--stack 1`), each seed draws its own.")
 
 
 def markdown_report(a: Analysis) -> str:
     """report.md: what was selected, the tables, the figures, and how to read the verdicts."""
     people = people_tables(a)
+    shared = shared_batches_note(a)
     lines = [f"# regsweep report: {a.fetched.name}", "",
              f"Runs: {a.fetched.description}. {left_out_line(a)}.", "",
              "Selection is on validation accuracy; the test accuracy at the best-validation epoch is the honest "
@@ -219,7 +220,7 @@ def markdown_report(a: Analysis) -> str:
              f"own). Where the seeds leave no spread (every paired difference the same, as with one image more on "
              f"each seed), the p-value is an exact permutation test's (signs flipped; it needs six pairs to reach "
              f"0.05) and there is no interval. With one seed on either side there is no verdict.", "",
-             *shared_batches_note(a),
+             *([shared, ""] if shared else []),
              tables.markdown(people["verdicts against the baseline"][1]) if len(a.verdicts) else no_verdicts(a),
              ""]
     if len(a.flips):

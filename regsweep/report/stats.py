@@ -275,9 +275,9 @@ def compare(values: pd.Series, baseline: pd.Series, level: float = 0.95) -> dict
     if len(a) < 2 or len(b) < 2:
         return out
     paired = a.index.is_unique and b.index.is_unique and set(a.index) == set(b.index)
-    if paired and (a - b.reindex(a.index)).round(DIGITS).nunique() == 1:
-        return out | {"p_value": permutation_p(((a - b.reindex(a.index)).round(DIGITS),), "samples"),
-                      "test": "sign-flip (no spread)"}
+    differences = (a - b.reindex(a.index)).round(DIGITS) if paired else None
+    if paired and differences.nunique() == 1:
+        return out | {"p_value": permutation_p((differences,), "samples"), "test": "sign-flip (no spread)"}
     if not paired and a.round(DIGITS).nunique() == 1 and b.round(DIGITS).nunique() == 1:
         return out | {"p_value": permutation_p((a.round(DIGITS), b.round(DIGITS)), "independent"),
                       "test": "permutation (no spread)"}
@@ -470,6 +470,11 @@ def baselines(settings: pd.DataFrame, spec: dict[str, str] | None = None) -> pd.
     return pd.Series({name: by_rest.get(key(row), np.nan) for name, row in settings.iterrows()}, dtype=object)
 
 
+# Per comparison, the columns of its counts and its test: n is the verdict's comparison's (test accuracy); the
+# validation comparison's verdict goes by its own.
+COUNTS = {"test": ("n", "n_baseline", "test_used"), "val": ("val_n", "val_n_baseline", "val_test_used")}
+
+
 def verdict_table(values: pd.DataFrame, baseline_of: pd.Series) -> pd.DataFrame:
     """Every configuration against its baseline: differences in test accuracy at the best-validation epoch
     (the verdict) and in best validation accuracy, each with 95% CI, p-value and p-value adjusted for the
@@ -489,22 +494,20 @@ def verdict_table(values: pd.DataFrame, baseline_of: pd.Series) -> pd.DataFrame:
         row = {"configuration": name, "baseline": base}
         for column, prefix in (("test_acc_at_best_val", "test"), ("best_val_acc", "val")):
             c = compare(mine[column], theirs[column])
+            n, n_baseline, used = COUNTS[prefix]
             row |= {f"{prefix}_diff": c["diff"], f"{prefix}_ci_low": c["ci_low"], f"{prefix}_ci_high": c["ci_high"],
-                    f"{prefix}_p": c["p_value"], f"{prefix}_test_used": c["test"], f"{prefix}_n": c["n"],
-                    f"{prefix}_n_baseline": c["n_baseline"]}
+                    f"{prefix}_p": c["p_value"], used: c["test"], n: c["n"], n_baseline: c["n_baseline"]}
         rows.append(row)
     columns = ["configuration", "baseline", "n", "n_baseline", "test_diff", "test_ci_low", "test_ci_high", "test_p",
                "test_p_adjusted", "test_verdict", "val_diff", "val_ci_low", "val_ci_high", "val_p", "val_p_adjusted",
                "val_verdict", "test_used", "val_test_used", "val_n", "val_n_baseline"]
-    table = pd.DataFrame(rows, columns=[*columns, "test_test_used", "test_n", "test_n_baseline"])
-    # n is that of the verdict's comparison (test accuracy); the validation one's verdict goes by its own.
-    table = table.assign(n=table["test_n"], n_baseline=table["test_n_baseline"], test_used=table["test_test_used"])
-    for prefix in ("test", "val"):
+    table = pd.DataFrame(rows, columns=columns)
+    for prefix, (n, n_baseline, _) in COUNTS.items():
         table[f"{prefix}_p_adjusted"] = adjusted_p(table[f"{prefix}_p"])
-        table[f"{prefix}_verdict"] = [verdict(d, p, n, nb) for d, p, n, nb in zip(
-            table[f"{prefix}_diff"], table[f"{prefix}_p_adjusted"], table[f"{prefix}_n"],
-            table[f"{prefix}_n_baseline"])]
-    return table[columns]
+        table[f"{prefix}_verdict"] = [verdict(d, p, k, kb) for d, p, k, kb in zip(
+            table[f"{prefix}_diff"], table[f"{prefix}_p_adjusted"], table[n], table[n_baseline])]
+    return table
+
 
 
 def adjusted_p(p_values: pd.Series) -> pd.Series:

@@ -55,8 +55,8 @@ class SearchSpace:
         """Raise ConfigError if an existing study's trials cannot share it with this space: Optuna refuses a
         parameter whose kind changes (a grid's categories against a range) or a grid whose values change,
         but only once a trial asks, with a run already open. Returns the space to resume with: this one, or
-        with a grid's values in the study's order where it holds the same values in another (a study started
-        before grids were sorted; Optuna compares the order, and the trials' grid_id indexes it)."""
+        with a grid's values in the study's order where it holds the same values written in another order
+        (Optuna compares the order, and the trials' grid_id indexes it)."""
         wanted, grid = self.distributions(), dict(self.grid)
         for trial in trials:
             for name, old in trial.distributions.items():
@@ -83,7 +83,7 @@ def describe(dist: optuna.distributions.BaseDistribution) -> str:
 
 
 def parse_grid(text: str) -> dict[str, tuple[float, ...]]:
-    """'l1=0.001,0 l2=0,0.0005' -> {'l1': (0.0, 0.001), 'l2': (0.0, 0.0005)}."""
+    """'l1=0,0.001 l2=0,0.0005' -> {'l1': (0.0, 0.001), 'l2': (0.0, 0.0005)}."""
     grid = {}
     for part in text.split():
         match = re.fullmatch(r"(l1|l2)=([^=]+)", part)
@@ -95,9 +95,7 @@ def parse_grid(text: str) -> dict[str, tuple[float, ...]]:
             raise ConfigError(f"malformed --grid values in {part!r}: not numbers") from None
         if match.group(1) in grid:
             raise ConfigError(f"--grid names {match.group(1)} twice")
-        # In ascending order, repeats dropped: the same values in another order are the same grid (Optuna's grid
-        # and its trials' grid_id follow the order, so a study resumed with them reordered would be refused).
-        grid[match.group(1)] = tuple(sorted(set(values)))
+        grid[match.group(1)] = tuple(dict.fromkeys(values))  # keep order (check_resumable), drop repeats
     if not grid:
         raise ConfigError("--grid is empty; expected e.g. \"l1=0,0.001 l2=0,0.0005\"")
     return grid
