@@ -33,10 +33,10 @@ MAX_RETRY = 3  # times one configuration is queued again after its worker died, 
 # The `fail_kind` user attribute of a failed trial: "interrupted" (Ctrl-C, SIGTERM) and "outage" (a store
 # stopped answering) run again; "error" (an exception in training) does not, it would fail again.
 RETRIED_KINDS = ("interrupted", "outage")
+DIVERGED_ATTR = "diverged"  # a pruned trial's user attribute: why its training diverged (finish_study counts them)
 # User attributes that describe one attempt, not the configuration: a retry starts without them.
 ATTEMPT_ATTRS = ("worker", "mlflow_run_ids", "fail_reason", "fail_kind", "config_key", "reused_trial",
-                 "trial_number", "diverged")
-DIVERGED_ATTR = "diverged"  # a pruned trial's user attribute: why its training diverged (finish_study counts them)
+                 "trial_number", DIVERGED_ATTR)
 
 
 @dataclass(frozen=True)
